@@ -1,0 +1,3 @@
+from trimode.cli import main
+
+raise SystemExit(main())

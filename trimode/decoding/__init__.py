@@ -1,0 +1,26 @@
+"""The three decoding modes; the only package that knows what a mode is."""
+
+from __future__ import annotations
+
+from trimode.decoding.autoregressive import AutoregressiveDecoder
+from trimode.decoding.base import Decoder
+from trimode.decoding.diffusion import DiffusionDecoder
+from trimode.decoding.selfspec import SelfSpecDecoder
+from trimode.sampling_params import Mode, SamplingParams
+
+
+def make_decoder(params: SamplingParams) -> Decoder:
+    if params.mode == Mode.AR:
+        return AutoregressiveDecoder()
+    if params.mode == Mode.DIFFUSION:
+        return DiffusionDecoder(params.block_length, params.threshold)
+    return SelfSpecDecoder(params.block_length)
+
+
+def batch_key(params: SamplingParams) -> tuple:
+    """Requests with equal keys can share one decode batch (same step shape)."""
+    if params.mode == Mode.AR:
+        return (params.mode,)
+    if params.mode == Mode.DIFFUSION:
+        return (params.mode, params.block_length, params.threshold)
+    return (params.mode, params.block_length)

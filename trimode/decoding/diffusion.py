@@ -1,0 +1,66 @@
+"""Block diffusion (design doc section 5; Fast-dLLM-style confidence thresholding).
+
+Per block: [seed, MASK x (b-1)] is denoised by bidirectional passes over the cached prefix (KV not
+written). Each pass reveals, per row, its most confident masked position plus every masked position
+whose confidence exceeds the threshold. A row is done when no mask is left, or when it revealed an
+EOS with no mask to its left; rows decode independently (a finished row waits, unchanged, while the
+others denoise). One causal commit pass then writes the block's KV; its last logits give the next seed.
+
+The threshold test is strict (>) so that threshold 1.0 reveals exactly one token per pass and 0.0
+reveals every position whose probability is non-zero, i.e. fills the block in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trimode.decoding.base import DecodeBatch, Decoder
+
+
+class DiffusionDecoder(Decoder):
+    mode = "diffusion"
+    stat_name = "denoise_passes_per_block"
+
+    def __init__(self, block_length: int, threshold: float) -> None:
+        self.block_length = block_length
+        self.threshold = threshold
+
+    def step(self, batch: DecodeBatch) -> list[list[int]]:
+        device = batch.seeds.device
+        # A block reveals b-1 tokens and its commit yields one more (the next seed): no more than needed.
+        b = min(self.block_length, int(batch.remaining.max()) + 1)
+        block = torch.full((batch.size, b), batch.mask_id, dtype=torch.long, device=device)
+        block[:, 0] = batch.seeds
+        is_masked = torch.ones_like(block, dtype=torch.bool)
+        is_masked[:, 0] = False
+        done = ~is_masked.any(1)
+        eos_done = torch.zeros_like(done)
+        passes = torch.zeros(batch.size, dtype=torch.long, device=device)
+        while not bool(done.all()):
+            active = ~done
+            logits = batch.bidirectional_logits(batch.forward("denoise", block, causal=False, rows=active))
+            candidates, confidence = batch.sampler.pick(logits, with_confidence=True)  # (B, b)
+            open_slots = is_masked & active[:, None]
+            confidence = confidence.masked_fill(~open_slots, -1.0)
+            reveal = (confidence > self.threshold) & open_slots
+            reveal.scatter_(1, confidence.argmax(1, keepdim=True), True)  # the most confident, always
+            reveal &= open_slots
+            block = torch.where(reveal, candidates, block)
+            is_masked &= ~reveal
+            passes += active.long()
+            is_eos = torch.isin(block, batch.eos_ids) & ~is_masked & batch.stop_on_eos[:, None]
+            is_eos[:, 0] = False
+            positions = torch.arange(b, device=device)
+            first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), b)
+            eos_done = is_eos.any(1) & ~(is_masked & (positions < first_eos[:, None])).any(1)
+            done = ~is_masked.any(1) | eos_done
+        batch.record(passes)
+        emitted = [row[1:] for row in block.tolist()]
+        needs_commit = ~eos_done.cpu() & (batch.remaining > b - 1)
+        if bool(needs_commit.any()):
+            logits = batch.forward("commit", block, causal=True, rows=needs_commit)
+            batch.kv.commit()
+            batch.seeds = batch.sampler.pick(logits[:, -1:])[0][:, 0]
+            for row, seed in zip(emitted, batch.seeds.tolist()):
+                row.append(seed)
+        return emitted

@@ -1,0 +1,105 @@
+"""Offline batched generation: prefill, then step a decoder until every row finishes.
+
+Mode-agnostic: the decoder decides what each step feeds and keeps; this loop only emits tokens,
+applies EOS / stop strings / max_tokens, and drops finished rows from the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from trimode.decoding.base import DecodeBatch, Decoder
+from trimode.engine.model_runner import ModelRunner
+from trimode.outputs import GenerationOutput
+from trimode.sampler import Sampler
+from trimode.sampling_params import SamplingParams
+from trimode.tokenizer import Tokenizer
+
+
+@dataclass
+class _Request:
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    num_forwards: int = 0
+    stats: list[int] = field(default_factory=list)
+
+    def emit(self, tokens: list[int], eos_ids: set[int], tokenizer: Tokenizer) -> None:
+        """Append tokens; finish on EOS, a stop string or max_tokens, whichever comes first."""
+        for t in tokens:
+            self.token_ids.append(t)
+            if t in eos_ids and not self.params.ignore_eos:
+                self.finish_reason = "stop"
+                break
+            if len(self.token_ids) >= self.params.max_tokens:
+                self.finish_reason = "length"
+                break
+        self.text = tokenizer.decode(self.token_ids)
+        self._apply_stop_strings(tokenizer)
+
+    def _apply_stop_strings(self, tokenizer: Tokenizer) -> None:
+        hits = [(i, i + len(s)) for i, s in ((self.text.find(s), s) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return
+        cut, end = min(hits)
+        # Keep the shortest token prefix whose text holds the whole stop string; the text ends before it.
+        for n in range(1, len(self.token_ids) + 1):
+            if len(tokenizer.decode(self.token_ids[:n])) >= end:
+                self.token_ids = self.token_ids[:n]
+                break
+        self.text = self.text[:cut]
+        self.finish_reason = "stop"
+
+
+@torch.inference_mode()
+def run_batch(runner: ModelRunner, tokenizer: Tokenizer, decoder: Decoder, prompts: list[list[int]],
+              texts: list[str | None], params: list[SamplingParams], eos_ids: set[int]) -> list[GenerationOutput]:
+    """Generate for all prompts as one batch (rows of different lengths share every forward)."""
+    start = time.perf_counter()
+    cfg, device = runner.config, runner.device
+    requests = [_Request(t, p, sp) for t, p, sp in zip(texts, prompts, params)]
+    lengths = torch.tensor([len(p) for p in prompts])
+    block = max(sp.block_length for sp in params)
+    capacity = int(max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))) + block + 1
+    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        padded[i, :len(p)] = torch.tensor(p)
+    batch = DecodeBatch(
+        runner=runner, kv=runner.new_cache(len(prompts), capacity), sampler=Sampler(params, device),
+        seeds=torch.zeros(len(prompts), dtype=torch.long, device=device),
+        remaining=torch.tensor([sp.max_tokens for sp in params]),
+        eos_ids=torch.tensor(sorted(eos_ids), device=device),
+        stop_on_eos=torch.tensor([not sp.ignore_eos for sp in params], device=device),
+        mask_id=cfg.mask_token_id, num_forwards=torch.zeros(len(prompts), dtype=torch.long),
+        stats=[r.stats for r in requests])
+    # Prefill, right-padded: row b's pad slots lie past its length and stay invisible.
+    logits = batch.forward("prefill", padded.to(device), causal=True, logit_index=(lengths - 1).to(device))
+    batch.kv.set_lengths(lengths)
+    batch.seeds = batch.sampler.pick(logits)[0][:, 0]
+    emitted = [[t] for t in batch.seeds.tolist()]
+    active = requests
+    while True:
+        for req, tokens, n in zip(active, emitted, batch.num_forwards.tolist()):
+            req.emit(tokens, eos_ids, tokenizer)
+            req.num_forwards = n
+        keep = [i for i, r in enumerate(active) if r.finish_reason is None]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            batch.select_rows(torch.tensor(keep))
+            active = [active[i] for i in keep]
+        batch.remaining = torch.tensor([r.params.max_tokens - len(r.token_ids) for r in active])
+        emitted = decoder.step(batch)
+    seconds = time.perf_counter() - start
+    forward_ms = {k: round(1000 * s / n, 3) for k, (n, s) in batch.timings.items()}
+    return [GenerationOutput(
+        prompt=r.prompt, prompt_token_ids=r.prompt_ids, text=r.text, token_ids=r.token_ids,
+        finish_reason=r.finish_reason or "length", mode=decoder.mode, num_forwards=r.num_forwards,
+        seconds=round(seconds, 4), mode_stats={decoder.stat_name: r.stats} if decoder.stat_name else {},
+        forward_ms=forward_ms) for r in requests]

@@ -1,0 +1,127 @@
+"""LLM: the offline facade (vLLM-like). Loads a checkpoint; generate() and chat() in any mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from trimode.decoding import batch_key, make_decoder
+from trimode.engine.generate import run_batch
+from trimode.engine.model_runner import ModelRunner
+from trimode.model.loader import load_model
+from trimode.outputs import GenerationOutput
+from trimode.sampling_params import SamplingParams
+from trimode.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PromptInput = str | Sequence[int]
+Message = dict[str, str]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device='cpu'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # This CPU has no bf16 instructions (bf16 is ~30x slower than fp32 there); GPUs want bf16.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
+                 max_model_len: int | None = None, load_draft_lora: bool = True) -> None:
+        if model is None:
+            raise ValueError("no model given: pass model=PATH to a checkpoint directory (the embedded model "
+                             "is not shipped yet; `trimode make-checkpoint --preset tiny --out DIR` writes a "
+                             "random-weight one)")
+        path = Path(model)
+        self.device = resolve_device(device)
+        self.model = load_model(path, resolve_dtype(dtype, self.device), self.device, load_draft_lora)
+        self.config = self.model.config
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.tokenizer.check_special_ids({"bos_token_id": self.config.bos_token_id,
+                                          "mask_token_id": self.config.mask_token_id})
+        self.runner = ModelRunner(self.model)
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        self.eos_token_ids = set(self.config.eos_token_id)
+        gen_cfg = path / "generation_config.json"
+        if gen_cfg.is_file():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]  # one prompt: a string or a list of token ids
+        if not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists; got "
+                             f"{type(prompts).__name__} {prompts!r:.60}")
+        ids, texts = [], []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if not p:
+                    raise ValueError(f"prompt {i} is empty: give at least one character")
+                ids.append(self.tokenizer.encode(p))
+                texts.append(p)
+            elif isinstance(p, Sequence) and p and all(isinstance(t, int) for t in p):
+                bad = [t for t in p if not 0 <= t < self.config.vocab_size]
+                if bad:
+                    raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
+                ids.append(list(p))
+                texts.append(None)
+            else:
+                raise ValueError(f"prompt {i} must be a non-empty string or a non-empty list of token ids; "
+                                 f"got {p!r:.60}")
+        return ids, texts
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+        """Generate for every prompt. Prompts that share a mode (and block shape) run as one batch."""
+        ids, texts = self._tokenize(prompts)
+        return self._generate(ids, texts, params)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
+             **template_kwargs: Any) -> list[GenerationOutput]:
+        """One conversation (a list of messages) or a list of conversations, rendered with the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not conversations:
+            raise ValueError("messages must be a conversation (list of {'role', 'content'} dicts) or a list of them")
+        texts = [self.tokenizer.apply_chat_template(c, **template_kwargs) for c in conversations]
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return self._generate(ids, list(texts), params)
+
+    def _generate(self, ids: list[list[int]], texts: list[str | None],
+                  params: SamplingParams | Sequence[SamplingParams] | None) -> list[GenerationOutput]:
+        params = params if params is not None else SamplingParams()
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(ids)
+        if len(per_prompt) != len(ids):
+            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(ids)} prompts: give one, or one each")
+        for i, (p, sp) in enumerate(zip(ids, per_prompt)):
+            if len(p) + sp.max_tokens > self.max_model_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens and max_tokens is {sp.max_tokens}: together "
+                                 f"they exceed the context of {self.max_model_len} tokens; shorten the prompt or "
+                                 f"lower max_tokens to <= {max(self.max_model_len - len(p), 0)}")
+        groups: dict[tuple, list[int]] = {}
+        for i, sp in enumerate(per_prompt):
+            groups.setdefault(batch_key(sp), []).append(i)
+        results: list[GenerationOutput | None] = [None] * len(ids)
+        for rows in groups.values():
+            outs = run_batch(self.runner, self.tokenizer, make_decoder(per_prompt[rows[0]]), [ids[i] for i in rows],
+                             [texts[i] for i in rows], [per_prompt[i] for i in rows], self.eos_token_ids)
+            for i, out in zip(rows, outs):
+                results[i] = out
+        return results  # type: ignore[return-value]

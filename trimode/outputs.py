@@ -1,0 +1,43 @@
+"""What a finished request returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class GenerationOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    mode: str
+    num_forwards: int  # every forward the request took part in, its prefill included
+    seconds: float  # wall time of the batch the request ran in
+    # The mode's per-step statistic: selfspec "tokens_per_cycle", diffusion "denoise_passes_per_block".
+    mode_stats: dict[str, list[int]] = field(default_factory=dict)
+    forward_ms: dict[str, float] = field(default_factory=dict)  # mean ms per forward kind, in its batch
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.num_generated_tokens / max(self.num_forwards, 1)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON object `trimode generate --json` prints."""
+        d = asdict(self)
+        del d["prompt_token_ids"]
+        d.update(num_prompt_tokens=self.num_prompt_tokens, num_generated_tokens=self.num_generated_tokens,
+                 tokens_per_forward=round(self.tokens_per_forward, 4))
+        for name, values in self.mode_stats.items():
+            d[f"mean_{name}"] = round(sum(values) / len(values), 4) if values else None
+        return d

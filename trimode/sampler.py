@@ -1,0 +1,84 @@
+"""Per-row token selection: temperature, top-k, top-p, and seeded sampling, vectorised over the batch.
+
+Every row has its own torch.Generator seeded from its request, so a request's samples do not depend
+on what else is in the batch. Sampling uses the inverse CDF with one uniform per position (cheap
+for 131k-entry vocabularies: no per-token noise).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+import torch.nn.functional as F
+
+from trimode.sampling_params import SamplingParams
+
+
+class Sampler:
+    def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
+        self.device = device
+        self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        self.generators = [torch.Generator(device=device).manual_seed(
+            p.seed if p.seed is not None else secrets.randbits(63)) for p in params]
+        self.all_greedy = all(p.is_greedy for p in params)
+        self._needs_filter = any(p.top_k > 0 or p.top_p < 1 for p in params if not p.is_greedy)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.temperature, self.top_k, self.top_p = (t[rows.to(self.device)] for t in
+                                                    (self.temperature, self.top_k, self.top_p))
+        self.generators = [self.generators[i] for i in rows.tolist()]
+
+    def uniform(self, num: int) -> torch.Tensor:
+        """(B, num) uniforms in [0, 1), each row from its own generator."""
+        return torch.stack([torch.rand(num, generator=g, device=self.device) for g in self.generators])
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits -> the distribution each row samples from; greedy rows get a one-hot."""
+        greedy = self.temperature == 0
+        temp = torch.where(greedy, torch.ones_like(self.temperature), self.temperature)[:, None, None]
+        scaled = logits.float() / temp
+        if self._needs_filter:
+            scaled = self._top_k_top_p(scaled)
+        p = torch.softmax(scaled, dim=-1)
+        if bool(greedy.any()):
+            one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(p.dtype)
+            p = torch.where(greedy[:, None, None], one_hot, p)
+        return p
+
+    def _top_k_top_p(self, scaled: torch.Tensor) -> torch.Tensor:
+        vocab = scaled.shape[-1]
+        values, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=scaled.device)
+        k = torch.where(self.top_k > 0, self.top_k, vocab)[:, None, None]
+        keep = ranks < k
+        p = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+        keep &= (p.cumsum(-1) - p) < self.top_p[:, None, None]
+        return torch.empty_like(scaled).scatter_(-1, order, values.masked_fill(~keep, float("-inf")))
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) non-negative weights (need not sum to 1) -> (B, T) token ids."""
+        cdf = probs.cumsum(-1)
+        u = self.uniform(probs.shape[1]) * cdf[..., -1]
+        # right=True picks the first index whose cdf exceeds u, which always has positive weight.
+        return torch.searchsorted(cdf, u[..., None], right=True)[..., 0].clamp(max=probs.shape[-1] - 1)
+
+    def pick(self, logits: torch.Tensor, with_confidence: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, V) -> tokens (B, T) and optionally their confidence (B, T): the probability of the
+        picked token (for greedy rows: under the untempered softmax, as in Fast-dLLM's thresholding)."""
+        if self.all_greedy:
+            tokens = logits.argmax(-1)
+            if not with_confidence:
+                return tokens, None
+            return tokens, torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+        p = self.probs(logits)
+        tokens = self.sample(p)
+        if not with_confidence:
+            return tokens, None
+        conf = p.gather(-1, tokens[..., None])[..., 0]
+        raw = torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+        return tokens, torch.where((self.temperature == 0)[:, None], raw, conf)

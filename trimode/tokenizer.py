@@ -1,0 +1,106 @@
+"""Tokenizer (`tokenizer.json` via the `tokenizers` library) and chat template (jinja2).
+
+The one place the special tokens are named. Their ids live in the checkpoint's `config.json`
+(bos, eos, mask) and must agree with `tokenizer.json`; `check_special_ids` enforces that.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
+IM_START, IM_END, MASK = "<|im_start|>", "<|im_end|>", "<|mask|>"
+THINK, END_THINK = "<think>", "</think>"
+
+# Ids of our generated tokenizers, chosen to match the release's config.json (bos 1, eos 11,
+# mask 100); a real checkpoint brings its own tokenizer and config, which we read, not assume.
+SPECIAL_TOKEN_IDS = {UNK: 0, BOS: 1, EOS: 2, PAD: 3, THINK: 4, END_THINK: 5, IM_START: 10, IM_END: 11, MASK: 100}
+NUM_RESERVED_IDS = 128  # ids [0, 128) are special; unnamed ones become <SPECIAL_i>
+
+# ChatML with an empty system turn and reasoning off by default (the assistant turn then starts
+# with an empty <think></think>), as the release's template does.
+CHATML_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] != 'system' %}<|im_start|>system\n<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
+    "{%- endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking %}<think>\n{%- else %}<think></think>{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, chat_template: str | None, bos_token: str | None) -> None:
+        self._tok = tokenizer
+        self.bos_token = bos_token or ""
+        self._template = None
+        if chat_template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_exception
+            self._template = env.from_string(chat_template)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        tok_file, cfg_file = path / "tokenizer.json", path / "tokenizer_config.json"
+        for f in (tok_file, cfg_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} is missing: a checkpoint directory needs tokenizer.json and "
+                                        "tokenizer_config.json")
+        cfg = json.loads(cfg_file.read_text())
+        bos = cfg.get("bos_token")
+        if isinstance(bos, dict):  # AddedToken serialised as a dict
+            bos = bos.get("content")
+        return cls(HFTokenizer.from_file(str(tok_file)), cfg.get("chat_template"), bos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def check_special_ids(self, named: dict[str, int]) -> None:
+        """Fail if config.json's special ids (e.g. {'mask_token_id': 100}) are outside the tokenizer."""
+        for name, token_id in named.items():
+            if self._tok.id_to_token(token_id) is None:
+                raise ValueError(f"config.json `{name}`={token_id} is not a token of tokenizer.json "
+                                 f"(vocabulary size {self.vocab_size})")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        if self._template is None:
+            raise ValueError("this checkpoint's tokenizer_config.json has no chat_template: use generate() "
+                             "with plain prompts, or add a chat template")
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, **kwargs)
+        except TemplateError as e:
+            raise ValueError(f"chat template: {e}") from e
+
+    def encode_chat(self, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+        # The template writes bos itself, so no special tokens are added again.
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
