@@ -27,13 +27,16 @@ class DiffusionDecoder(Decoder):
 
     def step(self, batch: DecodeBatch) -> list[list[int]]:
         device = batch.seeds.device
-        # A block reveals b-1 tokens and its commit yields one more (the next seed): no more than needed.
-        b = min(self.block_length, int(batch.remaining.max()) + 1)
+        # Blocks always have the configured length (as in the reference), so a row decodes the same
+        # alone or batched; a row whose budget ends inside the block stops once its budget is revealed.
+        b = self.block_length
+        positions = torch.arange(b, device=device)
+        in_budget = positions < (batch.remaining.to(device)[:, None] + 1)  # (B, b); the seed is position 0
         block = torch.full((batch.size, b), batch.mask_id, dtype=torch.long, device=device)
         block[:, 0] = batch.seeds
         is_masked = torch.ones_like(block, dtype=torch.bool)
         is_masked[:, 0] = False
-        done = ~is_masked.any(1)
+        done = ~(is_masked & in_budget).any(1)
         eos_done = torch.zeros_like(done)
         passes = torch.zeros(batch.size, dtype=torch.long, device=device)
         while not bool(done.all()):
@@ -50,10 +53,9 @@ class DiffusionDecoder(Decoder):
             passes += active.long()
             is_eos = torch.isin(block, batch.eos_ids) & ~is_masked & batch.stop_on_eos[:, None]
             is_eos[:, 0] = False
-            positions = torch.arange(b, device=device)
             first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), b)
             eos_done = is_eos.any(1) & ~(is_masked & (positions < first_eos[:, None])).any(1)
-            done = ~is_masked.any(1) | eos_done
+            done = ~(is_masked & in_budget).any(1) | eos_done
         batch.record(passes)
         emitted = [row[1:] for row in block.tolist()]
         needs_commit = ~eos_done.cpu() & (batch.remaining > b - 1)

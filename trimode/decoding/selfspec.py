@@ -25,7 +25,10 @@ class SelfSpecDecoder(Decoder):
         self.block_length = block_length
 
     def step(self, batch: DecodeBatch) -> list[list[int]]:
-        b = min(self.block_length, int(batch.remaining.max()))
+        # The block length is fixed (not shrunk to the budget) so a row's drafts, and hence its
+        # statistics, do not depend on what else is in the batch; a row never accepts past its budget.
+        b = self.block_length
+        cap = (batch.remaining - 1).to(batch.seeds.device)  # (B,) most drafts a row may still accept
         if b == 1:  # nothing to draft: a plain causal step
             logits = batch.forward("verify", batch.seeds[:, None], causal=True)
             batch.kv.commit()
@@ -41,7 +44,8 @@ class SelfSpecDecoder(Decoder):
             drafts = draft_logits.argmax(-1)  # (B, b-1)
             verify_logits = batch.forward("verify", torch.cat([batch.seeds[:, None], drafts], 1), causal=True)
             target = verify_logits.argmax(-1)  # (B, b): target[:, i] is the AR choice for position i+1
-            accepted = (target[:, :-1] == drafts).long().cumprod(1).sum(1)  # (B,) leading agreements n
+            agreed = (target[:, :-1] == drafts).long().cumprod(1).sum(1)  # (B,) leading agreements
+            accepted = torch.minimum(agreed, cap)
             bonus = target.gather(1, accepted[:, None])[:, 0]
         else:
             q = sampler.probs(draft_logits)
@@ -50,17 +54,20 @@ class SelfSpecDecoder(Decoder):
             p = sampler.probs(verify_logits)  # (B, b, V)
             p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
             q_d = q.gather(-1, drafts[..., None])[..., 0]
-            accept = sampler.uniform(b - 1) * q_d < p_d  # u < p/q without dividing
-            accepted = accept.long().cumprod(1).sum(1)
-            q_padded = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # after b-1 accepts, the bonus is ~p
+            agreed = (sampler.uniform(b - 1) * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q without dividing
+            accepted = torch.minimum(agreed, cap)
+            # The bonus comes from the residual only where the next draft was rejected; after all
+            # drafts, or where the budget cut the block, it is a plain sample from p.
+            rejected = (agreed == accepted) & (accepted < b - 1)
+            q_padded = torch.cat([q, torch.zeros_like(q[:, :1])], 1)
             at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
-            residual = (p.gather(1, at) - q_padded.gather(1, at)).clamp_(min=0)
+            p_at = p.gather(1, at)
+            residual = (p_at - q_padded.gather(1, at) * rejected[:, None, None]).clamp_(min=0)
             # p == q exactly leaves no residual mass; then any sample from p is correct.
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p.gather(1, at))
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
             bonus = sampler.sample(residual)[:, 0]
         # Keep the KV of the seed and the accepted drafts; the rest of the verify pass is cropped.
         batch.kv.commit(accepted + 1)
         batch.seeds = bonus
         batch.record(accepted + 1)
-        drafts_host, accepted_host = drafts.tolist(), accepted.tolist()
-        return [d[:n] + [s] for d, n, s in zip(drafts_host, accepted_host, bonus.tolist())]
+        return [d[:n] + [s] for d, n, s in zip(drafts.tolist(), accepted.tolist(), bonus.tolist())]

@@ -1,0 +1,62 @@
+"""Tiny random checkpoints in the real release format, written once per test session."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import pytest
+import torch
+
+from safetensors.torch import load_file, save_file
+
+from trimode import LLM, SamplingParams
+from trimode.checkpoint import make_checkpoint, preset_config
+from trimode.config import RopeConfig
+
+# Small original context so positions past it exercise YaRN interpolation and Llama-4 query scaling.
+PARITY_ROPE = RopeConfig(factor=4.0, original_max_position_embeddings=32, rope_theta=10000.0)
+
+
+def tiny_config(**changes):
+    return dataclasses.replace(preset_config("tiny"), **changes)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny preset + a random draft LoRA, float32 weights, with drafts that are sometimes right.
+
+    A random model's draft almost never agrees with its verifier, which would leave the accept-and-crop
+    paths of self-speculation untested. Random tiny models fall into repeating one token; giving the
+    mask token that token's embedding makes drafts agree once generation settles into the repeat, so
+    cycles accept 0, some, or all drafts."""
+    path = make_checkpoint(tiny_config(), tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32",
+                           draft_lora_rank=8)
+    ar = LLM(path, dtype="float32", device="cpu").generate(PROMPTS, SamplingParams(max_tokens=45, ignore_eos=True))
+    repeated = collections.Counter(t for o in ar for t in o.token_ids).most_common(1)[0][0]
+    weights = load_file(path / "model.safetensors")
+    embed = weights["encoder.embed_tokens.weight"]
+    embed[MASK_ID] = embed[repeated]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_dir(tmp_path_factory):
+    cfg = tiny_config(num_hidden_layers=3, max_position_embeddings=128, rope=PARITY_ROPE)
+    return make_checkpoint(cfg, tmp_path_factory.mktemp("parity"), seed=1, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_dir):
+    torch.manual_seed(0)
+    return LLM(tiny_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llm_nolora(tiny_dir):
+    return LLM(tiny_dir, dtype="float32", device="cpu", load_draft_lora=False)
+
+
+MASK_ID = 100
+PROMPTS = ["def main():\n    return", "import os", "class Foo(object):\n    def __init__(self, x, y):", "x ="]
