@@ -56,7 +56,7 @@ class Sampler:
         keep = ranks < k
         p = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-        keep &= (p.cumsum(-1) - p) < self.top_p[:, None, None]
+        keep = keep & ((p.cumsum(-1) - p) < self.top_p[:, None, None])
         return torch.empty_like(scaled).scatter_(-1, order, values.masked_fill(~keep, float("-inf")))
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
@@ -68,17 +68,10 @@ class Sampler:
 
     def pick(self, logits: torch.Tensor, with_confidence: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T, V) -> tokens (B, T) and optionally their confidence (B, T): the probability of the
-        picked token (for greedy rows: under the untempered softmax, as in Fast-dLLM's thresholding)."""
-        if self.all_greedy:
-            tokens = logits.argmax(-1)
-            if not with_confidence:
-                return tokens, None
-            return tokens, torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
-        p = self.probs(logits)
-        tokens = self.sample(p)
+        """(B, T, V) -> tokens (B, T) and optionally their confidence (B, T): the picked token's
+        probability under the untempered softmax of the logits, whether it was picked greedily or
+        sampled (as LLaDA and Fast-dLLM do), so the reveal schedule does not depend on top-k/top-p."""
+        tokens = logits.argmax(-1) if self.all_greedy else self.sample(self.probs(logits))
         if not with_confidence:
             return tokens, None
-        conf = p.gather(-1, tokens[..., None])[..., 0]
-        raw = torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
-        return tokens, torch.where((self.temperature == 0)[:, None], raw, conf)
+        return tokens, torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]

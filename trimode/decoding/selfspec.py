@@ -56,8 +56,9 @@ class SelfSpecDecoder(Decoder):
             q_d = q.gather(-1, drafts[..., None])[..., 0]
             agreed = (sampler.uniform(b - 1) * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q without dividing
             accepted = torch.minimum(agreed, cap)
-            # The bonus comes from the residual only where the next draft was rejected; after all
-            # drafts, or where the budget cut the block, it is a plain sample from p.
+            # The token after the accepted drafts: where the budget cut an accepted run, the next
+            # accepted draft itself (it is already a sample from p); where a draft was rejected, a
+            # sample from the residual; after all b-1 drafts, a plain sample from p.
             rejected = (agreed == accepted) & (accepted < b - 1)
             q_padded = torch.cat([q, torch.zeros_like(q[:, :1])], 1)
             at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
@@ -65,7 +66,8 @@ class SelfSpecDecoder(Decoder):
             residual = (p_at - q_padded.gather(1, at) * rejected[:, None, None]).clamp_(min=0)
             # p == q exactly leaves no residual mass; then any sample from p is correct.
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
-            bonus = sampler.sample(residual)[:, 0]
+            next_draft = drafts.gather(1, accepted.clamp(max=b - 2)[:, None])[:, 0]
+            bonus = torch.where(agreed > accepted, next_draft, sampler.sample(residual)[:, 0])
         # Keep the KV of the seed and the accepted drafts; the rest of the verify pass is cropped.
         batch.kv.commit(accepted + 1)
         batch.seeds = bonus
