@@ -27,16 +27,16 @@ NUM_RESERVED_IDS = 128  # ids [0, 128) are special; unnamed ones become <SPECIAL
 # with an empty <think></think>), as the release's template does.
 CHATML_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- if messages[0]['role'] != 'system' %}<|im_start|>system\n<|im_end|>\n{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
-    "{%- endif %}"
+    "{% endif %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
-    "{%- if enable_thinking is defined and enable_thinking %}<think>\n{%- else %}<think></think>{%- endif %}"
-    "{%- endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking %}<think>\n{% else %}<think></think>{% endif %}"
+    "{% endif %}"
 )
 
 

@@ -1,0 +1,87 @@
+"""Bad input: a ValueError naming the field and the allowed values; the CLI exits 2 without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from trimode import SamplingParams
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"block_length": 0}, "block_length"),
+    ({"threshold": -0.01}, "threshold"),
+    ({"threshold": 1.01}, "threshold"),
+    ({"mode": "fast"}, "mode"),
+    ({"stop": [""]}, "stop"),
+    ({"seed": "x"}, "seed"),
+])
+def test_sampling_params_reject_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field) as e:
+        SamplingParams(**kwargs)
+    if field == "mode":
+        assert "ar, diffusion, selfspec" in str(e.value)
+
+
+@pytest.mark.parametrize("prompts,match", [
+    ("", "prompt 0 is empty"),
+    (["ok", ""], "prompt 1 is empty"),
+    ([], "prompts must be"),
+    ([[1, 2, 99999]], "outside"),
+    ([["a"]], "prompt 0 must be"),
+])
+def test_bad_prompts(llm, prompts, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompts, SamplingParams(max_tokens=2))
+
+
+def test_prompt_longer_than_the_context(tiny_dir):
+    from trimode import LLM
+
+    small = LLM(tiny_dir, dtype="float32", max_model_len=16)
+    with pytest.raises(ValueError, match="exceed the context of 16"):
+        small.generate("x " * 40, SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="max_tokens"):
+        small.generate("x", SamplingParams(max_tokens=100))
+
+
+def test_bad_chat_messages(llm):
+    with pytest.raises(ValueError, match="messages"):
+        llm.chat([{"content": "no role"}])
+    with pytest.raises(ValueError, match="unknown role"):
+        llm.chat([{"role": "wizard", "content": "hi"}])
+
+
+def test_wrong_number_of_params(llm):
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-tokens", "0"], "max_tokens"),
+    (["--mode", "turbo"], "mode must be one of ar, diffusion, selfspec"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "2"], "top_p"),
+    (["--block-length", "0"], "block_length"),
+    (["--threshold", "3"], "threshold"),
+])
+def test_cli_bad_input_exits_2_without_traceback(tiny_dir, args, message):
+    proc = subprocess.run([sys.executable, "-m", "trimode", "generate", "--model", str(tiny_dir), *args, "hi"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_model_dir(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trimode", "generate", "--model", str(tmp_path / "nope"), "hi"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
