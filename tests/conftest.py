@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from safetensors.torch import load_file, save_file
 
 from trimode import LLM, SamplingParams

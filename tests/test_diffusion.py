@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import PROMPTS
 from reference import diffusion_greedy
+
 from trimode import SamplingParams
 
 

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_config
 from trimode import LLM, SamplingParams
 from trimode.checkpoint import make_checkpoint
 from trimode.model.loader import load_model

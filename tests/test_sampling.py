@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PROMPTS
 from reference import full_forward
+
 from trimode import SamplingParams
 from trimode.sampler import Sampler
 

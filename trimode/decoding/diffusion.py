@@ -2,9 +2,10 @@
 
 Per block: [seed, MASK x (b-1)] is denoised by bidirectional passes over the cached prefix (KV not
 written). Each pass reveals, per row, its most confident masked position plus every masked position
-whose confidence exceeds the threshold. A row is done when no mask is left, or when it revealed an
-EOS with no mask to its left; rows decode independently (a finished row waits, unchanged, while the
-others denoise). One causal commit pass then writes the block's KV; its last logits give the next seed.
+whose confidence exceeds the threshold. A row is done when no mask is left within its budget
+(max_tokens), or when it revealed an EOS with no mask to its left; rows decode independently (a done
+row waits, unchanged and uncounted, while the others denoise). One causal commit pass then writes
+the block's KV; its last logits give the next seed.
 
 The threshold test is strict (>) so that threshold 1.0 reveals exactly one token per pass and 0.0
 reveals every position whose probability is non-zero, i.e. fills the block in one pass.
