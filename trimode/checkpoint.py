@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trimode.config import ModelConfig
+from trimode.config import DTYPES, ModelConfig
 from trimode.model.loader import LORA_DIR, PEFT_PREFIX, WEIGHTS_FILE, WEIGHTS_INDEX
 from trimode.model.transformer import Transformer
 from trimode.tokenizer import BOS, CHATML_TEMPLATE, IM_END, MASK, PAD, SPECIAL_TOKEN_IDS, UNK
@@ -28,7 +28,6 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, intermediate_size=192,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def preset_config(preset: str, layers: int | None = None, hidden: int | None = None, vocab: int | None = None,

@@ -6,7 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 SUPPORTED_MODEL_TYPES = ("nemotron_labs_diffusion",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _require(ok: bool, name: str, allowed: str, value: Any) -> None:

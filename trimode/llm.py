@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from trimode.config import DTYPES
 from trimode.decoding import batch_key, make_decoder
 from trimode.engine.generate import run_batch
 from trimode.engine.model_runner import ModelRunner
@@ -17,7 +18,6 @@ from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PromptInput = str | Sequence[int]
 Message = dict[str, str]
 
