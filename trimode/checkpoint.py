@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from trimode.config import DTYPES, ModelConfig
 from trimode.model.loader import LORA_DIR, PEFT_PREFIX, WEIGHTS_FILE, WEIGHTS_INDEX
 from trimode.model.transformer import Transformer
-from trimode.tokenizer import BOS, CHATML_TEMPLATE, IM_END, MASK, PAD, SPECIAL_TOKEN_IDS, UNK
-from trimode.tokenizer_build import build_tokenizer
+from trimode.tokenizer import BOS, IM_END, MASK, PAD, SPECIAL_TOKEN_IDS
+from trimode.tokenizer_build import build_tokenizer, write_tokenizer_files
 
 PRESETS: dict[str, ModelConfig] = {
     "nld-3b": ModelConfig(hidden_size=3072, num_hidden_layers=26, intermediate_size=9216),
@@ -80,17 +80,6 @@ def _write_sharded(specs: dict[str, torch.Size], out: Path, gen: torch.Generator
         (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
 
 
-def _write_tokenizer(cfg: ModelConfig, out: Path) -> None:
-    tok = build_tokenizer(cfg.vocab_size)
-    tok.save(str(out / "tokenizer.json"))
-    added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                      "single_word": False} for t, i in SPECIAL_TOKEN_IDS.items()}
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": IM_END,
-               "pad_token": PAD, "unk_token": UNK, "mask_token": MASK, "chat_template": CHATML_TEMPLATE,
-               "model_max_length": cfg.max_position_embeddings, "added_tokens_decoder": added}
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-
-
 def make_checkpoint(cfg: ModelConfig, out: str | Path, seed: int = 0, dtype: str = "bfloat16",
                     draft_lora_rank: int = 0, shard_bytes: int = 5 * 2**30) -> Path:
     """Write config, weights (sharded past shard_bytes), tokenizer, and optionally a draft LoRA."""
@@ -113,7 +102,7 @@ def make_checkpoint(cfg: ModelConfig, out: str | Path, seed: int = 0, dtype: str
     _write_sharded(specs, out, gen, DTYPES[dtype], shard_bytes)
     if draft_lora_rank:
         _write_draft_lora(cfg, out / LORA_DIR, draft_lora_rank, gen, DTYPES[dtype])
-    _write_tokenizer(cfg, out)
+    write_tokenizer_files(build_tokenizer(cfg.vocab_size), out, cfg.max_position_embeddings)
     return out
 
 

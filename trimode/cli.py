@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -38,17 +39,104 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_checkpoint(args: argparse.Namespace) -> int:
-    from trimode.checkpoint import make_checkpoint, preset_config
+def _model_config_from_args(args: argparse.Namespace, vocab: int | None):
+    from trimode.checkpoint import preset_config
 
     overrides = {k: v for k, v in (("intermediate_size", args.intermediate), ("head_dim", args.head_dim),
                                    ("num_attention_heads", args.heads), ("num_key_value_heads", args.kv_heads))
                  if v is not None}
-    cfg = preset_config(args.preset, layers=args.layers, hidden=args.hidden, vocab=args.vocab, **overrides)
+    return preset_config(args.preset, layers=args.layers, hidden=args.hidden, vocab=args.vocab or vocab, **overrides)
+
+
+def _make_checkpoint(args: argparse.Namespace) -> int:
+    from trimode.checkpoint import make_checkpoint
+
+    cfg = _model_config_from_args(args, None)
     out = make_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype, draft_lora_rank=args.draft_lora_rank,
                           shard_bytes=int(args.shard_gb * 2**30))
     print(f"wrote {args.preset} checkpoint ({cfg.num_parameters / 1e6:.1f}M parameters) to {out}")
     return 0
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from trimode.tokenizer_build import build_tokenizer, write_tokenizer_files
+    from trimode.train.data import corpus_texts
+
+    tok = build_tokenizer(args.vocab, corpus_texts(args.data), split_digits=not args.no_split_digits)
+    write_tokenizer_files(tok, args.out, args.max_length)
+    print(f"wrote a {tok.get_vocab_size()}-token byte-level BPE tokenizer to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trimode.tokenizer import SPECIAL_TOKEN_IDS, Tokenizer
+    from trimode.tokenizer_build import build_tokenizer, write_tokenizer_files
+    from trimode.train.data import corpus_texts
+    from trimode.train.init import initial_model
+    from trimode.train.trainer import TrainConfig, train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    out = Path(args.out)
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else Path(args.init) if args.init else out / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        if args.tokenizer or args.init:
+            raise FileNotFoundError(f"{tokenizer_dir / 'tokenizer.json'} is missing")
+        vocab = args.vocab or 4096
+        write_tokenizer_files(build_tokenizer(vocab, corpus_texts(cfg.data), split_digits=True), tokenizer_dir,
+                              262144)
+    vocab = Tokenizer.from_dir(tokenizer_dir).vocab_size
+    model_cfg = None if args.init else _model_config_from_args(args, vocab)
+    if model_cfg is not None:
+        model_cfg = dataclasses.replace(model_cfg, eos_token_id=(SPECIAL_TOKEN_IDS["<|im_end|>"],),
+                                        pad_token_id=SPECIAL_TOKEN_IDS["<pad>"], block_size=cfg.block_size)
+    model = initial_model(args.init, model_cfg, cfg.seed, args.mask_token_id)
+    if model.config.vocab_size < vocab:
+        raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's {vocab}")
+    extra = {"command": "trimode " + " ".join(sys.argv[1:]), "init": args.init, "tokenizer": str(tokenizer_dir),
+             "data_sources": cfg.data}
+    log = train(cfg, model, tokenizer_dir, resume=args.resume, extra_args=extra)
+    if log:
+        print(json.dumps(log[-1]))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trimode.evaluate import heldout_text_loss, task_accuracy
+    from trimode.llm import LLM
+    from trimode.tasks import TASKS
+    from trimode.train.data import stdlib_files
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes must list some of {', '.join(MODES)}; got {args.modes!r}")
+    if args.suite != "tasks":
+        raise ValueError(f"--suite must be 'tasks' (the held-out synthetic tasks); got {args.suite!r}")
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    report = task_accuracy(llm, modes, n=args.num_examples, block_length=args.block_length, threshold=args.threshold)
+    docs = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(held_out=True)]
+    result = {"accuracy": report, "stdlib_heldout_loss_nats": round(heldout_text_loss(llm, docs), 4),
+              "num_examples_per_task": args.num_examples}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print("| mode | " + " | ".join(TASKS) + " | tokens/forward |")
+    print("|---" * (len(TASKS) + 2) + "|")
+    for mode, row in report.items():
+        cells = " | ".join(f"{100 * row[t]:.1f}%" for t in TASKS)
+        print(f"| {mode} | {cells} | {row['tokens_per_forward']:.2f} |")
+    print(f"held-out stdlib loss: {result['stdlib_heldout_loss_nats']:.4f} nats/token")
+    return 0
+
+
+def _add_model_shape_flags(p: argparse.ArgumentParser, preset_required: bool) -> None:
+    p.add_argument("--preset", required=preset_required, default=None if preset_required else "tiny",
+                   help="nld-3b, nld-8b, nld-14b or tiny")
+    for flag in ("--layers", "--hidden", "--vocab", "--intermediate", "--heads", "--kv-heads", "--head-dim"):
+        p.add_argument(flag, type=int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text in one of the three modes")
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
-    g.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
+    g.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     g.add_argument("--mode", default="ar", help=f"one of {', '.join(MODES)} (default ar)")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -75,20 +163,50 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the release's format")
-    m.add_argument("--preset", required=True, help="nld-3b, nld-8b, nld-14b or tiny")
+    _add_model_shape_flags(m, preset_required=True)
     m.add_argument("--out", required=True)
-    m.add_argument("--layers", type=int)
-    m.add_argument("--hidden", type=int)
-    m.add_argument("--vocab", type=int)
-    m.add_argument("--intermediate", type=int)
-    m.add_argument("--heads", type=int)
-    m.add_argument("--kv-heads", type=int)
-    m.add_argument("--head-dim", type=int)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 (the release's) or float16")
     m.add_argument("--draft-lora-rank", type=int, default=0, help="also write a random draft LoRA of this rank")
     m.add_argument("--shard-gb", type=float, default=5.0, help="shard the weights past this many GiB")
     m.set_defaults(func=_make_checkpoint)
+
+    tt = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with the special tokens")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--vocab", type=int, default=4096)
+    tt.add_argument("--data", default="stdlib,tasks", help="sources, as for train")
+    tt.add_argument("--no-split-digits", action="store_true", help="let BPE merge digits")
+    tt.add_argument("--max-length", type=int, default=262144, help="model_max_length in tokenizer_config.json")
+    tt.set_defaults(func=_train_tokenizer)
+
+    t = sub.add_parser("train", help="train a tri-mode model (joint AR + diffusion objective)")
+    t.add_argument("--out", required=True, help="run directory: checkpoints, latest, log.jsonl")
+    t.add_argument("--data", help="NAME[:WEIGHT],...: stdlib, tasks, or paths (text, dirs, JSONL)")
+    _add_model_shape_flags(t, preset_required=False)
+    t.add_argument("--init", help="start from an NLD checkpoint or a HF Mistral/Ministral-3/Llama causal LM")
+    t.add_argument("--mask-token-id", type=int, default=100, help="mask id when converting a HF causal LM")
+    t.add_argument("--tokenizer", help="tokenizer directory (default: the --init one, else one trained here)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/latest exactly")
+    for name, kind in (("steps", int), ("ar-steps", int), ("batch-size", int), ("grad-accum", int),
+                       ("seq-len", int), ("lr", float), ("min-lr-ratio", float), ("warmup-steps", int),
+                       ("schedule", str), ("weight-decay", float), ("grad-clip", float), ("alpha", float),
+                       ("block-size", int), ("masking", str), ("half-life-ratio", float), ("eval-every", int),
+                       ("eval-examples", int), ("save-every", int), ("keep", int), ("seed", int), ("device", str),
+                       ("autocast", str), ("save-dtype", str)):
+        t.add_argument(f"--{name}", type=kind)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="task accuracy per mode, tokens per forward, held-out stdlib loss")
+    e.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    e.add_argument("--modes", default="ar,diffusion,selfspec")
+    e.add_argument("--suite", default="tasks")
+    e.add_argument("--num-examples", type=int, default=100, help="held-out examples per task")
+    e.add_argument("--block-length", type=int, default=32)
+    e.add_argument("--threshold", type=float, default=0.9)
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_eval)
     return parser
 
 

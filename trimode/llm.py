@@ -14,10 +14,13 @@ from trimode.decoding import batch_key, make_decoder
 from trimode.engine.generate import run_batch
 from trimode.engine.model_runner import ModelRunner
 from trimode.model.loader import load_model
+from trimode.model.transformer import Transformer
 from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
 
+# The tiny tri-mode model trained by `trimode train` and shipped inside the package.
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "embedded"
 PromptInput = str | Sequence[int]
 Message = dict[str, str]
 
@@ -44,11 +47,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
                  max_model_len: int | None = None, load_draft_lora: bool = True) -> None:
-        if model is None:
-            raise ValueError("no model given: pass model=PATH to a checkpoint directory (the embedded model "
-                             "is not shipped yet; `trimode make-checkpoint --preset tiny --out DIR` writes a "
-                             "random-weight one)")
-        path = Path(model)
+        if model is None and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
+            raise ValueError(f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "
+                             "checkpoint directory")
+        path = Path(model) if model is not None else EMBEDDED_MODEL_DIR
         self.device = resolve_device(device)
         self.model = load_model(path, resolve_dtype(dtype, self.device), self.device, load_draft_lora)
         self.config = self.model.config
@@ -62,6 +64,17 @@ class LLM:
         if gen_cfg.is_file():
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
             self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    @classmethod
+    def from_parts(cls, model: Transformer, tokenizer: Tokenizer, eos_token_ids: set[int] | None = None) -> LLM:
+        """Wrap an in-memory model (e.g. during training) without reading a checkpoint."""
+        llm = cls.__new__(cls)
+        llm.model, llm.config, llm.tokenizer = model, model.config, tokenizer
+        llm.device = model.diffusion_head.weight.device
+        llm.runner = ModelRunner(model)
+        llm.max_model_len = model.config.max_position_embeddings
+        llm.eos_token_ids = set(eos_token_ids or model.config.eos_token_id)
+        return llm
 
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts

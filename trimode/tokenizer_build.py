@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from trimode.tokenizer import BOS, NUM_RESERVED_IDS, SPECIAL_TOKEN_IDS
+from trimode.tokenizer import BOS, CHATML_TEMPLATE, IM_END, MASK, NUM_RESERVED_IDS, PAD, SPECIAL_TOKEN_IDS, UNK
 
 # A BPE learned from a few MB reaches a few thousand useful merges; past that, rows are filled with
 # synthetic merges (concatenations of learned tokens) so a 131072-row checkpoint gets a 131072-token
@@ -40,13 +41,16 @@ def special_tokens() -> list[str]:
     return [by_id.get(i, f"<SPECIAL_{i}>") for i in range(NUM_RESERVED_IDS)]
 
 
-def build_tokenizer(vocab_size: int, corpus: Iterator[str] | None = None) -> HFTokenizer:
+def build_tokenizer(vocab_size: int, corpus: Iterator[str] | None = None, split_digits: bool = False) -> HFTokenizer:
+    """split_digits: every digit is its own token (arithmetic is learnable digit by digit)."""
     min_size = NUM_RESERVED_IDS + 256 + 1
     if vocab_size < min_size:
         raise ValueError(f"vocab_size must be >= {min_size} ({NUM_RESERVED_IDS} special ids + 256 bytes + 1); "
                          f"got {vocab_size}")
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, MAX_LEARNED_VOCAB), special_tokens=special_tokens(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -76,3 +80,16 @@ def _pad_with_synthetic_merges(tok: HFTokenizer, vocab_size: int) -> HFTokenizer
         merges.append([a, b] if as_pairs else f"{a} {b}")
         next_id += 1
     return HFTokenizer.from_str(json.dumps(data))
+
+
+def write_tokenizer_files(tok: HFTokenizer, out: str | os.PathLike, model_max_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json (ChatML template, special tokens) into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for t, i in SPECIAL_TOKEN_IDS.items()}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": IM_END, "pad_token": PAD,
+           "unk_token": UNK, "mask_token": MASK, "chat_template": CHATML_TEMPLATE,
+           "model_max_length": model_max_length, "added_tokens_decoder": added}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,51 @@
+"""Model quality: exact-match task accuracy per mode, tokens per forward, held-out stdlib loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trimode.llm import LLM
+from trimode.model.transformer import ForwardContext
+from trimode.sampling_params import SamplingParams
+from trimode.tasks import TASKS, held_out
+from trimode.tokenizer import Tokenizer
+
+
+def task_accuracy(llm: LLM, modes: list[str], n: int = 100, tasks: tuple[str, ...] = TASKS,
+                  max_tokens: int = 48, **params: object) -> dict[str, dict[str, float]]:
+    """{mode: {task: accuracy, ..., "tokens_per_forward": x}} on the first n held-out examples per task."""
+    examples = [e for t in tasks for e in held_out(t, n)]
+    report: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        outs = llm.chat([e.messages() for e in examples], SamplingParams(mode=mode, max_tokens=max_tokens, **params))
+        row: dict[str, float] = {}
+        for task in tasks:
+            pairs = [(e, o) for e, o in zip(examples, outs) if e.task == task]
+            row[task] = sum(e.is_correct(o.text) for e, o in pairs) / len(pairs)
+        row["tokens_per_forward"] = sum(o.num_generated_tokens for o in outs) / sum(o.num_forwards for o in outs)
+        report[mode] = row
+    return report
+
+
+@torch.no_grad()
+def heldout_text_loss(llm: LLM, documents: list[str], seq_len: int = 256, max_windows: int = 64) -> float:
+    """Mean next-token cross-entropy (nats/token) of the causal model over windows of `documents`."""
+    tok: Tokenizer = llm.tokenizer
+    ids: list[int] = []
+    for doc in documents:
+        ids += tok.encode(doc)
+        if len(ids) >= seq_len * max_windows + 1:
+            break
+    windows = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)][:max_windows]
+    if not windows:
+        raise ValueError("held-out documents are shorter than one window")
+    x = torch.tensor(windows, device=llm.device)
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=llm.device).tril()[None, None]
+    total, count = 0.0, 0
+    for chunk in x.split(8):
+        ctx = ForwardContext(positions=torch.arange(seq_len, device=llm.device).expand(len(chunk), -1), mask=mask)
+        logits = llm.model(chunk, ctx)
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+        count += chunk[:, 1:].numel()
+    return total / count

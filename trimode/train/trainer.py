@@ -1,0 +1,180 @@
+"""The training loop, readable top to bottom: batch -> mask -> joint loss -> AdamW step -> eval/save.
+
+Stage one (optional, `ar_steps`): AR loss only, a plain causal pass. Stage two: the joint objective
+L = L_AR + alpha * L_diff on the doubled [x_t | x_0] sequence. Both losses are averaged over the
+global token counts of the whole accumulated batch. The model is a plain nn.Module in one process;
+wrapping it in DistributedDataParallel and giving each rank its own micro-batch indices is the only
+change multi-GPU needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from trimode.llm import LLM, resolve_device
+from trimode.model.transformer import Transformer
+from trimode.tokenizer import Tokenizer
+from trimode.train.data import Batcher, stdlib_files
+from trimode.train.masking import position_dependent_masking, uniform_masking
+from trimode.train.objective import LossSums, ar_loss_sums, joint_loss_sums
+from trimode.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    data: str = "stdlib,tasks"
+    steps: int = 1000
+    ar_steps: int = 0
+    batch_size: int = 16  # rows per micro-batch
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # "cosine" or "wsd" (warmup, stable, then linear decay over the last 20%)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    alpha: float = 0.3
+    block_size: int = 32
+    masking: str = "position"  # "position" (Efficient-DLM) or "uniform"
+    half_life_ratio: float = 0.1
+    eval_every: int = 0  # 0 = only at the end
+    eval_examples: int = 10  # per task and mode in the periodic quick accuracy
+    save_every: int = 200
+    keep: int = 2
+    seed: int = 0
+    device: str = "auto"
+    autocast: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16" or "off"
+    save_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "seq_len", "block_size", "save_every", "keep")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"train: {name} must be an integer >= 1; got {getattr(self, name)!r}")
+        for name in ("ar_steps", "warmup_steps", "eval_every", "eval_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train: {name} must be >= 0; got {getattr(self, name)!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.alpha >= 0 and self.grad_clip > 0):
+            raise ValueError("train: need lr > 0, 0 <= min_lr_ratio <= 1, alpha >= 0 and grad_clip > 0")
+        if not 0 < self.half_life_ratio:
+            raise ValueError(f"train: half_life_ratio must be > 0; got {self.half_life_ratio}")
+        choices = {"schedule": ("cosine", "wsd"), "masking": ("position", "uniform"),
+                   "autocast": ("auto", "bf16", "off"), "save_dtype": ("float32", "bfloat16", "float16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train: {name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(self.steps - self.warmup_steps, 1)
+        floor = self.min_lr_ratio
+        if self.schedule == "cosine":
+            return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.lr * (1.0 if progress < 0.8 else floor + (1 - floor) * (1 - progress) / 0.2)
+
+
+def _step_losses(model: Transformer, cfg: TrainConfig, micro: list[tuple[torch.Tensor, torch.Tensor]],
+                 step: int, device: torch.device, autocast: bool) -> tuple[float, float]:
+    """Forward + backward over the micro-batches of one step; returns (L_AR, L_diff) for logging."""
+    joint = step >= cfg.ar_steps
+    num_ar = sum(int(e[:, 1:].sum()) for _, e in micro)
+    num_diff = sum(int(e.sum()) for _, e in micro)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)  # masking noise of this step
+    ar_total, diff_total = 0.0, 0.0
+    for x0, eligible in micro:
+        x0, eligible = x0.to(device), eligible.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            if joint:
+                mask_fn = position_dependent_masking if cfg.masking == "position" else uniform_masking
+                kwargs = {"half_life_ratio": cfg.half_life_ratio} if cfg.masking == "position" else {}
+                is_masked, p_mask = mask_fn(eligible, cfg.block_size, gen, **kwargs)
+                sums: LossSums = joint_loss_sums(model, x0, eligible, is_masked, p_mask, model.config.mask_token_id,
+                                                 cfg.block_size)
+            else:
+                sums = ar_loss_sums(model, x0, eligible)
+        loss = sums.ar / max(num_ar, 1) + (cfg.alpha * sums.diff / max(num_diff, 1) if joint else 0.0)
+        loss.backward()
+        ar_total += sums.ar.item() / max(num_ar, 1)
+        diff_total += sums.diff.item() / max(num_diff, 1)
+    return ar_total, diff_total
+
+
+def quick_eval(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, held_out_docs: list[str]) -> dict:
+    from trimode.evaluate import heldout_text_loss, task_accuracy
+
+    model.eval()
+    llm = LLM.from_parts(model, tokenizer)
+    report: dict[str, Any] = {"stdlib_loss": round(heldout_text_loss(llm, held_out_docs, cfg.seq_len, 16), 4)}
+    if cfg.eval_examples:
+        acc = task_accuracy(llm, ["ar", "diffusion", "selfspec"], n=cfg.eval_examples, block_length=cfg.block_size)
+        report["accuracy"] = {m: {k: round(v, 3) for k, v in row.items()} for m, row in acc.items()}
+    model.train()
+    return report
+
+
+def train(cfg: TrainConfig, model: Transformer, tokenizer_dir: Path, resume: bool = False,
+          extra_args: dict[str, Any] | None = None, show_progress: bool = True) -> list[dict[str, float]]:
+    """Train `model` in place; checkpoints go to cfg.out. Returns the per-step log."""
+    device = resolve_device(cfg.device)
+    autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    model_cfg = model.config
+    batcher = Batcher(cfg.data, tokenizer, model_cfg.eos_token_id[0], model_cfg.pad_token_id or 0, cfg.seq_len,
+                      cfg.seed)
+    model.to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise ValueError(f"--resume: no checkpoint in {out} (it has no `latest` file)")
+        from trimode.model.loader import load_model
+
+        model.load_state_dict(load_model(ckpt, torch.float32, device).state_dict())
+        start = load_trainer_state(ckpt, optimizer)
+    args = {**dataclasses.asdict(cfg), **(extra_args or {}), "model": model_cfg.to_hf()}
+    held_out_docs = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(held_out=True)]
+    log: list[dict[str, float]] = []
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    bar = tqdm(total=cfg.steps, initial=start, disable=not show_progress, unit="step", dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        micro = [batcher.get(step, m, cfg.batch_size) for m in range(cfg.grad_accum)]
+        ar, diff = _step_losses(model, cfg, micro, step, device, autocast)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        entry = {"step": step + 1, "loss_ar": ar, "loss_diff": diff, "lr": cfg.lr_at(step), "grad_norm": grad_norm,
+                 "tokens_per_s": tokens_per_step / (time.perf_counter() - t0)}
+        log.append(entry)
+        bar.set_postfix(ar=f"{ar:.3f}", diff=f"{diff:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+        bar.update(1)
+        done = step + 1 == cfg.steps
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done:
+            entry["eval"] = quick_eval(model, tokenizer, cfg, held_out_docs)
+            bar.write(json.dumps({"step": step + 1, **entry["eval"]}))
+        if (step + 1) % cfg.save_every == 0 or done:
+            save_checkpoint(out, step + 1, model, tokenizer_dir, optimizer, args, cfg.save_dtype, cfg.keep)
+        with (out / "log.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+    bar.close()
+    return log
