@@ -153,7 +153,8 @@ def train(cfg: TrainConfig, model: Transformer, tokenizer_dir: Path, resume: boo
     held_out_docs = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(held_out=True)]
     log: list[dict[str, float]] = []
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    bar = tqdm(total=cfg.steps, initial=start, disable=not show_progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not show_progress, unit="step", dynamic_ncols=True,
+               mininterval=2.0)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
