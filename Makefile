@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TINY := .cache/tiny
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -10,17 +9,14 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-$(TINY)/config.json: $(BIN)/.installed
-	$(BIN)/trimode make-checkpoint --preset tiny --draft-lora-rank 8 --out $(TINY)
-
 .PHONY: run test test-all
-# Until the embedded trained model ships, `run` uses a tiny checkpoint with RANDOM weights: the text
-# is gibberish; what it shows is the three modes on one weight set and their forward counts.
-run: $(TINY)/config.json
-	@echo "NOTE: $(TINY) is a random-weight tiny checkpoint (no trained model is embedded yet): expect gibberish."
+# The embedded model (trimode/embedded, trained by `trimode train`) in all three modes: a task it was
+# trained on (held-out prompt) and a Python continuation, each with its tokens per forward.
+run: $(BIN)/.installed
 	@for mode in ar diffusion selfspec; do \
-		$(BIN)/trimode generate --model $(TINY) --mode $$mode --max-tokens 64 --block-length 8 \
-			"def fibonacci(n):" "import os" || exit 1; \
+		echo "== $$mode"; \
+		$(BIN)/trimode generate --mode $$mode --chat --max-tokens 48 "Sort: 42 7 19 3 88 15" "Add: 457 + 268" || exit 1; \
+		$(BIN)/trimode generate --mode $$mode --max-tokens 48 "def read_lines(path):" || exit 1; \
 	done
 
 test: $(BIN)/.installed
