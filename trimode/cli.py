@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's {vocab}")
     extra = {"command": "trimode " + " ".join(sys.argv[1:]), "init": args.init, "tokenizer": str(tokenizer_dir),
              "data_sources": cfg.data}
-    log = train(cfg, model, tokenizer_dir, resume=args.resume, extra_args=extra)
+    log = train(cfg, model, tokenizer_dir, resume=args.resume, extra_args=extra, stop_at=args.stop_at)
     if log:
         print(json.dumps(log[-1]))
     return 0
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mask-token-id", type=int, default=100, help="mask id when converting a HF causal LM")
     t.add_argument("--tokenizer", help="tokenizer directory (default: the --init one, else one trained here)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/latest exactly")
+    t.add_argument("--stop-at", type=int, help="end this run after step N with a checkpoint (resume later)")
     for name, kind in (("steps", int), ("ar-steps", int), ("batch-size", int), ("grad-accum", int),
                        ("seq-len", int), ("lr", float), ("min-lr-ratio", float), ("warmup-steps", int),
                        ("schedule", str), ("weight-decay", float), ("grad-clip", float), ("alpha", float),

@@ -5,7 +5,8 @@ state of its own: resuming at step s reproduces exactly the batches an uninterru
 
 Sources (`--data`, comma-separated NAME[:WEIGHT]):
 - `stdlib`: the running interpreter's standard library source (PSF-2.0), held-out modules excluded;
-- `tasks`: the synthetic chat tasks of `trimode.tasks` (held-out prompts excluded);
+- `tasks`: the synthetic chat tasks of `trimode.tasks` (held-out prompts excluded); `tasks.copy+sort`
+  picks some of them;
 - a path: a text file, a directory of text files, or a JSONL file with `text` or chat `messages`.
 Chat data is rendered with the model's chat template; only assistant tokens (and the closing
 `<|im_end|>`) are trained on.
@@ -146,6 +147,17 @@ def parse_data_spec(spec: str) -> list[tuple[str, float]]:
     return out
 
 
+def _task_names(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """'tasks' -> all tasks; 'tasks.copy+sort' -> those two."""
+    if name == "tasks":
+        return default
+    chosen = tuple(name.removeprefix("tasks.").split("+"))
+    unknown = [t for t in chosen if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--data {name!r}: unknown tasks {unknown}; tasks are {', '.join(TASKS)}")
+    return chosen
+
+
 class Batcher:
     def __init__(self, spec: str, tokenizer: Tokenizer, eos_id: int, pad_id: int, seq_len: int, seed: int,
                  tasks: tuple[str, ...] = TASKS, difficulty: Difficulty = Difficulty()) -> None:
@@ -156,8 +168,8 @@ class Batcher:
             if name == "stdlib":
                 docs = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()]
                 source: TextSource | ChatSource = TextSource(docs, tokenizer, eos_id)
-            elif name == "tasks":
-                source = ChatSource(tokenizer, tasks=tasks, difficulty=difficulty)
+            elif name == "tasks" or name.startswith("tasks."):
+                source = ChatSource(tokenizer, tasks=_task_names(name, tasks), difficulty=difficulty)
             else:
                 source = _path_source(Path(name), tokenizer, eos_id)
             self.sources.append(source)

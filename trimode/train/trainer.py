@@ -125,8 +125,12 @@ def quick_eval(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, held_
 
 
 def train(cfg: TrainConfig, model: Transformer, tokenizer_dir: Path, resume: bool = False,
-          extra_args: dict[str, Any] | None = None, show_progress: bool = True) -> list[dict[str, float]]:
-    """Train `model` in place; checkpoints go to cfg.out. Returns the per-step log."""
+          extra_args: dict[str, Any] | None = None, show_progress: bool = True,
+          stop_at: int | None = None) -> list[dict[str, float]]:
+    """Train `model` in place; checkpoints go to cfg.out. Returns the per-step log of this run.
+
+    stop_at: end this run after that step, with a checkpoint there (a long run split across
+    sessions; `resume` continues it exactly)."""
     device = resolve_device(cfg.device)
     autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
     out = Path(cfg.out)
@@ -170,12 +174,15 @@ def train(cfg: TrainConfig, model: Transformer, tokenizer_dir: Path, resume: boo
         bar.set_postfix(ar=f"{ar:.3f}", diff=f"{diff:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
         bar.update(1)
         done = step + 1 == cfg.steps
+        paused = step + 1 == stop_at
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done:
             entry["eval"] = quick_eval(model, tokenizer, cfg, held_out_docs)
             bar.write(json.dumps({"step": step + 1, **entry["eval"]}))
-        if (step + 1) % cfg.save_every == 0 or done:
+        if (step + 1) % cfg.save_every == 0 or done or paused:
             save_checkpoint(out, step + 1, model, tokenizer_dir, optimizer, args, cfg.save_dtype, cfg.keep)
         with (out / "log.jsonl").open("a") as f:
             f.write(json.dumps(entry) + "\n")
+        if paused:
+            break
     bar.close()
     return log

@@ -1,0 +1,44 @@
+"""The embedded model: loaded with no arguments, real tri-mode behaviour on held-out tasks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from trimode import LLM, SamplingParams
+from trimode.tasks import TASKS, held_out
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return LLM()
+
+
+def test_loaded_by_default_and_small(embedded):
+    from trimode.llm import EMBEDDED_MODEL_DIR
+
+    size = sum(p.stat().st_size for p in EMBEDDED_MODEL_DIR.iterdir())
+    assert size <= 25 * 2**20
+    assert (EMBEDDED_MODEL_DIR / "REPRODUCE.md").is_file()
+    assert embedded.config.num_hidden_layers == 8
+
+
+def test_modes_on_held_out_tasks(embedded):
+    examples = [e for t in TASKS for e in held_out(t, 6)]
+    convs = [e.messages() for e in examples]
+    ar = embedded.chat(convs, SamplingParams(mode="ar", max_tokens=40))
+    spec = embedded.chat(convs, SamplingParams(mode="selfspec", max_tokens=40))
+    diff = embedded.chat(convs, SamplingParams(mode="diffusion", max_tokens=40))
+    assert [o.token_ids for o in spec] == [o.token_ids for o in ar]  # selfspec greedy == AR greedy
+    assert sum(e.is_correct(o.text) for e, o in zip(examples, ar)) >= 0.8 * len(examples)
+    assert sum(e.is_correct(o.text) for e, o in zip(examples, diff)) >= 0.7 * len(examples)
+    tpf = lambda outs: sum(o.num_generated_tokens for o in outs) / sum(o.num_forwards for o in outs)  # noqa: E731
+    assert tpf(spec) > 1.5 and tpf(diff) > 1.5
+
+
+def test_cli_without_model_uses_it():
+    proc = subprocess.run([sys.executable, "-m", "trimode", "generate", "--chat", "--mode", "selfspec",
+                           "Copy: 4 8 15 16 23 42"], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "4 8 15 16 23 42"
