@@ -10,8 +10,8 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: run test test-all
-# The embedded model (trimode/embedded, trained by `trimode train`) in all three modes: a task it was
-# trained on (held-out prompt) and a Python continuation, each with its tokens per forward.
+# The embedded model (trimode/embedded, trained by `trimode train`) in all three modes: prompts of the
+# tasks it was trained on and a Python continuation, each with its tokens per forward.
 run: $(BIN)/.installed
 	@for mode in ar diffusion selfspec; do \
 		echo "== $$mode"; \

@@ -88,7 +88,7 @@ def test_position_dependent_masking_counts_and_skew():
     mean_pos = lambda rows: ((is_masked[rows] * idx).sum() / is_masked[rows].sum()).item()  # noqa: E731
     assert mean_pos(few) > 8.0  # skewed to the end of the 0..11 range (uniform would be 5.5)
     assert abs(mean_pos(many) - 5.5) < 0.5
-    u_masked, u_p = uniform_masking(eligible, block, gen)
+    u_masked, _ = uniform_masking(eligible, block, gen)
     assert not u_masked[:, 12:].any() and abs(u_masked.float()[:, :12].mean().item() - 0.5) < 0.02
 
 

@@ -123,11 +123,14 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print("| mode | " + " | ".join(TASKS) + " | tokens/forward |")
-    print("|---" * (len(TASKS) + 2) + "|")
+    same = f"same tokens as {modes[0]}"
+    print("| mode | " + " | ".join(TASKS) + f" | tokens/forward | {same} |")
+    print("|---" * (len(TASKS) + 3) + "|")
     for mode, row in report.items():
         cells = " | ".join(f"{100 * row[t]:.1f}%" for t in TASKS)
-        print(f"| {mode} | {cells} | {row['tokens_per_forward']:.2f} |")
+        match = row.get(f"same_tokens_as_{modes[0]}")
+        print(f"| {mode} | {cells} | {row['tokens_per_forward']:.2f} | "
+              f"{'-' if match is None else f'{100 * match:.1f}%'} |")
     print(f"held-out stdlib loss: {result['stdlib_heldout_loss_nats']:.4f} nats/token")
     return 0
 

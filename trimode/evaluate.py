@@ -14,9 +14,13 @@ from trimode.tokenizer import Tokenizer
 
 def task_accuracy(llm: LLM, modes: list[str], n: int = 100, tasks: tuple[str, ...] = TASKS,
                   max_tokens: int = 48, **params: object) -> dict[str, dict[str, float]]:
-    """{mode: {task: accuracy, ..., "tokens_per_forward": x}} on the first n held-out examples per task."""
+    """{mode: {task: accuracy, ..., "tokens_per_forward": x}} on the first n held-out examples per task.
+
+    Every mode after the first also gets "same_tokens_as_<first mode>": the fraction of examples
+    whose generated tokens equal the first mode's (selfspec must give 1.0 against ar)."""
     examples = [e for t in tasks for e in held_out(t, n)]
     report: dict[str, dict[str, float]] = {}
+    first: list | None = None
     for mode in modes:
         outs = llm.chat([e.messages() for e in examples], SamplingParams(mode=mode, max_tokens=max_tokens, **params))
         row: dict[str, float] = {}
@@ -24,6 +28,10 @@ def task_accuracy(llm: LLM, modes: list[str], n: int = 100, tasks: tuple[str, ..
             pairs = [(e, o) for e, o in zip(examples, outs) if e.task == task]
             row[task] = sum(e.is_correct(o.text) for e, o in pairs) / len(pairs)
         row["tokens_per_forward"] = sum(o.num_generated_tokens for o in outs) / sum(o.num_forwards for o in outs)
+        if first is None:
+            first = outs
+        else:
+            row[f"same_tokens_as_{modes[0]}"] = sum(a.token_ids == b.token_ids for a, b in zip(first, outs)) / len(outs)
         report[mode] = row
     return report
 
