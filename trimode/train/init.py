@@ -23,7 +23,7 @@ HF_CAUSAL_TYPES = ("mistral", "ministral", "ministral3", "llama")
 
 def random_model(cfg: ModelConfig, seed: int) -> Transformer:
     """GPT-2-style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""
-    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     model = Transformer(cfg)
     residual_std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers)
     for name, p in model.named_parameters():
@@ -31,7 +31,7 @@ def random_model(cfg: ModelConfig, seed: int) -> Transformer:
             torch.nn.init.ones_(p)
         else:
             std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
-            torch.nn.init.normal_(p, std=std)
+            torch.nn.init.normal_(p, std=std, generator=gen)
     return model
 
 
