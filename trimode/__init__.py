@@ -4,3 +4,4 @@ from trimode.llm import LLM
 from trimode.sampling_params import Mode, SamplingParams
 
 __all__ = ["LLM", "Mode", "SamplingParams"]
+__version__ = "0.1.0"

@@ -135,6 +135,79 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"{flag} must be comma-separated integers; got {text!r}") from e
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} must list integers >= 1; got {text!r}")
+    return values
+
+
+def _float_list(flag: str, text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"{flag} must be comma-separated numbers; got {text!r}") from e
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise ValueError(f"{flag} must list numbers in [0, 1]; got {text!r}")
+    return values
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from trimode import __version__
+    from trimode.bench.hf_baseline import run_hf_baseline
+    from trimode.bench.machine import machine_card
+    from trimode.bench.report import crossover, table, write
+    from trimode.bench.runner import BenchConfig, encode, expand_configs, run_config, sweep
+    from trimode.bench.suites import load_suite
+    from trimode.llm import LLM
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"--modes must list some of {', '.join(MODES)}; got {args.modes!r}")
+    if args.baseline not in (None, "hf"):
+        raise ValueError(f"--baseline must be 'hf'; got {args.baseline!r}")
+    if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
+        raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
+    configs = expand_configs(modes, _int_list("--batch-sizes", args.batch_sizes),
+                             _int_list("--block-lengths", args.block_lengths),
+                             _float_list("--thresholds", args.thresholds))
+    prompts = load_suite(args.suite, args.num_prompts)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    results, outputs = sweep(llm, prompts, configs, args.max_tokens, args.warmup)
+    versions = {"trimode": __version__, "torch": torch.__version__}
+    doc = {"command": "trimode " + " ".join(sys.argv[1:]), "versions": versions, "machine": machine_card(llm),
+           "suite": args.suite, "num_prompts": len(prompts), "max_tokens": args.max_tokens, "warmup": args.warmup,
+           "results": results, "crossover": crossover(results)}
+    if args.baseline == "hf":
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+        ar1 = BenchConfig("ar", 1)
+        ours = outputs.get(ar1) or run_config(llm, prompts, encode(llm, prompts), ar1, args.max_tokens,
+                                              args.warmup)[1]
+        doc["baseline"] = run_hf_baseline(llm, encode(llm, prompts), ours, args.max_tokens, args.warmup)
+    print(table(results))
+    if doc["crossover"]:
+        print(doc["crossover"])
+    if doc.get("baseline"):
+        b = doc["baseline"]
+        print(f"HF generate: {b['output_tokens_per_s']} tokens/s; trimode AR {b['trimode_ar_tokens_per_s']} "
+              f"({b['speed_ratio_trimode_over_hf']}x); identical outputs {100 * b['identical_outputs']:.1f}%")
+    total = sum(r["num_generated_tokens"] for r in results)
+    print(f"{len(prompts)} prompts x {len(results)} configurations, {total} generated tokens measured")
+    if args.out:
+        write(doc, Path(args.out))
+        print(f"wrote {args.out}/results.json, report.md and plots")
+    return 0
+
+
 def _add_model_shape_flags(p: argparse.ArgumentParser, preset_required: bool) -> None:
     p.add_argument("--preset", required=preset_required, default=None if preset_required else "tiny",
                    help="nld-3b, nld-8b, nld-14b or tiny")
@@ -211,6 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_eval)
+
+    b = sub.add_parser("bench", help="tokens/s, tokens per forward, latency and accuracy per mode and batch size")
+    b.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    b.add_argument("--modes", default="ar,diffusion,selfspec")
+    b.add_argument("--suite", default="tasks", help="tasks, code, or a JSONL file")
+    b.add_argument("--batch-sizes", default="1,4,16")
+    b.add_argument("--max-tokens", type=int, default=48)
+    b.add_argument("--block-lengths", default="8,32")
+    b.add_argument("--thresholds", default="0.9")
+    b.add_argument("--num-prompts", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=1, help="batches run before measuring, per configuration")
+    b.add_argument("--baseline", help="'hf': also run transformers generate() on the same weights")
+    b.add_argument("--out", help="directory for results.json, report.md and the plots")
+    b.add_argument("--dtype", default="auto")
+    b.add_argument("--device", default="auto")
+    b.set_defaults(func=_bench)
     return parser
 
 

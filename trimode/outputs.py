@@ -16,6 +16,7 @@ class GenerationOutput:
     mode: str
     num_forwards: int  # every forward the request took part in, its prefill included
     seconds: float  # wall time of the batch the request ran in
+    token_times: list[float] = field(default_factory=list)  # per token: seconds after the batch started
     # The mode's per-step statistic: selfspec "tokens_per_cycle", diffusion "denoise_passes_per_block".
     mode_stats: dict[str, list[int]] = field(default_factory=dict)
     forward_ms: dict[str, float] = field(default_factory=dict)  # mean ms per forward kind, in its batch
@@ -29,13 +30,24 @@ class GenerationOutput:
         return len(self.token_ids)
 
     @property
+    def time_to_first_token(self) -> float:
+        return self.token_times[0] if self.token_times else float("nan")
+
+    @property
+    def inter_token_latency(self) -> float:
+        """Mean seconds per output token after the first (TPOT)."""
+        if len(self.token_times) < 2:
+            return float("nan")
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+    @property
     def tokens_per_forward(self) -> float:
         return self.num_generated_tokens / max(self.num_forwards, 1)
 
     def summary(self) -> dict[str, Any]:
         """The JSON object `trimode generate --json` prints."""
         d = asdict(self)
-        del d["prompt_token_ids"]
+        del d["prompt_token_ids"], d["token_times"]
         d.update(num_prompt_tokens=self.num_prompt_tokens, num_generated_tokens=self.num_generated_tokens,
                  tokens_per_forward=round(self.tokens_per_forward, 4))
         for name, values in self.mode_stats.items():

@@ -29,11 +29,13 @@ class _Request:
     finish_reason: str | None = None
     num_forwards: int = 0
     stats: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
 
-    def emit(self, tokens: list[int], eos_ids: set[int], tokenizer: Tokenizer) -> None:
-        """Append tokens; finish on EOS, a stop string or max_tokens, whichever comes first."""
+    def emit(self, tokens: list[int], eos_ids: set[int], tokenizer: Tokenizer, now: float) -> None:
+        """Append tokens (emitted at `now`); finish on EOS, a stop string or max_tokens, whichever first."""
         for t in tokens:
             self.token_ids.append(t)
+            self.token_times.append(now)
             if t in eos_ids and not self.params.ignore_eos:
                 self.finish_reason = "stop"
                 break
@@ -54,6 +56,7 @@ class _Request:
                 self.token_ids = self.token_ids[:n]
                 break
         self.text = self.text[:cut]
+        self.token_times = self.token_times[:len(self.token_ids)]
         self.finish_reason = "stop"
 
 
@@ -85,8 +88,9 @@ def run_batch(runner: ModelRunner, tokenizer: Tokenizer, decoder: Decoder, promp
     emitted = [[t] for t in batch.seeds.tolist()]
     active = requests
     while True:
+        now = time.perf_counter() - start
         for req, tokens, n in zip(active, emitted, batch.num_forwards.tolist()):
-            req.emit(tokens, eos_ids, tokenizer)
+            req.emit(tokens, eos_ids, tokenizer, now)
             req.num_forwards = n
         keep = [i for i, r in enumerate(active) if r.finish_reason is None]
         if not keep:
@@ -101,5 +105,5 @@ def run_batch(runner: ModelRunner, tokenizer: Tokenizer, decoder: Decoder, promp
     return [GenerationOutput(
         prompt=r.prompt, prompt_token_ids=r.prompt_ids, text=r.text, token_ids=r.token_ids,
         finish_reason=r.finish_reason or "length", mode=decoder.mode, num_forwards=r.num_forwards,
-        seconds=round(seconds, 4), mode_stats={decoder.stat_name: r.stats} if decoder.stat_name else {},
+        seconds=round(seconds, 4), token_times=r.token_times, mode_stats={decoder.stat_name: r.stats} if decoder.stat_name else {},
         forward_ms=forward_ms) for r in requests]
