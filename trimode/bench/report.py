@@ -86,7 +86,9 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     for key, pts in series.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    sizes = sorted({r["batch_size"] for r in results})
     ax.set(xlabel="batch size", ylabel="output tokens/s", title="Throughput vs batch size", xscale="log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "tokens_per_s_vs_batch.png"))
 

@@ -1,0 +1,140 @@
+"""The benchmark harness: suites, percentiles, accounting, and a full run on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from trimode.bench.metrics import percentile, summarize
+from trimode.bench.runner import BenchConfig, expand_configs, run_config, sweep
+from trimode.bench.suites import BenchPrompt, jsonl_suite, load_suite, task_suite
+from trimode.outputs import GenerationOutput
+
+
+def test_percentiles_on_known_inputs():
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert percentile(xs, 50) == 3.0 and percentile(xs, 0) == 1.0 and percentile(xs, 100) == 5.0
+    assert percentile(xs, 90) == pytest.approx(4.6) and percentile(xs, 99) == pytest.approx(4.96)
+    assert percentile([7.0], 99) == 7.0 and math.isnan(percentile([], 50))
+    assert percentile([3.0, float("nan"), 1.0], 50) == 2.0
+
+
+def test_accuracy_checker():
+    ex = task_suite(5)
+    assert {p.category for p in ex} == {"copy", "reverse", "sort", "add", "recall"}
+    for p in ex:
+        assert p.is_correct(p.answer) and not p.is_correct(p.answer + " 1")
+    free = BenchPrompt(id="1", category="qa", prompt="2+2=", answer="4")
+    assert free.is_correct(" 4\n") and not free.is_correct("5")
+    assert BenchPrompt(id="2", category="code", prompt="def").is_correct("anything") is None
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"id": 1}', "exactly one of `prompt`"),
+    ('{"prompt": "a", "messages": []}', "exactly one of `prompt`"),
+    ('{"prompt": ""}', "non-empty string"),
+    ('{"messages": [{"role": "user"}]}', "`messages` must be"),
+    ('{"prompt": "a", "answer": 4}', "`answer` must be a string"),
+    ('{"prompt": "a", "max_tokens": 0}', "`max_tokens`"),
+])
+def test_jsonl_suite_errors_name_the_line(tmp_path, line, message):
+    path = tmp_path / "suite.jsonl"
+    path.write_text('{"id": "ok", "category": "math", "prompt": "1+1=", "answer": "2"}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=rf"suite.jsonl:3: .*{message}"):
+        jsonl_suite(path)
+
+
+def test_jsonl_suite_loads(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"id": "a", "category": "gsm", "messages": [{"role": "user", "content": "1+1?"}], '
+                    '"answer": "2", "max_tokens": 8}\n{"prompt": "def f():"}\n')
+    a, b = load_suite(str(path), 10)
+    assert a.category == "gsm" and a.max_tokens == 8 and a.chat() == [{"role": "user", "content": "1+1?"}]
+    assert b.prompt == "def f():" and b.answer is None
+    with pytest.raises(ValueError, match="--suite"):
+        load_suite("nope", 3)
+
+
+class FakeLLM:
+    """Every request takes exactly 1 prefill + 2 forwards per 3 tokens: TPF is known in advance."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.calls = 0
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        outs = []
+        for p, sp in zip(prompts, params):
+            n = sp.max_tokens
+            outs.append(GenerationOutput(
+                prompt=None, prompt_token_ids=p, text="x", token_ids=[7] * n, finish_reason="length",
+                mode=sp.mode, num_forwards=1 + 2 * math.ceil((n - 1) / 3), seconds=0.01,
+                token_times=[0.001 * (i + 1) for i in range(n)], mode_stats={"tokens_per_cycle": [3] * 3},
+                forward_ms={"draft": 1.0, "verify": 2.0}))
+        return outs
+
+
+def test_tokens_per_forward_accounting_on_a_fake_model(llm):
+    fake = FakeLLM(llm.tokenizer)
+    prompts = [BenchPrompt(id=str(i), category="c", prompt="p") for i in range(6)]
+    ids = [[1, 2]] * 6
+    result, outs = run_config(fake, prompts, ids, BenchConfig("selfspec", 4, 8), max_tokens=10, warmup=1)
+    assert fake.calls == 1 + 2  # one warm-up batch, then 6 prompts in batches of 4 and 2
+    assert result["num_generated_tokens"] == 60 and result["num_forwards"] == 6 * 7
+    assert result["tokens_per_forward"] == pytest.approx(60 / 42, abs=1e-4)
+    assert result["tokens_per_cycle"] == 3.0 and result["acceptance_histogram"] == {3: 18}
+    assert result["ttft_ms"]["p50"] == pytest.approx(1.0) and result["itl_ms"]["p99"] == pytest.approx(1.0)
+    assert result["forward_ms"] == {"draft": 1.0, "verify": 2.0} and result["accuracy"] is None
+
+
+def test_expand_configs():
+    cfgs = expand_configs(["ar", "diffusion", "selfspec"], [1, 4], [8, 32], [0.5, 0.9])
+    assert len(cfgs) == 2 * (1 + 4 + 2)
+    assert BenchConfig("diffusion", 4, 32, 0.5) in cfgs and BenchConfig("ar", 1) in cfgs
+
+
+def test_speedup_is_measured_against_ar_in_the_same_run(llm):
+    prompts = task_suite(2)
+    results, _ = sweep(llm, prompts, expand_configs(["ar", "selfspec"], [1], [8], [0.9]), 6, 0,
+                       show_progress=False)
+    ar, spec = results
+    assert ar["speedup_vs_ar"] == 1.0
+    assert spec["speedup_vs_ar"] == pytest.approx(spec["output_tokens_per_s"] / ar["output_tokens_per_s"], rel=1e-2)
+
+
+def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "trimode", "bench", "--model", str(tiny_dir), "--num-prompts", "2",
+                           "--batch-sizes", "1,2", "--block-lengths", "4", "--max-tokens", "6", "--baseline", "hf",
+                           "--out", str(out), "--dtype", "float32"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert {"command", "versions", "machine", "suite", "num_prompts", "results", "baseline", "plots"} <= doc.keys()
+    assert {"device", "dtype", "threads", "parameters", "weight_bytes"} <= doc["machine"].keys()
+    assert len(doc["results"]) == 2 * 3 and doc["num_prompts"] == 2
+    fields = {"mode", "batch_size", "output_tokens_per_s", "requests_per_s", "ttft_ms", "itl_ms", "tokens_per_forward",
+              "forward_ms", "accuracy", "speedup_vs_ar", "num_generated_tokens"}
+    for r in doc["results"]:
+        assert fields <= r.keys()
+        assert {"p50", "p90", "p99"} == r["ttft_ms"].keys()
+    spec = [r for r in doc["results"] if r["mode"] == "selfspec"]
+    assert all("tokens_per_cycle" in r and r["acceptance_histogram"] for r in spec)
+    assert all("denoise_passes_per_block" in r for r in doc["results"] if r["mode"] == "diffusion")
+    assert doc["baseline"]["identical_outputs"] == 1.0  # same weights, greedy: token for token
+    for name in doc["plots"]:
+        assert (out / name).stat().st_size > 1000
+    assert (out / "report.md").read_text().startswith("# trimode bench")
+
+
+def test_bench_bad_flags_exit_2():
+    for args in (["--batch-sizes", "1,x"], ["--modes", "fast"], ["--thresholds", "2"], ["--suite", "none"]):
+        proc = subprocess.run([sys.executable, "-m", "trimode", "bench", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
