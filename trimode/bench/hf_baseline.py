@@ -15,7 +15,7 @@ def hf_model(llm: LLM) -> Any:
     try:
         import transformers
     except ImportError as e:
-        raise ValueError("--baseline hf needs transformers: pip install 'trimode[dev]'") from e
+        raise ValueError("--baseline hf needs transformers: pip install 'trimode[bench]'") from e
     cfg = llm.config
     hf_cfg = transformers.Ministral3Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
