@@ -72,7 +72,10 @@ def crossover(results: list[dict[str, Any]]) -> str | None:
 
 
 def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ValueError("--out writes plots with matplotlib: pip install 'trimode[bench]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
