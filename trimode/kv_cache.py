@@ -70,6 +70,21 @@ class KVCache:
         self.lengths = lengths.to(self.lengths).clone()
         self._pending = None
 
+    def extend(self, other: KVCache) -> None:
+        """Append `other`'s rows (e.g. newly prefilled requests joining a running batch)."""
+        if self._pending is not None or other._pending is not None:
+            raise RuntimeError("extend() between a forward and its commit")
+        capacity = max(self.capacity, other.capacity)
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            pad = capacity - t.shape[3]
+            return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
+
+        self.k = torch.cat([grow(self.k), grow(other.k)], 1)
+        self.v = torch.cat([grow(self.v), grow(other.v)], 1)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.capacity = capacity
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (indices into the batch), e.g. when finished requests leave."""
         self.k = self.k[:, rows]

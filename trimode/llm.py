@@ -118,6 +118,20 @@ class LLM:
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         return self._generate(ids, list(texts), params)
 
+    def tokenize_one(self, prompt: PromptInput | list[Message]) -> tuple[list[int], str | None]:
+        """A string, token ids, or a chat (list of messages) -> (token ids, prompt text)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            text = self.tokenizer.apply_chat_template(prompt)
+            return self.tokenizer.encode(text, add_special_tokens=False), text
+        ids, texts = self._tokenize([prompt])
+        return ids[0], texts[0]
+
+    def check_fits(self, ids: list[int], params: SamplingParams, name: str = "the prompt") -> None:
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"{name} has {len(ids)} tokens and max_tokens is {params.max_tokens}: together they "
+                             f"exceed the context of {self.max_model_len} tokens; shorten the prompt or lower "
+                             f"max_tokens to <= {max(self.max_model_len - len(ids), 0)}")
+
     def _generate(self, ids: list[list[int]], texts: list[str | None],
                   params: SamplingParams | Sequence[SamplingParams] | None) -> list[GenerationOutput]:
         params = params if params is not None else SamplingParams()
@@ -125,10 +139,7 @@ class LLM:
         if len(per_prompt) != len(ids):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(ids)} prompts: give one, or one each")
         for i, (p, sp) in enumerate(zip(ids, per_prompt)):
-            if len(p) + sp.max_tokens > self.max_model_len:
-                raise ValueError(f"prompt {i} has {len(p)} tokens and max_tokens is {sp.max_tokens}: together "
-                                 f"they exceed the context of {self.max_model_len} tokens; shorten the prompt or "
-                                 f"lower max_tokens to <= {max(self.max_model_len - len(p), 0)}")
+            self.check_fits(p, sp, f"prompt {i}")
         groups: dict[tuple, list[int]] = {}
         for i, sp in enumerate(per_prompt):
             groups.setdefault(batch_key(sp), []).append(i)

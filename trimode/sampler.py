@@ -18,18 +18,32 @@ from trimode.sampling_params import SamplingParams
 class Sampler:
     def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
         self.device = device
+        self.params = list(params)
         self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         self.generators = [torch.Generator(device=device).manual_seed(
             p.seed if p.seed is not None else secrets.randbits(63)) for p in params]
-        self.all_greedy = all(p.is_greedy for p in params)
-        self._needs_filter = any(p.top_k > 0 or p.top_p < 1 for p in params if not p.is_greedy)
+        self._update_flags()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.temperature, self.top_k, self.top_p = (t[rows.to(self.device)] for t in
                                                     (self.temperature, self.top_k, self.top_p))
         self.generators = [self.generators[i] for i in rows.tolist()]
+        self.params = [self.params[i] for i in rows.tolist()]
+        self._update_flags()
+
+    def extend(self, other: Sampler) -> None:
+        self.temperature = torch.cat([self.temperature, other.temperature])
+        self.top_k = torch.cat([self.top_k, other.top_k])
+        self.top_p = torch.cat([self.top_p, other.top_p])
+        self.generators += other.generators
+        self.params += other.params
+        self._update_flags()
+
+    def _update_flags(self) -> None:
+        self.all_greedy = all(p.is_greedy for p in self.params)
+        self._needs_filter = any(p.top_k > 0 or p.top_p < 1 for p in self.params if not p.is_greedy)
 
     def uniform(self, num: int) -> torch.Tensor:
         """(B, num) uniforms in [0, 1), each row from its own generator."""

@@ -61,6 +61,20 @@ class DecodeBatch:
         for row, v in zip(self.stats, values.tolist()):
             row.append(int(v))
 
+    def extend(self, other: DecodeBatch) -> None:
+        """Append `other`'s rows: requests prefilled later join this running batch (continuous
+        batching). Decoders treat rows independently, so a row decodes the same either way."""
+        self.kv.extend(other.kv)
+        self.sampler.extend(other.sampler)
+        self.seeds = torch.cat([self.seeds, other.seeds])
+        self.remaining = torch.cat([self.remaining, other.remaining])
+        self.num_forwards = torch.cat([self.num_forwards, other.num_forwards])
+        self.stop_on_eos = torch.cat([self.stop_on_eos, other.stop_on_eos])
+        self.stats += other.stats
+        for kind, (n, s) in other.timings.items():
+            self.timings[kind][0] += n
+            self.timings[kind][1] += s
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (host indices), e.g. after requests finish."""
         self.kv.select_rows(rows.to(self.kv.lengths.device))

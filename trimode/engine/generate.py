@@ -20,10 +20,14 @@ from trimode.tokenizer import Tokenizer
 
 
 @dataclass
-class _Request:
+class Request:
+    """One request's state on the host: what it has emitted and why it finished."""
+
     prompt: str | None
     prompt_ids: list[int]
     params: SamplingParams
+    request_id: str = ""
+    arrival: float = 0.0  # time.perf_counter() when it arrived; token_times are relative to it
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -60,50 +64,67 @@ class _Request:
         self.finish_reason = "stop"
 
 
+    def output(self, decoder: Decoder, forward_ms: dict[str, float], seconds: float) -> GenerationOutput:
+        return GenerationOutput(
+            prompt=self.prompt, prompt_token_ids=self.prompt_ids, text=self.text, token_ids=self.token_ids,
+            finish_reason=self.finish_reason or "length", mode=decoder.mode, num_forwards=self.num_forwards,
+            seconds=round(seconds, 4), token_times=self.token_times,
+            mode_stats={decoder.stat_name: self.stats} if decoder.stat_name else {}, forward_ms=forward_ms)
+
+
+def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> tuple[DecodeBatch, list[list[int]]]:
+    """A new batch for `requests`, prefilled together; returns it and each row's first token."""
+    cfg, device = runner.config, runner.device
+    params = [r.params for r in requests]
+    lengths = torch.tensor([len(r.prompt_ids) for r in requests])
+    block = max(sp.block_length for sp in params)
+    capacity = int(max(len(r.prompt_ids) + r.params.max_tokens for r in requests)) + block + 1
+    padded = torch.zeros(len(requests), int(lengths.max()), dtype=torch.long)
+    for i, r in enumerate(requests):
+        padded[i, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+    batch = DecodeBatch(
+        runner=runner, kv=runner.new_cache(len(requests), capacity), sampler=Sampler(params, device),
+        seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
+        remaining=torch.tensor([sp.max_tokens for sp in params]),
+        eos_ids=torch.tensor(sorted(eos_ids), device=device),
+        stop_on_eos=torch.tensor([not sp.ignore_eos for sp in params], device=device),
+        mask_id=cfg.mask_token_id, num_forwards=torch.zeros(len(requests), dtype=torch.long),
+        stats=[r.stats for r in requests])
+    # Right-padded: row b's pad slots lie past its length and stay invisible.
+    logits = batch.forward("prefill", padded.to(device), causal=True, logit_index=(lengths - 1).to(device))
+    batch.kv.set_lengths(lengths)
+    batch.seeds = batch.sampler.pick(logits)[0][:, 0]
+    return batch, [[t] for t in batch.seeds.tolist()]
+
+
+def apply_step(batch: DecodeBatch, active: list[Request], emitted: list[list[int]], eos_ids: set[int],
+               tokenizer: Tokenizer) -> list[Request]:
+    """Give each row its emitted tokens, drop finished rows from the batch; returns the rows left."""
+    now = time.perf_counter()
+    for req, tokens, n in zip(active, emitted, batch.num_forwards.tolist()):
+        req.emit(tokens, eos_ids, tokenizer, now - req.arrival)
+        req.num_forwards = n
+    keep = [i for i, r in enumerate(active) if r.finish_reason is None]
+    if keep and len(keep) < len(active):
+        batch.select_rows(torch.tensor(keep))
+    left = [active[i] for i in keep]
+    batch.remaining = torch.tensor([r.params.max_tokens - len(r.token_ids) for r in left])
+    return left
+
+
+def forward_ms(batch: DecodeBatch) -> dict[str, float]:
+    return {k: round(1000 * s / n, 3) for k, (n, s) in batch.timings.items()}
+
+
 @torch.inference_mode()
 def run_batch(runner: ModelRunner, tokenizer: Tokenizer, decoder: Decoder, prompts: list[list[int]],
               texts: list[str | None], params: list[SamplingParams], eos_ids: set[int]) -> list[GenerationOutput]:
     """Generate for all prompts as one batch (rows of different lengths share every forward)."""
     start = time.perf_counter()
-    cfg, device = runner.config, runner.device
-    requests = [_Request(t, p, sp) for t, p, sp in zip(texts, prompts, params)]
-    lengths = torch.tensor([len(p) for p in prompts])
-    block = max(sp.block_length for sp in params)
-    capacity = int(max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))) + block + 1
-    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        padded[i, :len(p)] = torch.tensor(p)
-    batch = DecodeBatch(
-        runner=runner, kv=runner.new_cache(len(prompts), capacity), sampler=Sampler(params, device),
-        seeds=torch.zeros(len(prompts), dtype=torch.long, device=device),
-        remaining=torch.tensor([sp.max_tokens for sp in params]),
-        eos_ids=torch.tensor(sorted(eos_ids), device=device),
-        stop_on_eos=torch.tensor([not sp.ignore_eos for sp in params], device=device),
-        mask_id=cfg.mask_token_id, num_forwards=torch.zeros(len(prompts), dtype=torch.long),
-        stats=[r.stats for r in requests])
-    # Prefill, right-padded: row b's pad slots lie past its length and stay invisible.
-    logits = batch.forward("prefill", padded.to(device), causal=True, logit_index=(lengths - 1).to(device))
-    batch.kv.set_lengths(lengths)
-    batch.seeds = batch.sampler.pick(logits)[0][:, 0]
-    emitted = [[t] for t in batch.seeds.tolist()]
-    active = requests
-    while True:
-        now = time.perf_counter() - start
-        for req, tokens, n in zip(active, emitted, batch.num_forwards.tolist()):
-            req.emit(tokens, eos_ids, tokenizer, now)
-            req.num_forwards = n
-        keep = [i for i, r in enumerate(active) if r.finish_reason is None]
-        if not keep:
-            break
-        if len(keep) < len(active):
-            batch.select_rows(torch.tensor(keep))
-            active = [active[i] for i in keep]
-        batch.remaining = torch.tensor([r.params.max_tokens - len(r.token_ids) for r in active])
-        emitted = decoder.step(batch)
+    requests = [Request(t, p, sp, arrival=start) for t, p, sp in zip(texts, prompts, params)]
+    batch, emitted = prefill(runner, requests, eos_ids)
+    active = apply_step(batch, requests, emitted, eos_ids, tokenizer)
+    while active:
+        active = apply_step(batch, active, decoder.step(batch), eos_ids, tokenizer)
     seconds = time.perf_counter() - start
-    forward_ms = {k: round(1000 * s / n, 3) for k, (n, s) in batch.timings.items()}
-    return [GenerationOutput(
-        prompt=r.prompt, prompt_token_ids=r.prompt_ids, text=r.text, token_ids=r.token_ids,
-        finish_reason=r.finish_reason or "length", mode=decoder.mode, num_forwards=r.num_forwards,
-        seconds=round(seconds, 4), token_times=r.token_times, mode_stats={decoder.stat_name: r.stats} if decoder.stat_name else {},
-        forward_ms=forward_ms) for r in requests]
+    return [r.output(decoder, forward_ms(batch), seconds) for r in requests]

@@ -1,0 +1,104 @@
+"""LLMEngine: continuous batching across modes equals offline generation; aborts and limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from trimode import LLM, SamplingParams
+from trimode.engine.llm_engine import LLMEngine, streamable_text
+from trimode.engine.generate import Request
+from trimode.engine.scheduler import QueueFull
+from trimode.tasks import TASKS, held_out
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return LLM()
+
+
+def workload():
+    chats = [e.messages() for t in TASKS for e in held_out(t, 3)]
+    params = [SamplingParams(mode=m, max_tokens=24, block_length=b)
+              for m, b in (("ar", 32), ("diffusion", 8), ("selfspec", 16), ("diffusion", 32), ("selfspec", 8))]
+    jobs = [(f"r{i}", chat, params[i % len(params)]) for i, chat in enumerate(chats)]
+    jobs.append(("code", "def parse(line):", SamplingParams(mode="selfspec", max_tokens=30)))
+    return jobs
+
+
+def run(engine, jobs, arrive_every=1):
+    """Requests arrive one per `arrive_every` steps while others run."""
+    results, pending, step = {}, list(jobs), 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % arrive_every == 0:
+            rid, prompt, params = pending.pop(0)
+            engine.add_request(rid, prompt, params)
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.output
+        step += 1
+    return results
+
+
+def test_continuous_batching_equals_offline_generation(embedded):
+    jobs = workload()
+    results = run(LLMEngine(embedded, max_batch=6), jobs)
+    for rid, prompt, params in jobs:
+        alone = (embedded.chat(prompt, params) if isinstance(prompt, list) else embedded.generate(prompt, params))[0]
+        assert results[rid].token_ids == alone.token_ids, rid
+        assert results[rid].num_forwards == alone.num_forwards, rid
+        assert results[rid].text == alone.text
+
+
+def test_streamed_deltas_add_up_to_the_final_text(embedded):
+    engine = LLMEngine(embedded)
+    engine.add_request("s", "import os\n\n\ndef walk(top):", SamplingParams(mode="selfspec", max_tokens=40,
+                                                                          stop=["raise"]))
+    text, final = "", None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text += out.delta_text
+            final = out.output or final
+    assert final is not None and text == final.text
+    assert "raise" not in text
+
+
+def test_stream_holds_back_partial_stop_strings_and_utf8():
+    req = Request(None, [1], SamplingParams(stop=["STOP"]))
+    req.text = "abc ST"
+    assert streamable_text(req) == "abc "
+    req.text = "abc \ufffd"
+    assert streamable_text(req) == "abc "
+    req.finish_reason = "length"
+    assert streamable_text(req) == "abc \ufffd"
+
+
+def test_abort_frees_the_row_and_others_continue(embedded):
+    engine = LLMEngine(embedded)
+    p = SamplingParams(mode="ar", max_tokens=30, ignore_eos=True)
+    engine.add_request("keep", "def f(x):", p)
+    engine.add_request("drop", "class A:", p)
+    engine.step()
+    engine.step()
+    assert engine.num_running == 2
+    assert engine.abort_request("drop") and not engine.abort_request("drop")
+    assert engine.num_running == 1
+    assert next(iter(engine.groups.values())).batch.kv.k.shape[1] == 1  # the KV row is gone
+    done = run(engine, [])
+    assert done["keep"].token_ids == embedded.generate("def f(x):", p)[0].token_ids
+
+
+def test_queue_limit_and_bad_requests(embedded):
+    engine = LLMEngine(embedded, max_batch=1, max_queue=2, max_kv_tokens=200)
+    engine.add_request("a", "x", SamplingParams(max_tokens=4))
+    engine.add_request("b", "y", SamplingParams(max_tokens=4))
+    with pytest.raises(QueueFull):
+        engine.add_request("c", "z", SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", "x", SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="KV slots"):
+        engine.add_request("big", "x", SamplingParams(max_tokens=190))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("e", "", SamplingParams())
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1  # max_batch=1 holds the second back
+    assert engine.abort_request("b") and engine.num_waiting == 0

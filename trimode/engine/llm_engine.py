@@ -1,0 +1,145 @@
+"""LLMEngine: requests arrive and leave at any time; every mode runs in the same engine.
+
+Continuous batching: each step admits waiting requests (prefilled together, per mode), runs one
+decoder step for every running group, and returns what each request newly committed. Requests of
+the same mode and block shape form one group (one decode batch); different modes are grouped
+passes of their own shapes, run one after another in the step. Finished and aborted requests
+leave their group at once, freeing their KV rows. Decoders treat rows independently, so a request
+decodes exactly as it would alone (temperature 0), whatever else is running.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from trimode.decoding import Decoder, batch_key, make_decoder
+from trimode.decoding.base import DecodeBatch
+from trimode.engine.generate import Request, apply_step, forward_ms, prefill
+from trimode.engine.scheduler import Scheduler
+from trimode.llm import LLM, Message, PromptInput
+from trimode.outputs import GenerationOutput
+from trimode.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    delta_text: str  # newly committed text, safe to stream (no split UTF-8, no partial stop string)
+    new_token_ids: list[int]
+    finished: bool
+    output: GenerationOutput | None = None  # the whole result, once finished
+
+
+@dataclass
+class _Group:
+    decoder: Decoder
+    batch: DecodeBatch
+    requests: list[Request] = field(default_factory=list)
+
+
+def streamable_text(req: Request) -> str:
+    """The part of the text that can no longer change: hold back a trailing replacement character
+    (an incomplete UTF-8 sequence) and any suffix that could still grow into a stop string."""
+    text = req.text
+    if req.finish_reason is not None:
+        return text
+    text = text.rstrip("\ufffd")
+    hold = max((n for s in req.params.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[:len(text) - hold]
+
+
+class LLMEngine:
+    def __init__(self, llm: LLM, max_batch: int = 32, max_queue: int = 256, max_kv_tokens: int = 65536) -> None:
+        self.llm = llm
+        self.scheduler = Scheduler(max_batch, max_queue, max_kv_tokens)
+        self.groups: dict[tuple, _Group] = {}
+        self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
+        self._ids: set[str] = set()
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(g.requests) for g in self.groups.values())
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.num_running or self.num_waiting)
+
+    def add_request(self, request_id: str, prompt: PromptInput | list[Message], params: SamplingParams) -> None:
+        """Validate and queue; raises ValueError for bad input and QueueFull when the queue is full."""
+        if request_id in self._ids:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids, text = self.llm.tokenize_one(prompt)
+        self.llm.check_fits(ids, params)
+        self.scheduler.add(Request(text, ids, params, request_id=request_id, arrival=time.perf_counter()))
+        self._ids.add(request_id)
+        self._sent[request_id] = (0, 0)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request wherever it is; its KV rows are freed at once. False if unknown or done."""
+        if self.scheduler.remove(request_id) is not None:
+            self._forget(request_id)
+            return True
+        for key, group in list(self.groups.items()):
+            for i, req in enumerate(group.requests):
+                if req.request_id == request_id:
+                    keep = [j for j in range(len(group.requests)) if j != i]
+                    group.requests = [group.requests[j] for j in keep]
+                    if keep:
+                        group.batch.select_rows(torch.tensor(keep))
+                        group.batch.remaining = torch.tensor(
+                            [r.params.max_tokens - len(r.token_ids) for r in group.requests])
+                    else:
+                        del self.groups[key]
+                    self._forget(request_id)
+                    return True
+        return False
+
+    def _forget(self, request_id: str) -> None:
+        self._ids.discard(request_id)
+        self._sent.pop(request_id, None)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """schedule -> run -> update. Returns the requests that committed something this step."""
+        admitted = self.scheduler.admit(r for g in self.groups.values() for r in g.requests)
+        touched: list[tuple[Request, Decoder, DecodeBatch]] = []
+        for key, group in list(self.groups.items()):
+            before = list(group.requests)
+            group.requests = apply_step(group.batch, group.requests, group.decoder.step(group.batch),
+                                        self.llm.eos_token_ids, self.llm.tokenizer)
+            touched += [(r, group.decoder, group.batch) for r in before]
+            if not group.requests:
+                del self.groups[key]
+        by_key: dict[tuple, list[Request]] = {}
+        for req in admitted:
+            by_key.setdefault(batch_key(req.params), []).append(req)
+        for key, reqs in by_key.items():
+            batch, first = prefill(self.llm.runner, reqs, self.llm.eos_token_ids)
+            left = apply_step(batch, reqs, first, self.llm.eos_token_ids, self.llm.tokenizer)
+            decoder = self.groups[key].decoder if key in self.groups else make_decoder(reqs[0].params)
+            touched += [(r, decoder, batch) for r in reqs]
+            if not left:
+                continue
+            if key in self.groups:
+                self.groups[key].batch.extend(batch)
+                self.groups[key].requests += left
+            else:
+                self.groups[key] = _Group(decoder, batch, left)
+        return [self._output(r, d, b) for r, d, b in touched]
+
+    def _output(self, req: Request, decoder: Decoder, batch: DecodeBatch) -> RequestOutput:
+        sent_tokens, sent_chars = self._sent[req.request_id]
+        safe = streamable_text(req)
+        out = RequestOutput(req.request_id, safe[sent_chars:], req.token_ids[sent_tokens:],
+                            req.finish_reason is not None)
+        self._sent[req.request_id] = (len(req.token_ids), max(sent_chars, len(safe)))
+        if out.finished:
+            out.output = req.output(decoder, forward_ms(batch), time.perf_counter() - req.arrival)
+            self._forget(req.request_id)
+        return out
