@@ -208,6 +208,32 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from trimode.engine.llm_engine import LLMEngine
+    from trimode.llm import LLM
+    from trimode.sampling_params import SamplingParams
+    from trimode.server.app import build_app
+    from trimode.server.async_engine import AsyncEngine
+
+    SamplingParams(mode=args.default_mode)  # validates the mode with the usual message
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    name = args.served_model_name or (Path(args.model).name if args.model else "trimode-embedded")
+    engine = AsyncEngine(LLMEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue,
+                                   max_kv_tokens=args.max_kv_tokens), max_queue=args.max_queue)
+    engine.start()
+    app = build_app(engine, name, api_key=args.api_key, default_mode=args.default_mode)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (default mode {args.default_mode})", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+    return 0
+
+
 def _add_model_shape_flags(p: argparse.ArgumentParser, preset_required: bool) -> None:
     p.add_argument("--preset", required=preset_required, default=None if preset_required else "tiny",
                    help="nld-3b, nld-8b, nld-14b or tiny")
@@ -300,6 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="auto")
     b.add_argument("--device", default="auto")
     b.set_defaults(func=_bench)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible server: every request picks its mode")
+    v.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
+    v.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
+    v.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are refused with 429")
+    v.add_argument("--max-kv-tokens", type=int, default=65536, help="KV slots shared by the running requests")
+    v.add_argument("--default-mode", default="ar", help=f"mode of requests that name none: {', '.join(MODES)}")
+    v.add_argument("--served-model-name", help="the `model` clients must send (default: the directory name)")
+    v.add_argument("--dtype", default="auto")
+    v.add_argument("--device", default="auto")
+    v.set_defaults(func=_serve)
     return parser
 
 
