@@ -1,0 +1,193 @@
+"""The server, live on 127.0.0.1, driven by the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from trimode import LLM, SamplingParams
+
+openai = pytest.importorskip("openai")
+
+MODEL = "trimode-embedded"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*flags: str):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "trimode", "serve", "--port", str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start: " + (proc.stdout.read() if proc.stdout else ""))
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server("--max-batch", "32")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM()
+
+
+CHAT = [{"role": "user", "content": "Reverse: 12 7 33 4"}]
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
+def test_chat_and_completion_equal_offline(client, offline, mode):
+    params = SamplingParams(mode=mode, max_tokens=24)
+    want_chat = offline.chat(CHAT, params)[0]
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24,
+                                       extra_body={"mode": mode})
+    assert r.choices[0].message.content == want_chat.text
+    assert r.choices[0].finish_reason == want_chat.finish_reason
+    assert r.usage.completion_tokens == want_chat.num_generated_tokens
+    usage = r.usage.model_dump()
+    assert usage["num_forwards"] == want_chat.num_forwards and usage["tokens_per_forward"] > 0
+    want = offline.generate("def parse(line):", params)[0]
+    stream = client.completions.create(model=MODEL, prompt="def parse(line):", temperature=0, max_tokens=24,
+                                       stream=True, stream_options={"include_usage": True}, extra_body={"mode": mode})
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == want.text and finish == want.finish_reason
+    assert usage is not None and usage.completion_tokens == want.num_generated_tokens
+
+
+def test_64_concurrent_streams_mixing_modes(client, offline):
+    modes = ["ar", "diffusion", "selfspec"]
+    prompts = [[{"role": "user", "content": f"Copy: {i} {i + 7} {3 * i}"}] for i in range(64)]
+
+    def one(i: int) -> str:
+        stream = client.chat.completions.create(model=MODEL, messages=prompts[i], temperature=0, max_tokens=16,
+                                                stream=True, extra_body={"mode": modes[i % 3]})
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        texts = list(pool.map(one, range(64)))
+    for i, text in enumerate(texts):
+        assert text == offline.chat(prompts[i], SamplingParams(mode=modes[i % 3], max_tokens=16))[0].text
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_client_disconnect_frees_its_slot(server, client):
+    body = {"model": MODEL, "prompt": "import os\n", "max_tokens": 2000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # one chunk, then hang up
+    deadline = time.time() + 10
+    while metric(server, "trimode_running_batch") > 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "trimode_running_batch") == 0
+    r = client.completions.create(model=MODEL, prompt="x = ", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def bad_requests():
+    ok = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    bodies = [
+        b"{not json", b"", b"[]", b"null", "\xff\xfe".encode("latin-1") + b'{"model": 1}',
+        json.dumps({**ok, "max_tokens": 10**9}).encode(), json.dumps({**ok, "max_tokens": -1}).encode(),
+        json.dumps({**ok, "temperature": -1}).encode(), json.dumps({**ok, "temperature": "hot"}).encode(),
+        json.dumps({**ok, "top_p": 0}).encode(), json.dumps({**ok, "mode": "fast"}).encode(),
+        json.dumps({**ok, "n": 3}).encode(), json.dumps({**ok, "logprobs": True}).encode(),
+        json.dumps({**ok, "block_length": 0}).encode(), json.dumps({**ok, "threshold": 2}).encode(),
+        json.dumps({**ok, "stop": [""]}).encode(), json.dumps({**ok, "messages": []}).encode(),
+        json.dumps({**ok, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+        json.dumps({**ok, "frequency_penalty": 1.0}).encode(), json.dumps({**ok, "surprise": 1}).encode(),
+        json.dumps({"messages": ok["messages"]}).encode(), json.dumps({**ok, "model": "gpt-9"}).encode(),
+        json.dumps({**ok, "seed": "abc"}).encode(), json.dumps({**ok, "stream_options": {"include_usage": True}}).encode(),
+        json.dumps({**ok, "messages": [{"role": "user", "content": "x" * 300_000}]}).encode(),
+    ]
+    return bodies
+
+
+def test_bad_input_barrage_gets_4xx_and_the_server_stays_healthy(server, client, offline):
+    bodies = bad_requests()
+    statuses = []
+    with httpx.Client(base_url=server, timeout=30) as http:
+        for i in range(1000):
+            body = bodies[i % len(bodies)]
+            path = "/v1/chat/completions" if i % 2 == 0 else "/v1/completions"
+            r = http.post(path, content=body, headers={"content-type": "application/json"})
+            statuses.append(r.status_code)
+            err = r.json()["error"]
+            assert {"message", "type", "param", "code"} <= err.keys() and err["message"]
+        big = http.post("/v1/completions", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
+        assert big.status_code == 413
+    assert all(400 <= s < 500 for s in statuses), sorted(set(statuses))
+    assert 404 in statuses and 400 in statuses
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24)
+    assert r.choices[0].message.content == offline.chat(CHAT, SamplingParams(max_tokens=24))[0].text
+
+
+def test_api_key_and_full_queue():
+    proc, url = start_server("--api-key", "s3cret", "--max-batch", "1", "--max-queue", "1")
+    try:
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
+        body = {"model": MODEL, "prompt": "import os\n", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(6)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) >= 2 and 429 in codes, codes
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.headers["retry-after"] and refused.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_serve_binds_loopback_by_default():
+    from trimode.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1"
