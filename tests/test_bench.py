@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from trimode.bench.metrics import percentile, summarize
+from trimode.bench.metrics import percentile
 from trimode.bench.runner import BenchConfig, expand_configs, run_config, sweep
 from trimode.bench.suites import BenchPrompt, jsonl_suite, load_suite, task_suite
 from trimode.outputs import GenerationOutput
