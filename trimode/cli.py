@@ -107,17 +107,14 @@ def _eval(args: argparse.Namespace) -> int:
     from trimode.evaluate import heldout_text_loss, task_accuracy
     from trimode.llm import LLM
     from trimode.tasks import TASKS
-    from trimode.train.data import stdlib_files
+    from trimode.train.data import stdlib_texts
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise ValueError(f"--modes must list some of {', '.join(MODES)}; got {args.modes!r}")
+    modes = _mode_list(args.modes)
     if args.suite != "tasks":
         raise ValueError(f"--suite must be 'tasks' (the held-out synthetic tasks); got {args.suite!r}")
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     report = task_accuracy(llm, modes, n=args.num_examples, block_length=args.block_length, threshold=args.threshold)
-    docs = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(held_out=True)]
+    docs = stdlib_texts(held_out=True)
     result = {"accuracy": report, "stdlib_heldout_loss_nats": round(heldout_text_loss(llm, docs), 4),
               "num_examples_per_task": args.num_examples}
     if args.json:
@@ -133,6 +130,20 @@ def _eval(args: argparse.Namespace) -> int:
               f"{'-' if match is None else f'{100 * match:.1f}%'} |")
     print(f"held-out stdlib loss: {result['stdlib_heldout_loss_nats']:.4f} nats/token")
     return 0
+
+
+def _mode_list(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"--modes must list some of {', '.join(MODES)}; got {text!r}")
+    return modes
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device: how every command that runs a model loads it."""
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -168,9 +179,7 @@ def _bench(args: argparse.Namespace) -> int:
     from trimode.bench.suites import load_suite
     from trimode.llm import LLM
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        raise ValueError(f"--modes must list some of {', '.join(MODES)}; got {args.modes!r}")
+    modes = _mode_list(args.modes)
     if args.baseline not in (None, "hf"):
         raise ValueError(f"--baseline must be 'hf'; got {args.baseline!r}")
     if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
@@ -247,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text in one of the three modes")
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
-    g.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    _add_model_flags(g)
     g.add_argument("--mode", default="ar", help=f"one of {', '.join(MODES)} (default ar)")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -260,8 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=0.9)
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.set_defaults(func=_generate)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the release's format")
@@ -300,19 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="task accuracy per mode, tokens per forward, held-out stdlib loss")
-    e.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    _add_model_flags(e)
     e.add_argument("--modes", default="ar,diffusion,selfspec")
     e.add_argument("--suite", default="tasks")
     e.add_argument("--num-examples", type=int, default=100, help="held-out examples per task")
     e.add_argument("--block-length", type=int, default=32)
     e.add_argument("--threshold", type=float, default=0.9)
     e.add_argument("--json", action="store_true")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--device", default="auto")
     e.set_defaults(func=_eval)
 
     b = sub.add_parser("bench", help="tokens/s, tokens per forward, latency and accuracy per mode and batch size")
-    b.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    _add_model_flags(b)
     b.add_argument("--modes", default="ar,diffusion,selfspec")
     b.add_argument("--suite", default="tasks", help="tasks, code, or a JSONL file")
     b.add_argument("--batch-sizes", default="1,4,16")
@@ -323,12 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1, help="batches run before measuring, per configuration")
     b.add_argument("--baseline", help="'hf': also run transformers generate() on the same weights")
     b.add_argument("--out", help="directory for results.json, report.md and the plots")
-    b.add_argument("--dtype", default="auto")
-    b.add_argument("--device", default="auto")
     b.set_defaults(func=_bench)
 
     v = sub.add_parser("serve", help="OpenAI-compatible server: every request picks its mode")
-    v.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    _add_model_flags(v)
     v.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
@@ -337,8 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-kv-tokens", type=int, default=65536, help="KV slots shared by the running requests")
     v.add_argument("--default-mode", default="ar", help=f"mode of requests that name none: {', '.join(MODES)}")
     v.add_argument("--served-model-name", help="the `model` clients must send (default: the directory name)")
-    v.add_argument("--dtype", default="auto")
-    v.add_argument("--device", default="auto")
     v.set_defaults(func=_serve)
     return parser
 
