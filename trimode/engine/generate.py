@@ -108,8 +108,13 @@ def apply_step(batch: DecodeBatch, active: list[Request], emitted: list[list[int
     if keep and len(keep) < len(active):
         batch.select_rows(torch.tensor(keep))
     left = [active[i] for i in keep]
-    batch.remaining = torch.tensor([r.params.max_tokens - len(r.token_ids) for r in left])
+    set_remaining(batch, left)
     return left
+
+
+def set_remaining(batch: DecodeBatch, rows: list[Request]) -> None:
+    """Each row's budget left, derived from its request (rows aligned with the batch)."""
+    batch.remaining = torch.tensor([r.params.max_tokens - len(r.token_ids) for r in rows])
 
 
 def forward_ms(batch: DecodeBatch) -> dict[str, float]:

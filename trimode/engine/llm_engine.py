@@ -17,7 +17,7 @@ import torch
 
 from trimode.decoding import Decoder, batch_key, make_decoder
 from trimode.decoding.base import DecodeBatch
-from trimode.engine.generate import Request, apply_step, forward_ms, prefill
+from trimode.engine.generate import Request, apply_step, forward_ms, prefill, set_remaining
 from trimode.engine.scheduler import Scheduler
 from trimode.llm import LLM, Message, PromptInput
 from trimode.outputs import GenerationOutput
@@ -92,8 +92,7 @@ class LLMEngine:
                     group.requests = [group.requests[j] for j in keep]
                     if keep:
                         group.batch.select_rows(torch.tensor(keep))
-                        group.batch.remaining = torch.tensor(
-                            [r.params.max_tokens - len(r.token_ids) for r in group.requests])
+                        set_remaining(group.batch, group.requests)
                     else:
                         del self.groups[key]
                     self._forget(request_id)

@@ -45,6 +45,11 @@ def stdlib_files(held_out: bool = False) -> list[Path]:
     return files
 
 
+def stdlib_texts(held_out: bool = False) -> list[str]:
+    """The source text of `stdlib_files(held_out)`."""
+    return [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(held_out)]
+
+
 @dataclass
 class Row:
     tokens: list[int]
@@ -166,8 +171,7 @@ class Batcher:
         self.weights: list[float] = []
         for name, weight in parse_data_spec(spec):
             if name == "stdlib":
-                docs = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()]
-                source: TextSource | ChatSource = TextSource(docs, tokenizer, eos_id)
+                source: TextSource | ChatSource = TextSource(stdlib_texts(), tokenizer, eos_id)
             elif name == "tasks" or name.startswith("tasks."):
                 source = ChatSource(tokenizer, tasks=_task_names(name, tasks), difficulty=difficulty)
             else:
@@ -191,7 +195,7 @@ def corpus_texts(spec: str, task_examples: int = 20000, seed: int = 0) -> Iterat
     """The raw text of a data spec, for training a tokenizer (chat tasks as their rendered turns)."""
     for name, _ in parse_data_spec(spec):
         if name == "stdlib":
-            yield from (p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files())
+            yield from stdlib_texts()
         elif name == "tasks":
             rng = random.Random(seed)
             for _ in range(task_examples):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from trimode.llm import LLM, resolve_device
 from trimode.model.transformer import Transformer
 from trimode.tokenizer import Tokenizer
-from trimode.train.data import Batcher, TextSource, stdlib_files
+from trimode.train.data import Batcher, TextSource, stdlib_texts
 from trimode.train.masking import position_dependent_masking, uniform_masking
 from trimode.train.objective import LossSums, ar_loss_sums, joint_loss_sums
 from trimode.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
@@ -170,8 +170,7 @@ def train(cfg: TrainConfig, model: Transformer, tokenizer_dir: Path, resume: boo
         model.load_state_dict(load_model(ckpt, torch.float32, device).state_dict())
         start = load_trainer_state(ckpt, optimizer)
     args = {**dataclasses.asdict(cfg), **(extra_args or {}), "model": model_cfg.to_hf()}
-    held_out = TextSource([p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(held_out=True)],
-                          tokenizer, model_cfg.eos_token_id[0])
+    held_out = TextSource(stdlib_texts(held_out=True), tokenizer, model_cfg.eos_token_id[0])
     log: list[dict[str, float]] = []
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=start, disable=not show_progress, unit="step", dynamic_ncols=True,
