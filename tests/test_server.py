@@ -109,17 +109,34 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_client_disconnect_frees_its_slot(server, client):
-    body = {"model": MODEL, "prompt": "import os\n", "max_tokens": 2000, "temperature": 0, "stream": True,
-            "ignore_eos": True}
-    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=30) as r:
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                break  # one chunk, then hang up
-    deadline = time.time() + 10
-    while metric(server, "trimode_running_batch") > 0 and time.time() < deadline:
+def aborted(url: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+               if line.startswith("trimode_requests_total{") and 'status="abort"' in line)
+
+
+def wait_idle(url: str, seconds: float = 5) -> None:
+    deadline = time.time() + seconds
+    while metric(url, "trimode_running_batch") > 0 and time.time() < deadline:
         time.sleep(0.1)
-    assert metric(server, "trimode_running_batch") == 0
+    assert metric(url, "trimode_running_batch") == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_frees_its_slot(server, client, stream):
+    before = aborted(server)
+    # 2000 tokens take ~15 s to generate here: the slot must be freed long before that.
+    body = {"model": MODEL, "prompt": "import os\n", "max_tokens": 2000, "temperature": 0, "stream": stream,
+            "ignore_eos": True}
+    if stream:
+        with httpx.stream("POST", server + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break  # one chunk, then hang up
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server + "/v1/completions", json=body, timeout=1.0)  # gives up, closing the connection
+    wait_idle(server)
+    assert aborted(server) == before + 1
     r = client.completions.create(model=MODEL, prompt="x = ", max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
 
@@ -191,3 +208,52 @@ def test_serve_binds_loopback_by_default():
 
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1"
+
+
+def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_path):
+    from trimode.bench.runner import encode
+    from trimode.bench.suites import task_suite
+    from trimode.cli import main
+    from trimode.sampling_params import MODES
+
+    out = tmp_path / "http"
+    assert main(["bench", "--endpoint", server + "/v1", "--modes", "ar,selfspec,mixed", "--concurrency", "1,4",
+                 "--num-prompts", "6", "--max-tokens", "16", "--warmup", "0", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["model"] == MODEL and {"latency.png", "tokens_per_s_vs_batch.png"} <= set(doc["plots"])
+    prompts = task_suite(6)
+    ids = encode(offline, prompts)
+
+    def offline_figures(modes: list[str]) -> tuple[int, int, float]:
+        outs = [offline.generate([i], SamplingParams(mode=m, max_tokens=16, seed=0))[0] for i, m in zip(ids, modes)]
+        correct = [p.is_correct(o.text) for p, o in zip(prompts, outs)]
+        return (sum(o.num_generated_tokens for o in outs), sum(o.num_forwards for o in outs),
+                sum(correct) / len(correct))
+
+    for r in doc["results"]:
+        # Every prompt once; mixed gives request k the mode k % 3, whatever the concurrency.
+        modes = [MODES[k % 3] for k in range(6)] if r["mode"] == "mixed" else [r["mode"]] * 6
+        tokens, forwards, accuracy = offline_figures(modes)
+        assert (r["num_requests"], r["num_failed"]) == (6, 0)
+        assert r["num_generated_tokens"] == tokens and r["tokens_per_forward"] == round(tokens / forwards, 4)
+        assert r["accuracy"] == round(accuracy, 4)
+        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and r["itl_ms"]["p50"] > 0
+        assert r["output_tokens_per_s"] > 0
+    assert set(doc["results"][2]["by_mode"]) == set(MODES)
+
+
+def test_bench_over_http_counts_failures_and_runs_for_a_duration(server, tmp_path, capsys):
+    from trimode.cli import main
+
+    out = tmp_path / "dur"
+    assert main(["bench", "--endpoint", server + "/v1", "--modes", "diffusion", "--concurrency", "2",
+                 "--duration", "1", "--max-tokens", "8", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())["results"][0]
+    assert r["num_failed"] == 0 and r["num_requests"] >= 2 and r["seconds"] >= 1
+    # A model the server does not serve: every request fails with the server's 404, and the run says so.
+    assert main(["bench", "--endpoint", server + "/v1", "--served-model", "gpt-9", "--modes", "ar",
+                 "--concurrency", "2", "--num-prompts", "4", "--warmup", "0", "--out", str(tmp_path / "bad")]) == 1
+    r = json.loads((tmp_path / "bad" / "results.json").read_text())["results"][0]
+    assert (r["num_requests"], r["num_failed"]) == (0, 4) and "HTTP 404" in r["failures"][0]
+    assert main(["bench", "--endpoint", "http://127.0.0.1:9/v1", "--concurrency", "1"]) == 2
+    assert "cannot reach" in capsys.readouterr().err

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from trimode.sampling_params import MODES
 
+BENCH_BATCH_SIZES = "1,4,16"
+
 
 def _generate(args: argparse.Namespace) -> int:
     from trimode.llm import LLM
@@ -169,6 +171,11 @@ def _float_list(flag: str, text: str) -> list[float]:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.endpoint:
+        return _bench_endpoint(args)
+    if args.concurrency or args.duration is not None or args.served_model or args.api_key:
+        raise ValueError("--concurrency, --duration, --served-model and --api-key need --endpoint URL")
+
     import torch
 
     from trimode import __version__
@@ -185,8 +192,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
         raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
     configs = expand_configs(modes, _int_list("--batch-sizes", args.batch_sizes),
-                             _int_list("--block-lengths", args.block_lengths),
-                             _float_list("--thresholds", args.thresholds))
+                             _int_list("--block-lengths", args.block_lengths or "8,32"),
+                             _float_list("--thresholds", args.thresholds or "0.9"))
     prompts = load_suite(args.suite, args.num_prompts)
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     results, outputs = sweep(llm, prompts, configs, args.max_tokens, args.warmup)
@@ -215,6 +222,49 @@ def _bench(args: argparse.Namespace) -> int:
         write(doc, Path(args.out))
         print(f"wrote {args.out}/results.json, report.md and plots")
     return 0
+
+
+def _bench_endpoint(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from trimode import __version__
+    from trimode.bench.endpoint import ENDPOINT_MODES, bench_endpoint, endpoint_configs
+    from trimode.bench.machine import client_card
+    from trimode.bench.report import table, write
+    from trimode.bench.suites import load_suite
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ENDPOINT_MODES for m in modes):
+        raise ValueError(f"--modes must list some of {', '.join(ENDPOINT_MODES)}; got {args.modes!r}")
+    if args.baseline or args.batch_sizes != BENCH_BATCH_SIZES:
+        raise ValueError("--baseline and --batch-sizes are for the offline bench; over HTTP use --concurrency")
+    if not args.endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1; got {args.endpoint!r}")
+    if args.duration is not None and args.duration <= 0:
+        raise ValueError(f"--duration must be > 0 seconds; got {args.duration}")
+    if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
+        raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
+    blocks = _int_list("--block-lengths", args.block_lengths) if args.block_lengths else [None]
+    thresholds = _float_list("--thresholds", args.thresholds) if args.thresholds else [None]
+    configs = endpoint_configs(modes, _int_list("--concurrency", args.concurrency or "1,8,32"), blocks, thresholds)
+    prompts = load_suite(args.suite, args.num_prompts)
+    base = args.endpoint.rstrip("/")
+    print(f"{len(configs)} configurations against {base}", flush=True)
+    model, results = asyncio.run(bench_endpoint(
+        base, prompts, configs, args.max_tokens, args.duration, args.warmup, api_key=args.api_key,
+        model=args.served_model, on_result=lambda r: print(table([r]).splitlines()[-1], flush=True)))
+    doc = {"command": "trimode " + " ".join(sys.argv[1:]), "versions": {"trimode": __version__},
+           "machine": client_card(), "endpoint": base, "model": model, "suite": args.suite,
+           "num_prompts": len(prompts), "max_tokens": args.max_tokens, "warmup": args.warmup,
+           "duration": args.duration, "results": results}
+    print(table(results))
+    failed = sum(r["num_failed"] for r in results)
+    print(f"{sum(r['num_requests'] for r in results)} requests measured, {failed} failed")
+    if args.out:
+        write(doc, Path(args.out))
+        print(f"wrote {args.out}/results.json, report.md and plots")
+    return 1 if failed else 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -318,16 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="tokens/s, tokens per forward, latency and accuracy per mode and batch size")
     _add_model_flags(b)
-    b.add_argument("--modes", default="ar,diffusion,selfspec")
+    b.add_argument("--modes", default="ar,diffusion,selfspec",
+                   help="ar, diffusion, selfspec; over HTTP also mixed (round-robin) and default (no mode sent)")
     b.add_argument("--suite", default="tasks", help="tasks, code, or a JSONL file")
-    b.add_argument("--batch-sizes", default="1,4,16")
+    b.add_argument("--batch-sizes", default=BENCH_BATCH_SIZES)
     b.add_argument("--max-tokens", type=int, default=48)
-    b.add_argument("--block-lengths", default="8,32")
-    b.add_argument("--thresholds", default="0.9")
+    b.add_argument("--block-lengths", help="default 8,32 offline; the server's default over HTTP")
+    b.add_argument("--thresholds", help="default 0.9 offline; the server's default over HTTP")
     b.add_argument("--num-prompts", type=int, default=50)
-    b.add_argument("--warmup", type=int, default=1, help="batches run before measuring, per configuration")
+    b.add_argument("--warmup", type=int, default=1, help="per configuration, not measured: batches offline, requests per client over HTTP")
     b.add_argument("--baseline", help="'hf': also run transformers generate() on the same weights")
     b.add_argument("--out", help="directory for results.json, report.md and the plots")
+    b.add_argument("--endpoint", help="bench a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    b.add_argument("--concurrency", help="over HTTP: closed-loop clients, comma-separated (default 1,8,32)")
+    b.add_argument("--duration", type=float, help="over HTTP: seconds of load per configuration (default: "
+                                                  "every prompt once)")
+    b.add_argument("--api-key", help="over HTTP: sent as `Authorization: Bearer KEY`")
+    b.add_argument("--served-model", help="over HTTP: the `model` to request (default: the first of /v1/models)")
     b.set_defaults(func=_bench)
 
     v = sub.add_parser("serve", help="OpenAI-compatible server: every request picks its mode")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -40,3 +41,8 @@ def machine_card(llm: LLM) -> dict[str, Any]:
             card["peak_bandwidth_bytes_per_s"] = peak
             card["ar_step_speed_of_light_ms"] = round(1000 * weight_bytes / peak, 4)
     return card
+
+
+def client_card() -> dict[str, Any]:
+    """Where an HTTP bench ran from (the server's machine is the server's to describe)."""
+    return {"client_cpu": cpu_name(), "client_cores": os.cpu_count(), "python": platform.python_version()}

@@ -8,10 +8,17 @@ from typing import Any
 
 COLUMNS = (("config", 22), ("tok/s", 9), ("req/s", 7), ("TPF", 6), ("tok/cycle", 9), ("passes/blk", 10),
            ("TTFT p50", 9), ("ITL p50", 8), ("acc", 6), ("vs AR", 6))
+HTTP_COLUMNS = (("config", 22), ("tok/s", 9), ("req/s", 7), ("TPF", 6), ("failed", 6), ("TTFT p50", 9),
+                ("TTFT p99", 9), ("ITL p50", 8), ("ITL p99", 8), ("acc", 6), ("vs AR", 6))
+
+
+def _load(r: dict[str, Any]) -> int:
+    """The x of a result: batch size offline, client concurrency over HTTP."""
+    return r["batch_size"] if "batch_size" in r else r["concurrency"]
 
 
 def _label(r: dict[str, Any]) -> str:
-    parts = [r["mode"], f"bs{r['batch_size']}"]
+    parts = [r["mode"], f"bs{r['batch_size']}" if "batch_size" in r else f"c{r['concurrency']}"]
     if r.get("block_length") is not None:
         parts.append(f"B{r['block_length']}")
     if r.get("threshold") is not None:
@@ -24,32 +31,60 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["  ".join(name.rjust(w) for name, w in COLUMNS)]
+    http = bool(results) and "concurrency" in results[0]
+    columns = HTTP_COLUMNS if http else COLUMNS
+    lines = ["  ".join(name.rjust(w) for name, w in columns)]
     for r in results:
+        ttft, itl = r["ttft_ms"], r["itl_ms"]
+        middle = (str(r["num_failed"]), _fmt(ttft["p50"], ".1f"), _fmt(ttft["p99"], ".1f"), _fmt(itl["p50"], ".2f"),
+                  _fmt(itl["p99"], ".2f")) if http else \
+            (_fmt(r.get("tokens_per_cycle"), ".2f"), _fmt(r.get("denoise_passes_per_block"), ".2f"),
+             _fmt(ttft["p50"], ".1f"), _fmt(itl["p50"], ".2f"))
         cells = (_label(r), _fmt(r["output_tokens_per_s"], ".1f"), _fmt(r["requests_per_s"], ".2f"),
-                 _fmt(r["tokens_per_forward"], ".2f"), _fmt(r.get("tokens_per_cycle"), ".2f"),
-                 _fmt(r.get("denoise_passes_per_block"), ".2f"), _fmt(r["ttft_ms"]["p50"], ".1f"),
-                 _fmt(r["itl_ms"]["p50"], ".2f"), _fmt(r["accuracy"], ".3f"), _fmt(r.get("speedup_vs_ar"), ".2f"))
-        lines.append("  ".join(c.rjust(w) for c, (_, w) in zip(cells, COLUMNS)))
+                 _fmt(r["tokens_per_forward"], ".2f"), *middle, _fmt(r["accuracy"], ".3f"),
+                 _fmt(r.get("speedup_vs_ar"), ".2f"))
+        lines.append("  ".join(c.rjust(w) for c, (_, w) in zip(cells, columns)))
     return "\n".join(lines)
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    head = ["config", "tokens/s", "requests/s", "tokens/forward", "tokens/cycle", "denoise passes/block",
-            "TTFT p50/p99 ms", "ITL p50/p99 ms", "accuracy", "speed-up vs AR", "forward ms"]
+    http = "endpoint" in doc
+    head = ["config", "tokens/s", "requests/s", "tokens/forward", "TTFT p50/p99 ms", "ITL p50/p99 ms", "accuracy",
+            "speed-up vs AR"]
+    head += ["failed", "chunk gap p50/p99 ms", "latency p50/p99 ms"] if http else \
+        ["tokens/cycle", "denoise passes/block", "forward ms"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pair(d: dict[str, float], spec: str) -> str:
+        return f"{d['p50']:{spec}} / {d['p99']:{spec}}"
+
     for r in doc["results"]:
-        kinds = ", ".join(f"{k} {v:.2f}" for k, v in r["forward_ms"].items())
-        rows.append("| " + " | ".join([
-            _label(r), _fmt(r["output_tokens_per_s"], ".1f"), _fmt(r["requests_per_s"], ".2f"),
-            _fmt(r["tokens_per_forward"], ".2f"), _fmt(r.get("tokens_per_cycle"), ".2f"),
-            _fmt(r.get("denoise_passes_per_block"), ".2f"), f"{r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f}",
-            f"{r['itl_ms']['p50']:.2f} / {r['itl_ms']['p99']:.2f}", _fmt(r["accuracy"], ".3f"),
-            _fmt(r.get("speedup_vs_ar"), ".2f"), kinds]) + " |")
+        cells = [_label(r), _fmt(r["output_tokens_per_s"], ".1f"), _fmt(r["requests_per_s"], ".2f"),
+                 _fmt(r["tokens_per_forward"], ".2f"), pair(r["ttft_ms"], ".1f"), pair(r["itl_ms"], ".2f"),
+                 _fmt(r["accuracy"], ".3f"), _fmt(r.get("speedup_vs_ar"), ".2f")]
+        if http:
+            cells += [str(r["num_failed"]), pair(r["chunk_gap_ms"], ".1f"), pair(r["e2e_ms"], ".0f")]
+        else:
+            cells += [_fmt(r.get("tokens_per_cycle"), ".2f"), _fmt(r.get("denoise_passes_per_block"), ".2f"),
+                      ", ".join(f"{k} {v:.2f}" for k, v in r["forward_ms"].items())]
+        rows.append("| " + " | ".join(cells) + " |")
     card = "\n".join(f"- {k}: {v}" for k, v in doc["machine"].items())
+    if http:
+        how = (f"{doc['endpoint']} (model `{doc['model']}`), closed loop, "
+               + (f"{doc['duration']} s per configuration" if doc.get("duration") else "every prompt once")
+               + f", warm-up {doc['warmup']} request(s) per client excluded")
+    else:
+        how = f"warm-up {doc['warmup']} batches excluded"
     parts = [f"# trimode bench\n\nCommand: `{doc['command']}`\n", f"## Machine\n\n{card}\n",
              f"## Results ({doc['num_prompts']} prompts, suite `{doc['suite']}`, max_tokens {doc['max_tokens']}, "
-             f"warm-up {doc['warmup']} batches excluded)\n", "\n".join(rows) + "\n"]
+             f"{how})\n", "\n".join(rows) + "\n"]
+    mixed = [r for r in doc["results"] if r.get("by_mode")]
+    for r in mixed:
+        parts.append(f"### {_label(r)}: per mode\n\n| mode | requests | tokens/s | tokens/forward | TTFT p50/p99 ms | "
+                     "ITL p50/p99 ms |\n|---|---|---|---|---|---|")
+        parts += [f"| {m} | {b['num_requests']} | {b['output_tokens_per_s']:.1f} | {_fmt(b['tokens_per_forward'], '.2f')}"
+                  f" | {pair(b['ttft_ms'], '.1f')} | {pair(b['itl_ms'], '.2f')} |" for m, b in r["by_mode"].items()]
+        parts.append("")
     if doc.get("baseline"):
         parts.append("## Hugging Face baseline\n\n" + "\n".join(f"- {k}: {v}" for k, v in doc["baseline"].items()))
     if doc.get("crossover"):
@@ -83,25 +118,28 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     written = []
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:
-        key = _label(r).replace(f" bs{r['batch_size']}", "")
-        series.setdefault(key, []).append((r["batch_size"], r["output_tokens_per_s"]))
+        key = " ".join(p for i, p in enumerate(_label(r).split()) if i != 1)
+        series.setdefault(key, []).append((_load(r), r["output_tokens_per_s"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, pts in series.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    sizes = sorted({r["batch_size"] for r in results})
-    ax.set(xlabel="batch size", ylabel="output tokens/s", title="Throughput vs batch size", xscale="log")
+    sizes = sorted({_load(r) for r in results})
+    ax.set(xlabel="batch size" if "batch_size" in results[0] else "concurrent clients", ylabel="output tokens/s",
+           title="Throughput vs load", xscale="log")
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "tokens_per_s_vs_batch.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        if r["accuracy"] is not None:
+    scored = [r for r in results if r["accuracy"] is not None and r["tokens_per_forward"] is not None]
+    if scored:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in scored:
             ax.scatter(r["tokens_per_forward"], r["accuracy"], label=_label(r))
-    ax.set(xlabel="tokens per forward (every forward counted)", ylabel="accuracy", title="Accuracy vs tokens per forward")
-    ax.legend(fontsize=7)
-    written.append(_save(fig, out / "accuracy_vs_tpf.png"))
+        ax.set(xlabel="tokens per forward (every forward counted)", ylabel="accuracy",
+               title="Accuracy vs tokens per forward")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "accuracy_vs_tpf.png"))
 
     spec = [r for r in results if r.get("acceptance_histogram")]
     if spec:
@@ -114,18 +152,31 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         ax.legend(fontsize=8)
         written.append(_save(fig, out / "acceptance_histogram.png"))
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = [_label(r) for r in results]
-    kinds = sorted({k for r in results for k in r["forward_ms"]})
-    width = 0.8 / max(len(kinds), 1)
-    for i, kind in enumerate(kinds):
-        ax.bar([x + i * width for x in range(len(results))], [r["forward_ms"].get(kind, 0) for r in results],
-               width, label=kind)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(results))], labels, rotation=60, ha="right", fontsize=7)
-    ax.set(ylabel="mean ms per forward", title="Time per forward kind")
-    ax.legend(fontsize=8)
-    written.append(_save(fig, out / "forward_time_by_kind.png"))
+    kinds = sorted({k for r in results for k in r.get("forward_ms", {})})
+    if kinds:
+        written.append(_save(_bars(labels, {k: [r["forward_ms"].get(k, 0) for r in results] for k in kinds},
+                                   "mean ms per forward", "Time per forward kind"), out / "forward_time_by_kind.png"))
+    timed = [r for r in results if "chunk_gap_ms" in r and r["num_requests"]]
+    if timed:
+        series = {f"{name} {q}": [r[key][q] for r in timed] for name, key in (("TTFT", "ttft_ms"), ("ITL", "itl_ms"))
+                  for q in ("p50", "p99")}
+        written.append(_save(_bars([_label(r) for r in timed], series, "ms (log scale)", "Latency under load",
+                                   log=True), out / "latency.png"))
     return written
+
+
+def _bars(labels: list[str], series: dict[str, list[float]], ylabel: str, title: str, log: bool = False) -> Any:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel=ylabel, title=title, yscale="log" if log else "linear")
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _save(fig: Any, path: Path) -> str:

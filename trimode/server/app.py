@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -13,7 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trimode.engine.llm_engine import RequestOutput
 from trimode.engine.scheduler import QueueFull
@@ -22,6 +26,7 @@ from trimode.server.async_engine import AsyncEngine
 from trimode.server.protocol import ChatCompletionRequest, CompletionRequest
 
 MAX_BODY_BYTES = 1_000_000
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
@@ -43,23 +48,37 @@ def usage(res: GenerationOutput) -> dict[str, Any]:
             "tokens_per_forward": round(res.tokens_per_forward, 4)}
 
 
+class Guard:
+    """Refuses oversized bodies (by Content-Length; the body itself is bounded by the request models)
+    and, with an API key, unauthenticated /v1/ calls. Plain ASGI rather than Starlette's
+    BaseHTTPMiddleware, which hides client disconnects from the handlers behind it."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None) -> None:
+        self.app, self.max_body_bytes, self.api_key = app, max_body_bytes, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                response = error_response(413, f"request body larger than {self.max_body_bytes} bytes",
+                                          "invalid_request_error")
+                return await response(scope, receive, send)
+            if self.api_key is not None and scope["path"].startswith("/v1/"):
+                given = headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                    response = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                              "authentication_error")
+                    return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, default_mode: str = "ar",
               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="trimode", docs_url=None, redoc_url=None)
     app.state.engine = engine
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return error_response(413, f"request body larger than {max_body_bytes} bytes", "invalid_request_error")
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                      "authentication_error")
-        return await call_next(request)
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -121,34 +140,52 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             raise APIError(400, str(e), "invalid_request_error") from e
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, http: Request) -> Any:
         ids = tokenize(engine.engine.llm.tokenizer.encode, body.prompt)
         request_id, outputs = await start(body, ids, "cmpl")
-        return await respond(body, request_id, outputs, chat=False)
+        return await respond(body, request_id, outputs, http, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Any:
+    async def chat(body: ChatCompletionRequest, http: Request) -> Any:
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         ids = tokenize(engine.engine.llm.tokenizer.encode_chat, messages)
         request_id, outputs = await start(body, ids, "chatcmpl")
-        return await respond(body, request_id, outputs, chat=True)
+        return await respond(body, request_id, outputs, http, chat=True)
+
+    async def collect(outputs: AsyncIterator[RequestOutput], http: Request) -> GenerationOutput | None:
+        """The finished result; None if the client hung up first. Cancelling the collecting task closes
+        the output stream, which aborts the request and frees its KV rows at once."""
+        async def last() -> GenerationOutput | None:
+            final = None
+            async for out in outputs:
+                final = out.output or final
+            return final
+
+        task = asyncio.ensure_future(last())
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await http.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+        return task.result()
 
     async def respond(body: CompletionRequest | ChatCompletionRequest, request_id: str,
-                      outputs: AsyncIterator[RequestOutput], chat: bool) -> Any:
+                      outputs: AsyncIterator[RequestOutput], http: Request, chat: bool) -> Any:
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(request_id, created, outputs, chat, include_usage),
                                      media_type="text/event-stream")
-        final = None
         try:
-            async for out in outputs:
-                final = out.output or final
+            final = await collect(outputs, http)
         except ValueError as e:
             raise APIError(400, str(e), "invalid_request_error") from e
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", headers={"Retry-After": "1"}) from e
-        assert final is not None
+        if final is None:  # nobody is listening; the status is for the access log only
+            return Response(status_code=499)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
                       "finish_reason": final.finish_reason}

@@ -1,0 +1,211 @@
+"""Drive any OpenAI-compatible server over HTTP with streaming requests, closed-loop: `concurrency`
+clients each send a request, read its stream to the end, and send the next, for `duration` seconds
+(or until every prompt has run once). Timing is the client's: TTFT is the first chunk with text,
+inter-token latency is (last chunk - first chunk) / (completion tokens - 1), the same per-request
+figure the offline bench reports; chunk gaps are what a reader of the stream sees between updates.
+
+trimode's own fields (`mode`, `block_length`, `threshold`) are sent only when a mode is named; mode
+`default` sends none, so vLLM or SGLang are measured with the same requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from trimode.bench.metrics import latency
+from trimode.bench.suites import BenchPrompt
+from trimode.sampling_params import MODES
+
+ENDPOINT_MODES = (*MODES, "mixed", "default")
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    mode: str  # a decoding mode, "mixed" (round-robin over the three) or "default" (the server's)
+    concurrency: int
+    block_length: int | None = None
+    threshold: float | None = None
+
+    def request_mode(self, k: int) -> str | None:
+        if self.mode == "mixed":
+            return MODES[k % len(MODES)]
+        return None if self.mode == "default" else self.mode
+
+
+@dataclass
+class Sample:
+    mode: str | None
+    sent: float
+    chunk_times: list[float] = field(default_factory=list)
+    text: str = ""
+    tokens: int = 0
+    forwards: int | None = None
+    error: str | None = None
+    correct: bool | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] - self.sent if self.chunk_times else float("nan")
+
+    @property
+    def itl(self) -> float:
+        if self.tokens < 2 or not self.chunk_times:
+            return float("nan")
+        return (self.chunk_times[-1] - self.chunk_times[0]) / (self.tokens - 1)
+
+
+def request_body(prompt: BenchPrompt, model: str, cfg: EndpointConfig, mode: str | None, max_tokens: int,
+                 seed: int) -> tuple[str, dict[str, Any]]:
+    body: dict[str, Any] = {"model": model, "max_tokens": prompt.max_tokens or max_tokens, "temperature": 0,
+                            "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    if mode is not None:
+        body["mode"] = mode
+        if mode != "ar" and cfg.block_length is not None:
+            body["block_length"] = cfg.block_length
+        if mode == "diffusion" and cfg.threshold is not None:
+            body["threshold"] = cfg.threshold
+    if prompt.messages:
+        return "/chat/completions", {**body, "messages": prompt.chat()}
+    return "/completions", {**body, "prompt": prompt.prompt}
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], sample: Sample) -> None:
+    """One streaming request; fills `sample` (its error instead of raising)."""
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                sample.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+                return
+            done = False
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                doc = json.loads(data)
+                if "error" in doc:
+                    sample.error = f"stream error: {doc['error'].get('message')}"
+                    return
+                for choice in doc.get("choices") or ():
+                    text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+                    if text:
+                        sample.chunk_times.append(time.perf_counter())
+                        sample.text += text
+                if doc.get("usage"):
+                    sample.tokens = doc["usage"]["completion_tokens"]
+                    sample.forwards = doc["usage"].get("num_forwards")
+            if not done:
+                sample.error = "stream ended without [DONE]"
+            elif not sample.tokens:  # a server without usage in streams: count chunks
+                sample.tokens = len(sample.chunk_times)
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as e:
+        sample.error = f"{type(e).__name__}: {e}"
+
+
+async def run_load(client: httpx.AsyncClient, base_url: str, model: str, prompts: list[BenchPrompt],
+                   cfg: EndpointConfig, max_tokens: int, duration: float | None, seed: int = 0
+                   ) -> tuple[list[tuple[BenchPrompt, Sample]], float]:
+    """`cfg.concurrency` closed-loop clients; new requests stop at `duration` (every prompt once if None),
+    and the requests in flight then run to the end. Returns the samples and the wall seconds."""
+    counter = itertools.count()
+    start = time.perf_counter()
+    deadline = None if duration is None else start + duration
+    samples: list[tuple[BenchPrompt, Sample]] = []
+
+    async def worker() -> None:
+        while True:
+            k = next(counter)
+            if (deadline is None and k >= len(prompts)) or (deadline is not None and time.perf_counter() >= deadline):
+                return
+            prompt, mode = prompts[k % len(prompts)], cfg.request_mode(k)
+            path, body = request_body(prompt, model, cfg, mode, max_tokens, seed)
+            sample = Sample(mode, time.perf_counter())
+            await send(client, base_url + path, body, sample)
+            if sample.error is None:
+                sample.correct = prompt.is_correct(sample.text)
+            samples.append((prompt, sample))
+
+    await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+    return samples, time.perf_counter() - start
+
+
+def summarize_load(samples: list[Sample], seconds: float) -> dict[str, Any]:
+    ok = [s for s in samples if s.error is None]
+    tokens = sum(s.tokens for s in ok)
+    forwards = [s.forwards for s in ok]
+    checked = [s.correct for s in ok if s.correct is not None]
+    gaps = [b - a for s in ok for a, b in zip(s.chunk_times, s.chunk_times[1:])]
+    return {
+        "num_requests": len(ok), "num_failed": len(samples) - len(ok),
+        "failures": sorted({s.error for s in samples if s.error})[:5],
+        "num_generated_tokens": tokens, "seconds": round(seconds, 3),
+        "output_tokens_per_s": round(tokens / seconds, 2), "requests_per_s": round(len(ok) / seconds, 3),
+        # Only servers that report forwards in `usage` (trimode) have tokens per forward.
+        "tokens_per_forward": round(tokens / max(sum(forwards), 1), 4) if ok and None not in forwards else None,
+        "ttft_ms": latency([s.ttft for s in ok]), "itl_ms": latency([s.itl for s in ok]),
+        "chunk_gap_ms": latency(gaps), "e2e_ms": latency([s.chunk_times[-1] - s.sent for s in ok if s.chunk_times]),
+        "accuracy": round(sum(checked) / len(checked), 4) if checked else None, "num_checked": len(checked),
+    }
+
+
+async def served_model(client: httpx.AsyncClient, base_url: str) -> str:
+    r = await client.get(base_url + "/models")
+    if r.status_code != 200:
+        raise ValueError(f"GET {base_url}/models answered HTTP {r.status_code}: {r.text[:200]}")
+    data = r.json().get("data") or []
+    if not data:
+        raise ValueError(f"GET {base_url}/models lists no model; pass --served-model")
+    return data[0]["id"]
+
+
+async def bench_endpoint(base_url: str, prompts: list[BenchPrompt], configs: list[EndpointConfig], max_tokens: int,
+                         duration: float | None, warmup: int, api_key: str | None = None, model: str | None = None,
+                         on_result: Any = None) -> tuple[str, list[dict[str, Any]]]:
+    """Every configuration in turn: `warmup` rounds of `concurrency` requests (not measured), then the load."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=max(c.concurrency for c in configs) + 4)
+    timeout = httpx.Timeout(600, connect=10)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
+        try:
+            model = model or await served_model(client, base_url)
+        except httpx.HTTPError as e:
+            raise ValueError(f"cannot reach {base_url}: {e}") from e
+        results = []
+        for cfg in configs:
+            if warmup:
+                await run_load(client, base_url, model, prompts[:warmup * cfg.concurrency], cfg, max_tokens, None)
+            samples, seconds = await run_load(client, base_url, model, prompts, cfg, max_tokens, duration)
+            result = {"mode": cfg.mode, "concurrency": cfg.concurrency, "block_length": cfg.block_length,
+                      "threshold": cfg.threshold, **summarize_load([s for _, s in samples], seconds)}
+            if cfg.mode == "mixed":
+                result["by_mode"] = {m: summarize_load([s for _, s in samples if s.mode == m], seconds) for m in MODES}
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    ar = {r["concurrency"]: r["output_tokens_per_s"] for r in results if r["mode"] == "ar"}
+    for r in results:
+        base = ar.get(r["concurrency"])
+        r["speedup_vs_ar"] = round(r["output_tokens_per_s"] / base, 3) if base else None
+    return model, results
+
+
+def endpoint_configs(modes: list[str], concurrencies: list[int], block_lengths: list[int | None],
+                     thresholds: list[float | None]) -> list[EndpointConfig]:
+    """Block lengths apply to every mode but AR, thresholds to diffusion and mixed; None leaves the
+    server's default."""
+    configs = []
+    for c in concurrencies:
+        for mode in modes:
+            blocks = [None] if mode in ("ar", "default") else block_lengths
+            ts = thresholds if mode in ("diffusion", "mixed") else [None]
+            configs += [EndpointConfig(mode, c, b, t) for b in blocks for t in ts]
+    return configs
