@@ -26,12 +26,14 @@ def workload():
 
 
 def run(engine, jobs, arrive_every=1):
-    """Requests arrive one per `arrive_every` steps while others run."""
+    """Requests arrive one per `arrive_every` steps while others run (all at once for 0)."""
     results, pending, step = {}, list(jobs), 0
     while pending or engine.has_unfinished_requests():
-        if pending and step % arrive_every == 0:
+        while pending and (arrive_every == 0 or step % arrive_every == 0):
             rid, prompt, params = pending.pop(0)
             engine.add_request(rid, prompt, params)
+            if arrive_every:
+                break
         for out in engine.step():
             if out.finished:
                 results[out.request_id] = out.output
@@ -39,9 +41,11 @@ def run(engine, jobs, arrive_every=1):
     return results
 
 
-def test_continuous_batching_equals_offline_generation(embedded):
+@pytest.mark.parametrize("arrive_every", [1, 0])
+def test_continuous_batching_equals_offline_generation(embedded, arrive_every):
+    # All at once: every mode is admitted in the same step, prefilled by one forward and split.
     jobs = workload()
-    results = run(LLMEngine(embedded, max_batch=6), jobs)
+    results = run(LLMEngine(embedded, max_batch=6 if arrive_every else 32), jobs, arrive_every)
     for rid, prompt, params in jobs:
         alone = (embedded.chat(prompt, params) if isinstance(prompt, list) else embedded.generate(prompt, params))[0]
         assert results[rid].token_ids == alone.token_ids, rid

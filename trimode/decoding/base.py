@@ -7,6 +7,7 @@ independent: each has its own cache length, seed token, sampling parameters and 
 
 from __future__ import annotations
 
+import copy
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -74,6 +75,20 @@ class DecodeBatch:
         for kind, (n, s) in other.timings.items():
             self.timings[kind][0] += n
             self.timings[kind][1] += s
+
+    def split(self, parts: list[list[int]]) -> list[DecodeBatch]:
+        """One new batch per list of row indices: rows prefilled together, decoded apart. Each part
+        owns its rows' KV (indexing copies) and a copy of the timings so far."""
+        if len(parts) == 1 and parts[0] == list(range(self.size)):
+            return [self]
+        batches = []
+        for rows in parts:
+            part = copy.copy(self)
+            part.kv, part.sampler = copy.copy(self.kv), copy.copy(self.sampler)
+            part.timings = defaultdict(lambda: [0, 0.0], {k: list(v) for k, v in self.timings.items()})
+            part.select_rows(torch.tensor(rows))
+            batches.append(part)
+        return batches
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (host indices), e.g. after requests finish."""

@@ -63,7 +63,6 @@ class Request:
         self.token_times = self.token_times[:len(self.token_ids)]
         self.finish_reason = "stop"
 
-
     def output(self, decoder: Decoder, forward_ms: dict[str, float], seconds: float) -> GenerationOutput:
         return GenerationOutput(
             prompt=self.prompt, prompt_token_ids=self.prompt_ids, text=self.text, token_ids=self.token_ids,

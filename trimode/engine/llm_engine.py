@@ -1,9 +1,11 @@
 """LLMEngine: requests arrive and leave at any time; every mode runs in the same engine.
 
-Continuous batching: each step admits waiting requests (prefilled together, per mode), runs one
-decoder step for every running group, and returns what each request newly committed. Requests of
-the same mode and block shape form one group (one decode batch); different modes are grouped
-passes of their own shapes, run one after another in the step. Finished and aborted requests
+Continuous batching: each step admits waiting requests (prefilled in one forward, whatever their
+mode), runs one decoder step for every running group, and returns what each request newly
+committed. Requests of the same mode and block shape form one group (one decode batch); different
+modes are grouped passes of their own shapes, run one after another in the step: on this CPU that
+beats one merged batch padded to the widest pass from 8 requests per mode up, the load a server
+sees (scripts/grouped_vs_merged.py; README). Finished and aborted requests
 leave their group at once, freeing their KV rows. Decoders treat rows independently, so a request
 decodes exactly as it would alone (temperature 0), whatever else is running.
 """
@@ -115,21 +117,25 @@ class LLMEngine:
             touched += [(r, group.decoder, group.batch) for r in before]
             if not group.requests:
                 del self.groups[key]
-        by_key: dict[tuple, list[Request]] = {}
-        for req in admitted:
-            by_key.setdefault(batch_key(req.params), []).append(req)
-        for key, reqs in by_key.items():
-            batch, first = prefill(self.llm.runner, reqs, self.llm.eos_token_ids)
-            left = apply_step(batch, reqs, first, self.llm.eos_token_ids, self.llm.tokenizer)
-            decoder = self.groups[key].decoder if key in self.groups else make_decoder(reqs[0].params)
-            touched += [(r, decoder, batch) for r in reqs]
-            if not left:
-                continue
-            if key in self.groups:
-                self.groups[key].batch.extend(batch)
-                self.groups[key].requests += left
-            else:
-                self.groups[key] = _Group(decoder, batch, left)
+        if admitted:
+            # A prefill is the same causal pass in every mode: one forward for all newcomers, then
+            # each joins its mode's group.
+            batch, first = prefill(self.llm.runner, admitted, self.llm.eos_token_ids)
+            by_key: dict[tuple, list[int]] = {}
+            for i, req in enumerate(admitted):
+                by_key.setdefault(batch_key(req.params), []).append(i)
+            for (key, rows), part in zip(by_key.items(), batch.split(list(by_key.values()))):
+                reqs = [admitted[i] for i in rows]
+                left = apply_step(part, reqs, [first[i] for i in rows], self.llm.eos_token_ids, self.llm.tokenizer)
+                decoder = self.groups[key].decoder if key in self.groups else make_decoder(reqs[0].params)
+                touched += [(r, decoder, part) for r in reqs]
+                if not left:
+                    continue
+                if key in self.groups:
+                    self.groups[key].batch.extend(part)
+                    self.groups[key].requests += left
+                else:
+                    self.groups[key] = _Group(decoder, part, left)
         return [self._output(r, d, b) for r, d, b in touched]
 
     def _output(self, req: Request, decoder: Decoder, batch: DecodeBatch) -> RequestOutput:
