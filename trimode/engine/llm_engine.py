@@ -1,7 +1,7 @@
 """LLMEngine: requests arrive and leave at any time; every mode runs in the same engine.
 
-Continuous batching: each step admits waiting requests (prefilled in one forward, whatever their
-mode), runs one decoder step for every running group, and returns what each request newly
+Continuous batching: a step either admits waiting requests (prefilled in one forward, whatever
+their mode) or runs one decoder step for every running group, and returns what each request newly
 committed. Requests of the same mode and block shape form one group (one decode batch); different
 modes are grouped passes of their own shapes, run one after another in the step: on this CPU that
 beats one merged batch padded to the widest pass from 8 requests per mode up, the load a server
@@ -60,6 +60,7 @@ class LLMEngine:
         self.groups: dict[tuple, _Group] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
         self._ids: set[str] = set()
+        self._prefilled_last = False
 
     @property
     def num_running(self) -> int:
@@ -107,8 +108,17 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """schedule -> run -> update. Returns the requests that committed something this step."""
-        admitted = self.scheduler.admit(r for g in self.groups.values() for r in g.requests)
+        """schedule -> run -> update. Returns the requests that committed something this step.
+
+        A step either prefills newly admitted requests or decodes the running ones, alternating
+        while requests keep arriving: the pair costs what one combined step would, but a newcomer's
+        first token returns after its prefill instead of after the running batch's decode (TTFT)."""
+        if not self._prefilled_last:
+            admitted = self.scheduler.admit(r for g in self.groups.values() for r in g.requests)
+            if admitted:
+                self._prefilled_last = True
+                return self._prefill(admitted)
+        self._prefilled_last = False
         touched: list[tuple[Request, Decoder, DecodeBatch]] = []
         for key, group in list(self.groups.items()):
             before = list(group.requests)
@@ -117,25 +127,28 @@ class LLMEngine:
             touched += [(r, group.decoder, group.batch) for r in before]
             if not group.requests:
                 del self.groups[key]
-        if admitted:
-            # A prefill is the same causal pass in every mode: one forward for all newcomers, then
-            # each joins its mode's group.
-            batch, first = prefill(self.llm.runner, admitted, self.llm.eos_token_ids)
-            by_key: dict[tuple, list[int]] = {}
-            for i, req in enumerate(admitted):
-                by_key.setdefault(batch_key(req.params), []).append(i)
-            for (key, rows), part in zip(by_key.items(), batch.split(list(by_key.values()))):
-                reqs = [admitted[i] for i in rows]
-                left = apply_step(part, reqs, [first[i] for i in rows], self.llm.eos_token_ids, self.llm.tokenizer)
-                decoder = self.groups[key].decoder if key in self.groups else make_decoder(reqs[0].params)
-                touched += [(r, decoder, part) for r in reqs]
-                if not left:
-                    continue
-                if key in self.groups:
-                    self.groups[key].batch.extend(part)
-                    self.groups[key].requests += left
-                else:
-                    self.groups[key] = _Group(decoder, part, left)
+        return [self._output(r, d, b) for r, d, b in touched]
+
+    def _prefill(self, admitted: list[Request]) -> list[RequestOutput]:
+        """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
+        joins its mode's group."""
+        batch, first = prefill(self.llm.runner, admitted, self.llm.eos_token_ids)
+        by_key: dict[tuple, list[int]] = {}
+        for i, req in enumerate(admitted):
+            by_key.setdefault(batch_key(req.params), []).append(i)
+        touched: list[tuple[Request, Decoder, DecodeBatch]] = []
+        for (key, rows), part in zip(by_key.items(), batch.split(list(by_key.values()))):
+            reqs = [admitted[i] for i in rows]
+            left = apply_step(part, reqs, [first[i] for i in rows], self.llm.eos_token_ids, self.llm.tokenizer)
+            decoder = self.groups[key].decoder if key in self.groups else make_decoder(reqs[0].params)
+            touched += [(r, decoder, part) for r in reqs]
+            if not left:
+                continue
+            if key in self.groups:
+                self.groups[key].batch.extend(part)
+                self.groups[key].requests += left
+            else:
+                self.groups[key] = _Group(decoder, part, left)
         return [self._output(r, d, b) for r, d, b in touched]
 
     def _output(self, req: Request, decoder: Decoder, batch: DecodeBatch) -> RequestOutput:
