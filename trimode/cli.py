@@ -11,8 +11,6 @@ from collections.abc import Sequence
 
 from trimode.sampling_params import MODES
 
-BENCH_BATCH_SIZES = "1,4,16"
-
 
 def _generate(args: argparse.Namespace) -> int:
     from trimode.llm import LLM
@@ -191,7 +189,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--baseline must be 'hf'; got {args.baseline!r}")
     if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
         raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
-    configs = expand_configs(modes, _int_list("--batch-sizes", args.batch_sizes),
+    configs = expand_configs(modes, _int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
                              _int_list("--block-lengths", args.block_lengths or "8,32"),
                              _float_list("--thresholds", args.thresholds or "0.9"))
     prompts = load_suite(args.suite, args.num_prompts)
@@ -237,7 +235,7 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ENDPOINT_MODES for m in modes):
         raise ValueError(f"--modes must list some of {', '.join(ENDPOINT_MODES)}; got {args.modes!r}")
-    if args.baseline or args.batch_sizes != BENCH_BATCH_SIZES:
+    if args.baseline or args.batch_sizes is not None:
         raise ValueError("--baseline and --batch-sizes are for the offline bench; over HTTP use --concurrency")
     if not args.endpoint.startswith(("http://", "https://")):
         raise ValueError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1; got {args.endpoint!r}")
@@ -371,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", default="ar,diffusion,selfspec",
                    help="ar, diffusion, selfspec; over HTTP also mixed (round-robin) and default (no mode sent)")
     b.add_argument("--suite", default="tasks", help="tasks, code, or a JSONL file")
-    b.add_argument("--batch-sizes", default=BENCH_BATCH_SIZES)
+    b.add_argument("--batch-sizes", help="offline only (default 1,4,16)")
     b.add_argument("--max-tokens", type=int, default=48)
     b.add_argument("--block-lengths", help="default 8,32 offline; the server's default over HTTP")
     b.add_argument("--thresholds", help="default 0.9 offline; the server's default over HTTP")
