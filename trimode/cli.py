@@ -132,10 +132,10 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mode_list(text: str) -> list[str]:
+def _mode_list(text: str, allowed: Sequence[str] = MODES) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        raise ValueError(f"--modes must list some of {', '.join(MODES)}; got {text!r}")
+    if not modes or any(m not in allowed for m in modes):
+        raise ValueError(f"--modes must list some of {', '.join(allowed)}; got {text!r}")
     return modes
 
 
@@ -169,6 +169,8 @@ def _float_list(flag: str, text: str) -> list[float]:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
+        raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
     if args.endpoint:
         return _bench_endpoint(args)
     if args.concurrency or args.duration is not None or args.served_model or args.api_key:
@@ -187,8 +189,6 @@ def _bench(args: argparse.Namespace) -> int:
     modes = _mode_list(args.modes)
     if args.baseline not in (None, "hf"):
         raise ValueError(f"--baseline must be 'hf'; got {args.baseline!r}")
-    if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
-        raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
     configs = expand_configs(modes, _int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
                              _int_list("--block-lengths", args.block_lengths or "8,32"),
                              _float_list("--thresholds", args.thresholds or "0.9"))
@@ -232,17 +232,13 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     from trimode.bench.report import table, write
     from trimode.bench.suites import load_suite
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in ENDPOINT_MODES for m in modes):
-        raise ValueError(f"--modes must list some of {', '.join(ENDPOINT_MODES)}; got {args.modes!r}")
+    modes = _mode_list(args.modes, ENDPOINT_MODES)
     if args.baseline or args.batch_sizes is not None:
         raise ValueError("--baseline and --batch-sizes are for the offline bench; over HTTP use --concurrency")
     if not args.endpoint.startswith(("http://", "https://")):
         raise ValueError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1; got {args.endpoint!r}")
     if args.duration is not None and args.duration <= 0:
         raise ValueError(f"--duration must be > 0 seconds; got {args.duration}")
-    if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
-        raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
     blocks = _int_list("--block-lengths", args.block_lengths) if args.block_lengths else [None]
     thresholds = _float_list("--thresholds", args.thresholds) if args.thresholds else [None]
     configs = endpoint_configs(modes, _int_list("--concurrency", args.concurrency or "1,8,32"), blocks, thresholds)

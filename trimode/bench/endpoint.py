@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from trimode.bench.metrics import latency
+from trimode.bench.metrics import add_speedup_vs_ar, latency
 from trimode.bench.suites import BenchPrompt
 from trimode.sampling_params import MODES
 
@@ -113,13 +113,13 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], sample
 
 async def run_load(client: httpx.AsyncClient, base_url: str, model: str, prompts: list[BenchPrompt],
                    cfg: EndpointConfig, max_tokens: int, duration: float | None, seed: int = 0
-                   ) -> tuple[list[tuple[BenchPrompt, Sample]], float]:
+                   ) -> tuple[list[Sample], float]:
     """`cfg.concurrency` closed-loop clients; new requests stop at `duration` (every prompt once if None),
     and the requests in flight then run to the end. Returns the samples and the wall seconds."""
     counter = itertools.count()
     start = time.perf_counter()
     deadline = None if duration is None else start + duration
-    samples: list[tuple[BenchPrompt, Sample]] = []
+    samples: list[Sample] = []
 
     async def worker() -> None:
         while True:
@@ -132,7 +132,7 @@ async def run_load(client: httpx.AsyncClient, base_url: str, model: str, prompts
             await send(client, base_url + path, body, sample)
             if sample.error is None:
                 sample.correct = prompt.is_correct(sample.text)
-            samples.append((prompt, sample))
+            samples.append(sample)
 
     await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
     return samples, time.perf_counter() - start
@@ -185,16 +185,13 @@ async def bench_endpoint(base_url: str, prompts: list[BenchPrompt], configs: lis
                 await run_load(client, base_url, model, prompts[:warmup * cfg.concurrency], cfg, max_tokens, None)
             samples, seconds = await run_load(client, base_url, model, prompts, cfg, max_tokens, duration)
             result = {"mode": cfg.mode, "concurrency": cfg.concurrency, "block_length": cfg.block_length,
-                      "threshold": cfg.threshold, **summarize_load([s for _, s in samples], seconds)}
+                      "threshold": cfg.threshold, **summarize_load(samples, seconds)}
             if cfg.mode == "mixed":
-                result["by_mode"] = {m: summarize_load([s for _, s in samples if s.mode == m], seconds) for m in MODES}
+                result["by_mode"] = {m: summarize_load([s for s in samples if s.mode == m], seconds) for m in MODES}
             results.append(result)
             if on_result is not None:
                 on_result(result)
-    ar = {r["concurrency"]: r["output_tokens_per_s"] for r in results if r["mode"] == "ar"}
-    for r in results:
-        base = ar.get(r["concurrency"])
-        r["speedup_vs_ar"] = round(r["output_tokens_per_s"] / base, 3) if base else None
+    add_speedup_vs_ar(results, "concurrency")
     return model, results
 
 

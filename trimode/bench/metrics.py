@@ -53,3 +53,11 @@ def summarize(outputs: list[GenerationOutput], correct: list[bool | None], wall_
     if passes:
         result["denoise_passes_per_block"] = round(sum(passes) / len(passes), 4)
     return result
+
+
+def add_speedup_vs_ar(results: list[dict[str, Any]], load: str) -> None:
+    """Each result's tokens/s over AR's at the same load (`batch_size` or `concurrency`) in the same run."""
+    ar = {r[load]: r["output_tokens_per_s"] for r in results if r["mode"] == "ar"}
+    for r in results:
+        base = ar.get(r[load])
+        r["speedup_vs_ar"] = round(r["output_tokens_per_s"] / base, 3) if base else None

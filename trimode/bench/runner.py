@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from trimode.bench.metrics import summarize
+from trimode.bench.metrics import add_speedup_vs_ar, summarize
 from trimode.bench.suites import BenchPrompt
 from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
@@ -90,10 +90,9 @@ def sweep(llm: Generator, prompts: list[BenchPrompt], configs: list[BenchConfig]
         result, outs = run_config(llm, prompts, ids, cfg, max_tokens, warmup)
         results.append(result)
         outputs[cfg] = outs
-    ar = {r["batch_size"]: r["output_tokens_per_s"] for r in results if r["mode"] == "ar"}
+    add_speedup_vs_ar(results, "batch_size")
     for r in results:
-        base = ar.get(r["batch_size"])
-        r["speedup_vs_ar"] = round(r["output_tokens_per_s"] / base, 3) if base else None
         # If every forward cost one AR step, the speed-up would equal the tokens-per-forward ratio.
-        r["speedup_vs_tpf_prediction"] = round(r["speedup_vs_ar"] / r["tokens_per_forward"], 3) if base else None
+        speedup = r["speedup_vs_ar"]
+        r["speedup_vs_tpf_prediction"] = round(speedup / r["tokens_per_forward"], 3) if speedup is not None else None
     return results, outputs
