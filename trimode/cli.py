@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from trimode.sampling_params import MODES
+
+API_KEY_ENV = "TRIMODE_API_KEY"
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -69,8 +73,6 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from trimode.tokenizer import SPECIAL_TOKEN_IDS, Tokenizer
     from trimode.tokenizer_build import build_tokenizer, write_tokenizer_files
     from trimode.train.data import corpus_texts
@@ -167,8 +169,6 @@ def _float_list(flag: str, text: str) -> list[float]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
         raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
     if args.endpoint:
@@ -224,7 +224,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _bench_endpoint(args: argparse.Namespace) -> int:
     import asyncio
-    from pathlib import Path
 
     from trimode import __version__
     from trimode.bench.endpoint import ENDPOINT_MODES, bench_endpoint, endpoint_configs
@@ -261,27 +260,51 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key-file, else TRIMODE_API_KEY, else --api-key (visible to every local user in ps)."""
+    if args.api_key and args.api_key_file:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    if args.api_key:
+        print("note: a key given with --api-key is readable by any local user (ps, /proc/PID/cmdline); "
+              "prefer TRIMODE_API_KEY or --api-key-file", file=sys.stderr)
+        return args.api_key
+    return os.environ.get(API_KEY_ENV) or None
 
-    import uvicorn
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
 
     from trimode.engine.llm_engine import LLMEngine
     from trimode.llm import LLM
     from trimode.sampling_params import SamplingParams
     from trimode.server.app import build_app
     from trimode.server.async_engine import AsyncEngine
+    from trimode.server.http_server import serve
 
     SamplingParams(mode=args.default_mode)  # validates the mode with the usual message
+    for flag, value in (("--shutdown-timeout", args.shutdown_timeout), ("--read-timeout", args.read_timeout),
+                        ("--max-connections", args.max_connections)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be > 0; got {value}")
+    api_key = _api_key(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("trimode.access").disabled = not args.access_log
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     name = args.served_model_name or (Path(args.model).name if args.model else "trimode-embedded")
     engine = AsyncEngine(LLMEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue,
                                    max_kv_tokens=args.max_kv_tokens), max_queue=args.max_queue)
     engine.start()
-    app = build_app(engine, name, api_key=args.api_key, default_mode=args.default_mode)
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 (default mode {args.default_mode})", flush=True)
+    app = build_app(engine, name, api_key=api_key, default_mode=args.default_mode, access_log=args.access_log,
+                    docs=args.docs)
+    banner = f"serving {name} on http://{args.host}:{{port}}/v1 (default mode {args.default_mode})"
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        serve(app, engine, args.host, args.port, banner, shutdown_timeout=args.shutdown_timeout,
+              max_connections=args.max_connections, read_timeout=args.read_timeout, has_api_key=api_key is not None)
     finally:
         engine.shutdown()
     return 0
@@ -385,12 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(v)
     v.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
+    v.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` on /v1/* (prefer ${API_KEY_ENV} or "
+                                     "--api-key-file: a command-line key is visible to other local users)")
+    v.add_argument("--api-key-file", help="read the API key from this file")
     v.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
     v.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are refused with 429")
     v.add_argument("--max-kv-tokens", type=int, default=65536, help="KV slots shared by the running requests")
     v.add_argument("--default-mode", default="ar", help=f"mode of requests that name none: {', '.join(MODES)}")
     v.add_argument("--served-model-name", help="the `model` clients must send (default: the directory name)")
+    v.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="on SIGTERM/SIGINT, seconds running requests get to finish (a second signal exits now)")
+    v.add_argument("--max-connections", type=int, default=512, help="open connections; more get 503 at once")
+    v.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its whole request (head and body)")
+    v.add_argument("--access-log", action="store_true", help="log one line per request (never the prompt)")
+    v.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     v.set_defaults(func=_serve)
     return parser
 

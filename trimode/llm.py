@@ -115,14 +115,13 @@ class LLM:
         if not conversations:
             raise ValueError("messages must be a conversation (list of {'role', 'content'} dicts) or a list of them")
         texts = [self.tokenizer.apply_chat_template(c, **template_kwargs) for c in conversations]
-        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        ids = [self.tokenizer.encode_chat(c, **template_kwargs) for c in conversations]
         return self._generate(ids, list(texts), params)
 
     def tokenize_one(self, prompt: PromptInput | list[Message]) -> tuple[list[int], str | None]:
         """A string, token ids, or a chat (list of messages) -> (token ids, prompt text)."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            text = self.tokenizer.apply_chat_template(prompt)
-            return self.tokenizer.encode(text, add_special_tokens=False), text
+            return self.tokenizer.encode_chat(prompt), self.tokenizer.apply_chat_template(prompt)
         ids, texts = self._tokenize([prompt])
         return ids[0], texts[0]
 

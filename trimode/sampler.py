@@ -19,7 +19,9 @@ class Sampler:
     def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
         self.device = device
         self.params = list(params)
-        self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        # 0 marks a greedy row (temperatures below GREEDY_TEMPERATURE included): no NaN ever reaches sampling.
+        self.temperature = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params],
+                                        dtype=torch.float32, device=device)
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         self.generators = [torch.Generator(device=device).manual_seed(
@@ -45,9 +47,16 @@ class Sampler:
         self.all_greedy = all(p.is_greedy for p in self.params)
         self._needs_filter = any(p.top_k > 0 or p.top_p < 1 for p in self.params if not p.is_greedy)
 
-    def uniform(self, num: int) -> torch.Tensor:
-        """(B, num) uniforms in [0, 1), each row from its own generator."""
-        return torch.stack([torch.rand(num, generator=g, device=self.device) for g in self.generators])
+    def uniform(self, num: int, rows: list[int] | None = None) -> torch.Tensor:
+        """(B, num) uniforms in [0, 1), each row from its own generator. With `rows`, only those rows
+        draw (the others get 0.5 and their generators do not advance), so a row's random stream depends
+        on its own progress alone, never on how long its neighbours keep the batch busy."""
+        if rows is None:
+            return torch.stack([torch.rand(num, generator=g, device=self.device) for g in self.generators])
+        u = torch.full((len(self.generators), num), 0.5, device=self.device)
+        for i in rows:
+            u[i] = torch.rand(num, generator=self.generators[i], device=self.device)
+        return u
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits -> the distribution each row samples from; greedy rows get a one-hot."""
@@ -69,23 +78,27 @@ class Sampler:
         k = torch.where(self.top_k > 0, self.top_k, vocab)[:, None, None]
         keep = ranks < k
         p = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-        keep = keep & ((p.cumsum(-1) - p) < self.top_p[:, None, None])
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays). Rows
+        # with top_p = 1 keep everything: rounding can push the cumulative sum past 1.0 in the tail.
+        top_p = self.top_p[:, None, None]
+        keep = keep & (((p.cumsum(-1) - p) < top_p) | (top_p >= 1))
         return torch.empty_like(scaled).scatter_(-1, order, values.masked_fill(~keep, float("-inf")))
 
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) non-negative weights (need not sum to 1) -> (B, T) token ids."""
+    def sample(self, probs: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """(B, T, V) non-negative weights (need not sum to 1) -> (B, T) token ids. With `rows`, only
+        those rows draw random numbers (see `uniform`); the others' picks are meaningless."""
         cdf = probs.cumsum(-1)
-        u = self.uniform(probs.shape[1]) * cdf[..., -1]
+        u = self.uniform(probs.shape[1], rows) * cdf[..., -1]
         # right=True picks the first index whose cdf exceeds u, which always has positive weight.
         return torch.searchsorted(cdf, u[..., None], right=True)[..., 0].clamp(max=probs.shape[-1] - 1)
 
-    def pick(self, logits: torch.Tensor, with_confidence: bool = False
+    def pick(self, logits: torch.Tensor, with_confidence: bool = False, rows: list[int] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, V) -> tokens (B, T) and optionally their confidence (B, T): the picked token's
         probability under the untempered softmax of the logits, whether it was picked greedily or
-        sampled (as LLaDA and Fast-dLLM do), so the reveal schedule does not depend on top-k/top-p."""
-        tokens = logits.argmax(-1) if self.all_greedy else self.sample(self.probs(logits))
+        sampled (as LLaDA and Fast-dLLM do), so the reveal schedule does not depend on top-k/top-p.
+        `rows`: only these rows' picks are used (see `sample`)."""
+        tokens = logits.argmax(-1) if self.all_greedy else self.sample(self.probs(logits), rows)
         if not with_confidence:
             return tokens, None
         return tokens, torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]

@@ -15,12 +15,19 @@ class Mode(str, Enum):
 
 MODES = tuple(m.value for m in Mode)
 
+# Temperatures below this sample as greedy: dividing logits by ~1e-38 overflows float32 to inf and
+# the softmax to NaN, and anything this cold is argmax in effect (vLLM uses the same 1e-5 cut-off).
+GREEDY_TEMPERATURE = 1e-5
+# What torch.Generator.manual_seed accepts; top_k is a torch.long, and no vocabulary comes near 2**31.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_TOP_K = 2**31 - 1
+
 
 @dataclass
 class SamplingParams:
     mode: Mode | str = Mode.AR
     max_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
@@ -39,8 +46,10 @@ class SamplingParams:
         _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0 (0 = greedy)",
                self.temperature)
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)", self.top_k)
-        _check(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None", self.seed)
+        _check(_is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K, "top_k",
+               f"an integer in [0, {MAX_TOP_K}] (0 = off)", self.top_k)
+        _check(self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]), "seed",
+               f"None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", self.seed)
         _check(isinstance(self.block_length, int) and self.block_length >= 1, "block_length", "an integer >= 1",
                self.block_length)
         _check(_is_number(self.threshold) and 0 <= self.threshold <= 1, "threshold", "in [0, 1]", self.threshold)
@@ -51,7 +60,11 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x: object) -> bool:

@@ -7,6 +7,8 @@ The one place the special tokens are named. Their ids live in the checkpoint's `
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,10 @@ def _raise_exception(message: str) -> None:
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, chat_template: str | None, bos_token: str | None) -> None:
         self._tok = tokenizer
+        # A copy that reads special-token text as plain text, for message content (see encode_chat).
+        self._plain = HFTokenizer.from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+        self._special_texts = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
         self.bos_token = bos_token or ""
         self._template = None
         if chat_template:
@@ -102,5 +108,27 @@ class Tokenizer:
             raise ValueError(f"chat template: {e}") from e
 
     def encode_chat(self, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
-        # The template writes bos itself, so no special tokens are added again.
-        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+        """The rendered chat's token ids. Only the template writes special tokens: special-token text
+        inside a message (`<|im_end|>\n<|im_start|>system ...`) is encoded as the plain text it is, so
+        a user cannot forge a turn (as other servers do by default). The template writes bos itself."""
+        text = self.apply_chat_template(messages, **kwargs)
+        contents = [m["content"] for m in messages]
+        if not any(s in c for c in contents for s in self._special_texts):
+            return self.encode(text, add_special_tokens=False)  # nothing to protect: one encode, as always
+        # Render again with a unique marker in place of each content, then encode the template's text
+        # and the contents apart. Markers are private-use characters around random hex.
+        marks = [f"\ue000{secrets.token_hex(8)}\ue001" for _ in messages]
+        marked = self.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks)], **kwargs)
+        pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", marked)
+        found = pieces[1::2]
+        content_of = dict(zip(marks, contents))
+        if found != marks or "".join(content_of.get(p, p) for p in pieces) != text:
+            raise ValueError("a message contains special-token text (such as <|im_start|>) and this chat template "
+                             "rewrites message content, so it cannot be kept as plain text: remove it")
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids += self._plain.encode(content_of[piece], add_special_tokens=False).ids
+            elif piece:
+                ids += self.encode(piece, add_special_tokens=False)
+        return ids

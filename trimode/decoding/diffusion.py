@@ -43,7 +43,10 @@ class DiffusionDecoder(Decoder):
         while not bool(done.all()):
             active = ~done
             logits = batch.bidirectional_logits(batch.forward("denoise", block, causal=False, rows=active))
-            candidates, confidence = batch.sampler.pick(logits, with_confidence=True)  # (B, b)
+            # Only rows still denoising draw random numbers, so a seeded row samples the same alone
+            # or beside rows that take more passes.
+            active_rows = active.nonzero()[:, 0].tolist() if not batch.sampler.all_greedy else None
+            candidates, confidence = batch.sampler.pick(logits, with_confidence=True, rows=active_rows)  # (B, b)
             open_slots = is_masked & active[:, None]
             confidence = confidence.masked_fill(~open_slots, -1.0)
             reveal = (confidence > self.threshold) & open_slots

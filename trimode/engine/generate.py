@@ -35,6 +35,12 @@ class Request:
     stats: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
 
+    def reset(self) -> None:
+        """Back to the state before its prefill (to run that prefill again)."""
+        self.token_ids, self.text, self.finish_reason, self.num_forwards = [], "", None, 0
+        self.stats.clear()
+        self.token_times = []
+
     def emit(self, tokens: list[int], eos_ids: set[int], tokenizer: Tokenizer, now: float) -> None:
         """Append tokens (emitted at `now`); finish on EOS, a stop string or max_tokens, whichever first."""
         for t in tokens:

@@ -8,10 +8,16 @@ beats one merged batch padded to the widest pass from 8 requests per mode up, th
 sees (scripts/grouped_vs_merged.py; README). Finished and aborted requests
 leave their group at once, freeing their KV rows. Decoders treat rows independently, so a request
 decodes exactly as it would alone (temperature 0), whatever else is running.
+
+A failure while serving a request fails that request, not its neighbours: a prefill that raises is
+retried one newcomer at a time (it builds fresh batches, so nothing running has changed), and only
+the newcomers that fail alone are finished with an error. A decode step that raises fails the group
+it ran (its batch state may be half-updated); the other groups go on.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -20,10 +26,12 @@ import torch
 from trimode.decoding import Decoder, batch_key, make_decoder
 from trimode.decoding.base import DecodeBatch
 from trimode.engine.generate import Request, apply_step, forward_ms, prefill, set_remaining
-from trimode.engine.scheduler import Scheduler
+from trimode.engine.scheduler import Scheduler, kv_slots
 from trimode.llm import LLM, Message, PromptInput
 from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
+
+logger = logging.getLogger("trimode.engine")
 
 
 @dataclass
@@ -33,6 +41,7 @@ class RequestOutput:
     new_token_ids: list[int]
     finished: bool
     output: GenerationOutput | None = None  # the whole result, once finished
+    error: str | None = None  # set when serving the request failed (an engine bug, not the request's input)
 
 
 @dataclass
@@ -69,6 +78,15 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    @property
+    def num_kv_slots_reserved(self) -> int:
+        """KV slots the running requests may need (what the scheduler's budget counts)."""
+        return sum(kv_slots(r) for g in self.groups.values() for r in g.requests)
+
+    @property
+    def num_kv_slots_allocated(self) -> int:
+        return sum(g.batch.kv.batch_size * g.batch.kv.capacity for g in self.groups.values())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.num_running or self.num_waiting)
@@ -117,39 +135,69 @@ class LLMEngine:
             admitted = self.scheduler.admit(r for g in self.groups.values() for r in g.requests)
             if admitted:
                 self._prefilled_last = True
-                return self._prefill(admitted)
+                return self._prefill_isolated(admitted)
         self._prefilled_last = False
         touched: list[tuple[Request, Decoder, DecodeBatch]] = []
+        failed: list[RequestOutput] = []
         for key, group in list(self.groups.items()):
             before = list(group.requests)
-            group.requests = apply_step(group.batch, group.requests, group.decoder.step(group.batch),
-                                        self.llm.eos_token_ids, self.llm.tokenizer)
+            try:
+                group.requests = apply_step(group.batch, group.requests, group.decoder.step(group.batch),
+                                            self.llm.eos_token_ids, self.llm.tokenizer)
+            except Exception as e:
+                del self.groups[key]
+                failed += [self._fail(r, e) for r in before]
+                continue
             touched += [(r, group.decoder, group.batch) for r in before]
             if not group.requests:
                 del self.groups[key]
-        return [self._output(r, d, b) for r, d, b in touched]
+        return [self._output(r, d, b) for r, d, b in touched] + failed
+
+    def _prefill_isolated(self, admitted: list[Request]) -> list[RequestOutput]:
+        try:
+            return self._prefill(admitted)
+        except Exception as e:
+            if len(admitted) == 1:
+                return [self._fail(admitted[0], e)]
+        outputs = []
+        for req in admitted:  # find the request that fails alone; its neighbours are served as usual
+            req.reset()
+            self._sent[req.request_id] = (0, 0)
+            try:
+                outputs += self._prefill([req])
+            except Exception as e:
+                outputs.append(self._fail(req, e))
+        return outputs
 
     def _prefill(self, admitted: list[Request]) -> list[RequestOutput]:
         """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
-        joins its mode's group."""
+        joins its mode's group. Running groups change only once everything else has succeeded."""
         batch, first = prefill(self.llm.runner, admitted, self.llm.eos_token_ids)
         by_key: dict[tuple, list[int]] = {}
         for i, req in enumerate(admitted):
             by_key.setdefault(batch_key(req.params), []).append(i)
         touched: list[tuple[Request, Decoder, DecodeBatch]] = []
+        joining: list[tuple[tuple, Decoder, DecodeBatch, list[Request]]] = []
         for (key, rows), part in zip(by_key.items(), batch.split(list(by_key.values()))):
             reqs = [admitted[i] for i in rows]
             left = apply_step(part, reqs, [first[i] for i in rows], self.llm.eos_token_ids, self.llm.tokenizer)
             decoder = self.groups[key].decoder if key in self.groups else make_decoder(reqs[0].params)
             touched += [(r, decoder, part) for r in reqs]
-            if not left:
-                continue
+            if left:
+                joining.append((key, decoder, part, left))
+        outputs = [self._output(r, d, b) for r, d, b in touched]
+        for key, decoder, part, left in joining:
             if key in self.groups:
                 self.groups[key].batch.extend(part)
                 self.groups[key].requests += left
             else:
                 self.groups[key] = _Group(decoder, part, left)
-        return [self._output(r, d, b) for r, d, b in touched]
+        return outputs
+
+    def _fail(self, req: Request, error: Exception) -> RequestOutput:
+        logger.error("request %s failed inside the engine", req.request_id, exc_info=error)
+        self._forget(req.request_id)
+        return RequestOutput(req.request_id, "", [], True, error=f"{type(error).__name__}: {error}")
 
     def _output(self, req: Request, decoder: Decoder, batch: DecodeBatch) -> RequestOutput:
         sent_tokens, sent_chars = self._sent[req.request_id]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,18 +14,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trimode.engine.llm_engine import RequestOutput
 from trimode.engine.scheduler import QueueFull
 from trimode.outputs import GenerationOutput
-from trimode.server.async_engine import AsyncEngine
+from trimode.server.async_engine import AsyncEngine, EngineError, ShuttingDown
+from trimode.server.guard import Guard, error_response
 from trimode.server.protocol import ChatCompletionRequest, CompletionRequest
 
 MAX_BODY_BYTES = 1_000_000
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+STALL_S = 30.0  # /health fails once the engine thread has not come round its loop for this long
 
 
 class APIError(Exception):
@@ -35,11 +34,28 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
+    @classmethod
+    def of(cls, exc: Exception) -> APIError:
+        """What the client is told about an error from validation or the engine."""
+        if isinstance(exc, APIError):
+            return exc
+        if isinstance(exc, QueueFull):
+            return cls(429, str(exc), "rate_limit_error", headers={"Retry-After": "1"})
+        if isinstance(exc, ShuttingDown):
+            return cls(503, str(exc), "server_error")
+        if isinstance(exc, ValueError):
+            return cls(400, str(exc), "invalid_request_error")
+        if isinstance(exc, EngineError):
+            return cls(500, str(exc), "server_error")
+        return cls(500, f"internal error: {type(exc).__name__}", "server_error")
 
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
-                        status_code=status, headers=headers)
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.headers)
+
+    def event(self) -> str:
+        """The same error as a server-sent event, for a stream that has already begun."""
+        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        return f"data: {json.dumps({'error': err})}\n\n"
 
 
 def usage(res: GenerationOutput) -> dict[str, Any]:
@@ -48,37 +64,17 @@ def usage(res: GenerationOutput) -> dict[str, Any]:
             "tokens_per_forward": round(res.tokens_per_forward, 4)}
 
 
-class Guard:
-    """Refuses oversized bodies (by Content-Length; the body itself is bounded by the request models)
-    and, with an API key, unauthenticated /v1/ calls. Plain ASGI rather than Starlette's
-    BaseHTTPMiddleware, which hides client disconnects from the handlers behind it."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None) -> None:
-        self.app, self.max_body_bytes, self.api_key = app, max_body_bytes, api_key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = Headers(scope=scope)
-            length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                response = error_response(413, f"request body larger than {self.max_body_bytes} bytes",
-                                          "invalid_request_error")
-                return await response(scope, receive, send)
-            if self.api_key is not None and scope["path"].startswith("/v1/"):
-                given = headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                    response = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                              "authentication_error")
-                    return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, default_mode: str = "ar",
-              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    app = FastAPI(title="trimode", docs_url=None, redoc_url=None)
+              max_body_bytes: int = MAX_BODY_BYTES, access_log: bool = False, docs: bool = False,
+              stall_s: float = STALL_S) -> FastAPI:
+    # No automatic trailing-slash redirect: Starlette builds its Location from the client's Host
+    # header. The OpenAPI schema and docs pages are off unless asked for.
+    app = FastAPI(title="trimode", redirect_slashes=False, openapi_url="/openapi.json" if docs else None,
+                  docs_url="/docs" if docs else None, redoc_url=None)
     app.state.engine = engine
 
-    app.add_middleware(Guard, max_body_bytes=max_body_bytes, api_key=api_key)
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes, api_key=api_key, metrics=engine.metrics,
+                       access_log=access_log)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -96,7 +92,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+        return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -104,14 +100,27 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+        return APIError.of(exc).response()
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "running": engine.engine.num_running, "waiting": engine.engine.num_waiting}
+    async def health() -> JSONResponse:
+        """200 only while the engine thread is alive and coming round its loop: a step running
+        longer than `stall_s`, or a dead thread, answers 503 with the reason."""
+        age = engine.heartbeat_age
+        status = "ok"
+        if not engine.is_alive:
+            status = "engine_dead"
+        elif age > stall_s:
+            status = "engine_stalled"
+        elif engine.is_draining:
+            status = "shutting_down"
+        doc = {"status": status, "engine_alive": engine.is_alive, "heartbeat_age_s": round(age, 3),
+               "running": engine.status.running, "waiting": engine.status.waiting}
+        return JSONResponse(doc, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
+        engine.metrics.heartbeat.set(engine.heartbeat_age)
         return PlainTextResponse(generate_latest(engine.metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")
 
@@ -119,37 +128,33 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "trimode"}]}
 
-    async def start(body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], prefix: str
-                    ) -> tuple[str, AsyncIterator[RequestOutput]]:
+    def check_model(body: CompletionRequest | ChatCompletionRequest) -> None:
         if body.model != model_name:
             raise APIError(404, f"model `{body.model}` does not exist; this server serves `{model_name}`",
                            "invalid_request_error", "model")
+
+    async def start(body: CompletionRequest | ChatCompletionRequest, fn: Any, arg: Any, prefix: str
+                    ) -> tuple[str, AsyncIterator[RequestOutput]]:
+        """Tokenize `arg` with `fn` on a worker thread, then hand the request to the engine."""
         try:
             params = body.sampling_params(default_mode)
+            prompt_ids = await engine.run_blocking(fn, arg)
             request_id = engine.new_request_id(prefix)
             return request_id, engine.submit(request_id, prompt_ids, params)
-        except QueueFull as e:
-            raise APIError(429, str(e), "rate_limit_error", headers={"Retry-After": "1"}) from e
-        except ValueError as e:
-            raise APIError(400, str(e), "invalid_request_error") from e
-
-    def tokenize(fn: Any, *args: Any) -> list[int]:
-        try:
-            return fn(*args)
-        except ValueError as e:
-            raise APIError(400, str(e), "invalid_request_error") from e
+        except (ValueError, QueueFull, ShuttingDown) as e:
+            raise APIError.of(e) from e
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
-        ids = tokenize(engine.engine.llm.tokenizer.encode, body.prompt)
-        request_id, outputs = await start(body, ids, "cmpl")
+        check_model(body)
+        request_id, outputs = await start(body, engine.engine.llm.tokenizer.encode, body.prompt, "cmpl")
         return await respond(body, request_id, outputs, http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Any:
+        check_model(body)
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        ids = tokenize(engine.engine.llm.tokenizer.encode_chat, messages)
-        request_id, outputs = await start(body, ids, "chatcmpl")
+        request_id, outputs = await start(body, engine.engine.llm.tokenizer.encode_chat, messages, "chatcmpl")
         return await respond(body, request_id, outputs, http, chat=True)
 
     async def collect(outputs: AsyncIterator[RequestOutput], http: Request) -> GenerationOutput | None:
@@ -176,16 +181,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(request_id, created, outputs, chat, include_usage),
+            return StreamingResponse(sse(request_id, created, outputs, chat, include_usage, http),
                                      media_type="text/event-stream")
         try:
             final = await collect(outputs, http)
-        except ValueError as e:
-            raise APIError(400, str(e), "invalid_request_error") from e
-        except QueueFull as e:
-            raise APIError(429, str(e), "rate_limit_error", headers={"Retry-After": "1"}) from e
+        except (ValueError, QueueFull, ShuttingDown, EngineError) as e:
+            raise APIError.of(e) from e
         if final is None:  # nobody is listening; the status is for the access log only
             return Response(status_code=499)
+        http.state.usage = usage(final)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
                       "finish_reason": final.finish_reason}
@@ -195,7 +199,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                 "model": model_name, "choices": [choice], "usage": usage(final)}
 
     async def sse(request_id: str, created: int, outputs: AsyncIterator[RequestOutput], chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, http: Request) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
@@ -217,14 +221,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                     yield chunk(out.delta_text, None, first)
                     first = False
                 if out.output is not None:
+                    http.state.usage = usage(out.output)
                     yield chunk(None, out.output.finish_reason)
                     if include_usage:
                         doc = {"id": request_id, "object": kind, "created": created, "model": model_name,
                                "choices": [], "usage": usage(out.output)}
                         yield f"data: {json.dumps(doc)}\n\n"
-        except (ValueError, QueueFull, RuntimeError) as e:
-            err = {"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": 400}}
-            yield f"data: {json.dumps(err)}\n\n"
+        except (ValueError, QueueFull, ShuttingDown, EngineError) as e:
+            err = APIError.of(e)
+            engine.metrics.failed_status(err.status)  # the stream's status (200) is already sent
+            yield err.event()
         yield "data: [DONE]\n\n"
 
     return app

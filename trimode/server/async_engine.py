@@ -1,59 +1,43 @@
 """The engine on its own thread, fed by the server's event loop.
 
-The event loop validates and tokenizes a request, then hands it over through a command queue; the
-engine thread drains commands between steps, runs `step()`, and pushes each request's outputs into
-that request's asyncio queue. Aborts (client gone) take effect before the next step.
+The event loop validates a request, tokenizes it on a worker thread (never on the loop), then hands
+it over through a command queue; the engine thread drains commands between steps, runs `step()`,
+and pushes each request's outputs into that request's asyncio queue. Aborts (client gone) take
+effect before the next step. A request the engine fails gets an `EngineError` alone. The thread
+beats a heartbeat every loop iteration, so /health can tell a frozen engine from a busy one.
+Shutdown drains: new requests are refused at once, running ones get until a deadline, then end
+with `ShuttingDown`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any, TypeVar
 
 from trimode.engine.generate import Request
 from trimode.engine.llm_engine import LLMEngine, RequestOutput
 from trimode.engine.scheduler import QueueFull, kv_slots
 from trimode.sampling_params import SamplingParams
+from trimode.server.metrics import Metrics
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+logger = logging.getLogger("trimode.server")
+T = TypeVar("T")
+TOKENIZER_THREADS = 2  # tokenizers releases the GIL while encoding, so these run beside the loop
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("trimode_requests", "Finished requests", ["mode", "status"], registry=r)
-        self.tokens = Counter("trimode_generated_tokens", "Generated tokens", ["mode"], registry=r)
-        self.forwards = Counter("trimode_forwards", "Forwards taken part in", ["mode"], registry=r)
-        self.tpf = Gauge("trimode_tokens_per_forward", "Generated tokens / forwards since start", ["mode"], registry=r)
-        self.queue = Gauge("trimode_queue_depth", "Requests waiting", registry=r)
-        self.running = Gauge("trimode_running_batch", "Requests running", registry=r)
-        self.ttft = Histogram("trimode_time_to_first_token_seconds", "TTFT", ["mode"], buckets=LATENCY_BUCKETS,
-                              registry=r)
-        self.itl = Histogram("trimode_inter_token_latency_seconds", "Mean time per output token after the first",
-                             ["mode"], buckets=LATENCY_BUCKETS, registry=r)
-        self._totals: dict[str, list[int]] = {}
+class EngineError(Exception):
+    """Serving this request failed inside the engine (a bug, not the request's input): HTTP 500."""
 
-    def finished(self, out: RequestOutput) -> None:
-        res = out.output
-        if res is None:
-            return
-        self.requests.labels(res.mode, res.finish_reason).inc()
-        self.tokens.labels(res.mode).inc(res.num_generated_tokens)
-        self.forwards.labels(res.mode).inc(res.num_forwards)
-        totals = self._totals.setdefault(res.mode, [0, 0])
-        totals[0] += res.num_generated_tokens
-        totals[1] += res.num_forwards
-        self.tpf.labels(res.mode).set(totals[0] / max(totals[1], 1))
-        self.ttft.labels(res.mode).observe(res.time_to_first_token)
-        if res.num_generated_tokens > 1:
-            self.itl.labels(res.mode).observe(res.inter_token_latency)
+
+class ShuttingDown(Exception):
+    """The server is shutting down: HTTP 503, or an error event ending a stream."""
 
 
 @dataclass
@@ -62,11 +46,22 @@ class _Stream:
     queue: asyncio.Queue
 
 
+@dataclass
+class EngineStatus:
+    """A snapshot the engine thread writes each iteration; the event loop only reads it."""
+
+    running: int = 0
+    waiting: int = 0
+    heartbeat: float = 0.0  # time.monotonic() at the end of the last loop iteration
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queue: int) -> None:
         self.engine = engine
         self.max_queue = max_queue
         self.metrics = Metrics()
+        self.metrics.kv_budget.set(engine.scheduler.max_kv_tokens)
+        self.status = EngineStatus(heartbeat=time.monotonic())
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._modes: dict[str, str] = {}  # request id -> mode, for the abort counter
@@ -74,7 +69,9 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
+        self._drain_deadline: float | None = None
         self._counter = 0
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="trimode-tokenize")
         self._thread = threading.Thread(target=self._run, name="trimode-engine", daemon=True)
 
     def start(self) -> None:
@@ -84,6 +81,29 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self.status.heartbeat
+
+    @property
+    def is_draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests from now on; end whatever still runs `timeout` seconds from now."""
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + timeout
+            self._wake.set()
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy request preparation (tokenizing, chat templates) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
 
     def new_request_id(self, prefix: str) -> str:
         with self._lock:
@@ -91,7 +111,9 @@ class AsyncEngine:
             return f"{prefix}-{self._counter}"
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Validate (ValueError), check the queue (QueueFull), then stream the request's outputs."""
+        """Validate (ValueError), check the queue (QueueFull, ShuttingDown), then stream the outputs."""
+        if self.is_draining:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
         llm = self.engine.llm
         llm.check_fits(prompt_ids, params)
         need = kv_slots(Request(None, prompt_ids, params))
@@ -99,7 +121,7 @@ class AsyncEngine:
             raise ValueError(f"the request needs {need} KV slots; the server has {self.engine.scheduler.max_kv_tokens}:"
                              " lower max_tokens")
         with self._lock:
-            if self.engine.num_waiting + self._pending >= self.max_queue:
+            if self.status.waiting + self._pending >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later")
             self._pending += 1
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -115,6 +137,7 @@ class AsyncEngine:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
+                    finished = True  # the engine has already dropped it
                     raise item
                 yield item
                 if item.finished:
@@ -142,32 +165,55 @@ class AsyncEngine:
                 _, request_id, prompt_ids, params = cmd
                 with self._lock:
                     self._pending -= 1
-                    try:
-                        self.engine.add_request(request_id, prompt_ids, params)
-                    except (ValueError, QueueFull) as e:
-                        self._deliver(request_id, e)
+                try:
+                    self.engine.add_request(request_id, prompt_ids, params)
+                except (ValueError, QueueFull) as e:
+                    self._deliver(request_id, e)
+                except Exception as e:
+                    logger.error("request %s could not be queued", request_id, exc_info=e)
+                    self._deliver(request_id, EngineError(f"internal error: {type(e).__name__}: {e}"))
             elif self.engine.abort_request(cmd[1]):
                 self.metrics.requests.labels(cmd[2], "abort").inc()
+                self.metrics.failed("client_disconnected")
+
+    def _end_all(self, error: Exception) -> None:
+        """Drop every request, running or waiting, and tell its client why."""
+        ids = [r.request_id for g in self.engine.groups.values() for r in g.requests]
+        ids += [r.request_id for r in self.engine.scheduler.waiting]
+        for request_id in ids:
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, error)
+
+    def _beat(self) -> None:
+        eng, m = self.engine, self.metrics
+        self.status.running, self.status.waiting = eng.num_running, eng.num_waiting
+        m.queue.set(self.status.waiting)
+        m.running.set(self.status.running)
+        m.kv_reserved.set(eng.num_kv_slots_reserved)
+        m.kv_allocated.set(eng.num_kv_slots_allocated)
+        self.status.heartbeat = time.monotonic()
 
     def _run(self) -> None:
         while not self._stop:
             self._drain_commands()
-            self.metrics.queue.set(self.engine.num_waiting)
-            self.metrics.running.set(self.engine.num_running)
+            if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                self._end_all(ShuttingDown("the server shut down before this request finished"))
+            self._beat()
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a bug, not user input: fail the running requests, keep serving
-                for group in list(self.engine.groups.values()):
-                    for req in list(group.requests):
-                        self.engine.abort_request(req.request_id)
-                        self._deliver(req.request_id, RuntimeError(f"engine step failed: {e}"))
-                time.sleep(0.01)
+            except Exception as e:  # the engine isolates request failures; this is a bug in the loop itself
+                logger.error("engine step failed", exc_info=e)
+                self._end_all(EngineError(f"internal error: engine step failed: {type(e).__name__}"))
                 continue
             for out in outputs:
+                if out.error is not None:  # counted by the HTTP layer, which knows if a stream had begun
+                    self._deliver(out.request_id, EngineError(f"internal error while serving this request "
+                                                              f"({out.error}); other requests are unaffected"))
+                    continue
                 if out.finished:
                     self.metrics.finished(out)
                 self._deliver(out.request_id, out)

@@ -7,14 +7,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from trimode.sampling_params import MODES, SamplingParams
+from trimode.sampling_params import MAX_TOP_K, MODES, SEED_RANGE, SamplingParams
 
 MAX_TOKENS_LIMIT = 4096
+MAX_PROMPT_CHARS = 200_000  # a completion prompt, or all the messages of a chat together
 UNSUPPORTED = {  # field -> the only value trimode accepts
     "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
 }
+
+
+def _unicode(text: str, what: str) -> str:
+    """JSON can carry lone surrogates (`"\\ud800"`), which are not text and no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone UTF-16 surrogate at character {e.start}: send valid Unicode text")
+    return text
 
 
 class StreamOptions(BaseModel):
@@ -25,8 +35,13 @@ class StreamOptions(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
-    name: str | None = None
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    name: str | None = Field(None, max_length=256)
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return _unicode(v, "the content")
 
 
 class _Common(BaseModel):
@@ -36,9 +51,9 @@ class _Common(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -67,7 +82,7 @@ class _Common(BaseModel):
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings of at most 256 characters")
-        return stops
+        return [_unicode(s, "a stop string") for s in stops]
 
     @field_validator("mode")
     @classmethod
@@ -103,10 +118,18 @@ class CompletionRequest(_Common):
             if len(v) != 1:
                 raise ValueError("give exactly one prompt (batching is done by the server)")
             v = v[0]
-        if not v or len(v) > 200_000:
-            raise ValueError("prompt must be a non-empty string of at most 200000 characters")
-        return v
+        if not v or len(v) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters")
+        return _unicode(v, "the prompt")
 
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1, max_length=256)
+
+    @field_validator("messages")
+    @classmethod
+    def _total(cls, v: list[Message]) -> list[Message]:
+        total = sum(len(m.content) for m in v)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages hold {total} characters together; at most {MAX_PROMPT_CHARS}")
+        return v
