@@ -4,41 +4,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
+from live import MODEL, metric, start_server
 
 from trimode import LLM, SamplingParams
 
 openai = pytest.importorskip("openai")
-
-MODEL = "trimode-embedded"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(*flags: str):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "trimode", "serve", "--port", str(port), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start: " + (proc.stdout.read() if proc.stdout else ""))
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +74,6 @@ def test_64_concurrent_streams_mixing_modes(client, offline):
         texts = list(pool.map(one, range(64)))
     for i, text in enumerate(texts):
         assert text == offline.chat(prompts[i], SamplingParams(mode=modes[i % 3], max_tokens=16))[0].text
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def aborted(url: str) -> float:

@@ -84,6 +84,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         message = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
             message, param = "the body is not valid JSON (or not UTF-8)", None
+        elif err.get("type") == "string_unicode":  # what pydantic says of lone surrogates in some fields
+            message = f"`{param}` holds a lone UTF-16 surrogate: send valid Unicode text"
         elif err.get("type") == "extra_forbidden":
             message = f"unknown field `{param}`"
         elif param:

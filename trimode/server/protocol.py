@@ -23,7 +23,8 @@ def _unicode(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} holds a lone UTF-16 surrogate at character {e.start}: send valid Unicode text")
+        raise ValueError(f"{what} holds a lone UTF-16 surrogate at character {e.start}: "
+                         "send valid Unicode text") from None
     return text
 
 

@@ -1,0 +1,59 @@
+"""Helpers for tests that run `trimode serve` as a subprocess on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+MODEL = "trimode-embedded"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*flags: str, env: dict[str, str] | None = None, port: int | None = None):
+    """Start a server and wait until /health answers; returns (process, base URL). The server's
+    output goes to a file (a pipe nobody reads would fill and block it): `server_log(proc)` reads it."""
+    port = port or free_port()
+    log = tempfile.NamedTemporaryFile("w", prefix="trimode-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "trimode", "serve", "--port", str(port), *flags],
+                            stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    proc.log_path = Path(log.name)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("server did not start: " + server_log(proc))
+
+
+def server_log(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text()
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """The value of `name` (with `labels`, e.g. 'reason="not_found"', if given) in /metrics; 0 if absent
+    for a labelled series, an error for a plain one."""
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if labels and line.startswith(name + "{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+        if not labels and (line.startswith(name + " ") or line.startswith(name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    if labels:
+        return 0.0
+    raise AssertionError(f"{name} not in /metrics")
