@@ -20,7 +20,10 @@ run: $(BIN)/.installed
 	done
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: $(BIN)/.installed
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q

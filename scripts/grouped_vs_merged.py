@@ -11,7 +11,8 @@ The forwards are timed on the real model (median of repeats), and each design's 
 derived from them and from the tokens each step commits (measured in `trimode bench`): AR 1 per
 step, diffusion TOKENS_PER_DENOISE per pass, self-spec TOKENS_PER_CYCLE per cycle.
 
-Usage: python scripts/grouped_vs_merged.py [MODEL_DIR ("" for the embedded model)] [TOKENS_PER_DENOISE] [TOKENS_PER_CYCLE]
+Usage: python scripts/grouped_vs_merged.py [MODEL_DIR ("" for the embedded model)] [TOKENS_PER_DENOISE]
+    [TOKENS_PER_CYCLE]
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ def main() -> None:
     per_denoise = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
     per_cycle = float(sys.argv[3]) if len(sys.argv) > 3 else 9.0
     torch.manual_seed(0)
-    print(f"threads {torch.get_num_threads()}, block {BLOCK}, prefix {PREFIX}, tokens per denoise pass "
-          f"{per_denoise}, per self-spec cycle {per_cycle}")
-    print("| requests per mode | grouped step ms (AR + denoise + draft + verify) | merged forward ms (3n x B+1) | "
-          "grouped tokens/s | merged tokens/s | merged / grouped |")
+    print(
+        f"threads {torch.get_num_threads()}, block {BLOCK}, prefix {PREFIX}, tokens per denoise pass "
+        f"{per_denoise}, per self-spec cycle {per_cycle}"
+    )
+    print(
+        "| requests per mode | grouped step ms (AR + denoise + draft + verify) | merged forward ms (3n x B+1) | "
+        "grouped tokens/s | merged tokens/s | merged / grouped |"
+    )
     print("|---|---|---|---|---|---|")
     for n in (1, 4, 8, 16):
         ar = forward_ms(llm, n, 1, causal=True)
@@ -62,8 +67,11 @@ def main() -> None:
         grouped_step = ar + denoise + draft + verify
         grouped_tps = n * (1 + per_denoise + per_cycle) / grouped_step * 1000
         merged_tps = n * (2 + 2 * per_denoise + per_cycle) / (2 * merged) * 1000
-        print(f"| {n} | {grouped_step:.1f} ({ar:.1f} + {denoise:.1f} + {draft:.1f} + {verify:.1f}) | {merged:.1f} | "
-              f"{grouped_tps:.0f} | {merged_tps:.0f} | {merged_tps / grouped_tps:.2f} |", flush=True)
+        print(
+            f"| {n} | {grouped_step:.1f} ({ar:.1f} + {denoise:.1f} + {draft:.1f} + {verify:.1f}) | {merged:.1f} | "
+            f"{grouped_tps:.0f} | {merged_tps:.0f} | {merged_tps / grouped_tps:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

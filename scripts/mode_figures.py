@@ -8,8 +8,16 @@ import re
 import subprocess
 import sys
 
-PROMPTS = ["def fibonacci(n):", "import os\nimport sys", "class Stack:", "for i in range(10):",
-           "# Parse the arguments", "with open(path) as f:", "try:\n    import json", "if __name__ == '__main__':"]
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys",
+    "class Stack:",
+    "for i in range(10):",
+    "# Parse the arguments",
+    "with open(path) as f:",
+    "try:\n    import json",
+    "if __name__ == '__main__':",
+]
 
 
 def main() -> None:
@@ -18,8 +26,23 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for mode in ("ar", "diffusion", "selfspec"):
         for batch in (1, 8):
-            cmd = [sys.executable, "-m", "trimode", "generate", "--model", model, "--mode", mode, "--max-tokens",
-                   max_tokens, "--block-length", "32", "--ignore-eos", "--json", *PROMPTS[:batch]]
+            cmd = [
+                sys.executable,
+                "-m",
+                "trimode",
+                "generate",
+                "--model",
+                model,
+                "--mode",
+                mode,
+                "--max-tokens",
+                max_tokens,
+                "--block-length",
+                "32",
+                "--ignore-eos",
+                "--json",
+                *PROMPTS[:batch],
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows = [json.loads(line) for line in proc.stdout.splitlines()]
             tps = float(re.search(r"([\d.]+) tokens/s", proc.stderr).group(1))

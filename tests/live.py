@@ -26,8 +26,13 @@ def start_server(*flags: str, env: dict[str, str] | None = None, port: int | Non
     output goes to a file (a pipe nobody reads would fill and block it): `server_log(proc)` reads it."""
     port = port or free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="trimode-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "trimode", "serve", "--port", str(port), *flags],
-                            stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trimode", "serve", "--port", str(port), *flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     proc.log_path = Path(log.name)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60

@@ -13,14 +13,15 @@ def full_forward(model: Transformer, seq: list[int], bidirectional_tail: int = 0
     t = len(seq)
     mask = torch.ones(t, t, dtype=torch.bool).tril()
     if bidirectional_tail:
-        mask[t - bidirectional_tail:, t - bidirectional_tail:] = True
+        mask[t - bidirectional_tail :, t - bidirectional_tail :] = True
     ctx = ForwardContext(positions=torch.arange(t)[None], mask=mask[None, None])
     with torch.inference_mode():
         return model(torch.tensor([seq]), ctx)[0]
 
 
-def diffusion_greedy(model: Transformer, prompt: list[int], max_tokens: int, block_length: int, threshold: float,
-                     mask_id: int) -> tuple[list[int], list[int]]:
+def diffusion_greedy(
+    model: Transformer, prompt: list[int], max_tokens: int, block_length: int, threshold: float, mask_id: int
+) -> tuple[list[int], list[int]]:
     """Block diffusion at temperature 0, batch 1, ignoring EOS. Returns (tokens, passes per block)."""
     seq = list(prompt)
     seed = int(full_forward(model, seq)[-1].argmax())
@@ -30,7 +31,7 @@ def diffusion_greedy(model: Transformer, prompt: list[int], max_tokens: int, blo
         block = [seed] + [mask_id] * (block_length - 1)
         masked = [False] + [True] * (block_length - 1)
         n = 0
-        while any(masked[1:budget + 1]):
+        while any(masked[1 : budget + 1]):
             logits = full_forward(model, seq + block, bidirectional_tail=block_length)[-block_length:].clone()
             logits[:, mask_id] = float("-inf")
             probs = torch.softmax(logits, -1)

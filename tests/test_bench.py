@@ -33,16 +33,19 @@ def test_accuracy_checker():
     assert BenchPrompt(id="2", category="code", prompt="def").is_correct("anything") is None
 
 
-@pytest.mark.parametrize("line,message", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "must be a JSON object"),
-    ('{"id": 1}', "exactly one of `prompt`"),
-    ('{"prompt": "a", "messages": []}', "exactly one of `prompt`"),
-    ('{"prompt": ""}', "non-empty string"),
-    ('{"messages": [{"role": "user"}]}', "`messages` must be"),
-    ('{"prompt": "a", "answer": 4}', "`answer` must be a string"),
-    ('{"prompt": "a", "max_tokens": 0}', "`max_tokens`"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"id": 1}', "exactly one of `prompt`"),
+        ('{"prompt": "a", "messages": []}', "exactly one of `prompt`"),
+        ('{"prompt": ""}', "non-empty string"),
+        ('{"messages": [{"role": "user"}]}', "`messages` must be"),
+        ('{"prompt": "a", "answer": 4}', "`answer` must be a string"),
+        ('{"prompt": "a", "max_tokens": 0}', "`max_tokens`"),
+    ],
+)
 def test_jsonl_suite_errors_name_the_line(tmp_path, line, message):
     path = tmp_path / "suite.jsonl"
     path.write_text('{"id": "ok", "category": "math", "prompt": "1+1=", "answer": "2"}\n\n' + line + "\n")
@@ -52,8 +55,10 @@ def test_jsonl_suite_errors_name_the_line(tmp_path, line, message):
 
 def test_jsonl_suite_loads(tmp_path):
     path = tmp_path / "s.jsonl"
-    path.write_text('{"id": "a", "category": "gsm", "messages": [{"role": "user", "content": "1+1?"}], '
-                    '"answer": "2", "max_tokens": 8}\n{"prompt": "def f():"}\n')
+    path.write_text(
+        '{"id": "a", "category": "gsm", "messages": [{"role": "user", "content": "1+1?"}], '
+        '"answer": "2", "max_tokens": 8}\n{"prompt": "def f():"}\n'
+    )
     a, b = load_suite(str(path), 10)
     assert a.category == "gsm" and a.max_tokens == 8 and a.chat() == [{"role": "user", "content": "1+1?"}]
     assert b.prompt == "def f():" and b.answer is None
@@ -73,11 +78,21 @@ class FakeLLM:
         outs = []
         for p, sp in zip(prompts, params):
             n = sp.max_tokens
-            outs.append(GenerationOutput(
-                prompt=None, prompt_token_ids=p, text="x", token_ids=[7] * n, finish_reason="length",
-                mode=sp.mode, num_forwards=1 + 2 * math.ceil((n - 1) / 3), seconds=0.01,
-                token_times=[0.001 * (i + 1) for i in range(n)], mode_stats={"tokens_per_cycle": [3] * 3},
-                forward_ms={"draft": 1.0, "verify": 2.0}))
+            outs.append(
+                GenerationOutput(
+                    prompt=None,
+                    prompt_token_ids=p,
+                    text="x",
+                    token_ids=[7] * n,
+                    finish_reason="length",
+                    mode=sp.mode,
+                    num_forwards=1 + 2 * math.ceil((n - 1) / 3),
+                    seconds=0.01,
+                    token_times=[0.001 * (i + 1) for i in range(n)],
+                    mode_stats={"tokens_per_cycle": [3] * 3},
+                    forward_ms={"draft": 1.0, "verify": 2.0},
+                )
+            )
         return outs
 
 
@@ -102,8 +117,7 @@ def test_expand_configs():
 
 def test_speedup_is_measured_against_ar_in_the_same_run(llm):
     prompts = task_suite(2)
-    results, _ = sweep(llm, prompts, expand_configs(["ar", "selfspec"], [1], [8], [0.9]), 6, 0,
-                       show_progress=False)
+    results, _ = sweep(llm, prompts, expand_configs(["ar", "selfspec"], [1], [8], [0.9]), 6, 0, show_progress=False)
     ar, spec = results
     assert ar["speedup_vs_ar"] == 1.0
     assert spec["speedup_vs_ar"] == pytest.approx(spec["output_tokens_per_s"] / ar["output_tokens_per_s"], rel=1e-2)
@@ -111,16 +125,50 @@ def test_speedup_is_measured_against_ar_in_the_same_run(llm):
 
 def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "trimode", "bench", "--model", str(tiny_dir), "--num-prompts", "2",
-                           "--batch-sizes", "1,2", "--block-lengths", "4", "--max-tokens", "6", "--baseline", "hf",
-                           "--out", str(out), "--dtype", "float32"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trimode",
+            "bench",
+            "--model",
+            str(tiny_dir),
+            "--num-prompts",
+            "2",
+            "--batch-sizes",
+            "1,2",
+            "--block-lengths",
+            "4",
+            "--max-tokens",
+            "6",
+            "--baseline",
+            "hf",
+            "--out",
+            str(out),
+            "--dtype",
+            "float32",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((out / "results.json").read_text())
     assert {"command", "versions", "machine", "suite", "num_prompts", "results", "baseline", "plots"} <= doc.keys()
     assert {"device", "dtype", "threads", "parameters", "weight_bytes"} <= doc["machine"].keys()
     assert len(doc["results"]) == 2 * 3 and doc["num_prompts"] == 2
-    fields = {"mode", "batch_size", "output_tokens_per_s", "requests_per_s", "ttft_ms", "itl_ms", "tokens_per_forward",
-              "forward_ms", "accuracy", "speedup_vs_ar", "num_generated_tokens"}
+    fields = {
+        "mode",
+        "batch_size",
+        "output_tokens_per_s",
+        "requests_per_s",
+        "ttft_ms",
+        "itl_ms",
+        "tokens_per_forward",
+        "forward_ms",
+        "accuracy",
+        "speedup_vs_ar",
+        "num_generated_tokens",
+    }
     for r in doc["results"]:
         assert fields <= r.keys()
         assert {"p50", "p90", "p99"} == r["ttft_ms"].keys()
@@ -137,4 +185,3 @@ def test_bench_bad_flags_exit_2():
     for args in (["--batch-sizes", "1,x"], ["--modes", "fast"], ["--thresholds", "2"], ["--suite", "none"]):
         proc = subprocess.run([sys.executable, "-m", "trimode", "bench", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-

@@ -10,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
-FIELDS = {"text", "token_ids", "finish_reason", "mode", "num_prompt_tokens", "num_generated_tokens", "num_forwards",
-          "tokens_per_forward", "seconds"}
+FIELDS = {
+    "text",
+    "token_ids",
+    "finish_reason",
+    "mode",
+    "num_prompt_tokens",
+    "num_generated_tokens",
+    "num_forwards",
+    "tokens_per_forward",
+    "seconds",
+}
 
 
 def trimode(*args):
@@ -20,14 +29,33 @@ def trimode(*args):
 
 def test_make_checkpoint_writes_the_release_layout(tmp_path):
     out = tmp_path / "ck"
-    trimode("make-checkpoint", "--preset", "nld-3b", "--layers", "1", "--hidden", "64", "--vocab", "512",
-            "--draft-lora-rank", "4", "--out", str(out))
+    trimode(
+        "make-checkpoint",
+        "--preset",
+        "nld-3b",
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--vocab",
+        "512",
+        "--draft-lora-rank",
+        "4",
+        "--out",
+        str(out),
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "nemotron_labs_diffusion" and cfg["architectures"] == ["NemotronLabsDiffusionModel"]
     assert cfg["num_attention_heads"] * cfg["head_dim"] == 4096  # the 3B's q width (> hidden) is kept
     assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["mask_token_id"] == 100
-    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-              "linear_spec_lora/adapter_config.json", "linear_spec_lora/adapter_model.safetensors"):
+    for f in (
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "linear_spec_lora/adapter_config.json",
+        "linear_spec_lora/adapter_model.safetensors",
+    ):
         assert (out / f).is_file(), f
     from trimode.tokenizer import Tokenizer
 
@@ -37,8 +65,21 @@ def test_make_checkpoint_writes_the_release_layout(tmp_path):
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
 def test_generate_json(tiny_dir, mode):
-    proc = trimode("generate", "--model", str(tiny_dir), "--mode", mode, "--max-tokens", "9", "--block-length", "4",
-                   "--json", "--ignore-eos", "def f():", "import re")
+    proc = trimode(
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--mode",
+        mode,
+        "--max-tokens",
+        "9",
+        "--block-length",
+        "4",
+        "--json",
+        "--ignore-eos",
+        "def f():",
+        "import re",
+    )
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 2
     for row in rows:
@@ -50,8 +91,12 @@ def test_generate_json(tiny_dir, mode):
 def test_console_script_and_chat(tiny_dir):
     exe = shutil.which("trimode", path=str(Path(sys.executable).parent))
     assert exe is not None, "the `trimode` console script is not installed beside this Python"
-    proc = subprocess.run([exe, "generate", "--model", str(tiny_dir), "--chat", "--max-tokens", "5", "--json",
-                           "hello"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [exe, "generate", "--model", str(tiny_dir), "--chat", "--max-tokens", "5", "--json", "hello"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     row = json.loads(proc.stdout)
     assert row["prompt"].startswith("<s><|im_start|>system\n<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n")
     assert row["prompt"].endswith("<|im_start|>assistant\n<think></think>")
@@ -63,5 +108,5 @@ def test_stop_strings_cut_the_text(llm):
     full = llm.generate("def main():", SamplingParams(max_tokens=20, ignore_eos=True))[0]
     stop = full.text[5:8]
     out = llm.generate("def main():", SamplingParams(max_tokens=20, stop=[stop], ignore_eos=True))[0]
-    assert out.finish_reason == "stop" and out.text == full.text[:full.text.index(stop)]
-    assert out.token_ids == full.token_ids[:len(out.token_ids)] and stop in llm.tokenizer.decode(out.token_ids)
+    assert out.finish_reason == "stop" and out.text == full.text[: full.text.index(stop)]
+    assert out.token_ids == full.token_ids[: len(out.token_ids)] and stop in llm.tokenizer.decode(out.token_ids)

@@ -39,6 +39,10 @@ def test_modes_on_held_out_tasks(embedded):
 
 
 def test_cli_without_model_uses_it():
-    proc = subprocess.run([sys.executable, "-m", "trimode", "generate", "--chat", "--mode", "selfspec",
-                           "Copy: 4 8 15 16 23 42"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trimode", "generate", "--chat", "--mode", "selfspec", "Copy: 4 8 15 16 23 42"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert proc.stdout.strip() == "4 8 15 16 23 42"

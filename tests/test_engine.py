@@ -18,8 +18,10 @@ def embedded():
 
 def workload():
     chats = [e.messages() for t in TASKS for e in held_out(t, 3)]
-    params = [SamplingParams(mode=m, max_tokens=24, block_length=b)
-              for m, b in (("ar", 32), ("diffusion", 8), ("selfspec", 16), ("diffusion", 32), ("selfspec", 8))]
+    params = [
+        SamplingParams(mode=m, max_tokens=24, block_length=b)
+        for m, b in (("ar", 32), ("diffusion", 8), ("selfspec", 16), ("diffusion", 32), ("selfspec", 8))
+    ]
     jobs = [(f"r{i}", chat, params[i % len(params)]) for i, chat in enumerate(chats)]
     jobs.append(("code", "def parse(line):", SamplingParams(mode="selfspec", max_tokens=30)))
     return jobs
@@ -55,8 +57,9 @@ def test_continuous_batching_equals_offline_generation(embedded, arrive_every):
 
 def test_streamed_deltas_add_up_to_the_final_text(embedded):
     engine = LLMEngine(embedded)
-    engine.add_request("s", "import os\n\n\ndef walk(top):", SamplingParams(mode="selfspec", max_tokens=40,
-                                                                          stop=["raise"]))
+    engine.add_request(
+        "s", "import os\n\n\ndef walk(top):", SamplingParams(mode="selfspec", max_tokens=40, stop=["raise"])
+    )
     text, final = "", None
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -71,7 +71,7 @@ def test_incremental_decode_equals_one_full_causal_pass(llm):
         steps = [runner.forward(kv, tokens[:, :8], causal=True)]
         kv.commit()
         for i in range(8, 20):
-            steps.append(runner.forward(kv, tokens[:, i:i + 1], causal=True))
+            steps.append(runner.forward(kv, tokens[:, i : i + 1], causal=True))
             kv.commit()
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 

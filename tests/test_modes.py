@@ -18,11 +18,13 @@ def test_selfspec_greedy_equals_ar_greedy(llm, llm_nolora, block_length, lora):
     model = llm if lora else llm_nolora
     assert model.model.has_draft_lora == lora
     ar = model.generate(PROMPTS, SamplingParams(mode="ar", max_tokens=45, ignore_eos=True))
-    spec = model.generate(PROMPTS, SamplingParams(mode="selfspec", max_tokens=45, block_length=block_length,
-                                                  ignore_eos=True))
+    spec = model.generate(
+        PROMPTS, SamplingParams(mode="selfspec", max_tokens=45, block_length=block_length, ignore_eos=True)
+    )
     assert ids(spec) == ids(ar)
-    single = model.generate(PROMPTS[2], SamplingParams(mode="selfspec", max_tokens=45, block_length=block_length,
-                                                       ignore_eos=True))
+    single = model.generate(
+        PROMPTS[2], SamplingParams(mode="selfspec", max_tokens=45, block_length=block_length, ignore_eos=True)
+    )
     assert ids(single) == ids(ar)[2:3]
     cycles = [n for o in spec for n in o.mode_stats["tokens_per_cycle"]]
     # Not vacuous: some cycles accepted drafts, so the crop-and-continue path ran.
@@ -32,12 +34,16 @@ def test_selfspec_greedy_equals_ar_greedy(llm, llm_nolora, block_length, lora):
         assert o.num_forwards >= 1 + 2 * (len(o.mode_stats["tokens_per_cycle"]) - 1)
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(mode="ar", max_tokens=37, ignore_eos=True),
-    SamplingParams(mode="diffusion", max_tokens=37, block_length=8, ignore_eos=True),
-    SamplingParams(mode="diffusion", max_tokens=37, block_length=32, threshold=0.5, ignore_eos=True),
-    SamplingParams(mode="selfspec", max_tokens=37, block_length=8, ignore_eos=True),
-], ids=["ar", "diffusion-b8", "diffusion-b32", "selfspec-b8"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(mode="ar", max_tokens=37, ignore_eos=True),
+        SamplingParams(mode="diffusion", max_tokens=37, block_length=8, ignore_eos=True),
+        SamplingParams(mode="diffusion", max_tokens=37, block_length=32, threshold=0.5, ignore_eos=True),
+        SamplingParams(mode="selfspec", max_tokens=37, block_length=8, ignore_eos=True),
+    ],
+    ids=["ar", "diffusion-b8", "diffusion-b32", "selfspec-b8"],
+)
 def test_batched_equals_unbatched(llm, params):
     batched = llm.generate(PROMPTS, params)
     alone = [llm.generate(p, params)[0] for p in PROMPTS]
@@ -54,8 +60,7 @@ def test_ar_is_one_token_per_forward(llm):
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
 @pytest.mark.parametrize("max_tokens", [1, 7, 33])
 def test_max_tokens_need_not_be_a_multiple_of_block_length(llm, mode, max_tokens):
-    out = llm.generate(PROMPTS[:2], SamplingParams(mode=mode, max_tokens=max_tokens, block_length=8,
-                                                   ignore_eos=True))
+    out = llm.generate(PROMPTS[:2], SamplingParams(mode=mode, max_tokens=max_tokens, block_length=8, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [max_tokens] * 2
     assert all(o.finish_reason == "length" for o in out)
 

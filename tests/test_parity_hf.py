@@ -12,11 +12,18 @@ transformers = __import__("pytest").importorskip("transformers")
 
 def hf_model(path, cfg):
     hf_cfg = transformers.Ministral3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "yarn", **cfg.rope.to_hf()})
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", **cfg.rope.to_hf()},
+    )
     model = transformers.Ministral3ForCausalLM(hf_cfg).eval()
     ours = load_file(path / "model.safetensors")
     mapped = {k.replace("encoder.", "model.", 1).replace("diffusion_head", "lm_head"): v for k, v in ours.items()}

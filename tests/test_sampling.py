@@ -14,8 +14,9 @@ from trimode.sampler import Sampler
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
 def test_same_seed_same_output_different_seed_different_output(llm, mode):
     def run(seed):
-        params = SamplingParams(mode=mode, temperature=1.0, top_p=0.95, seed=seed, max_tokens=24, block_length=8,
-                                ignore_eos=True)
+        params = SamplingParams(
+            mode=mode, temperature=1.0, top_p=0.95, seed=seed, max_tokens=24, block_length=8, ignore_eos=True
+        )
         return [o.token_ids for o in llm.generate(PROMPTS, params)]
 
     assert run(7) == run(7)
@@ -25,8 +26,10 @@ def test_same_seed_same_output_different_seed_different_output(llm, mode):
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
 def test_top_k_one_is_greedy(llm, mode):
     greedy = llm.generate(PROMPTS, SamplingParams(mode=mode, max_tokens=16, block_length=8, ignore_eos=True))
-    sampled = llm.generate(PROMPTS, SamplingParams(mode=mode, temperature=2.0, top_k=1, seed=3, max_tokens=16,
-                                                   block_length=8, ignore_eos=True))
+    sampled = llm.generate(
+        PROMPTS,
+        SamplingParams(mode=mode, temperature=2.0, top_k=1, seed=3, max_tokens=16, block_length=8, ignore_eos=True),
+    )
     assert [o.token_ids for o in greedy] == [o.token_ids for o in sampled]
 
 
@@ -75,7 +78,9 @@ def test_sampled_sequences_follow_the_ar_distribution(llm, mode, block_length):
     length, n = 3, 3000
     base = dict(temperature=1.5, top_k=2, max_tokens=length, ignore_eos=True)
     exact = exact_joint(llm, ids, SamplingParams(**base), length)
-    outs = llm.generate([ids] * n, [SamplingParams(mode=mode, block_length=block_length, seed=s, **base) for s in range(n)])
+    outs = llm.generate(
+        [ids] * n, [SamplingParams(mode=mode, block_length=block_length, seed=s, **base) for s in range(n)]
+    )
     counts: dict[tuple, int] = {}
     for o in outs:
         counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1

@@ -40,16 +40,24 @@ CHAT = [{"role": "user", "content": "Reverse: 12 7 33 4"}]
 def test_chat_and_completion_equal_offline(client, offline, mode):
     params = SamplingParams(mode=mode, max_tokens=24)
     want_chat = offline.chat(CHAT, params)[0]
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24,
-                                       extra_body={"mode": mode})
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=24, extra_body={"mode": mode}
+    )
     assert r.choices[0].message.content == want_chat.text
     assert r.choices[0].finish_reason == want_chat.finish_reason
     assert r.usage.completion_tokens == want_chat.num_generated_tokens
     usage = r.usage.model_dump()
     assert usage["num_forwards"] == want_chat.num_forwards and usage["tokens_per_forward"] > 0
     want = offline.generate("def parse(line):", params)[0]
-    stream = client.completions.create(model=MODEL, prompt="def parse(line):", temperature=0, max_tokens=24,
-                                       stream=True, stream_options={"include_usage": True}, extra_body={"mode": mode})
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="def parse(line):",
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"mode": mode},
+    )
     text, finish, usage = "", None, None
     for chunk in stream:
         if chunk.choices:
@@ -66,8 +74,14 @@ def test_64_concurrent_streams_mixing_modes(client, offline):
     prompts = [[{"role": "user", "content": f"Copy: {i} {i + 7} {3 * i}"}] for i in range(64)]
 
     def one(i: int) -> str:
-        stream = client.chat.completions.create(model=MODEL, messages=prompts[i], temperature=0, max_tokens=16,
-                                                stream=True, extra_body={"mode": modes[i % 3]})
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=prompts[i],
+            temperature=0,
+            max_tokens=16,
+            stream=True,
+            extra_body={"mode": modes[i % 3]},
+        )
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
@@ -77,8 +91,11 @@ def test_64_concurrent_streams_mixing_modes(client, offline):
 
 
 def aborted(url: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(url + "/metrics").text.splitlines()
-               if line.startswith("trimode_requests_total{") and 'status="abort"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(url + "/metrics").text.splitlines()
+        if line.startswith("trimode_requests_total{") and 'status="abort"' in line
+    )
 
 
 def wait_idle(url: str, seconds: float = 5) -> None:
@@ -92,8 +109,14 @@ def wait_idle(url: str, seconds: float = 5) -> None:
 def test_client_disconnect_frees_its_slot(server, client, stream):
     before = aborted(server)
     # 2000 tokens take ~15 s to generate here: the slot must be freed long before that.
-    body = {"model": MODEL, "prompt": "import os\n", "max_tokens": 2000, "temperature": 0, "stream": stream,
-            "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "import os\n",
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": stream,
+        "ignore_eos": True,
+    }
     if stream:
         with httpx.stream("POST", server + "/v1/completions", json=body, timeout=30) as r:
             for line in r.iter_lines():
@@ -111,17 +134,30 @@ def test_client_disconnect_frees_its_slot(server, client, stream):
 def bad_requests():
     ok = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     bodies = [
-        b"{not json", b"", b"[]", b"null", "\xff\xfe".encode("latin-1") + b'{"model": 1}',
-        json.dumps({**ok, "max_tokens": 10**9}).encode(), json.dumps({**ok, "max_tokens": -1}).encode(),
-        json.dumps({**ok, "temperature": -1}).encode(), json.dumps({**ok, "temperature": "hot"}).encode(),
-        json.dumps({**ok, "top_p": 0}).encode(), json.dumps({**ok, "mode": "fast"}).encode(),
-        json.dumps({**ok, "n": 3}).encode(), json.dumps({**ok, "logprobs": True}).encode(),
-        json.dumps({**ok, "block_length": 0}).encode(), json.dumps({**ok, "threshold": 2}).encode(),
-        json.dumps({**ok, "stop": [""]}).encode(), json.dumps({**ok, "messages": []}).encode(),
+        b"{not json",
+        b"",
+        b"[]",
+        b"null",
+        "\xff\xfe".encode("latin-1") + b'{"model": 1}',
+        json.dumps({**ok, "max_tokens": 10**9}).encode(),
+        json.dumps({**ok, "max_tokens": -1}).encode(),
+        json.dumps({**ok, "temperature": -1}).encode(),
+        json.dumps({**ok, "temperature": "hot"}).encode(),
+        json.dumps({**ok, "top_p": 0}).encode(),
+        json.dumps({**ok, "mode": "fast"}).encode(),
+        json.dumps({**ok, "n": 3}).encode(),
+        json.dumps({**ok, "logprobs": True}).encode(),
+        json.dumps({**ok, "block_length": 0}).encode(),
+        json.dumps({**ok, "threshold": 2}).encode(),
+        json.dumps({**ok, "stop": [""]}).encode(),
+        json.dumps({**ok, "messages": []}).encode(),
         json.dumps({**ok, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
-        json.dumps({**ok, "frequency_penalty": 1.0}).encode(), json.dumps({**ok, "surprise": 1}).encode(),
-        json.dumps({"messages": ok["messages"]}).encode(), json.dumps({**ok, "model": "gpt-9"}).encode(),
-        json.dumps({**ok, "seed": "abc"}).encode(), json.dumps({**ok, "stream_options": {"include_usage": True}}).encode(),
+        json.dumps({**ok, "frequency_penalty": 1.0}).encode(),
+        json.dumps({**ok, "surprise": 1}).encode(),
+        json.dumps({"messages": ok["messages"]}).encode(),
+        json.dumps({**ok, "model": "gpt-9"}).encode(),
+        json.dumps({**ok, "seed": "abc"}).encode(),
+        json.dumps({**ok, "stream_options": {"include_usage": True}}).encode(),
         json.dumps({**ok, "messages": [{"role": "user", "content": "x" * 300_000}]}).encode(),
     ]
     return bodies
@@ -184,8 +220,28 @@ def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_pa
     from trimode.sampling_params import MODES
 
     out = tmp_path / "http"
-    assert main(["bench", "--endpoint", server + "/v1", "--modes", "ar,selfspec,mixed", "--concurrency", "1,4",
-                 "--num-prompts", "6", "--max-tokens", "16", "--warmup", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--endpoint",
+                server + "/v1",
+                "--modes",
+                "ar,selfspec,mixed",
+                "--concurrency",
+                "1,4",
+                "--num-prompts",
+                "6",
+                "--max-tokens",
+                "16",
+                "--warmup",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((out / "results.json").read_text())
     assert doc["model"] == MODEL and {"latency.png", "tokens_per_s_vs_batch.png"} <= set(doc["plots"])
     prompts = task_suite(6)
@@ -194,8 +250,11 @@ def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_pa
     def offline_figures(modes: list[str]) -> tuple[int, int, float]:
         outs = [offline.generate([i], SamplingParams(mode=m, max_tokens=16, seed=0))[0] for i, m in zip(ids, modes)]
         correct = [p.is_correct(o.text) for p, o in zip(prompts, outs)]
-        return (sum(o.num_generated_tokens for o in outs), sum(o.num_forwards for o in outs),
-                sum(correct) / len(correct))
+        return (
+            sum(o.num_generated_tokens for o in outs),
+            sum(o.num_forwards for o in outs),
+            sum(correct) / len(correct),
+        )
 
     for r in doc["results"]:
         # Every prompt once; mixed gives request k the mode k % 3, whatever the concurrency.
@@ -213,13 +272,51 @@ def test_bench_over_http_counts_failures_and_runs_for_a_duration(server, tmp_pat
     from trimode.cli import main
 
     out = tmp_path / "dur"
-    assert main(["bench", "--endpoint", server + "/v1", "--modes", "diffusion", "--concurrency", "2",
-                 "--duration", "1", "--max-tokens", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--endpoint",
+                server + "/v1",
+                "--modes",
+                "diffusion",
+                "--concurrency",
+                "2",
+                "--duration",
+                "1",
+                "--max-tokens",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "results.json").read_text())["results"][0]
     assert r["num_failed"] == 0 and r["num_requests"] >= 2 and r["seconds"] >= 1
     # A model the server does not serve: every request fails with the server's 404, and the run says so.
-    assert main(["bench", "--endpoint", server + "/v1", "--served-model", "gpt-9", "--modes", "ar",
-                 "--concurrency", "2", "--num-prompts", "4", "--warmup", "0", "--out", str(tmp_path / "bad")]) == 1
+    assert (
+        main(
+            [
+                "bench",
+                "--endpoint",
+                server + "/v1",
+                "--served-model",
+                "gpt-9",
+                "--modes",
+                "ar",
+                "--concurrency",
+                "2",
+                "--num-prompts",
+                "4",
+                "--warmup",
+                "0",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 1
+    )
     r = json.loads((tmp_path / "bad" / "results.json").read_text())["results"][0]
     assert (r["num_requests"], r["num_failed"]) == (0, 4) and "HTTP 404" in r["failures"][0]
     assert main(["bench", "--endpoint", "http://127.0.0.1:9/v1", "--concurrency", "1"]) == 2

@@ -100,14 +100,27 @@ def tok_dir(tmp_path_factory):
 
 
 def small_cfg(out, **kw):
-    base = dict(out=str(out), data="tasks.copy", steps=6, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=2,
-                block_size=8, save_every=3, eval_examples=0, device="cpu", seed=3)
+    base = dict(
+        out=str(out),
+        data="tasks.copy",
+        steps=6,
+        batch_size=4,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=2,
+        block_size=8,
+        save_every=3,
+        eval_examples=0,
+        device="cpu",
+        seed=3,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def model_for(tok_dir, seed=0):
-    cfg = tiny_config(vocab_size=Tokenizer.from_dir(tok_dir).vocab_size, eos_token_id=(11,), pad_token_id=3,
-                      block_size=8)
+    cfg = tiny_config(
+        vocab_size=Tokenizer.from_dir(tok_dir).vocab_size, eos_token_id=(11,), pad_token_id=3, block_size=8
+    )
     return random_model(cfg, seed)
 
 
@@ -127,15 +140,17 @@ def test_checkpoint_loads_with_llm_and_records_its_args(tmp_path, tok_dir):
     ckpt = tmp_path / "checkpoint-000003"
     args = json.loads((ckpt / "training_args.json").read_text())
     assert args["data"] == "tasks.copy" and args["x"] == 1 and args["model"]["vocab_size"] == 512
-    out = LLM(ckpt, dtype="float32").chat([{"role": "user", "content": "Copy: 1 2"}],
-                                          SamplingParams(mode="selfspec", max_tokens=4, block_length=4))
+    out = LLM(ckpt, dtype="float32").chat(
+        [{"role": "user", "content": "Copy: 1 2"}], SamplingParams(mode="selfspec", max_tokens=4, block_length=4)
+    )
     assert len(out[0].token_ids) >= 1
     assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left behind
 
 
 def test_short_run_on_one_task_lowers_both_losses(tmp_path, tok_dir):
-    log = train(small_cfg(tmp_path, steps=40, batch_size=8, save_every=40), model_for(tok_dir), tok_dir,
-                show_progress=False)
+    log = train(
+        small_cfg(tmp_path, steps=40, batch_size=8, save_every=40), model_for(tok_dir), tok_dir, show_progress=False
+    )
     first = lambda k: sum(e[k] for e in log[:5]) / 5  # noqa: E731
     last = lambda k: sum(e[k] for e in log[-5:]) / 5  # noqa: E731
     assert last("loss_ar") < 0.7 * first("loss_ar")
@@ -164,8 +179,17 @@ def test_jsonl_errors_name_the_line(tmp_path, tok_dir):
 @pytest.mark.parametrize("arch", ["mistral", "llama"])
 def test_hf_causal_lm_conversion_keeps_ar_logits(tmp_path, arch):
     transformers = pytest.importorskip("transformers")
-    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     if arch == "mistral":
         hf = transformers.MistralForCausalLM(transformers.MistralConfig(**kw))

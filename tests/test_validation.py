@@ -10,21 +10,24 @@ import pytest
 from trimode import SamplingParams
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": 2.5}, "max_tokens"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -1}, "top_k"),
-    ({"block_length": 0}, "block_length"),
-    ({"threshold": -0.01}, "threshold"),
-    ({"threshold": 1.01}, "threshold"),
-    ({"mode": "fast"}, "mode"),
-    ({"stop": [""]}, "stop"),
-    ({"seed": "x"}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"block_length": 0}, "block_length"),
+        ({"threshold": -0.01}, "threshold"),
+        ({"threshold": 1.01}, "threshold"),
+        ({"mode": "fast"}, "mode"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": "x"}, "seed"),
+    ],
+)
 def test_sampling_params_reject_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field) as e:
         SamplingParams(**kwargs)
@@ -32,13 +35,16 @@ def test_sampling_params_reject_bad_values(kwargs, field):
         assert "ar, diffusion, selfspec" in str(e.value)
 
 
-@pytest.mark.parametrize("prompts,match", [
-    ("", "prompt 0 is empty"),
-    (["ok", ""], "prompt 1 is empty"),
-    ([], "prompts must be"),
-    ([[1, 2, 99999]], "outside"),
-    ([["a"]], "prompt 0 must be"),
-])
+@pytest.mark.parametrize(
+    "prompts,match",
+    [
+        ("", "prompt 0 is empty"),
+        (["ok", ""], "prompt 1 is empty"),
+        ([], "prompts must be"),
+        ([[1, 2, 99999]], "outside"),
+        ([["a"]], "prompt 0 must be"),
+    ],
+)
 def test_bad_prompts(llm, prompts, match):
     with pytest.raises(ValueError, match=match):
         llm.generate(prompts, SamplingParams(max_tokens=2))
@@ -66,22 +72,31 @@ def test_wrong_number_of_params(llm):
         llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--max-tokens", "0"], "max_tokens"),
-    (["--mode", "turbo"], "mode must be one of ar, diffusion, selfspec"),
-    (["--temperature", "-1"], "temperature"),
-    (["--top-p", "2"], "top_p"),
-    (["--block-length", "0"], "block_length"),
-    (["--threshold", "3"], "threshold"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-tokens", "0"], "max_tokens"),
+        (["--mode", "turbo"], "mode must be one of ar, diffusion, selfspec"),
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "2"], "top_p"),
+        (["--block-length", "0"], "block_length"),
+        (["--threshold", "3"], "threshold"),
+    ],
+)
 def test_cli_bad_input_exits_2_without_traceback(tiny_dir, args, message):
-    proc = subprocess.run([sys.executable, "-m", "trimode", "generate", "--model", str(tiny_dir), *args, "hi"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trimode", "generate", "--model", str(tiny_dir), *args, "hi"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_missing_model_dir(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trimode", "generate", "--model", str(tmp_path / "nope"), "hi"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trimode", "generate", "--model", str(tmp_path / "nope"), "hi"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -25,13 +25,21 @@ PRESETS: dict[str, ModelConfig] = {
     "nld-3b": ModelConfig(hidden_size=3072, num_hidden_layers=26, intermediate_size=9216),
     "nld-8b": ModelConfig(hidden_size=4096, num_hidden_layers=34, intermediate_size=14336),
     "nld-14b": ModelConfig(hidden_size=5120, num_hidden_layers=40, intermediate_size=16384),
-    "tiny": ModelConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, intermediate_size=192,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "tiny": ModelConfig(
+        vocab_size=1024,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=192,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
 }
 
 
-def preset_config(preset: str, layers: int | None = None, hidden: int | None = None, vocab: int | None = None,
-                  **overrides: object) -> ModelConfig:
+def preset_config(
+    preset: str, layers: int | None = None, hidden: int | None = None, vocab: int | None = None, **overrides: object
+) -> ModelConfig:
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}")
     base = PRESETS[preset]
@@ -41,8 +49,9 @@ def preset_config(preset: str, layers: int | None = None, hidden: int | None = N
     if hidden is not None:
         changes["hidden_size"] = hidden
         # Keep the preset's MLP expansion ratio, rounded to a multiple of 16.
-        changes.setdefault("intermediate_size",
-                           max(16, round(base.intermediate_size / base.hidden_size * hidden / 16) * 16))
+        changes.setdefault(
+            "intermediate_size", max(16, round(base.intermediate_size / base.hidden_size * hidden / 16) * 16)
+        )
     if vocab is not None:
         changes["vocab_size"] = vocab
     return dataclasses.replace(base, **changes)
@@ -55,8 +64,9 @@ def _random_tensor(name: str, shape: torch.Size, gen: torch.Generator, dtype: to
     return (0.02 * torch.randn(shape, generator=gen)).to(dtype)
 
 
-def _write_sharded(specs: dict[str, torch.Size], out: Path, gen: torch.Generator, dtype: torch.dtype,
-                   shard_bytes: int) -> None:
+def _write_sharded(
+    specs: dict[str, torch.Size], out: Path, gen: torch.Generator, dtype: torch.dtype, shard_bytes: int
+) -> None:
     """Write tensors in `specs` order, a new shard whenever the current one would exceed shard_bytes."""
     item = torch.empty((), dtype=dtype).element_size()
     shards: list[list[str]] = [[]]
@@ -68,20 +78,31 @@ def _write_sharded(specs: dict[str, torch.Size], out: Path, gen: torch.Generator
             size = 0
         shards[-1].append(name)
         size += nbytes
-    names = [WEIGHTS_FILE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        [WEIGHTS_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for file, shard in zip(names, shards):
         tensors = {n: _random_tensor(n, specs[n], gen, dtype) for n in shard}
         save_file(tensors, out / file, metadata={"format": "pt"})
     if len(shards) > 1:
         total = sum(math.prod(s) * item for s in specs.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {n: f for f, shard in zip(names, shards) for n in shard},
+        }
         (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
 
 
-def make_checkpoint(cfg: ModelConfig, out: str | Path, seed: int = 0, dtype: str = "bfloat16",
-                    draft_lora_rank: int = 0, shard_bytes: int = 5 * 2**30) -> Path:
+def make_checkpoint(
+    cfg: ModelConfig,
+    out: str | Path,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    draft_lora_rank: int = 0,
+    shard_bytes: int = 5 * 2**30,
+) -> Path:
     """Write config, weights (sharded past shard_bytes), tokenizer, and optionally a draft LoRA."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
@@ -89,13 +110,25 @@ def make_checkpoint(cfg: ModelConfig, out: str | Path, seed: int = 0, dtype: str
         raise ValueError(f"draft LoRA rank must be >= 0 (0 = no LoRA); got {draft_lora_rank}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(cfg, eos_token_id=(SPECIAL_TOKEN_IDS[IM_END],), bos_token_id=SPECIAL_TOKEN_IDS[BOS],
-                              mask_token_id=SPECIAL_TOKEN_IDS[MASK], pad_token_id=SPECIAL_TOKEN_IDS[PAD],
-                              torch_dtype=dtype)
+    cfg = dataclasses.replace(
+        cfg,
+        eos_token_id=(SPECIAL_TOKEN_IDS[IM_END],),
+        bos_token_id=SPECIAL_TOKEN_IDS[BOS],
+        mask_token_id=SPECIAL_TOKEN_IDS[MASK],
+        pad_token_id=SPECIAL_TOKEN_IDS[PAD],
+        torch_dtype=dtype,
+    )
     (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": [cfg.eos_token_id[0], SPECIAL_TOKEN_IDS["</s>"]],
-         "pad_token_id": cfg.pad_token_id}, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": cfg.bos_token_id,
+                "eos_token_id": [cfg.eos_token_id[0], SPECIAL_TOKEN_IDS["</s>"]],
+                "pad_token_id": cfg.pad_token_id,
+            },
+            indent=2,
+        )
+    )
     with torch.device("meta"):
         specs = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
@@ -116,6 +149,14 @@ def _write_draft_lora(cfg: ModelConfig, out: Path, rank: int, gen: torch.Generat
         tensors[f"{name}.lora_A.weight"] = _random_tensor("lora_A", torch.Size((rank, q_width)), gen, dtype)
         tensors[f"{name}.lora_B.weight"] = _random_tensor("lora_B", torch.Size((cfg.hidden_size, rank)), gen, dtype)
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    adapter = {"peft_type": "LORA", "r": rank, "lora_alpha": 4 * rank, "lora_dropout": 0.0, "bias": "none",
-               "target_modules": ["o_proj"], "task_type": "CAUSAL_LM", "base_model_name_or_path": os.fspath(out.parent)}
+    adapter = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 4 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": ["o_proj"],
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": os.fspath(out.parent),
+    }
     (out / "adapter_config.json").write_text(json.dumps(adapter, indent=2))

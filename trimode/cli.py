@@ -20,9 +20,18 @@ def _generate(args: argparse.Namespace) -> int:
     from trimode.llm import LLM
     from trimode.sampling_params import SamplingParams
 
-    params = SamplingParams(mode=args.mode, max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                            ignore_eos=args.ignore_eos, block_length=args.block_length, threshold=args.threshold)
+    params = SamplingParams(
+        mode=args.mode,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        block_length=args.block_length,
+        threshold=args.threshold,
+    )
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     start = time.perf_counter()
     if args.chat:
@@ -35,20 +44,31 @@ def _generate(args: argparse.Namespace) -> int:
             print(json.dumps(out.summary()))
         else:
             print(out.text)
-            print(f"[{out.mode}: {out.num_generated_tokens} tokens, {out.num_forwards} forwards, "
-                  f"{out.tokens_per_forward:.2f} tokens/forward, finish={out.finish_reason}]", file=sys.stderr)
+            print(
+                f"[{out.mode}: {out.num_generated_tokens} tokens, {out.num_forwards} forwards, "
+                f"{out.tokens_per_forward:.2f} tokens/forward, finish={out.finish_reason}]",
+                file=sys.stderr,
+            )
     total = sum(o.num_generated_tokens for o in outputs)
-    print(f"[{len(outputs)} prompts, {total} tokens in {seconds:.3f}s: {total / seconds:.1f} tokens/s]",
-          file=sys.stderr)
+    print(
+        f"[{len(outputs)} prompts, {total} tokens in {seconds:.3f}s: {total / seconds:.1f} tokens/s]", file=sys.stderr
+    )
     return 0
 
 
 def _model_config_from_args(args: argparse.Namespace, vocab: int | None):
     from trimode.checkpoint import preset_config
 
-    overrides = {k: v for k, v in (("intermediate_size", args.intermediate), ("head_dim", args.head_dim),
-                                   ("num_attention_heads", args.heads), ("num_key_value_heads", args.kv_heads))
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("intermediate_size", args.intermediate),
+            ("head_dim", args.head_dim),
+            ("num_attention_heads", args.heads),
+            ("num_key_value_heads", args.kv_heads),
+        )
+        if v is not None
+    }
     return preset_config(args.preset, layers=args.layers, hidden=args.hidden, vocab=args.vocab or vocab, **overrides)
 
 
@@ -56,8 +76,14 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     from trimode.checkpoint import make_checkpoint
 
     cfg = _model_config_from_args(args, None)
-    out = make_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype, draft_lora_rank=args.draft_lora_rank,
-                          shard_bytes=int(args.shard_gb * 2**30))
+    out = make_checkpoint(
+        cfg,
+        args.out,
+        seed=args.seed,
+        dtype=args.dtype,
+        draft_lora_rank=args.draft_lora_rank,
+        shard_bytes=int(args.shard_gb * 2**30),
+    )
     print(f"wrote {args.preset} checkpoint ({cfg.num_parameters / 1e6:.1f}M parameters) to {out}")
     return 0
 
@@ -87,18 +113,25 @@ def _train(args: argparse.Namespace) -> int:
         if args.tokenizer or args.init:
             raise FileNotFoundError(f"{tokenizer_dir / 'tokenizer.json'} is missing")
         vocab = args.vocab or 4096
-        write_tokenizer_files(build_tokenizer(vocab, corpus_texts(cfg.data), split_digits=True), tokenizer_dir,
-                              262144)
+        write_tokenizer_files(build_tokenizer(vocab, corpus_texts(cfg.data), split_digits=True), tokenizer_dir, 262144)
     vocab = Tokenizer.from_dir(tokenizer_dir).vocab_size
     model_cfg = None if args.init else _model_config_from_args(args, vocab)
     if model_cfg is not None:
-        model_cfg = dataclasses.replace(model_cfg, eos_token_id=(SPECIAL_TOKEN_IDS["<|im_end|>"],),
-                                        pad_token_id=SPECIAL_TOKEN_IDS["<pad>"], block_size=cfg.block_size)
+        model_cfg = dataclasses.replace(
+            model_cfg,
+            eos_token_id=(SPECIAL_TOKEN_IDS["<|im_end|>"],),
+            pad_token_id=SPECIAL_TOKEN_IDS["<pad>"],
+            block_size=cfg.block_size,
+        )
     model = initial_model(args.init, model_cfg, cfg.seed, args.mask_token_id)
     if model.config.vocab_size < vocab:
         raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's {vocab}")
-    extra = {"command": "trimode " + " ".join(sys.argv[1:]), "init": args.init, "tokenizer": str(tokenizer_dir),
-             "data_sources": cfg.data}
+    extra = {
+        "command": "trimode " + " ".join(sys.argv[1:]),
+        "init": args.init,
+        "tokenizer": str(tokenizer_dir),
+        "data_sources": cfg.data,
+    }
     log = train(cfg, model, tokenizer_dir, resume=args.resume, extra_args=extra, stop_at=args.stop_at)
     if log:
         print(json.dumps(log[-1]))
@@ -117,8 +150,11 @@ def _eval(args: argparse.Namespace) -> int:
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     report = task_accuracy(llm, modes, n=args.num_examples, block_length=args.block_length, threshold=args.threshold)
     docs = stdlib_texts(held_out=True)
-    result = {"accuracy": report, "stdlib_heldout_loss_nats": round(heldout_text_loss(llm, docs), 4),
-              "num_examples_per_task": args.num_examples}
+    result = {
+        "accuracy": report,
+        "stdlib_heldout_loss_nats": round(heldout_text_loss(llm, docs), 4),
+        "num_examples_per_task": args.num_examples,
+    }
     if args.json:
         print(json.dumps(result))
         return 0
@@ -128,8 +164,10 @@ def _eval(args: argparse.Namespace) -> int:
     for mode, row in report.items():
         cells = " | ".join(f"{100 * row[t]:.1f}%" for t in TASKS)
         match = row.get(f"same_tokens_as_{modes[0]}")
-        print(f"| {mode} | {cells} | {row['tokens_per_forward']:.2f} | "
-              f"{'-' if match is None else f'{100 * match:.1f}%'} |")
+        print(
+            f"| {mode} | {cells} | {row['tokens_per_forward']:.2f} | "
+            f"{'-' if match is None else f'{100 * match:.1f}%'} |"
+        )
     print(f"held-out stdlib loss: {result['stdlib_heldout_loss_nats']:.4f} nats/token")
     return 0
 
@@ -189,31 +227,43 @@ def _bench(args: argparse.Namespace) -> int:
     modes = _mode_list(args.modes)
     if args.baseline not in (None, "hf"):
         raise ValueError(f"--baseline must be 'hf'; got {args.baseline!r}")
-    configs = expand_configs(modes, _int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
-                             _int_list("--block-lengths", args.block_lengths or "8,32"),
-                             _float_list("--thresholds", args.thresholds or "0.9"))
+    configs = expand_configs(
+        modes,
+        _int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
+        _int_list("--block-lengths", args.block_lengths or "8,32"),
+        _float_list("--thresholds", args.thresholds or "0.9"),
+    )
     prompts = load_suite(args.suite, args.num_prompts)
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     results, outputs = sweep(llm, prompts, configs, args.max_tokens, args.warmup)
     versions = {"trimode": __version__, "torch": torch.__version__}
-    doc = {"command": "trimode " + " ".join(sys.argv[1:]), "versions": versions, "machine": machine_card(llm),
-           "suite": args.suite, "num_prompts": len(prompts), "max_tokens": args.max_tokens, "warmup": args.warmup,
-           "results": results, "crossover": crossover(results)}
+    doc = {
+        "command": "trimode " + " ".join(sys.argv[1:]),
+        "versions": versions,
+        "machine": machine_card(llm),
+        "suite": args.suite,
+        "num_prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "warmup": args.warmup,
+        "results": results,
+        "crossover": crossover(results),
+    }
     if args.baseline == "hf":
         import transformers
 
         versions["transformers"] = transformers.__version__
         ar1 = BenchConfig("ar", 1)
-        ours = outputs.get(ar1) or run_config(llm, prompts, encode(llm, prompts), ar1, args.max_tokens,
-                                              args.warmup)[1]
+        ours = outputs.get(ar1) or run_config(llm, prompts, encode(llm, prompts), ar1, args.max_tokens, args.warmup)[1]
         doc["baseline"] = run_hf_baseline(llm, encode(llm, prompts), ours, args.max_tokens, args.warmup)
     print(table(results))
     if doc["crossover"]:
         print(doc["crossover"])
     if doc.get("baseline"):
         b = doc["baseline"]
-        print(f"HF generate: {b['output_tokens_per_s']} tokens/s; trimode AR {b['trimode_ar_tokens_per_s']} "
-              f"({b['speed_ratio_trimode_over_hf']}x); identical outputs {100 * b['identical_outputs']:.1f}%")
+        print(
+            f"HF generate: {b['output_tokens_per_s']} tokens/s; trimode AR {b['trimode_ar_tokens_per_s']} "
+            f"({b['speed_ratio_trimode_over_hf']}x); identical outputs {100 * b['identical_outputs']:.1f}%"
+        )
     total = sum(r["num_generated_tokens"] for r in results)
     print(f"{len(prompts)} prompts x {len(results)} configurations, {total} generated tokens measured")
     if args.out:
@@ -244,13 +294,32 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     prompts = load_suite(args.suite, args.num_prompts)
     base = args.endpoint.rstrip("/")
     print(f"{len(configs)} configurations against {base}", flush=True)
-    model, results = asyncio.run(bench_endpoint(
-        base, prompts, configs, args.max_tokens, args.duration, args.warmup, api_key=args.api_key,
-        model=args.served_model, on_result=lambda r: print(table([r]).splitlines()[-1], flush=True)))
-    doc = {"command": "trimode " + " ".join(sys.argv[1:]), "versions": {"trimode": __version__},
-           "machine": client_card(), "endpoint": base, "model": model, "suite": args.suite,
-           "num_prompts": len(prompts), "max_tokens": args.max_tokens, "warmup": args.warmup,
-           "duration": args.duration, "results": results}
+    model, results = asyncio.run(
+        bench_endpoint(
+            base,
+            prompts,
+            configs,
+            args.max_tokens,
+            args.duration,
+            args.warmup,
+            api_key=args.api_key,
+            model=args.served_model,
+            on_result=lambda r: print(table([r]).splitlines()[-1], flush=True),
+        )
+    )
+    doc = {
+        "command": "trimode " + " ".join(sys.argv[1:]),
+        "versions": {"trimode": __version__},
+        "machine": client_card(),
+        "endpoint": base,
+        "model": model,
+        "suite": args.suite,
+        "num_prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "warmup": args.warmup,
+        "duration": args.duration,
+        "results": results,
+    }
     print(table(results))
     failed = sum(r["num_failed"] for r in results)
     print(f"{sum(r['num_requests'] for r in results)} requests measured, {failed} failed")
@@ -270,8 +339,11 @@ def _api_key(args: argparse.Namespace) -> str | None:
             raise ValueError(f"--api-key-file {args.api_key_file} is empty")
         return key
     if args.api_key:
-        print("note: a key given with --api-key is readable by any local user (ps, /proc/PID/cmdline); "
-              "prefer TRIMODE_API_KEY or --api-key-file", file=sys.stderr)
+        print(
+            "note: a key given with --api-key is readable by any local user (ps, /proc/PID/cmdline); "
+            "prefer TRIMODE_API_KEY or --api-key-file",
+            file=sys.stderr,
+        )
         return args.api_key
     return os.environ.get(API_KEY_ENV) or None
 
@@ -287,32 +359,53 @@ def _serve(args: argparse.Namespace) -> int:
     from trimode.server.http_server import serve
 
     SamplingParams(mode=args.default_mode)  # validates the mode with the usual message
-    for flag, value in (("--shutdown-timeout", args.shutdown_timeout), ("--read-timeout", args.read_timeout),
-                        ("--max-connections", args.max_connections)):
+    for flag, value in (
+        ("--shutdown-timeout", args.shutdown_timeout),
+        ("--read-timeout", args.read_timeout),
+        ("--max-connections", args.max_connections),
+    ):
         if not value > 0:
             raise ValueError(f"{flag} must be > 0; got {value}")
     api_key = _api_key(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("trimode.access").disabled = not args.access_log
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise ValueError(f"--max-model-len must be >= 1; got {args.max_model_len}")
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
     name = args.served_model_name or (Path(args.model).name if args.model else "trimode-embedded")
-    engine = AsyncEngine(LLMEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue,
-                                   max_kv_tokens=args.max_kv_tokens), max_queue=args.max_queue)
+    engine = AsyncEngine(
+        LLMEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue, max_kv_tokens=args.max_kv_tokens),
+        max_queue=args.max_queue,
+    )
     engine.start()
-    app = build_app(engine, name, api_key=api_key, default_mode=args.default_mode, access_log=args.access_log,
-                    docs=args.docs)
+    app = build_app(
+        engine, name, api_key=api_key, default_mode=args.default_mode, access_log=args.access_log, docs=args.docs
+    )
     banner = f"serving {name} on http://{args.host}:{{port}}/v1 (default mode {args.default_mode})"
     try:
-        serve(app, engine, args.host, args.port, banner, shutdown_timeout=args.shutdown_timeout,
-              max_connections=args.max_connections, read_timeout=args.read_timeout, has_api_key=api_key is not None)
+        serve(
+            app,
+            engine,
+            args.host,
+            args.port,
+            banner,
+            shutdown_timeout=args.shutdown_timeout,
+            max_connections=args.max_connections,
+            read_timeout=args.read_timeout,
+            has_api_key=api_key is not None,
+        )
     finally:
         engine.shutdown()
     return 0
 
 
 def _add_model_shape_flags(p: argparse.ArgumentParser, preset_required: bool) -> None:
-    p.add_argument("--preset", required=preset_required, default=None if preset_required else "tiny",
-                   help="nld-3b, nld-8b, nld-14b or tiny")
+    p.add_argument(
+        "--preset",
+        required=preset_required,
+        default=None if preset_required else "tiny",
+        help="nld-3b, nld-8b, nld-14b or tiny",
+    )
     for flag in ("--layers", "--hidden", "--vocab", "--intermediate", "--heads", "--kv-heads", "--head-dim"):
         p.add_argument(flag, type=int)
 
@@ -364,12 +457,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", help="tokenizer directory (default: the --init one, else one trained here)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/latest exactly")
     t.add_argument("--stop-at", type=int, help="end this run after step N with a checkpoint (resume later)")
-    for name, kind in (("steps", int), ("ar-steps", int), ("batch-size", int), ("grad-accum", int),
-                       ("seq-len", int), ("lr", float), ("min-lr-ratio", float), ("warmup-steps", int),
-                       ("schedule", str), ("weight-decay", float), ("grad-clip", float), ("alpha", float),
-                       ("block-size", int), ("masking", str), ("half-life-ratio", float), ("eval-every", int),
-                       ("eval-examples", int), ("save-every", int), ("keep", int), ("seed", int), ("device", str),
-                       ("autocast", str), ("save-dtype", str)):
+    for name, kind in (
+        ("steps", int),
+        ("ar-steps", int),
+        ("batch-size", int),
+        ("grad-accum", int),
+        ("seq-len", int),
+        ("lr", float),
+        ("min-lr-ratio", float),
+        ("warmup-steps", int),
+        ("schedule", str),
+        ("weight-decay", float),
+        ("grad-clip", float),
+        ("alpha", float),
+        ("block-size", int),
+        ("masking", str),
+        ("half-life-ratio", float),
+        ("eval-every", int),
+        ("eval-examples", int),
+        ("save-every", int),
+        ("keep", int),
+        ("seed", int),
+        ("device", str),
+        ("autocast", str),
+        ("save-dtype", str),
+    ):
         t.add_argument(f"--{name}", type=kind)
     t.set_defaults(func=_train)
 
@@ -385,21 +497,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="tokens/s, tokens per forward, latency and accuracy per mode and batch size")
     _add_model_flags(b)
-    b.add_argument("--modes", default="ar,diffusion,selfspec",
-                   help="ar, diffusion, selfspec; over HTTP also mixed (round-robin) and default (no mode sent)")
+    b.add_argument(
+        "--modes",
+        default="ar,diffusion,selfspec",
+        help="ar, diffusion, selfspec; over HTTP also mixed (round-robin) and default (no mode sent)",
+    )
     b.add_argument("--suite", default="tasks", help="tasks, code, or a JSONL file")
     b.add_argument("--batch-sizes", help="offline only (default 1,4,16)")
     b.add_argument("--max-tokens", type=int, default=48)
     b.add_argument("--block-lengths", help="default 8,32 offline; the server's default over HTTP")
     b.add_argument("--thresholds", help="default 0.9 offline; the server's default over HTTP")
     b.add_argument("--num-prompts", type=int, default=50)
-    b.add_argument("--warmup", type=int, default=1, help="per configuration, not measured: batches offline, requests per client over HTTP")
+    b.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="per configuration, not measured: batches offline, requests per client over HTTP",
+    )
     b.add_argument("--baseline", help="'hf': also run transformers generate() on the same weights")
     b.add_argument("--out", help="directory for results.json, report.md and the plots")
     b.add_argument("--endpoint", help="bench a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     b.add_argument("--concurrency", help="over HTTP: closed-loop clients, comma-separated (default 1,8,32)")
-    b.add_argument("--duration", type=float, help="over HTTP: seconds of load per configuration (default: "
-                                                  "every prompt once)")
+    b.add_argument(
+        "--duration", type=float, help="over HTTP: seconds of load per configuration (default: every prompt once)"
+    )
     b.add_argument("--api-key", help="over HTTP: sent as `Authorization: Bearer KEY`")
     b.add_argument("--served-model", help="over HTTP: the `model` to request (default: the first of /v1/models)")
     b.set_defaults(func=_bench)
@@ -408,19 +529,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(v)
     v.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` on /v1/* (prefer ${API_KEY_ENV} or "
-                                     "--api-key-file: a command-line key is visible to other local users)")
+    v.add_argument(
+        "--api-key",
+        help=f"require `Authorization: Bearer KEY` on /v1/* (prefer ${API_KEY_ENV} or "
+        "--api-key-file: a command-line key is visible to other local users)",
+    )
     v.add_argument("--api-key-file", help="read the API key from this file")
     v.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
     v.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are refused with 429")
     v.add_argument("--max-kv-tokens", type=int, default=65536, help="KV slots shared by the running requests")
+    v.add_argument(
+        "--max-model-len", type=int, help="longest prompt + max_tokens a request may ask for (default: the model's)"
+    )
     v.add_argument("--default-mode", default="ar", help=f"mode of requests that name none: {', '.join(MODES)}")
     v.add_argument("--served-model-name", help="the `model` clients must send (default: the directory name)")
-    v.add_argument("--shutdown-timeout", type=float, default=5.0,
-                   help="on SIGTERM/SIGINT, seconds running requests get to finish (a second signal exits now)")
+    v.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=5.0,
+        help="on SIGTERM/SIGINT, seconds running requests get to finish (a second signal exits now)",
+    )
     v.add_argument("--max-connections", type=int, default=512, help="open connections; more get 503 at once")
-    v.add_argument("--read-timeout", type=float, default=30.0,
-                   help="seconds a client has to send its whole request (head and body)")
+    v.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send its whole request (head and body)",
+    )
     v.add_argument("--access-log", action="store_true", help="log one line per request (never the prompt)")
     v.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     v.set_defaults(func=_serve)

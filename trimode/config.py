@@ -32,11 +32,17 @@ class RopeConfig:
     llama_4_scaling_beta: float = 0.1
 
     def __post_init__(self) -> None:
-        _require(self.rope_type in ("yarn", "default"), "rope_parameters.rope_type", "'yarn' or 'default'", self.rope_type)
+        _require(
+            self.rope_type in ("yarn", "default"), "rope_parameters.rope_type", "'yarn' or 'default'", self.rope_type
+        )
         _require(self.rope_theta > 0, "rope_parameters.rope_theta", "> 0", self.rope_theta)
         _require(self.factor >= 1, "rope_parameters.factor", ">= 1", self.factor)
-        _require(self.original_max_position_embeddings > 0, "rope_parameters.original_max_position_embeddings",
-                 "> 0", self.original_max_position_embeddings)
+        _require(
+            self.original_max_position_embeddings > 0,
+            "rope_parameters.original_max_position_embeddings",
+            "> 0",
+            self.original_max_position_embeddings,
+        )
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> RopeConfig:
@@ -80,20 +86,38 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        _require(self.model_type in SUPPORTED_MODEL_TYPES, "model_type", f"one of {SUPPORTED_MODEL_TYPES}",
-                 self.model_type)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                     "block_size"):
+        _require(
+            self.model_type in SUPPORTED_MODEL_TYPES, "model_type", f"one of {SUPPORTED_MODEL_TYPES}", self.model_type
+        )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "block_size",
+        ):
             _require(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
-        _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-                 f"a divisor of num_attention_heads={self.num_attention_heads}", self.num_key_value_heads)
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"a divisor of num_attention_heads={self.num_attention_heads}",
+            self.num_key_value_heads,
+        )
         _require(self.head_dim % 2 == 0, "head_dim", "even (RoPE rotates pairs)", self.head_dim)
         for name in ("bos_token_id", "mask_token_id"):
-            _require(0 <= getattr(self, name) < self.vocab_size, name, f"in [0, {self.vocab_size})",
-                     getattr(self, name))
-        _require(len(self.eos_token_id) > 0 and all(0 <= t < self.vocab_size for t in self.eos_token_id),
-                 "eos_token_id", f"one or more ids in [0, {self.vocab_size})", self.eos_token_id)
+            _require(
+                0 <= getattr(self, name) < self.vocab_size, name, f"in [0, {self.vocab_size})", getattr(self, name)
+            )
+        _require(
+            len(self.eos_token_id) > 0 and all(0 <= t < self.vocab_size for t in self.eos_token_id),
+            "eos_token_id",
+            f"one or more ids in [0, {self.vocab_size})",
+            self.eos_token_id,
+        )
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -101,8 +125,12 @@ class ModelConfig:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         hidden_act = cfg.get("hidden_act", "silu")
         _require(hidden_act == "silu", "hidden_act", "'silu'", hidden_act)
-        _require(not cfg.get("tie_word_embeddings", False), "tie_word_embeddings",
-                 "false (the diffusion_head is untied)", cfg.get("tie_word_embeddings"))
+        _require(
+            not cfg.get("tie_word_embeddings", False),
+            "tie_word_embeddings",
+            "false (the diffusion_head is untied)",
+            cfg.get("tie_word_embeddings"),
+        )
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],

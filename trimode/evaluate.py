@@ -12,8 +12,9 @@ from trimode.tasks import TASKS, held_out
 from trimode.tokenizer import Tokenizer
 
 
-def task_accuracy(llm: LLM, modes: list[str], n: int = 100, tasks: tuple[str, ...] = TASKS,
-                  max_tokens: int = 48, **params: object) -> dict[str, dict[str, float]]:
+def task_accuracy(
+    llm: LLM, modes: list[str], n: int = 100, tasks: tuple[str, ...] = TASKS, max_tokens: int = 48, **params: object
+) -> dict[str, dict[str, float]]:
     """{mode: {task: accuracy, ..., "tokens_per_forward": x}} on the first n held-out examples per task.
 
     Every mode after the first also gets "same_tokens_as_<first mode>": the fraction of examples
@@ -45,7 +46,7 @@ def heldout_text_loss(llm: LLM, documents: list[str], seq_len: int = 256, max_wi
         ids += tok.encode(doc)
         if len(ids) >= seq_len * max_windows + 1:
             break
-    windows = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)][:max_windows]
+    windows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)][:max_windows]
     if not windows:
         raise ValueError("held-out documents are shorter than one window")
     x = torch.tensor(windows, device=llm.device)

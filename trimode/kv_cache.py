@@ -15,8 +15,16 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -45,11 +53,13 @@ class KVCache:
         causally or bidirectionally. Scratch slots past that are never visible."""
         keys = torch.arange(span, device=self.lengths.device)
         limit = self.lengths[:, None] + (
-            torch.arange(1, num_tokens + 1, device=self.lengths.device) if causal else num_tokens)
+            torch.arange(1, num_tokens + 1, device=self.lengths.device) if causal else num_tokens
+        )
         return (keys[None, None, :] < limit[:, :, None])[:, None]
 
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, D) at `positions` (B, T); return this layer's keys/values (B, H, S, D)."""
         index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k[layer].scatter_(2, index, k)

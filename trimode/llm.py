@@ -45,18 +45,27 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
-                 max_model_len: int | None = None, load_draft_lora: bool = True) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        load_draft_lora: bool = True,
+    ) -> None:
         if model is None and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
-            raise ValueError(f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "
-                             "checkpoint directory")
+            raise ValueError(
+                f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "
+                "checkpoint directory"
+            )
         path = Path(model) if model is not None else EMBEDDED_MODEL_DIR
         self.device = resolve_device(device)
         self.model = load_model(path, resolve_dtype(dtype, self.device), self.device, load_draft_lora)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_dir(path)
-        self.tokenizer.check_special_ids({"bos_token_id": self.config.bos_token_id,
-                                          "mask_token_id": self.config.mask_token_id})
+        self.tokenizer.check_special_ids(
+            {"bos_token_id": self.config.bos_token_id, "mask_token_id": self.config.mask_token_id}
+        )
         self.runner = ModelRunner(self.model)
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.eos_token_ids = set(self.config.eos_token_id)
@@ -77,12 +86,15 @@ class LLM:
         return llm
 
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                        and all(isinstance(t, int) for t in prompts)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
             prompts = [prompts]  # one prompt: a string or a list of token ids
         if not isinstance(prompts, Sequence) or not prompts:
-            raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists; got "
-                             f"{type(prompts).__name__} {prompts!r:.60}")
+            raise ValueError(
+                "prompts must be a string, a list of strings, or a list of token-id lists; got "
+                f"{type(prompts).__name__} {prompts!r:.60}"
+            )
         ids, texts = [], []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
@@ -97,19 +109,26 @@ class LLM:
                 ids.append(list(p))
                 texts.append(None)
             else:
-                raise ValueError(f"prompt {i} must be a non-empty string or a non-empty list of token ids; "
-                                 f"got {p!r:.60}")
+                raise ValueError(
+                    f"prompt {i} must be a non-empty string or a non-empty list of token ids; got {p!r:.60}"
+                )
         return ids, texts
 
-    def generate(self, prompts: PromptInput | Sequence[PromptInput],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
         """Generate for every prompt. Prompts that share a mode (and block shape) run as one batch."""
         ids, texts = self._tokenize(prompts)
         return self._generate(ids, texts, params)
 
-    def chat(self, messages: list[Message] | list[list[Message]],
-             params: SamplingParams | Sequence[SamplingParams] | None = None,
-             **template_kwargs: Any) -> list[GenerationOutput]:
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **template_kwargs: Any,
+    ) -> list[GenerationOutput]:
         """One conversation (a list of messages) or a list of conversations, rendered with the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if not conversations:
@@ -127,12 +146,15 @@ class LLM:
 
     def check_fits(self, ids: list[int], params: SamplingParams, name: str = "the prompt") -> None:
         if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"{name} has {len(ids)} tokens and max_tokens is {params.max_tokens}: together they "
-                             f"exceed the context of {self.max_model_len} tokens; shorten the prompt or lower "
-                             f"max_tokens to <= {max(self.max_model_len - len(ids), 0)}")
+            raise ValueError(
+                f"{name} has {len(ids)} tokens and max_tokens is {params.max_tokens}: together they "
+                f"exceed the context of {self.max_model_len} tokens; shorten the prompt or lower "
+                f"max_tokens to <= {max(self.max_model_len - len(ids), 0)}"
+            )
 
-    def _generate(self, ids: list[list[int]], texts: list[str | None],
-                  params: SamplingParams | Sequence[SamplingParams] | None) -> list[GenerationOutput]:
+    def _generate(
+        self, ids: list[list[int]], texts: list[str | None], params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[GenerationOutput]:
         params = params if params is not None else SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(ids)
         if len(per_prompt) != len(ids):
@@ -144,8 +166,15 @@ class LLM:
             groups.setdefault(batch_key(sp), []).append(i)
         results: list[GenerationOutput | None] = [None] * len(ids)
         for rows in groups.values():
-            outs = run_batch(self.runner, self.tokenizer, make_decoder(per_prompt[rows[0]]), [ids[i] for i in rows],
-                             [texts[i] for i in rows], [per_prompt[i] for i in rows], self.eos_token_ids)
+            outs = run_batch(
+                self.runner,
+                self.tokenizer,
+                make_decoder(per_prompt[rows[0]]),
+                [ids[i] for i in rows],
+                [texts[i] for i in rows],
+                [per_prompt[i] for i in rows],
+                self.eos_token_ids,
+            )
             for i, out in zip(rows, outs):
                 results[i] = out
         return results  # type: ignore[return-value]

@@ -48,8 +48,11 @@ class GenerationOutput:
         """The JSON object `trimode generate --json` prints."""
         d = asdict(self)
         del d["prompt_token_ids"], d["token_times"]
-        d.update(num_prompt_tokens=self.num_prompt_tokens, num_generated_tokens=self.num_generated_tokens,
-                 tokens_per_forward=round(self.tokens_per_forward, 4))
+        d.update(
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+            tokens_per_forward=round(self.tokens_per_forward, 4),
+        )
         for name, values in self.mode_stats.items():
             d[f"mean_{name}"] = round(sum(values) / len(values), 4) if values else None
         return d

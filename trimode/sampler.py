@@ -20,17 +20,21 @@ class Sampler:
         self.device = device
         self.params = list(params)
         # 0 marks a greedy row (temperatures below GREEDY_TEMPERATURE included): no NaN ever reaches sampling.
-        self.temperature = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params],
-                                        dtype=torch.float32, device=device)
+        self.temperature = torch.tensor(
+            [0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32, device=device
+        )
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        self.generators = [torch.Generator(device=device).manual_seed(
-            p.seed if p.seed is not None else secrets.randbits(63)) for p in params]
+        self.generators = [
+            torch.Generator(device=device).manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+            for p in params
+        ]
         self._update_flags()
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        self.temperature, self.top_k, self.top_p = (t[rows.to(self.device)] for t in
-                                                    (self.temperature, self.top_k, self.top_p))
+        self.temperature, self.top_k, self.top_p = (
+            t[rows.to(self.device)] for t in (self.temperature, self.top_k, self.top_p)
+        )
         self.generators = [self.generators[i] for i in rows.tolist()]
         self.params = [self.params[i] for i in rows.tolist()]
         self._update_flags()
@@ -92,8 +96,9 @@ class Sampler:
         # right=True picks the first index whose cdf exceeds u, which always has positive weight.
         return torch.searchsorted(cdf, u[..., None], right=True)[..., 0].clamp(max=probs.shape[-1] - 1)
 
-    def pick(self, logits: torch.Tensor, with_confidence: bool = False, rows: list[int] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def pick(
+        self, logits: torch.Tensor, with_confidence: bool = False, rows: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, V) -> tokens (B, T) and optionally their confidence (B, T): the picked token's
         probability under the untempered softmax of the logits, whether it was picked greedily or
         sampled (as LLaDA and Fast-dLLM do), so the reveal schedule does not depend on top-k/top-p.

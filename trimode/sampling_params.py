@@ -41,17 +41,34 @@ class SamplingParams:
             if self.mode not in MODES:
                 raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
             self.mode = Mode(self.mode)
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1",
-               self.max_tokens)
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0 (0 = greedy)",
-               self.temperature)
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens
+        )
+        _check(
+            _is_number(self.temperature) and self.temperature >= 0,
+            "temperature",
+            "a number >= 0 (0 = greedy)",
+            self.temperature,
+        )
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _check(_is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K, "top_k",
-               f"an integer in [0, {MAX_TOP_K}] (0 = off)", self.top_k)
-        _check(self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]), "seed",
-               f"None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", self.seed)
-        _check(isinstance(self.block_length, int) and self.block_length >= 1, "block_length", "an integer >= 1",
-               self.block_length)
+        _check(
+            _is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K,
+            "top_k",
+            f"an integer in [0, {MAX_TOP_K}] (0 = off)",
+            self.top_k,
+        )
+        _check(
+            self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+            "seed",
+            f"None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
+            self.seed,
+        )
+        _check(
+            isinstance(self.block_length, int) and self.block_length >= 1,
+            "block_length",
+            "an integer >= 1",
+            self.block_length,
+        )
         _check(_is_number(self.threshold) and 0 <= self.threshold <= 1, "threshold", "in [0, 1]", self.threshold)
         if isinstance(self.stop, str):
             self.stop = [self.stop]

@@ -81,7 +81,12 @@ def _solve(task: str, prompt: str) -> str:
 
 
 GENERATORS: dict[str, Callable[[random.Random, Difficulty], tuple[str, str]]] = {
-    "copy": _copy, "reverse": _reverse, "sort": _sort, "add": _add, "recall": _recall}
+    "copy": _copy,
+    "reverse": _reverse,
+    "sort": _sort,
+    "add": _add,
+    "recall": _recall,
+}
 TASKS = tuple(GENERATORS)
 HELD_OUT_SEED = 1_000_003
 
@@ -104,8 +109,9 @@ def held_out(task: str, n: int = 100, difficulty: Difficulty = Difficulty()) -> 
     return [make_example(task, rng, difficulty) for _ in range(n)]
 
 
-def training_stream(seed: int, tasks: tuple[str, ...] = TASKS, difficulty: Difficulty = Difficulty(),
-                    held_out_size: int = 100) -> Iterator[Example]:
+def training_stream(
+    seed: int, tasks: tuple[str, ...] = TASKS, difficulty: Difficulty = Difficulty(), held_out_size: int = 100
+) -> Iterator[Example]:
     """An endless stream of training examples (tasks uniformly mixed), never a held-out prompt."""
     excluded = {e.prompt for t in tasks for e in held_out(t, held_out_size, difficulty)}
     rng = random.Random(f"train:{seed}")

@@ -66,8 +66,9 @@ class Tokenizer:
         tok_file, cfg_file = path / "tokenizer.json", path / "tokenizer_config.json"
         for f in (tok_file, cfg_file):
             if not f.is_file():
-                raise FileNotFoundError(f"{f} is missing: a checkpoint directory needs tokenizer.json and "
-                                        "tokenizer_config.json")
+                raise FileNotFoundError(
+                    f"{f} is missing: a checkpoint directory needs tokenizer.json and tokenizer_config.json"
+                )
         cfg = json.loads(cfg_file.read_text())
         bos = cfg.get("bos_token")
         if isinstance(bos, dict):  # AddedToken serialised as a dict
@@ -85,8 +86,10 @@ class Tokenizer:
         """Fail if config.json's special ids (e.g. {'mask_token_id': 100}) are outside the tokenizer."""
         for name, token_id in named.items():
             if self._tok.id_to_token(token_id) is None:
-                raise ValueError(f"config.json `{name}`={token_id} is not a token of tokenizer.json "
-                                 f"(vocabulary size {self.vocab_size})")
+                raise ValueError(
+                    f"config.json `{name}`={token_id} is not a token of tokenizer.json "
+                    f"(vocabulary size {self.vocab_size})"
+                )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -94,16 +97,20 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         if self._template is None:
-            raise ValueError("this checkpoint's tokenizer_config.json has no chat_template: use generate() "
-                             "with plain prompts, or add a chat template")
+            raise ValueError(
+                "this checkpoint's tokenizer_config.json has no chat_template: use generate() "
+                "with plain prompts, or add a chat template"
+            )
         if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, **kwargs)
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token, **kwargs
+            )
         except TemplateError as e:
             raise ValueError(f"chat template: {e}") from e
 
@@ -123,8 +130,10 @@ class Tokenizer:
         found = pieces[1::2]
         content_of = dict(zip(marks, contents))
         if found != marks or "".join(content_of.get(p, p) for p in pieces) != text:
-            raise ValueError("a message contains special-token text (such as <|im_start|>) and this chat template "
-                             "rewrites message content, so it cannot be kept as plain text: remove it")
+            raise ValueError(
+                "a message contains special-token text (such as <|im_start|>) and this chat template "
+                "rewrites message content, so it cannot be kept as plain text: remove it"
+            )
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if i % 2:

@@ -45,18 +45,27 @@ def build_tokenizer(vocab_size: int, corpus: Iterator[str] | None = None, split_
     """split_digits: every digit is its own token (arithmetic is learnable digit by digit)."""
     min_size = NUM_RESERVED_IDS + 256 + 1
     if vocab_size < min_size:
-        raise ValueError(f"vocab_size must be >= {min_size} ({NUM_RESERVED_IDS} special ids + 256 bytes + 1); "
-                         f"got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be >= {min_size} ({NUM_RESERVED_IDS} special ids + 256 bytes + 1); got {vocab_size}"
+        )
     tok = HFTokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if split_digits else byte_level)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, MAX_LEARNED_VOCAB), special_tokens=special_tokens(),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, MAX_LEARNED_VOCAB),
+        special_tokens=special_tokens(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus if corpus is not None else stdlib_corpus(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
-                                                       special_tokens=[(BOS, SPECIAL_TOKEN_IDS[BOS])])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, SPECIAL_TOKEN_IDS[BOS])]
+    )
     if tok.get_vocab_size() < vocab_size:
         tok = _pad_with_synthetic_merges(tok, vocab_size)
     assert tok.get_vocab_size() == vocab_size
@@ -87,9 +96,26 @@ def write_tokenizer_files(tok: HFTokenizer, out: str | os.PathLike, model_max_le
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                      "single_word": False} for t, i in SPECIAL_TOKEN_IDS.items()}
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": IM_END, "pad_token": PAD,
-           "unk_token": UNK, "mask_token": MASK, "chat_template": CHATML_TEMPLATE,
-           "model_max_length": model_max_length, "added_tokens_decoder": added}
+    added = {
+        str(i): {
+            "content": t,
+            "special": True,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+        }
+        for t, i in SPECIAL_TOKEN_IDS.items()
+    }
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": IM_END,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "mask_token": MASK,
+        "chat_template": CHATML_TEMPLATE,
+        "model_max_length": model_max_length,
+        "added_tokens_decoder": added,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))

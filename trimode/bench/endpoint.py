@@ -61,10 +61,17 @@ class Sample:
         return (self.chunk_times[-1] - self.chunk_times[0]) / (self.tokens - 1)
 
 
-def request_body(prompt: BenchPrompt, model: str, cfg: EndpointConfig, mode: str | None, max_tokens: int,
-                 seed: int) -> tuple[str, dict[str, Any]]:
-    body: dict[str, Any] = {"model": model, "max_tokens": prompt.max_tokens or max_tokens, "temperature": 0,
-                            "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+def request_body(
+    prompt: BenchPrompt, model: str, cfg: EndpointConfig, mode: str | None, max_tokens: int, seed: int
+) -> tuple[str, dict[str, Any]]:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": prompt.max_tokens or max_tokens,
+        "temperature": 0,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if mode is not None:
         body["mode"] = mode
         if mode != "ar" and cfg.block_length is not None:
@@ -111,9 +118,16 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], sample
         sample.error = f"{type(e).__name__}: {e}"
 
 
-async def run_load(client: httpx.AsyncClient, base_url: str, model: str, prompts: list[BenchPrompt],
-                   cfg: EndpointConfig, max_tokens: int, duration: float | None, seed: int = 0
-                   ) -> tuple[list[Sample], float]:
+async def run_load(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    prompts: list[BenchPrompt],
+    cfg: EndpointConfig,
+    max_tokens: int,
+    duration: float | None,
+    seed: int = 0,
+) -> tuple[list[Sample], float]:
     """`cfg.concurrency` closed-loop clients; new requests stop at `duration` (every prompt once if None),
     and the requests in flight then run to the end. Returns the samples and the wall seconds."""
     counter = itertools.count()
@@ -145,15 +159,21 @@ def summarize_load(samples: list[Sample], seconds: float) -> dict[str, Any]:
     checked = [s.correct for s in ok if s.correct is not None]
     gaps = [b - a for s in ok for a, b in zip(s.chunk_times, s.chunk_times[1:])]
     return {
-        "num_requests": len(ok), "num_failed": len(samples) - len(ok),
+        "num_requests": len(ok),
+        "num_failed": len(samples) - len(ok),
         "failures": sorted({s.error for s in samples if s.error})[:5],
-        "num_generated_tokens": tokens, "seconds": round(seconds, 3),
-        "output_tokens_per_s": round(tokens / seconds, 2), "requests_per_s": round(len(ok) / seconds, 3),
+        "num_generated_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "output_tokens_per_s": round(tokens / seconds, 2),
+        "requests_per_s": round(len(ok) / seconds, 3),
         # Only servers that report forwards in `usage` (trimode) have tokens per forward.
         "tokens_per_forward": round(tokens / max(sum(forwards), 1), 4) if ok and None not in forwards else None,
-        "ttft_ms": latency([s.ttft for s in ok]), "itl_ms": latency([s.itl for s in ok]),
-        "chunk_gap_ms": latency(gaps), "e2e_ms": latency([s.chunk_times[-1] - s.sent for s in ok if s.chunk_times]),
-        "accuracy": round(sum(checked) / len(checked), 4) if checked else None, "num_checked": len(checked),
+        "ttft_ms": latency([s.ttft for s in ok]),
+        "itl_ms": latency([s.itl for s in ok]),
+        "chunk_gap_ms": latency(gaps),
+        "e2e_ms": latency([s.chunk_times[-1] - s.sent for s in ok if s.chunk_times]),
+        "accuracy": round(sum(checked) / len(checked), 4) if checked else None,
+        "num_checked": len(checked),
     }
 
 
@@ -167,9 +187,17 @@ async def served_model(client: httpx.AsyncClient, base_url: str) -> str:
     return data[0]["id"]
 
 
-async def bench_endpoint(base_url: str, prompts: list[BenchPrompt], configs: list[EndpointConfig], max_tokens: int,
-                         duration: float | None, warmup: int, api_key: str | None = None, model: str | None = None,
-                         on_result: Any = None) -> tuple[str, list[dict[str, Any]]]:
+async def bench_endpoint(
+    base_url: str,
+    prompts: list[BenchPrompt],
+    configs: list[EndpointConfig],
+    max_tokens: int,
+    duration: float | None,
+    warmup: int,
+    api_key: str | None = None,
+    model: str | None = None,
+    on_result: Any = None,
+) -> tuple[str, list[dict[str, Any]]]:
     """Every configuration in turn: `warmup` rounds of `concurrency` requests (not measured), then the load."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(c.concurrency for c in configs) + 4)
@@ -182,10 +210,15 @@ async def bench_endpoint(base_url: str, prompts: list[BenchPrompt], configs: lis
         results = []
         for cfg in configs:
             if warmup:
-                await run_load(client, base_url, model, prompts[:warmup * cfg.concurrency], cfg, max_tokens, None)
+                await run_load(client, base_url, model, prompts[: warmup * cfg.concurrency], cfg, max_tokens, None)
             samples, seconds = await run_load(client, base_url, model, prompts, cfg, max_tokens, duration)
-            result = {"mode": cfg.mode, "concurrency": cfg.concurrency, "block_length": cfg.block_length,
-                      "threshold": cfg.threshold, **summarize_load(samples, seconds)}
+            result = {
+                "mode": cfg.mode,
+                "concurrency": cfg.concurrency,
+                "block_length": cfg.block_length,
+                "threshold": cfg.threshold,
+                **summarize_load(samples, seconds),
+            }
             if cfg.mode == "mixed":
                 result["by_mode"] = {m: summarize_load([s for s in samples if s.mode == m], seconds) for m in MODES}
             results.append(result)
@@ -195,8 +228,9 @@ async def bench_endpoint(base_url: str, prompts: list[BenchPrompt], configs: lis
     return model, results
 
 
-def endpoint_configs(modes: list[str], concurrencies: list[int], block_lengths: list[int | None],
-                     thresholds: list[float | None]) -> list[EndpointConfig]:
+def endpoint_configs(
+    modes: list[str], concurrencies: list[int], block_lengths: list[int | None], thresholds: list[float | None]
+) -> list[EndpointConfig]:
     """Block lengths apply to every mode but AR, thresholds to diffusion and mixed; None leaves the
     server's default."""
     configs = []

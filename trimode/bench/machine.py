@@ -12,8 +12,14 @@ import torch
 from trimode.llm import LLM
 
 # Peak HBM bandwidth (bytes/s) by GPU name, from the vendors' data sheets.
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12,
-                  "L40S": 0.864e12}
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 NVL": 3.9e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100": 2.0e12,
+    "L40S": 0.864e12,
+}
 
 
 def cpu_name() -> str:
@@ -30,9 +36,14 @@ def machine_card(llm: LLM) -> dict[str, Any]:
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     card: dict[str, Any] = {
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else cpu_name(),
-        "device_type": llm.device.type, "dtype": str(llm.model.diffusion_head.weight.dtype).removeprefix("torch."),
-        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "parameters": params, "weight_bytes": weight_bytes}
+        "device_type": llm.device.type,
+        "dtype": str(llm.model.diffusion_head.weight.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "parameters": params,
+        "weight_bytes": weight_bytes,
+    }
     if llm.device.type == "cuda":
         name = card["device"]
         peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)

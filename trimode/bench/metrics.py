@@ -23,8 +23,9 @@ def latency(values: list[float]) -> dict[str, float]:
     return {f"p{q}": round(1000 * percentile(values, q), 3) for q in (50, 90, 99)}
 
 
-def summarize(outputs: list[GenerationOutput], correct: list[bool | None], wall_seconds: float,
-              forward_ms: list[dict[str, float]]) -> dict[str, Any]:
+def summarize(
+    outputs: list[GenerationOutput], correct: list[bool | None], wall_seconds: float, forward_ms: list[dict[str, float]]
+) -> dict[str, Any]:
     """Figures of one (mode, batch size, block, threshold) run. Tokens per forward counts every
     forward each request took part in, its prefill included."""
     tokens = sum(o.num_generated_tokens for o in outputs)
@@ -35,9 +36,12 @@ def summarize(outputs: list[GenerationOutput], correct: list[bool | None], wall_
         for kind, ms in batch.items():
             kinds.setdefault(kind, []).append(ms)
     result: dict[str, Any] = {
-        "num_requests": len(outputs), "num_generated_tokens": tokens, "num_forwards": forwards,
+        "num_requests": len(outputs),
+        "num_generated_tokens": tokens,
+        "num_forwards": forwards,
         "seconds": round(wall_seconds, 4),
-        "output_tokens_per_s": round(tokens / wall_seconds, 2), "requests_per_s": round(len(outputs) / wall_seconds, 3),
+        "output_tokens_per_s": round(tokens / wall_seconds, 2),
+        "requests_per_s": round(len(outputs) / wall_seconds, 3),
         "tokens_per_forward": round(tokens / max(forwards, 1), 4),
         "ttft_ms": latency([o.time_to_first_token for o in outputs]),
         "itl_ms": latency([o.inter_token_latency for o in outputs]),

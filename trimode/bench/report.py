@@ -6,10 +6,31 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLUMNS = (("config", 22), ("tok/s", 9), ("req/s", 7), ("TPF", 6), ("tok/cycle", 9), ("passes/blk", 10),
-           ("TTFT p50", 9), ("ITL p50", 8), ("acc", 6), ("vs AR", 6))
-HTTP_COLUMNS = (("config", 22), ("tok/s", 9), ("req/s", 7), ("TPF", 6), ("failed", 6), ("TTFT p50", 9),
-                ("TTFT p99", 9), ("ITL p50", 8), ("ITL p99", 8), ("acc", 6), ("vs AR", 6))
+COLUMNS = (
+    ("config", 22),
+    ("tok/s", 9),
+    ("req/s", 7),
+    ("TPF", 6),
+    ("tok/cycle", 9),
+    ("passes/blk", 10),
+    ("TTFT p50", 9),
+    ("ITL p50", 8),
+    ("acc", 6),
+    ("vs AR", 6),
+)
+HTTP_COLUMNS = (
+    ("config", 22),
+    ("tok/s", 9),
+    ("req/s", 7),
+    ("TPF", 6),
+    ("failed", 6),
+    ("TTFT p50", 9),
+    ("TTFT p99", 9),
+    ("ITL p50", 8),
+    ("ITL p99", 8),
+    ("acc", 6),
+    ("vs AR", 6),
+)
 
 
 def _load(r: dict[str, Any]) -> int:
@@ -36,54 +57,103 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = ["  ".join(name.rjust(w) for name, w in columns)]
     for r in results:
         ttft, itl = r["ttft_ms"], r["itl_ms"]
-        middle = (str(r["num_failed"]), _fmt(ttft["p50"], ".1f"), _fmt(ttft["p99"], ".1f"), _fmt(itl["p50"], ".2f"),
-                  _fmt(itl["p99"], ".2f")) if http else \
-            (_fmt(r.get("tokens_per_cycle"), ".2f"), _fmt(r.get("denoise_passes_per_block"), ".2f"),
-             _fmt(ttft["p50"], ".1f"), _fmt(itl["p50"], ".2f"))
-        cells = (_label(r), _fmt(r["output_tokens_per_s"], ".1f"), _fmt(r["requests_per_s"], ".2f"),
-                 _fmt(r["tokens_per_forward"], ".2f"), *middle, _fmt(r["accuracy"], ".3f"),
-                 _fmt(r.get("speedup_vs_ar"), ".2f"))
+        middle = (
+            (
+                str(r["num_failed"]),
+                _fmt(ttft["p50"], ".1f"),
+                _fmt(ttft["p99"], ".1f"),
+                _fmt(itl["p50"], ".2f"),
+                _fmt(itl["p99"], ".2f"),
+            )
+            if http
+            else (
+                _fmt(r.get("tokens_per_cycle"), ".2f"),
+                _fmt(r.get("denoise_passes_per_block"), ".2f"),
+                _fmt(ttft["p50"], ".1f"),
+                _fmt(itl["p50"], ".2f"),
+            )
+        )
+        cells = (
+            _label(r),
+            _fmt(r["output_tokens_per_s"], ".1f"),
+            _fmt(r["requests_per_s"], ".2f"),
+            _fmt(r["tokens_per_forward"], ".2f"),
+            *middle,
+            _fmt(r["accuracy"], ".3f"),
+            _fmt(r.get("speedup_vs_ar"), ".2f"),
+        )
         lines.append("  ".join(c.rjust(w) for c, (_, w) in zip(cells, columns)))
     return "\n".join(lines)
 
 
 def markdown(doc: dict[str, Any]) -> str:
     http = "endpoint" in doc
-    head = ["config", "tokens/s", "requests/s", "tokens/forward", "TTFT p50/p99 ms", "ITL p50/p99 ms", "accuracy",
-            "speed-up vs AR"]
-    head += ["failed", "chunk gap p50/p99 ms", "latency p50/p99 ms"] if http else \
-        ["tokens/cycle", "denoise passes/block", "forward ms"]
+    head = [
+        "config",
+        "tokens/s",
+        "requests/s",
+        "tokens/forward",
+        "TTFT p50/p99 ms",
+        "ITL p50/p99 ms",
+        "accuracy",
+        "speed-up vs AR",
+    ]
+    head += (
+        ["failed", "chunk gap p50/p99 ms", "latency p50/p99 ms"]
+        if http
+        else ["tokens/cycle", "denoise passes/block", "forward ms"]
+    )
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pair(d: dict[str, float], spec: str) -> str:
         return f"{d['p50']:{spec}} / {d['p99']:{spec}}"
 
     for r in doc["results"]:
-        cells = [_label(r), _fmt(r["output_tokens_per_s"], ".1f"), _fmt(r["requests_per_s"], ".2f"),
-                 _fmt(r["tokens_per_forward"], ".2f"), pair(r["ttft_ms"], ".1f"), pair(r["itl_ms"], ".2f"),
-                 _fmt(r["accuracy"], ".3f"), _fmt(r.get("speedup_vs_ar"), ".2f")]
+        cells = [
+            _label(r),
+            _fmt(r["output_tokens_per_s"], ".1f"),
+            _fmt(r["requests_per_s"], ".2f"),
+            _fmt(r["tokens_per_forward"], ".2f"),
+            pair(r["ttft_ms"], ".1f"),
+            pair(r["itl_ms"], ".2f"),
+            _fmt(r["accuracy"], ".3f"),
+            _fmt(r.get("speedup_vs_ar"), ".2f"),
+        ]
         if http:
             cells += [str(r["num_failed"]), pair(r["chunk_gap_ms"], ".1f"), pair(r["e2e_ms"], ".0f")]
         else:
-            cells += [_fmt(r.get("tokens_per_cycle"), ".2f"), _fmt(r.get("denoise_passes_per_block"), ".2f"),
-                      ", ".join(f"{k} {v:.2f}" for k, v in r["forward_ms"].items())]
+            cells += [
+                _fmt(r.get("tokens_per_cycle"), ".2f"),
+                _fmt(r.get("denoise_passes_per_block"), ".2f"),
+                ", ".join(f"{k} {v:.2f}" for k, v in r["forward_ms"].items()),
+            ]
         rows.append("| " + " | ".join(cells) + " |")
     card = "\n".join(f"- {k}: {v}" for k, v in doc["machine"].items())
     if http:
-        how = (f"{doc['endpoint']} (model `{doc['model']}`), closed loop, "
-               + (f"{doc['duration']} s per configuration" if doc.get("duration") else "every prompt once")
-               + f", warm-up {doc['warmup']} request(s) per client excluded")
+        how = (
+            f"{doc['endpoint']} (model `{doc['model']}`), closed loop, "
+            + (f"{doc['duration']} s per configuration" if doc.get("duration") else "every prompt once")
+            + f", warm-up {doc['warmup']} request(s) per client excluded"
+        )
     else:
         how = f"warm-up {doc['warmup']} batches excluded"
-    parts = [f"# trimode bench\n\nCommand: `{doc['command']}`\n", f"## Machine\n\n{card}\n",
-             f"## Results ({doc['num_prompts']} prompts, suite `{doc['suite']}`, max_tokens {doc['max_tokens']}, "
-             f"{how})\n", "\n".join(rows) + "\n"]
+    parts = [
+        f"# trimode bench\n\nCommand: `{doc['command']}`\n",
+        f"## Machine\n\n{card}\n",
+        f"## Results ({doc['num_prompts']} prompts, suite `{doc['suite']}`, max_tokens {doc['max_tokens']}, {how})\n",
+        "\n".join(rows) + "\n",
+    ]
     mixed = [r for r in doc["results"] if r.get("by_mode")]
     for r in mixed:
-        parts.append(f"### {_label(r)}: per mode\n\n| mode | requests | tokens/s | tokens/forward | TTFT p50/p99 ms | "
-                     "ITL p50/p99 ms |\n|---|---|---|---|---|---|")
-        parts += [f"| {m} | {b['num_requests']} | {b['output_tokens_per_s']:.1f} | {_fmt(b['tokens_per_forward'], '.2f')}"
-                  f" | {pair(b['ttft_ms'], '.1f')} | {pair(b['itl_ms'], '.2f')} |" for m, b in r["by_mode"].items()]
+        parts.append(
+            f"### {_label(r)}: per mode\n\n| mode | requests | tokens/s | tokens/forward | TTFT p50/p99 ms | "
+            "ITL p50/p99 ms |\n|---|---|---|---|---|---|"
+        )
+        parts += [
+            f"| {m} | {b['num_requests']} | {b['output_tokens_per_s']:.1f} | {_fmt(b['tokens_per_forward'], '.2f')}"
+            f" | {pair(b['ttft_ms'], '.1f')} | {pair(b['itl_ms'], '.2f')} |"
+            for m, b in r["by_mode"].items()
+        ]
         parts.append("")
     if doc.get("baseline"):
         parts.append("## Hugging Face baseline\n\n" + "\n".join(f"- {k}: {v}" for k, v in doc["baseline"].items()))
@@ -95,8 +165,13 @@ def markdown(doc: dict[str, Any]) -> str:
 def crossover(results: list[dict[str, Any]]) -> str | None:
     """The smallest batch size at which AR's tokens/s beats every selfspec configuration."""
     sizes = sorted({r["batch_size"] for r in results})
-    best = {bs: max((r["output_tokens_per_s"] for r in results if r["mode"] == "selfspec" and r["batch_size"] == bs),
-                    default=None) for bs in sizes}
+    best = {
+        bs: max(
+            (r["output_tokens_per_s"] for r in results if r["mode"] == "selfspec" and r["batch_size"] == bs),
+            default=None,
+        )
+        for bs in sizes
+    }
     ar = {r["batch_size"]: r["output_tokens_per_s"] for r in results if r["mode"] == "ar"}
     if not ar or all(v is None for v in best.values()):
         return None
@@ -125,8 +200,12 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
     sizes = sorted({_load(r) for r in results})
-    ax.set(xlabel="batch size" if "batch_size" in results[0] else "concurrent clients", ylabel="output tokens/s",
-           title="Throughput vs load", xscale="log")
+    ax.set(
+        xlabel="batch size" if "batch_size" in results[0] else "concurrent clients",
+        ylabel="output tokens/s",
+        title="Throughput vs load",
+        xscale="log",
+    )
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "tokens_per_s_vs_batch.png"))
@@ -136,8 +215,11 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in scored:
             ax.scatter(r["tokens_per_forward"], r["accuracy"], label=_label(r))
-        ax.set(xlabel="tokens per forward (every forward counted)", ylabel="accuracy",
-               title="Accuracy vs tokens per forward")
+        ax.set(
+            xlabel="tokens per forward (every forward counted)",
+            ylabel="accuracy",
+            title="Accuracy vs tokens per forward",
+        )
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "accuracy_vs_tpf.png"))
 
@@ -155,14 +237,30 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     labels = [_label(r) for r in results]
     kinds = sorted({k for r in results for k in r.get("forward_ms", {})})
     if kinds:
-        written.append(_save(_bars(labels, {k: [r["forward_ms"].get(k, 0) for r in results] for k in kinds},
-                                   "mean ms per forward", "Time per forward kind"), out / "forward_time_by_kind.png"))
+        written.append(
+            _save(
+                _bars(
+                    labels,
+                    {k: [r["forward_ms"].get(k, 0) for r in results] for k in kinds},
+                    "mean ms per forward",
+                    "Time per forward kind",
+                ),
+                out / "forward_time_by_kind.png",
+            )
+        )
     timed = [r for r in results if "chunk_gap_ms" in r and r["num_requests"]]
     if timed:
-        series = {f"{name} {q}": [r[key][q] for r in timed] for name, key in (("TTFT", "ttft_ms"), ("ITL", "itl_ms"))
-                  for q in ("p50", "p99")}
-        written.append(_save(_bars([_label(r) for r in timed], series, "ms (log scale)", "Latency under load",
-                                   log=True), out / "latency.png"))
+        series = {
+            f"{name} {q}": [r[key][q] for r in timed]
+            for name, key in (("TTFT", "ttft_ms"), ("ITL", "itl_ms"))
+            for q in ("p50", "p99")
+        }
+        written.append(
+            _save(
+                _bars([_label(r) for r in timed], series, "ms (log scale)", "Latency under load", log=True),
+                out / "latency.png",
+            )
+        )
     return written
 
 

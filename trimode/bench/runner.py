@@ -38,8 +38,9 @@ class BenchConfig:
         return " ".join(parts)
 
 
-def expand_configs(modes: list[str], batch_sizes: list[int], block_lengths: list[int],
-                   thresholds: list[float]) -> list[BenchConfig]:
+def expand_configs(
+    modes: list[str], batch_sizes: list[int], block_lengths: list[int], thresholds: list[float]
+) -> list[BenchConfig]:
     configs = []
     for bs in batch_sizes:
         for mode in modes:
@@ -54,25 +55,40 @@ def expand_configs(modes: list[str], batch_sizes: list[int], block_lengths: list
 
 def encode(llm: Generator, prompts: list[BenchPrompt]) -> list[list[int]]:
     """Token ids of each prompt (chats rendered with the template): every mode gets the same ids."""
-    return [llm.tokenizer.encode_chat(p.chat()) if p.messages else llm.tokenizer.encode(p.prompt or "")
-            for p in prompts]
+    return [
+        llm.tokenizer.encode_chat(p.chat()) if p.messages else llm.tokenizer.encode(p.prompt or "") for p in prompts
+    ]
 
 
-def run_config(llm: Generator, prompts: list[BenchPrompt], ids: list[list[int]], cfg: BenchConfig,
-               max_tokens: int, warmup: int, seed: int = 0) -> tuple[dict[str, Any], list[GenerationOutput]]:
+def run_config(
+    llm: Generator,
+    prompts: list[BenchPrompt],
+    ids: list[list[int]],
+    cfg: BenchConfig,
+    max_tokens: int,
+    warmup: int,
+    seed: int = 0,
+) -> tuple[dict[str, Any], list[GenerationOutput]]:
     """Warm-up batches (not measured), then every prompt once, `batch_size` at a time."""
-    params = [SamplingParams(mode=cfg.mode, max_tokens=p.max_tokens or max_tokens, seed=seed,
-                             block_length=cfg.block_length or 32, threshold=0.9 if cfg.threshold is None
-                             else cfg.threshold) for p in prompts]
+    params = [
+        SamplingParams(
+            mode=cfg.mode,
+            max_tokens=p.max_tokens or max_tokens,
+            seed=seed,
+            block_length=cfg.block_length or 32,
+            threshold=0.9 if cfg.threshold is None else cfg.threshold,
+        )
+        for p in prompts
+    ]
     starts = range(0, len(prompts), cfg.batch_size)
     for s in list(starts)[:warmup]:
-        llm.generate(ids[s:s + cfg.batch_size], params[s:s + cfg.batch_size])
+        llm.generate(ids[s : s + cfg.batch_size], params[s : s + cfg.batch_size])
     outputs: list[GenerationOutput] = []
     forward_ms: list[dict[str, float]] = []
     wall = 0.0
     for s in starts:
         t0 = time.perf_counter()
-        outs = llm.generate(ids[s:s + cfg.batch_size], params[s:s + cfg.batch_size])
+        outs = llm.generate(ids[s : s + cfg.batch_size], params[s : s + cfg.batch_size])
         wall += time.perf_counter() - t0
         outputs += outs
         forward_ms.append(outs[0].forward_ms)
@@ -80,8 +96,14 @@ def run_config(llm: Generator, prompts: list[BenchPrompt], ids: list[list[int]],
     return {**asdict(cfg), **summarize(outputs, correct, wall, forward_ms)}, outputs
 
 
-def sweep(llm: Generator, prompts: list[BenchPrompt], configs: list[BenchConfig], max_tokens: int, warmup: int,
-          show_progress: bool = True) -> tuple[list[dict[str, Any]], dict[BenchConfig, list[GenerationOutput]]]:
+def sweep(
+    llm: Generator,
+    prompts: list[BenchPrompt],
+    configs: list[BenchConfig],
+    max_tokens: int,
+    warmup: int,
+    show_progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[BenchConfig, list[GenerationOutput]]]:
     ids = encode(llm, prompts)
     results, outputs = [], {}
     bar = tqdm(configs, disable=not show_progress, unit="config")

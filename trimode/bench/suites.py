@@ -39,8 +39,10 @@ def task_suite(num_prompts: int) -> list[BenchPrompt]:
     """Held-out task examples, the tasks interleaved so any prefix of the suite covers all of them."""
     per_task = [held_out(t, -(-num_prompts // len(TASKS))) for t in TASKS]
     interleaved = [ex for group in zip(*per_task) for ex in group][:num_prompts]
-    return [BenchPrompt(id=f"{e.task}-{i}", category=e.task, messages=(("user", e.prompt),), answer=e.answer)
-            for i, e in enumerate(interleaved)]
+    return [
+        BenchPrompt(id=f"{e.task}-{i}", category=e.task, messages=(("user", e.prompt),), answer=e.answer)
+        for i, e in enumerate(interleaved)
+    ]
 
 
 def code_suite(num_prompts: int, prompt_lines: int = 12) -> list[BenchPrompt]:
@@ -50,8 +52,11 @@ def code_suite(num_prompts: int, prompt_lines: int = 12) -> list[BenchPrompt]:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         for i, line in enumerate(lines):
             if line.startswith(("def ", "class ")) and len(prompts) < num_prompts:
-                prompts.append(BenchPrompt(id=f"{path.stem}:{i + 1}", category="code",
-                                           prompt="\n".join(lines[i:i + prompt_lines])))
+                prompts.append(
+                    BenchPrompt(
+                        id=f"{path.stem}:{i + 1}", category="code", prompt="\n".join(lines[i : i + prompt_lines])
+                    )
+                )
     if not prompts:
         raise ValueError("the code suite found no held-out stdlib functions")
     return prompts[:num_prompts]
@@ -77,19 +82,30 @@ def jsonl_suite(path: str | Path, num_prompts: int | None = None) -> list[BenchP
             raise ValueError(f"{where}: give exactly one of `prompt` (a string) or `messages` (a list)")
         if prompt is not None and (not isinstance(prompt, str) or not prompt):
             raise ValueError(f"{where}: `prompt` must be a non-empty string")
-        if messages is not None and not (isinstance(messages, list) and messages and all(
+        if messages is not None and not (
+            isinstance(messages, list)
+            and messages
+            and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
+                for m in messages
+            )
+        ):
             raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
         answer, max_tokens = rec.get("answer"), rec.get("max_tokens")
         if answer is not None and not isinstance(answer, str):
             raise ValueError(f"{where}: `answer` must be a string")
         if max_tokens is not None and not (isinstance(max_tokens, int) and max_tokens >= 1):
             raise ValueError(f"{where}: `max_tokens` must be an integer >= 1")
-        prompts.append(BenchPrompt(
-            id=str(rec.get("id", n)), category=str(rec.get("category", "default")), prompt=prompt,
-            messages=tuple((m["role"], m["content"]) for m in messages) if messages else None, answer=answer,
-            max_tokens=max_tokens))
+        prompts.append(
+            BenchPrompt(
+                id=str(rec.get("id", n)),
+                category=str(rec.get("category", "default")),
+                prompt=prompt,
+                messages=tuple((m["role"], m["content"]) for m in messages) if messages else None,
+                answer=answer,
+                max_tokens=max_tokens,
+            )
+        )
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts[:num_prompts] if num_prompts else prompts

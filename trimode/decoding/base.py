@@ -40,8 +40,15 @@ class DecodeBatch:
     def size(self) -> int:
         return self.seeds.shape[0]
 
-    def forward(self, kind: str, tokens: torch.Tensor, causal: bool, rows: torch.Tensor | None = None,
-                use_draft_lora: bool = False, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        kind: str,
+        tokens: torch.Tensor,
+        causal: bool,
+        rows: torch.Tensor | None = None,
+        use_draft_lora: bool = False,
+        logit_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One timed forward; counts it for `rows` (bool (B,), all rows when None)."""
         start = time.perf_counter()
         logits = self.runner.forward(self.kv, tokens, causal, use_draft_lora, logit_index)

@@ -36,8 +36,9 @@ class SelfSpecDecoder(Decoder):
             batch.record(torch.ones(batch.size))
             return [[t] for t in batch.seeds.tolist()]
         masks = torch.full((batch.size, b - 1), batch.mask_id, dtype=torch.long, device=batch.seeds.device)
-        draft_logits = batch.forward("draft", torch.cat([batch.seeds[:, None], masks], 1), causal=False,
-                                     use_draft_lora=True)
+        draft_logits = batch.forward(
+            "draft", torch.cat([batch.seeds[:, None], masks], 1), causal=False, use_draft_lora=True
+        )
         draft_logits = batch.bidirectional_logits(draft_logits[:, 1:])  # (B, b-1, V): own-position predictions
         sampler = batch.sampler
         if sampler.all_greedy:

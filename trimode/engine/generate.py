@@ -66,15 +66,23 @@ class Request:
                 self.token_ids = self.token_ids[:n]
                 break
         self.text = self.text[:cut]
-        self.token_times = self.token_times[:len(self.token_ids)]
+        self.token_times = self.token_times[: len(self.token_ids)]
         self.finish_reason = "stop"
 
     def output(self, decoder: Decoder, forward_ms: dict[str, float], seconds: float) -> GenerationOutput:
         return GenerationOutput(
-            prompt=self.prompt, prompt_token_ids=self.prompt_ids, text=self.text, token_ids=self.token_ids,
-            finish_reason=self.finish_reason or "length", mode=decoder.mode, num_forwards=self.num_forwards,
-            seconds=round(seconds, 4), token_times=self.token_times,
-            mode_stats={decoder.stat_name: self.stats} if decoder.stat_name else {}, forward_ms=forward_ms)
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_ids,
+            text=self.text,
+            token_ids=self.token_ids,
+            finish_reason=self.finish_reason or "length",
+            mode=decoder.mode,
+            num_forwards=self.num_forwards,
+            seconds=round(seconds, 4),
+            token_times=self.token_times,
+            mode_stats={decoder.stat_name: self.stats} if decoder.stat_name else {},
+            forward_ms=forward_ms,
+        )
 
 
 def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> tuple[DecodeBatch, list[list[int]]]:
@@ -86,15 +94,19 @@ def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> 
     capacity = int(max(len(r.prompt_ids) + r.params.max_tokens for r in requests)) + block + 1
     padded = torch.zeros(len(requests), int(lengths.max()), dtype=torch.long)
     for i, r in enumerate(requests):
-        padded[i, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        padded[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
     batch = DecodeBatch(
-        runner=runner, kv=runner.new_cache(len(requests), capacity), sampler=Sampler(params, device),
+        runner=runner,
+        kv=runner.new_cache(len(requests), capacity),
+        sampler=Sampler(params, device),
         seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
         remaining=torch.tensor([sp.max_tokens for sp in params]),
         eos_ids=torch.tensor(sorted(eos_ids), device=device),
         stop_on_eos=torch.tensor([not sp.ignore_eos for sp in params], device=device),
-        mask_id=cfg.mask_token_id, num_forwards=torch.zeros(len(requests), dtype=torch.long),
-        stats=[r.stats for r in requests])
+        mask_id=cfg.mask_token_id,
+        num_forwards=torch.zeros(len(requests), dtype=torch.long),
+        stats=[r.stats for r in requests],
+    )
     # Right-padded: row b's pad slots lie past its length and stay invisible.
     logits = batch.forward("prefill", padded.to(device), causal=True, logit_index=(lengths - 1).to(device))
     batch.kv.set_lengths(lengths)
@@ -102,8 +114,9 @@ def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> 
     return batch, [[t] for t in batch.seeds.tolist()]
 
 
-def apply_step(batch: DecodeBatch, active: list[Request], emitted: list[list[int]], eos_ids: set[int],
-               tokenizer: Tokenizer) -> list[Request]:
+def apply_step(
+    batch: DecodeBatch, active: list[Request], emitted: list[list[int]], eos_ids: set[int], tokenizer: Tokenizer
+) -> list[Request]:
     """Give each row its emitted tokens, drop finished rows from the batch; returns the rows left."""
     now = time.perf_counter()
     for req, tokens, n in zip(active, emitted, batch.num_forwards.tolist()):
@@ -127,8 +140,15 @@ def forward_ms(batch: DecodeBatch) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def run_batch(runner: ModelRunner, tokenizer: Tokenizer, decoder: Decoder, prompts: list[list[int]],
-              texts: list[str | None], params: list[SamplingParams], eos_ids: set[int]) -> list[GenerationOutput]:
+def run_batch(
+    runner: ModelRunner,
+    tokenizer: Tokenizer,
+    decoder: Decoder,
+    prompts: list[list[int]],
+    texts: list[str | None],
+    params: list[SamplingParams],
+    eos_ids: set[int],
+) -> list[GenerationOutput]:
     """Generate for all prompts as one batch (rows of different lengths share every forward)."""
     start = time.perf_counter()
     requests = [Request(t, p, sp, arrival=start) for t, p, sp in zip(texts, prompts, params)]

@@ -59,7 +59,7 @@ def streamable_text(req: Request) -> str:
         return text
     text = text.rstrip("\ufffd")
     hold = max((n for s in req.params.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-    return text[:len(text) - hold]
+    return text[: len(text) - hold]
 
 
 class LLMEngine:
@@ -142,8 +142,13 @@ class LLMEngine:
         for key, group in list(self.groups.items()):
             before = list(group.requests)
             try:
-                group.requests = apply_step(group.batch, group.requests, group.decoder.step(group.batch),
-                                            self.llm.eos_token_ids, self.llm.tokenizer)
+                group.requests = apply_step(
+                    group.batch,
+                    group.requests,
+                    group.decoder.step(group.batch),
+                    self.llm.eos_token_ids,
+                    self.llm.tokenizer,
+                )
             except Exception as e:
                 del self.groups[key]
                 failed += [self._fail(r, e) for r in before]
@@ -202,8 +207,9 @@ class LLMEngine:
     def _output(self, req: Request, decoder: Decoder, batch: DecodeBatch) -> RequestOutput:
         sent_tokens, sent_chars = self._sent[req.request_id]
         safe = streamable_text(req)
-        out = RequestOutput(req.request_id, safe[sent_chars:], req.token_ids[sent_tokens:],
-                            req.finish_reason is not None)
+        out = RequestOutput(
+            req.request_id, safe[sent_chars:], req.token_ids[sent_tokens:], req.finish_reason is not None
+        )
         self._sent[req.request_id] = (len(req.token_ids), max(sent_chars, len(safe)))
         if out.finished:
             out.output = req.output(decoder, forward_ms(batch), time.perf_counter() - req.arrival)

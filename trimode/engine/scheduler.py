@@ -30,8 +30,10 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         if kv_slots(req) > self.max_kv_tokens:
-            raise ValueError(f"the request needs {kv_slots(req)} KV slots (prompt + max_tokens + block); the engine "
-                             f"has {self.max_kv_tokens}: lower max_tokens or shorten the prompt")
+            raise ValueError(
+                f"the request needs {kv_slots(req)} KV slots (prompt + max_tokens + block); the engine "
+                f"has {self.max_kv_tokens}: lower max_tokens or shorten the prompt"
+            )
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue}); retry later")
         self.waiting.append(req)

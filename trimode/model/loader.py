@@ -51,14 +51,16 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {name: path / file for name, file in weight_map.items()}
     single = path / WEIGHTS_FILE
     if not single.is_file():
-        raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} (weights load only from "
-                                "safetensors)")
+        raise FileNotFoundError(
+            f"{path} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} (weights load only from safetensors)"
+        )
     with safe_open(single, framework="pt") as f:
         return {name: single for name in f.keys()}
 
 
-def _read_tensors(files: dict[str, Path], wanted: dict[str, tuple[torch.Size, str]], dtype: torch.dtype,
-                  device: torch.device) -> dict[str, torch.Tensor]:
+def _read_tensors(
+    files: dict[str, Path], wanted: dict[str, tuple[torch.Size, str]], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Read `wanted` (our name -> (shape, checkpoint name)) from `files` (checkpoint name -> file)."""
     by_file: dict[Path, list[str]] = {}
     for name, (_, ckpt_name) in wanted.items():
@@ -74,8 +76,10 @@ def _read_tensors(files: dict[str, Path], wanted: dict[str, tuple[torch.Size, st
                 shape, ckpt_name = wanted[name]
                 t = f.get_tensor(ckpt_name)
                 if t.shape != shape:
-                    raise ValueError(f"tensor `{ckpt_name}` in {file.name} has shape {tuple(t.shape)}; "
-                                     f"config.json implies {tuple(shape)}")
+                    raise ValueError(
+                        f"tensor `{ckpt_name}` in {file.name} has shape {tuple(t.shape)}; "
+                        f"config.json implies {tuple(shape)}"
+                    )
                 out[name] = t.to(device=device, dtype=dtype)
     return out
 
@@ -86,16 +90,22 @@ def _lora_settings(lora_dir: Path, cfg: ModelConfig) -> tuple[int, float]:
     if isinstance(targets, str):
         targets = [targets]
     if list(targets) != ["o_proj"]:
-        raise ValueError(f"{lora_dir / 'adapter_config.json'}: target_modules must be ['o_proj'] (the draft "
-                         f"LoRA of the release); got {targets}")
+        raise ValueError(
+            f"{lora_dir / 'adapter_config.json'}: target_modules must be ['o_proj'] (the draft "
+            f"LoRA of the release); got {targets}"
+        )
     rank, alpha = int(adapter["r"]), float(adapter.get("lora_alpha", adapter["r"]))
     if rank < 1:
         raise ValueError(f"{lora_dir / 'adapter_config.json'}: r must be >= 1; got {rank}")
     return rank, alpha / rank
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               load_draft_lora: bool = True) -> Transformer:
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    load_draft_lora: bool = True,
+) -> Transformer:
     path, device = Path(path), torch.device(device)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -112,11 +122,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     files = _weight_files(path)
     unexpected = sorted(set(files) - set(base))
     if unexpected:
-        warnings.warn(f"{path}: ignoring {len(unexpected)} tensors the model does not use, e.g. {unexpected[:3]}",
-                      stacklevel=2)
+        warnings.warn(
+            f"{path}: ignoring {len(unexpected)} tensors the model does not use, e.g. {unexpected[:3]}", stacklevel=2
+        )
     tensors = _read_tensors(files, base, dtype, device)
-    lora = {k: (s, PEFT_PREFIX + k.replace(".draft_lora.", ".o_proj.")) for k, s in expected.items()
-            if ".draft_lora." in k}
+    lora = {
+        k: (s, PEFT_PREFIX + k.replace(".draft_lora.", ".o_proj.")) for k, s in expected.items() if ".draft_lora." in k
+    }
     if lora:
         lora_file = lora_dir / "adapter_model.safetensors"
         if not lora_file.is_file():
@@ -124,8 +136,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         with safe_open(lora_file, framework="pt") as f:
             # PEFT may keep the adapter name (`lora_A.default.weight`); accept both spellings.
             lora_names = {n.replace(".default.", "."): n for n in f.keys()}
-        tensors.update(_read_tensors({n: lora_file for n in lora_names.values()},
-                                     {k: (s, lora_names.get(c, c)) for k, (s, c) in lora.items()}, dtype, device))
+        tensors.update(
+            _read_tensors(
+                {n: lora_file for n in lora_names.values()},
+                {k: (s, lora_names.get(c, c)) for k, (s, c) in lora.items()},
+                dtype,
+                device,
+            )
+        )
     model.load_state_dict(tensors, strict=True, assign=True)
     model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim).to(device)
     return model.eval().requires_grad_(False)

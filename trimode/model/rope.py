@@ -29,8 +29,9 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, 
 
     def correction_dim(num_rotations: float) -> float:
         # The dimension whose wavelength fits `num_rotations` times into the original context.
-        return dim * math.log(rope.original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (
-            2 * math.log(base))
+        return (
+            dim * math.log(rope.original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+        )
 
     low = max(math.floor(correction_dim(rope.beta_fast)), 0)
     high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)

@@ -63,15 +63,20 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.draft_lora: LoRA | None = None  # applied to o_proj in self-spec draft passes only
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: ForwardContext
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -82,8 +87,9 @@ class Attention(nn.Module):
         if ctx.kv is not None:
             k, v = ctx.kv.write(self.layer_index, ctx.positions, k, v, ctx.span)
         # GQA: each KV head serves num_heads / num_kv_heads query heads; scale 1/sqrt(head_dim).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         y = self.o_proj(out)
         if ctx.use_draft_lora and self.draft_lora is not None:
@@ -110,8 +116,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: ForwardContext
+    ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), rope, ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -134,8 +141,9 @@ class Transformer(nn.Module):
         self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
-                logit_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, ctx: ForwardContext, logit_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) in fp32, or (B, 1, V) at `logit_index` (B,) per row."""
         h = self.encoder.embed_tokens(input_ids)
         rope = self.rotary(ctx.positions, h.dtype)
@@ -150,7 +158,8 @@ class Transformer(nn.Module):
         for layer in self.encoder.layers:
             attn = layer.self_attn
             attn.draft_lora = LoRA(attn.o_proj.in_features, attn.o_proj.out_features, rank, scale).to(
-                device=attn.o_proj.weight.device, dtype=attn.o_proj.weight.dtype)
+                device=attn.o_proj.weight.device, dtype=attn.o_proj.weight.dtype
+            )
 
     @property
     def has_draft_lora(self) -> bool:

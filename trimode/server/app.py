@@ -29,8 +29,9 @@ STALL_S = 30.0  # /health fails once the engine thread has not come round its lo
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, type_: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
@@ -59,22 +60,39 @@ class APIError(Exception):
 
 
 def usage(res: GenerationOutput) -> dict[str, Any]:
-    return {"prompt_tokens": res.num_prompt_tokens, "completion_tokens": res.num_generated_tokens,
-            "total_tokens": res.num_prompt_tokens + res.num_generated_tokens, "num_forwards": res.num_forwards,
-            "tokens_per_forward": round(res.tokens_per_forward, 4)}
+    return {
+        "prompt_tokens": res.num_prompt_tokens,
+        "completion_tokens": res.num_generated_tokens,
+        "total_tokens": res.num_prompt_tokens + res.num_generated_tokens,
+        "num_forwards": res.num_forwards,
+        "tokens_per_forward": round(res.tokens_per_forward, 4),
+    }
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, default_mode: str = "ar",
-              max_body_bytes: int = MAX_BODY_BYTES, access_log: bool = False, docs: bool = False,
-              stall_s: float = STALL_S) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    default_mode: str = "ar",
+    max_body_bytes: int = MAX_BODY_BYTES,
+    access_log: bool = False,
+    docs: bool = False,
+    stall_s: float = STALL_S,
+) -> FastAPI:
     # No automatic trailing-slash redirect: Starlette builds its Location from the client's Host
     # header. The OpenAPI schema and docs pages are off unless asked for.
-    app = FastAPI(title="trimode", redirect_slashes=False, openapi_url="/openapi.json" if docs else None,
-                  docs_url="/docs" if docs else None, redoc_url=None)
+    app = FastAPI(
+        title="trimode",
+        redirect_slashes=False,
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+    )
     app.state.engine = engine
 
-    app.add_middleware(Guard, max_body_bytes=max_body_bytes, api_key=api_key, metrics=engine.metrics,
-                       access_log=access_log)
+    app.add_middleware(
+        Guard, max_body_bytes=max_body_bytes, api_key=api_key, metrics=engine.metrics, access_log=access_log
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -116,15 +134,21 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             status = "engine_stalled"
         elif engine.is_draining:
             status = "shutting_down"
-        doc = {"status": status, "engine_alive": engine.is_alive, "heartbeat_age_s": round(age, 3),
-               "running": engine.status.running, "waiting": engine.status.waiting}
+        doc = {
+            "status": status,
+            "engine_alive": engine.is_alive,
+            "heartbeat_age_s": round(age, 3),
+            "running": engine.status.running,
+            "waiting": engine.status.waiting,
+        }
         return JSONResponse(doc, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         engine.metrics.heartbeat.set(engine.heartbeat_age)
-        return PlainTextResponse(generate_latest(engine.metrics.registry).decode(),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            generate_latest(engine.metrics.registry).decode(), media_type="text/plain; version=0.0.4"
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -132,11 +156,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
 
     def check_model(body: CompletionRequest | ChatCompletionRequest) -> None:
         if body.model != model_name:
-            raise APIError(404, f"model `{body.model}` does not exist; this server serves `{model_name}`",
-                           "invalid_request_error", "model")
+            raise APIError(
+                404,
+                f"model `{body.model}` does not exist; this server serves `{model_name}`",
+                "invalid_request_error",
+                "model",
+            )
 
-    async def start(body: CompletionRequest | ChatCompletionRequest, fn: Any, arg: Any, prefix: str
-                    ) -> tuple[str, AsyncIterator[RequestOutput]]:
+    async def start(
+        body: CompletionRequest | ChatCompletionRequest, fn: Any, arg: Any, prefix: str
+    ) -> tuple[str, AsyncIterator[RequestOutput]]:
         """Tokenize `arg` with `fn` on a worker thread, then hand the request to the engine."""
         try:
             params = body.sampling_params(default_mode)
@@ -162,6 +191,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     async def collect(outputs: AsyncIterator[RequestOutput], http: Request) -> GenerationOutput | None:
         """The finished result; None if the client hung up first. Cancelling the collecting task closes
         the output stream, which aborts the request and frees its KV rows at once."""
+
         async def last() -> GenerationOutput | None:
             final = None
             async for out in outputs:
@@ -178,13 +208,19 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                 return None
         return task.result()
 
-    async def respond(body: CompletionRequest | ChatCompletionRequest, request_id: str,
-                      outputs: AsyncIterator[RequestOutput], http: Request, chat: bool) -> Any:
+    async def respond(
+        body: CompletionRequest | ChatCompletionRequest,
+        request_id: str,
+        outputs: AsyncIterator[RequestOutput],
+        http: Request,
+        chat: bool,
+    ) -> Any:
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(request_id, created, outputs, chat, include_usage, http),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                sse(request_id, created, outputs, chat, include_usage, http), media_type="text/event-stream"
+            )
         try:
             final = await collect(outputs, http)
         except (ValueError, QueueFull, ShuttingDown, EngineError) as e:
@@ -193,21 +229,37 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             return Response(status_code=499)
         http.state.usage = usage(final)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
-                      "finish_reason": final.finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": final.text},
+                "finish_reason": final.finish_reason,
+            }
         else:
             choice = {"index": 0, "text": final.text, "logprobs": None, "finish_reason": final.finish_reason}
-        return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": model_name, "choices": [choice], "usage": usage(final)}
+        return {
+            "id": request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": [choice],
+            "usage": usage(final),
+        }
 
-    async def sse(request_id: str, created: int, outputs: AsyncIterator[RequestOutput], chat: bool,
-                  include_usage: bool, http: Request) -> AsyncIterator[str]:
+    async def sse(
+        request_id: str,
+        created: int,
+        outputs: AsyncIterator[RequestOutput],
+        chat: bool,
+        include_usage: bool,
+        http: Request,
+    ) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else \
-                    ({"content": text} if text else {})
+                delta: dict[str, Any] = (
+                    {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+                )
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -226,8 +278,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                     http.state.usage = usage(out.output)
                     yield chunk(None, out.output.finish_reason)
                     if include_usage:
-                        doc = {"id": request_id, "object": kind, "created": created, "model": model_name,
-                               "choices": [], "usage": usage(out.output)}
+                        doc = {
+                            "id": request_id,
+                            "object": kind,
+                            "created": created,
+                            "model": model_name,
+                            "choices": [],
+                            "usage": usage(out.output),
+                        }
                         yield f"data: {json.dumps(doc)}\n\n"
         except (ValueError, QueueFull, ShuttingDown, EngineError) as e:
             err = APIError.of(e)

@@ -118,10 +118,13 @@ class AsyncEngine:
         llm.check_fits(prompt_ids, params)
         need = kv_slots(Request(None, prompt_ids, params))
         if need > self.engine.scheduler.max_kv_tokens:
-            raise ValueError(f"the request needs {need} KV slots; the server has {self.engine.scheduler.max_kv_tokens}:"
-                             " lower max_tokens")
+            raise ValueError(
+                f"the request needs {need} KV slots; the server has {self.engine.scheduler.max_kv_tokens}:"
+                " lower max_tokens"
+            )
         with self._lock:
-            if self.status.waiting + self._pending >= self.max_queue:
+            # len() of the scheduler's deque is safe from this thread and current, unlike the snapshot.
+            if self.engine.num_waiting + self._pending >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later")
             self._pending += 1
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -211,8 +214,12 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 if out.error is not None:  # counted by the HTTP layer, which knows if a stream had begun
-                    self._deliver(out.request_id, EngineError(f"internal error while serving this request "
-                                                              f"({out.error}); other requests are unaffected"))
+                    self._deliver(
+                        out.request_id,
+                        EngineError(
+                            f"internal error while serving this request ({out.error}); other requests are unaffected"
+                        ),
+                    )
                     continue
                 if out.finished:
                     self.metrics.finished(out)

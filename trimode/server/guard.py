@@ -24,10 +24,14 @@ from trimode.server.metrics import Metrics
 access_logger = logging.getLogger("trimode.access")
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
-                        status_code=status, headers=headers)
+def error_response(
+    status: int, message: str, type_: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": status}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def authorized(header: str, api_key: str) -> bool:
@@ -38,8 +42,9 @@ def authorized(header: str, api_key: str) -> bool:
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None, metrics: Metrics,
-                 access_log: bool = False) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, api_key: str | None, metrics: Metrics, access_log: bool = False
+    ) -> None:
         self.app, self.max_body_bytes, self.api_key = app, max_body_bytes, api_key
         self.metrics, self.access_log = metrics, access_log
 
@@ -64,10 +69,14 @@ class Guard:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
-        if self.api_key is not None and scope["path"].startswith("/v1/") and \
-                not authorized(headers.get("authorization", ""), self.api_key):
-            response = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                      "authentication_error")
+        if (
+            self.api_key is not None
+            and scope["path"].startswith("/v1/")
+            and not authorized(headers.get("authorization", ""), self.api_key)
+        ):
+            response = error_response(
+                401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"
+            )
             return await response(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
@@ -95,8 +104,7 @@ class Guard:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"request body larger than {self.max_body_bytes} bytes",
-                                  "invalid_request_error")
+        response = error_response(413, f"request body larger than {self.max_body_bytes} bytes", "invalid_request_error")
         await response(scope, receive, send)
 
     @staticmethod
@@ -104,6 +112,13 @@ class Guard:
         """One line per request: who, what, outcome, tokens, latency. Never the prompt or the output."""
         client = scope.get("client")
         usage = scope.get("state", {}).get("usage") or {}
-        access_logger.info('%s "%s %s" %d prompt_tokens=%s completion_tokens=%s latency_ms=%.1f',
-                           f"{client[0]}:{client[1]}" if client else "-", scope["method"], scope["path"], status,
-                           usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"), 1000 * seconds)
+        access_logger.info(
+            '%s "%s %s" %d prompt_tokens=%s completion_tokens=%s latency_ms=%.1f',
+            f"{client[0]}:{client[1]}" if client else "-",
+            scope["method"],
+            scope["path"],
+            status,
+            usage.get("prompt_tokens", "-"),
+            usage.get("completion_tokens", "-"),
+            1000 * seconds,
+        )

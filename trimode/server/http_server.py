@@ -63,8 +63,9 @@ def bounded_protocol(max_connections: int, read_timeout: float) -> type[H11Proto
 
 
 class Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_first_signal: Callable[[], None],
-                 on_bound: Callable[[int], None]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, on_first_signal: Callable[[], None], on_bound: Callable[[int], None]
+    ) -> None:
         super().__init__(config)
         self.on_first_signal, self.on_bound = on_first_signal, on_bound
 
@@ -90,15 +91,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(app: FastAPI, engine: AsyncEngine, host: str, port: int, banner: str, shutdown_timeout: float,
-          max_connections: int, read_timeout: float, has_api_key: bool) -> None:
+def serve(
+    app: FastAPI,
+    engine: AsyncEngine,
+    host: str,
+    port: int,
+    banner: str,
+    shutdown_timeout: float,
+    max_connections: int,
+    read_timeout: float,
+    has_api_key: bool,
+) -> None:
     """Run `app` until a signal, then drain `engine` (see the module docstring)."""
     if not is_loopback(host) and not has_api_key:
-        print(f"WARNING: serving on {host}, which is not a loopback address, with no API key: anyone who can "
-              "reach it can use this server. Set TRIMODE_API_KEY or --api-key-file.", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            http=bounded_protocol(max_connections, read_timeout),
-                            timeout_graceful_shutdown=shutdown_timeout + FLUSH_S)  # type: ignore[arg-type]
-    server = Server(config, on_first_signal=lambda: engine.drain(shutdown_timeout),
-                    on_bound=lambda bound: print(banner.format(port=bound), flush=True))
+        print(
+            f"WARNING: serving on {host}, which is not a loopback address, with no API key: anyone who can "
+            "reach it can use this server. Set TRIMODE_API_KEY or --api-key-file.",
+            file=sys.stderr,
+            flush=True,
+        )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        http=bounded_protocol(max_connections, read_timeout),
+        timeout_graceful_shutdown=shutdown_timeout + FLUSH_S,
+    )  # type: ignore[arg-type]
+    server = Server(
+        config,
+        on_first_signal=lambda: engine.drain(shutdown_timeout),
+        on_bound=lambda bound: print(banner.format(port=bound), flush=True),
+    )
     server.run()

@@ -8,9 +8,17 @@ from trimode.engine.llm_engine import RequestOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # HTTP status of a refused or failed request -> the `reason` label of trimode_request_failures.
-FAILURE_REASONS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                   408: "read_timeout", 413: "body_too_large", 429: "queue_full", 500: "internal_error",
-                   503: "shutting_down"}
+FAILURE_REASONS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "read_timeout",
+    413: "body_too_large",
+    429: "queue_full",
+    500: "internal_error",
+    503: "shutting_down",
+}
 
 
 class Metrics:
@@ -18,24 +26,36 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("trimode_requests", "Finished requests", ["mode", "status"], registry=r)
-        self.failures = Counter("trimode_request_failures", "Requests refused or failed, by reason", ["reason"],
-                                registry=r)
+        self.failures = Counter(
+            "trimode_request_failures", "Requests refused or failed, by reason", ["reason"], registry=r
+        )
         self.tokens = Counter("trimode_generated_tokens", "Generated tokens", ["mode"], registry=r)
         self.forwards = Counter("trimode_forwards", "Forwards taken part in", ["mode"], registry=r)
         self.tpf = Gauge("trimode_tokens_per_forward", "Generated tokens / forwards since start", ["mode"], registry=r)
         self.queue = Gauge("trimode_queue_depth", "Requests waiting", registry=r)
         self.running = Gauge("trimode_running_batch", "Requests running", registry=r)
-        self.kv_reserved = Gauge("trimode_kv_slots_reserved", "KV slots the running requests may use (the "
-                                 "scheduler's budget accounting)", registry=r)
-        self.kv_allocated = Gauge("trimode_kv_slots_allocated", "KV slots allocated by the running batches",
-                                  registry=r)
+        self.kv_reserved = Gauge(
+            "trimode_kv_slots_reserved",
+            "KV slots the running requests may use (the scheduler's budget accounting)",
+            registry=r,
+        )
+        self.kv_allocated = Gauge("trimode_kv_slots_allocated", "KV slots allocated by the running batches", registry=r)
         self.kv_budget = Gauge("trimode_kv_slots_budget", "KV slot budget (--max-kv-tokens)", registry=r)
-        self.heartbeat = Gauge("trimode_engine_heartbeat_age_seconds", "Seconds since the engine thread last "
-                               "completed a loop iteration (grows while a step runs)", registry=r)
-        self.ttft = Histogram("trimode_time_to_first_token_seconds", "TTFT", ["mode"], buckets=LATENCY_BUCKETS,
-                              registry=r)
-        self.itl = Histogram("trimode_inter_token_latency_seconds", "Mean time per output token after the first",
-                             ["mode"], buckets=LATENCY_BUCKETS, registry=r)
+        self.heartbeat = Gauge(
+            "trimode_engine_heartbeat_age_seconds",
+            "Seconds since the engine thread last completed a loop iteration (grows while a step runs)",
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "trimode_time_to_first_token_seconds", "TTFT", ["mode"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "trimode_inter_token_latency_seconds",
+            "Mean time per output token after the first",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._totals: dict[str, list[int]] = {}
 
     def failed(self, reason: str) -> None:

@@ -12,9 +12,17 @@ from trimode.sampling_params import MAX_TOP_K, MODES, SEED_RANGE, SamplingParams
 MAX_TOKENS_LIMIT = 4096
 MAX_PROMPT_CHARS = 200_000  # a completion prompt, or all the messages of a chat together
 UNSUPPORTED = {  # field -> the only value trimode accepts
-    "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
-    "response_format": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None,),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
 }
 
 
@@ -23,8 +31,9 @@ def _unicode(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} holds a lone UTF-16 surrogate at character {e.start}: "
-                         "send valid Unicode text") from None
+        raise ValueError(
+            f"{what} holds a lone UTF-16 surrogate at character {e.start}: send valid Unicode text"
+        ) from None
     return text
 
 
@@ -103,10 +112,17 @@ class _Common(BaseModel):
 
     def sampling_params(self, default_mode: str) -> SamplingParams:
         return SamplingParams(
-            mode=self.mode or default_mode, max_tokens=self.max_completion_tokens or self.max_tokens or 128,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=self.stop,
-            ignore_eos=self.ignore_eos, block_length=self.block_length or 32,
-            threshold=0.9 if self.threshold is None else self.threshold)
+            mode=self.mode or default_mode,
+            max_tokens=self.max_completion_tokens or self.max_tokens or 128,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=self.stop,
+            ignore_eos=self.ignore_eos,
+            block_length=self.block_length or 32,
+            threshold=0.9 if self.threshold is None else self.threshold,
+        )
 
 
 class CompletionRequest(_Common):

@@ -69,20 +69,26 @@ class TextSource:
 
     def row(self, rng: random.Random, length: int) -> Row:
         start = rng.randrange(max(len(self.ids) - length, 1))
-        window = self.ids[start:start + length].tolist()
+        window = self.ids[start : start + length].tolist()
         return Row(window, [True] * len(window))
 
 
 class ChatSource:
     """Chat examples (prompt rendered by the chat template, then the trained answer), packed per row."""
 
-    def __init__(self, tokenizer: Tokenizer, conversations: list[list[dict[str, str]]] | None = None,
-                 tasks: tuple[str, ...] = (), difficulty: Difficulty = Difficulty()) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        conversations: list[list[dict[str, str]]] | None = None,
+        tasks: tuple[str, ...] = (),
+        difficulty: Difficulty = Difficulty(),
+    ) -> None:
         self.tokenizer = tokenizer
         self.tasks, self.difficulty = tasks, difficulty
         self.excluded = {e.prompt for t in tasks for e in held_out(t, difficulty=difficulty)}
-        self.turns = [(c[:i], m["content"]) for c in conversations or [] for i, m in enumerate(c)
-                      if m.get("role") == "assistant"]
+        self.turns = [
+            (c[:i], m["content"]) for c in conversations or [] for i, m in enumerate(c) if m.get("role") == "assistant"
+        ]
         if not self.turns and not tasks:
             raise ValueError("a chat source has no assistant turns")
 
@@ -164,8 +170,17 @@ def _task_names(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class Batcher:
-    def __init__(self, spec: str, tokenizer: Tokenizer, eos_id: int, pad_id: int, seq_len: int, seed: int,
-                 tasks: tuple[str, ...] = TASKS, difficulty: Difficulty = Difficulty()) -> None:
+    def __init__(
+        self,
+        spec: str,
+        tokenizer: Tokenizer,
+        eos_id: int,
+        pad_id: int,
+        seq_len: int,
+        seed: int,
+        tasks: tuple[str, ...] = TASKS,
+        difficulty: Difficulty = Difficulty(),
+    ) -> None:
         self.seq_len, self.seed, self.pad_id = seq_len, seed, pad_id
         self.sources: list[TextSource | ChatSource] = []
         self.weights: list[float] = []
@@ -186,8 +201,8 @@ class Batcher:
         eligible = torch.zeros(batch_size, self.seq_len, dtype=torch.bool)
         for i in range(batch_size):
             row = rng.choices(self.sources, self.weights)[0].row(rng, self.seq_len)
-            x0[i, :len(row.tokens)] = torch.tensor(row.tokens)
-            eligible[i, :len(row.eligible)] = torch.tensor(row.eligible)
+            x0[i, : len(row.tokens)] = torch.tensor(row.tokens)
+            eligible[i, : len(row.eligible)] = torch.tensor(row.eligible)
         return x0, eligible
 
 
@@ -205,6 +220,9 @@ def corpus_texts(spec: str, task_examples: int = 20000, seed: int = 0) -> Iterat
             path = Path(name)
             if not path.exists():
                 raise FileNotFoundError(f"data source {path} does not exist")
-            files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES | {".jsonl"}) if path.is_dir() \
+            files = (
+                sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES | {".jsonl"})
+                if path.is_dir()
                 else [path]
+            )
             yield from (f.read_text(encoding="utf-8", errors="replace") for f in files)

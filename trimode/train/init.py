@@ -61,13 +61,15 @@ def load_hf_causal_lm(path: str | Path, mask_token_id: int) -> Transformer:
     cfg = read_json(path / "config.json")
     model_type = cfg.get("model_type")
     if model_type not in HF_CAUSAL_TYPES:
-        raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} cannot be converted; supported: "
-                         f"nemotron_labs_diffusion, {', '.join(HF_CAUSAL_TYPES)}")
+        raise ValueError(
+            f"{path / 'config.json'}: model_type {model_type!r} cannot be converted; supported: "
+            f"nemotron_labs_diffusion, {', '.join(HF_CAUSAL_TYPES)}"
+        )
     nld_cfg = hf_causal_config(cfg, mask_token_id)
     model = Transformer(nld_cfg)
     tensors = _hf_tensors(path)
     prefix = "language_model.model." if any(k.startswith("language_model.") for k in tensors) else "model."
-    renamed = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    renamed = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     state = {"encoder." + k: v for k, v in renamed.items() if not k.startswith("rotary_emb")}
     head = tensors.get("lm_head.weight", tensors.get("language_model.lm_head.weight"))
     state["diffusion_head.weight"] = head if head is not None else state["encoder.embed_tokens.weight"].clone()
@@ -87,4 +89,3 @@ def initial_model(init: str | None, cfg: ModelConfig | None, seed: int, mask_tok
     if model_type == "nemotron_labs_diffusion":
         return load_model(init, torch.float32, "cpu", load_draft_lora=False).requires_grad_(True)
     return load_hf_causal_lm(init, mask_token_id)
-

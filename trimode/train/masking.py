@@ -25,8 +25,9 @@ def _unblock(x: torch.Tensor, length: int) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)[:, :length]
 
 
-def uniform_masking(eligible: torch.Tensor, block_size: int, gen: torch.Generator, eps: float = 1e-3
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def uniform_masking(
+    eligible: torch.Tensor, block_size: int, gen: torch.Generator, eps: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LLaDA-style: p_mask = (1 - eps) t + eps per block; each eligible token masked independently.
 
     eligible (N, L) bool -> (is_masked (N, L) bool, p_mask (N, L) float)."""
@@ -39,9 +40,9 @@ def uniform_masking(eligible: torch.Tensor, block_size: int, gen: torch.Generato
     return _unblock(is_masked, length), _unblock(p, length)
 
 
-def position_dependent_masking(eligible: torch.Tensor, block_size: int, gen: torch.Generator,
-                               half_life_ratio: float = 0.1, eps: float = 1e-3
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+def position_dependent_masking(
+    eligible: torch.Tensor, block_size: int, gen: torch.Generator, half_life_ratio: float = 0.1, eps: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Efficient-DLM: exactly round(t * L') masks per block (L' = its eligible positions), chosen by
     Gumbel top-k with weights w_i = exp(beta (1 - t) i), i the position in the block and
     beta = ln 2 / (lambda L'). Small t (few masks) puts them at the end of the block, as left-to-right

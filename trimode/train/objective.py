@@ -32,8 +32,15 @@ def ar_loss_sums(model: Transformer, x0: torch.Tensor, eligible: torch.Tensor) -
     return _with_ar(logits, x0, eligible, torch.zeros((), device=x0.device), 0)
 
 
-def joint_loss_sums(model: Transformer, x0: torch.Tensor, eligible: torch.Tensor, is_masked: torch.Tensor,
-                    p_mask: torch.Tensor, mask_id: int, block_size: int) -> LossSums:
+def joint_loss_sums(
+    model: Transformer,
+    x0: torch.Tensor,
+    eligible: torch.Tensor,
+    is_masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    mask_id: int,
+    block_size: int,
+) -> LossSums:
     """x0, eligible, is_masked, p_mask: (N, L). One forward over [x_t | x_0], positions 0..L-1 twice."""
     n, length = x0.shape
     xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
@@ -46,8 +53,9 @@ def joint_loss_sums(model: Transformer, x0: torch.Tensor, eligible: torch.Tensor
     return _with_ar(logits[:, length:], x0, eligible, diff, int(eligible.sum()))
 
 
-def _with_ar(clean_logits: torch.Tensor, x0: torch.Tensor, eligible: torch.Tensor, diff: torch.Tensor,
-             num_diff: int) -> LossSums:
+def _with_ar(
+    clean_logits: torch.Tensor, x0: torch.Tensor, eligible: torch.Tensor, diff: torch.Tensor, num_diff: int
+) -> LossSums:
     # Clean half: position i predicts token i + 1 (shifted), where the target is loss-eligible.
     target_ok = eligible[:, 1:]
     ce = F.cross_entropy(clean_logits[:, :-1].transpose(1, 2), x0[:, 1:], reduction="none")

@@ -36,28 +36,51 @@ def save_model_dir(model: Transformer, tokenizer_dir: Path, out: Path, dtype: st
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": model.config.bos_token_id, "eos_token_id": list(model.config.eos_token_id)}, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {"bos_token_id": model.config.bos_token_id, "eos_token_id": list(model.config.eos_token_id)}, indent=2
+        )
+    )
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tokenizer_dir / name, out / name)
 
 
-def save_checkpoint(out_dir: Path, step: int, model: Transformer, tokenizer_dir: Path,
-                    optimizer: torch.optim.Optimizer, args: dict[str, Any], save_dtype: str, keep: int) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: Transformer,
+    tokenizer_dir: Path,
+    optimizer: torch.optim.Optimizer,
+    args: dict[str, Any],
+    save_dtype: str,
+    keep: int,
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_dir(model, tokenizer_dir, tmp, save_dtype)
     (tmp / "training_args.json").write_text(json.dumps(args, indent=2, default=str))
     opt = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, st in opt["state"].items()
-               for k, v in st.items() if torch.is_tensor(v)}
+    tensors = {
+        f"state.{i}.{k}": v.detach().cpu().contiguous()
+        for i, st in opt["state"].items()
+        for k, v in st.items()
+        if torch.is_tensor(v)
+    }
     save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps(
-        {"step": step, "seed": args.get("seed"), "data_position": {"step": step},
-         "optimizer_param_groups": opt["param_groups"]}, indent=2))
+    (tmp / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "step": step,
+                "seed": args.get("seed"),
+                "data_position": {"step": step},
+                "optimizer_param_groups": opt["param_groups"],
+            },
+            indent=2,
+        )
+    )
     final = out_dir / f"checkpoint-{step:06d}"
     if final.exists():
         shutil.rmtree(final)

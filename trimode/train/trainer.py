@@ -70,8 +70,12 @@ class TrainConfig:
             raise ValueError("train: need lr > 0, 0 <= min_lr_ratio <= 1, alpha >= 0 and grad_clip > 0")
         if not 0 < self.half_life_ratio:
             raise ValueError(f"train: half_life_ratio must be > 0; got {self.half_life_ratio}")
-        choices = {"schedule": ("cosine", "wsd"), "masking": ("position", "uniform"),
-                   "autocast": ("auto", "bf16", "off"), "save_dtype": ("float32", "bfloat16", "float16")}
+        choices = {
+            "schedule": ("cosine", "wsd"),
+            "masking": ("position", "uniform"),
+            "autocast": ("auto", "bf16", "off"),
+            "save_dtype": ("float32", "bfloat16", "float16"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train: {name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -86,8 +90,14 @@ class TrainConfig:
         return self.lr * (1.0 if progress < 0.8 else floor + (1 - floor) * (1 - progress) / 0.2)
 
 
-def _step_losses(model: Transformer, cfg: TrainConfig, micro: list[tuple[torch.Tensor, torch.Tensor]],
-                 step: int, device: torch.device, autocast: bool) -> tuple[float, float]:
+def _step_losses(
+    model: Transformer,
+    cfg: TrainConfig,
+    micro: list[tuple[torch.Tensor, torch.Tensor]],
+    step: int,
+    device: torch.device,
+    autocast: bool,
+) -> tuple[float, float]:
     """Forward + backward over the micro-batches of one step; returns (L_AR, L_diff) for logging."""
     joint = step >= cfg.ar_steps
     num_ar = sum(int(e[:, 1:].sum()) for _, e in micro)
@@ -101,8 +111,9 @@ def _step_losses(model: Transformer, cfg: TrainConfig, micro: list[tuple[torch.T
                 mask_fn = position_dependent_masking if cfg.masking == "position" else uniform_masking
                 kwargs = {"half_life_ratio": cfg.half_life_ratio} if cfg.masking == "position" else {}
                 is_masked, p_mask = mask_fn(eligible, cfg.block_size, gen, **kwargs)
-                sums: LossSums = joint_loss_sums(model, x0, eligible, is_masked, p_mask, model.config.mask_token_id,
-                                                 cfg.block_size)
+                sums: LossSums = joint_loss_sums(
+                    model, x0, eligible, is_masked, p_mask, model.config.mask_token_id, cfg.block_size
+                )
             else:
                 sums = ar_loss_sums(model, x0, eligible)
         loss = sums.ar / max(num_ar, 1) + (cfg.alpha * sums.diff / max(num_diff, 1) if joint else 0.0)
@@ -140,9 +151,15 @@ def quick_eval(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, held_
     return report
 
 
-def train(cfg: TrainConfig, model: Transformer, tokenizer_dir: Path, resume: bool = False,
-          extra_args: dict[str, Any] | None = None, show_progress: bool = True,
-          stop_at: int | None = None) -> list[dict[str, float]]:
+def train(
+    cfg: TrainConfig,
+    model: Transformer,
+    tokenizer_dir: Path,
+    resume: bool = False,
+    extra_args: dict[str, Any] | None = None,
+    show_progress: bool = True,
+    stop_at: int | None = None,
+) -> list[dict[str, float]]:
     """Train `model` in place; checkpoints go to cfg.out. Returns the per-step log of this run.
 
     stop_at: end this run after that step, with a checkpoint there (a long run split across
@@ -153,13 +170,17 @@ def train(cfg: TrainConfig, model: Transformer, tokenizer_dir: Path, resume: boo
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     model_cfg = model.config
-    batcher = Batcher(cfg.data, tokenizer, model_cfg.eos_token_id[0], model_cfg.pad_token_id or 0, cfg.seq_len,
-                      cfg.seed)
+    batcher = Batcher(
+        cfg.data, tokenizer, model_cfg.eos_token_id[0], model_cfg.pad_token_id or 0, cfg.seq_len, cfg.seed
+    )
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     start = 0
     if resume:
         ckpt = latest_checkpoint(out)
@@ -173,8 +194,9 @@ def train(cfg: TrainConfig, model: Transformer, tokenizer_dir: Path, resume: boo
     held_out = TextSource(stdlib_texts(held_out=True), tokenizer, model_cfg.eos_token_id[0])
     log: list[dict[str, float]] = []
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    bar = tqdm(total=cfg.steps, initial=start, disable=not show_progress, unit="step", dynamic_ncols=True,
-               mininterval=2.0)
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not show_progress, unit="step", dynamic_ncols=True, mininterval=2.0
+    )
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -184,8 +206,14 @@ def train(cfg: TrainConfig, model: Transformer, tokenizer_dir: Path, resume: boo
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        entry = {"step": step + 1, "loss_ar": ar, "loss_diff": diff, "lr": cfg.lr_at(step), "grad_norm": grad_norm,
-                 "tokens_per_s": tokens_per_step / (time.perf_counter() - t0)}
+        entry = {
+            "step": step + 1,
+            "loss_ar": ar,
+            "loss_diff": diff,
+            "lr": cfg.lr_at(step),
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
+        }
         log.append(entry)
         bar.set_postfix(ar=f"{ar:.3f}", diff=f"{diff:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
         bar.update(1)
