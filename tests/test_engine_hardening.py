@@ -68,6 +68,18 @@ def test_out_of_range_integers_are_refused_by_name(field, value):
     SamplingParams(seed=-(2**63))
 
 
+def run_to_completion(engine: LLMEngine) -> tuple[dict, dict]:
+    """Step until idle: (request id -> output, request id -> error) of every request that ended."""
+    results, errors = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.error is not None:
+                errors[out.request_id] = out.error
+            elif out.finished:
+                results[out.request_id] = out.output
+    return results, errors
+
+
 def test_a_request_that_fails_inside_the_engine_fails_alone(embedded):
     """Pins: one failing request aborted every running request of every client. Whatever slips past
     validation (here a seed forced past it), the request fails alone with an error and the requests
@@ -82,13 +94,7 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(embedded):
     engine.add_request("poison", "import os", poison)
     for job in jobs[1:]:
         engine.add_request(*job)
-    results, errors = {}, {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.error is not None:
-                errors[out.request_id] = out.error
-            elif out.finished:
-                results[out.request_id] = out.output
+    results, errors = run_to_completion(engine)
     assert list(errors) == ["poison"] and "Overflow" in errors["poison"]
     for rid, conv, params in jobs:
         assert results[rid].token_ids == embedded.chat(conv, params)[0].token_ids, rid
@@ -108,13 +114,7 @@ def test_a_decode_step_that_fails_fails_its_group_only(embedded, monkeypatch):
         raise RuntimeError("injected")
 
     monkeypatch.setattr(spec_group.decoder, "step", broken)
-    results, errors = {}, {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.error is not None:
-                errors[out.request_id] = out.error
-            elif out.finished:
-                results[out.request_id] = out.output
+    results, errors = run_to_completion(engine)
     assert errors == {"spec": "RuntimeError: injected"}
     assert results["ar"].token_ids == embedded.chat(convs[0], SamplingParams(mode="ar", max_tokens=12))[0].token_ids
 

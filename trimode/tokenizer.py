@@ -42,6 +42,12 @@ CHATML_TEMPLATE = (
 )
 
 
+def _encode(tok: HFTokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    # encode_batch, not encode: only the batch call releases the GIL while it works, and a server
+    # tokenizing a 200k-character prompt on a worker thread must not freeze its event loop (~0.3 s).
+    return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
@@ -92,7 +98,7 @@ class Tokenizer:
                 )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return _encode(self._tok, text, add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -137,7 +143,7 @@ class Tokenizer:
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if i % 2:
-                ids += self._plain.encode(content_of[piece], add_special_tokens=False).ids
+                ids += _encode(self._plain, content_of[piece], add_special_tokens=False)
             elif piece:
                 ids += self.encode(piece, add_special_tokens=False)
         return ids

@@ -36,19 +36,15 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
     @classmethod
-    def of(cls, exc: Exception) -> APIError:
+    def of(cls, exc: ValueError | QueueFull | ShuttingDown | EngineError) -> APIError:
         """What the client is told about an error from validation or the engine."""
-        if isinstance(exc, APIError):
-            return exc
         if isinstance(exc, QueueFull):
             return cls(429, str(exc), "rate_limit_error", headers={"Retry-After": "1"})
         if isinstance(exc, ShuttingDown):
             return cls(503, str(exc), "server_error")
         if isinstance(exc, ValueError):
             return cls(400, str(exc), "invalid_request_error")
-        if isinstance(exc, EngineError):
-            return cls(500, str(exc), "server_error")
-        return cls(500, f"internal error: {type(exc).__name__}", "server_error")
+        return cls(500, str(exc), "server_error")  # EngineError: says it is internal
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.type, self.param, self.headers)
@@ -120,7 +116,7 @@ def build_app(
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
-        return APIError.of(exc).response()
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.get("/health")
     async def health() -> JSONResponse:
