@@ -20,9 +20,11 @@ def full_forward(model: Transformer, seq: list[int], bidirectional_tail: int = 0
 
 
 def diffusion_greedy(
-    model: Transformer, prompt: list[int], max_tokens: int, block_length: int, threshold: float, mask_id: int
+    model: Transformer, prompt: list[int], max_tokens: int, block_length: int, threshold: float | None, mask_id: int
 ) -> tuple[list[int], list[int]]:
-    """Block diffusion at temperature 0, batch 1, ignoring EOS. Returns (tokens, passes per block)."""
+    """Block diffusion at temperature 0, batch 1, ignoring EOS. Returns (tokens, passes per block).
+    NVIDIA's rule: confidence is the full softmax's probability ([MASK] included) and a position is
+    revealed when it is the most confident or its confidence >= threshold; [MASK] is no candidate."""
     seq = list(prompt)
     seed = int(full_forward(model, seq)[-1].argmax())
     out, passes = [seed], []
@@ -32,13 +34,12 @@ def diffusion_greedy(
         masked = [False] + [True] * (block_length - 1)
         n = 0
         while any(masked[1 : budget + 1]):
-            logits = full_forward(model, seq + block, bidirectional_tail=block_length)[-block_length:].clone()
-            logits[:, mask_id] = float("-inf")
-            probs = torch.softmax(logits, -1)
+            probs = torch.softmax(full_forward(model, seq + block, bidirectional_tail=block_length)[-block_length:], -1)
+            probs[:, mask_id] = -1.0  # not a candidate, but its mass stays in the normaliser
             conf, cand = probs.max(-1)
             best = max((i for i in range(block_length) if masked[i]), key=lambda i: conf[i].item())
             for i in range(block_length):
-                if masked[i] and (i == best or conf[i].item() > threshold):
+                if masked[i] and (i == best or (threshold is not None and conf[i].item() >= threshold)):
                     block[i], masked[i] = int(cand[i]), False
             n += 1
         passes.append(n)

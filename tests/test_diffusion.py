@@ -1,15 +1,21 @@
-"""Block diffusion: the cached decoder equals a slow reference; the threshold's limits behave."""
+"""Block diffusion: the cached decoder equals a slow reference; reveal rules pinned on hand-built
+logits (NVIDIA's: full-softmax confidence, >= threshold, None = one per pass)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 from conftest import PROMPTS
 from reference import diffusion_greedy
 
 from trimode import SamplingParams
 
 
-@pytest.mark.parametrize("block_length,threshold,max_tokens", [(8, 0.9, 30), (4, 0.3, 13), (32, 0.5, 40)])
+@pytest.mark.parametrize(
+    "block_length,threshold,max_tokens", [(8, 0.9, 30), (4, 0.3, 13), (32, 0.5, 40), (8, None, 20)]
+)
 def test_cached_diffusion_equals_recompute_everything_reference(llm, block_length, threshold, max_tokens):
     params = SamplingParams(
         mode="diffusion", max_tokens=max_tokens, block_length=block_length, threshold=threshold, ignore_eos=True
@@ -60,3 +66,78 @@ def test_diffusion_stops_at_eos_without_waiting_for_the_rest_of_the_block(llm):
     assert out.token_ids == base.token_ids[: first + 1]
     assert out.finish_reason == "stop"
     assert out.num_forwards == 2  # prefill + one denoise pass; no commit for a finished row
+
+
+class ScriptedRunner:
+    """Stands in for the model: each forward returns the next of the given (1, T, V) logits."""
+
+    def __init__(self, passes: list[list[list[float]]]) -> None:
+        self.passes = [torch.tensor([p]) for p in passes]
+        self.calls = 0
+
+    def forward(self, kv, tokens, causal, use_draft_lora=False, logit_index=None):
+        logits = self.passes[min(self.calls, len(self.passes) - 1)].clone()
+        self.calls += 1
+        return logits
+
+
+class NullKV:
+    def commit(self, counts=None) -> None:
+        pass
+
+
+def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[list[int], list[int]]:
+    """One block of 3 (seed + 2 masks) over a 4-token vocabulary whose id 3 is [MASK]; returns the
+    block's tokens and the denoise passes it took."""
+    from trimode.decoding.base import DecodeBatch
+    from trimode.decoding.diffusion import DiffusionDecoder
+    from trimode.sampler import Sampler
+
+    runner = ScriptedRunner(passes + [[[0.0] * 4] * 3])  # the last: the commit pass
+    batch = DecodeBatch(
+        runner=runner,
+        kv=NullKV(),
+        sampler=Sampler([SamplingParams()], torch.device("cpu")),
+        seeds=torch.tensor([0]),
+        remaining=torch.tensor([10]),
+        eos_ids=torch.tensor([99]),
+        stop_on_eos=torch.tensor([True]),
+        mask_id=3,
+        num_forwards=torch.zeros(1, dtype=torch.long),
+        stats=[[]],
+    )
+    emitted = DiffusionDecoder(3, threshold).step(batch)[0]
+    return emitted[:2], batch.stats[0]
+
+
+NEG = float("-inf")
+
+
+def test_confidence_is_the_full_softmax_probability_mask_included():
+    """Position 1's best candidate has 0.45 of the mass and [MASK] 0.5 (0.9 once [MASK] is removed and
+    the rest renormalised); position 2's has 0.6. Under the reference's rule position 2 is the more
+    confident and alone passes threshold 0.5, so position 1 waits for a second pass."""
+    log = math.log
+    pos1 = [log(0.45), log(0.04), log(0.01), log(0.5)]
+    pos2 = [log(0.05), log(0.6), log(0.3), log(0.05)]
+    first = [[0.0, 0.0, 0.0, 0.0], pos1, pos2]
+    tokens, passes = denoise([first, first], threshold=0.5)
+    assert tokens == [0, 1] and passes == [2]
+
+
+def test_a_confidence_equal_to_the_threshold_is_revealed():
+    """The reference reveals at confidence >= threshold: 0.5 exactly (two equal logits) passes 0.5."""
+    half = [0.0, 0.0, NEG, NEG]  # softmax: exactly 0.5, 0.5
+    sure = [0.0, NEG, NEG, NEG]  # exactly 1.0
+    first = [[0.0] * 4, half, sure]
+    assert denoise([first], threshold=0.5) == ([0, 0], [1])
+    assert denoise([first, first], threshold=0.5 + 1e-6) == ([0, 0], [2])
+
+
+def test_no_threshold_reveals_one_position_per_pass(llm):
+    sure = [0.0, NEG, NEG, NEG]
+    assert denoise([[[0.0] * 4, sure, sure]] * 2, threshold=None) == ([0, 0], [2])
+    out = llm.generate(
+        PROMPTS, SamplingParams(mode="diffusion", max_tokens=24, block_length=8, threshold=None, ignore_eos=True)
+    )
+    assert all(o.mode_stats["denoise_passes_per_block"] == [7, 7, 7] for o in out)

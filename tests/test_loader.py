@@ -30,6 +30,31 @@ def edit_config(path, **changes):
     return cfg
 
 
+# The keys of the release's config.json (nvidia/Nemotron-Labs-Diffusion-*), as its remote code reads them.
+RELEASE_CONFIG_KEYS = {
+    "architectures", "auto_map", "model_type", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+    "max_position_embeddings", "tie_word_embeddings", "attention_bias", "attention_dropout", "attn_implementation",
+    "mlp_bias", "sliding_window", "initializer_range", "use_cache", "bos_token_id", "eos_token_id",
+    "pad_token_id", "mask_token_id", "block_size", "dlm_paradigm", "dlm_loss_weight", "dp_varying_mask_ratio",
+    "rope_parameters", "torch_dtype",
+}  # fmt: skip
+
+
+def test_written_configs_carry_the_release_keys_and_auto_map(tiny_dir):
+    """Pins: make-checkpoint and train wrote no auto_map, so NVIDIA's remote code could not load them."""
+    from trimode.llm import EMBEDDED_MODEL_DIR
+
+    for path in (tiny_dir, EMBEDDED_MODEL_DIR):
+        cfg = json.loads((path / "config.json").read_text())
+        assert RELEASE_CONFIG_KEYS <= set(cfg), RELEASE_CONFIG_KEYS - set(cfg)
+        assert cfg["auto_map"] == {
+            "AutoConfig": "configuration_nemotron_labs_diffusion.NemotronLabsDiffusionConfig",
+            "AutoModel": "modeling_nemotron_labs_diffusion.NemotronLabsDiffusionModel",
+        }
+        assert cfg["architectures"] == ["NemotronLabsDiffusionModel"]
+
+
 def test_sharded_checkpoint_loads_the_same_weights(tmp_path, tiny_dir):
     sharded = make_checkpoint(tiny_config(), tmp_path / "sharded", seed=0, dtype="float32", shard_bytes=100_000)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())

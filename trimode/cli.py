@@ -196,6 +196,19 @@ def _int_list(flag: str, text: str) -> list[int]:
     return values
 
 
+THRESHOLD_HELP = "diffusion: reveal every position at least this confident (default 0.9); 'none': one per pass"
+
+
+def _threshold(text: str) -> float | None:
+    """A --threshold value: a number, or `none` for one position per pass."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'none'; got {text!r}") from e
+
+
 def _float_list(flag: str, text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -426,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="generate max_tokens even past EOS (benchmarks)")
     g.add_argument("--block-length", type=int, default=32)
-    g.add_argument("--threshold", type=float, default=0.9)
+    g.add_argument("--threshold", type=_threshold, default=0.9, help=THRESHOLD_HELP)
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     g.set_defaults(func=_generate)
@@ -491,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--suite", default="tasks")
     e.add_argument("--num-examples", type=int, default=100, help="held-out examples per task")
     e.add_argument("--block-length", type=int, default=32)
-    e.add_argument("--threshold", type=float, default=0.9)
+    e.add_argument("--threshold", type=_threshold, default=0.9, help=THRESHOLD_HELP)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)
 

@@ -12,6 +12,13 @@ SUPPORTED_MODEL_TYPES = ("nemotron_labs_diffusion",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# The release's remote code (files shipped in NVIDIA's checkpoint repositories).
+AUTO_MAP = {
+    "AutoConfig": "configuration_nemotron_labs_diffusion.NemotronLabsDiffusionConfig",
+    "AutoModel": "modeling_nemotron_labs_diffusion.NemotronLabsDiffusionModel",
+}
+
+
 def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"config field `{name}` must be {allowed}; got {value!r}")
@@ -152,9 +159,12 @@ class ModelConfig:
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """The `config.json` of the real release, field for field."""
+        """The `config.json` of the real release, field for field. `auto_map` names the release's
+        remote code, so `AutoModel.from_pretrained(dir, trust_remote_code=True)` finds it once its
+        .py files are in the directory; vLLM and SGLang select their model by `architectures`."""
         return {
             "architectures": ["NemotronLabsDiffusionModel"],
+            "auto_map": AUTO_MAP,
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -168,13 +178,20 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": False,
             "attention_bias": False,
+            "attention_dropout": 0.0,
+            "attn_implementation": "sdpa",
             "mlp_bias": False,
+            "sliding_window": None,
+            "initializer_range": 0.02,
+            "use_cache": False,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id),
             "pad_token_id": self.pad_token_id,
             "mask_token_id": self.mask_token_id,
             "block_size": self.block_size,
             "dlm_paradigm": "bidirectional",
+            "dlm_loss_weight": None,
+            "dp_varying_mask_ratio": False,
             "rope_parameters": self.rope.to_hf(),
             "torch_dtype": self.torch_dtype,
         }

@@ -96,14 +96,7 @@ class Sampler:
         # right=True picks the first index whose cdf exceeds u, which always has positive weight.
         return torch.searchsorted(cdf, u[..., None], right=True)[..., 0].clamp(max=probs.shape[-1] - 1)
 
-    def pick(
-        self, logits: torch.Tensor, with_confidence: bool = False, rows: list[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T, V) -> tokens (B, T) and optionally their confidence (B, T): the picked token's
-        probability under the untempered softmax of the logits, whether it was picked greedily or
-        sampled (as LLaDA and Fast-dLLM do), so the reveal schedule does not depend on top-k/top-p.
-        `rows`: only these rows' picks are used (see `sample`)."""
-        tokens = logits.argmax(-1) if self.all_greedy else self.sample(self.probs(logits), rows)
-        if not with_confidence:
-            return tokens, None
-        return tokens, torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    def pick(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """(B, T, V) -> tokens (B, T): argmax for greedy rows, a sample for the others. `rows`: only
+        these rows' picks are used (see `sample`)."""
+        return logits.argmax(-1) if self.all_greedy else self.sample(self.probs(logits), rows)

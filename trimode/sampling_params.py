@@ -34,7 +34,8 @@ class SamplingParams:
     stop: list[str] | str | None = field(default=None)
     ignore_eos: bool = False
     block_length: int = 32  # diffusion block / self-spec draft length, seed position included
-    threshold: float = 0.9  # diffusion: also reveal every masked position more confident than this
+    # diffusion: also reveal every masked position at least this confident; None = one per pass
+    threshold: float | None = 0.9
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str) and not isinstance(self.mode, Mode):
@@ -69,7 +70,12 @@ class SamplingParams:
             "an integer >= 1",
             self.block_length,
         )
-        _check(_is_number(self.threshold) and 0 <= self.threshold <= 1, "threshold", "in [0, 1]", self.threshold)
+        _check(
+            self.threshold is None or (_is_number(self.threshold) and 0 <= self.threshold <= 1),
+            "threshold",
+            "None (one position per pass) or a number in [0, 1]",
+            self.threshold,
+        )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -11,5 +11,5 @@ class AutoregressiveDecoder(Decoder):
     def step(self, batch: DecodeBatch) -> list[list[int]]:
         logits = batch.forward("ar", batch.seeds[:, None], causal=True)  # (B, 1, V)
         batch.kv.commit()
-        batch.seeds = batch.sampler.pick(logits)[0][:, 0]
+        batch.seeds = batch.sampler.pick(logits)[:, 0]
         return [[t] for t in batch.seeds.tolist()]

@@ -2,13 +2,15 @@
 
 Per block: [seed, MASK x (b-1)] is denoised by bidirectional passes over the cached prefix (KV not
 written). Each pass reveals, per row, its most confident masked position plus every masked position
-whose confidence exceeds the threshold. A row is done when no mask is left within its budget
-(max_tokens), or when it revealed an EOS with no mask to its left; rows decode independently (a done
-row waits, unchanged and uncounted, while the others denoise). One causal commit pass then writes
-the block's KV; its last logits give the next seed.
+whose confidence is at least the threshold (threshold None: the most confident one only). A row is
+done when no mask is left within its budget (max_tokens), or when it revealed an EOS with no mask to
+its left; rows decode independently (a done row waits, unchanged and uncounted, while the others
+denoise). One causal commit pass then writes the block's KV; its last logits give the next seed.
 
-The threshold test is strict (>) so that threshold 1.0 reveals exactly one token per pass and 0.0
-reveals every position whose probability is non-zero, i.e. fills the block in one pass.
+As NVIDIA's reference: a candidate's confidence is its probability under the full softmax of the
+pass's logits, [MASK] included, and the test is `>=`. Unlike the reference, [MASK] itself is never
+a candidate: a revealed position is final, and the reference can write [MASK] back and return it.
+So reveal decisions equal the reference's wherever the reference keeps [MASK] out of its output.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class DiffusionDecoder(Decoder):
     mode = "diffusion"
     stat_name = "denoise_passes_per_block"
 
-    def __init__(self, block_length: int, threshold: float) -> None:
+    def __init__(self, block_length: int, threshold: float | None) -> None:
         self.block_length = block_length
         self.threshold = threshold
 
@@ -42,14 +44,22 @@ class DiffusionDecoder(Decoder):
         passes = torch.zeros(batch.size, dtype=torch.long, device=device)
         while not bool(done.all()):
             active = ~done
-            logits = batch.bidirectional_logits(batch.forward("denoise", block, causal=False, rows=active))
+            logits = batch.forward("denoise", block, causal=False, rows=active)  # (B, b, V)
+            normalizer = logits.float().logsumexp(-1)  # (B, b): the full softmax's, [MASK] included
+            logits = batch.bidirectional_logits(logits)
             # Only rows still denoising draw random numbers, so a seeded row samples the same alone
             # or beside rows that take more passes.
             active_rows = active.nonzero()[:, 0].tolist() if not batch.sampler.all_greedy else None
-            candidates, confidence = batch.sampler.pick(logits, with_confidence=True, rows=active_rows)  # (B, b)
+            candidates = batch.sampler.pick(logits, rows=active_rows)  # (B, b)
+            # The candidate's untempered probability, whether picked greedily or sampled (as LLaDA
+            # and Fast-dLLM do), so the reveal schedule does not depend on temperature or top-k/top-p.
+            confidence = (logits.gather(-1, candidates[..., None])[..., 0].float() - normalizer).exp()
             open_slots = is_masked & active[:, None]
             confidence = confidence.masked_fill(~open_slots, -1.0)
-            reveal = (confidence > self.threshold) & open_slots
+            if self.threshold is None:
+                reveal = torch.zeros_like(open_slots)
+            else:
+                reveal = (confidence >= self.threshold) & open_slots
             reveal.scatter_(1, confidence.argmax(1, keepdim=True), True)  # the most confident, always
             reveal &= open_slots
             block = torch.where(reveal, candidates, block)
@@ -66,7 +76,7 @@ class DiffusionDecoder(Decoder):
         if bool(needs_commit.any()):
             logits = batch.forward("commit", block, causal=True, rows=needs_commit)
             batch.kv.commit()
-            batch.seeds = batch.sampler.pick(logits[:, -1:])[0][:, 0]
+            batch.seeds = batch.sampler.pick(logits[:, -1:])[:, 0]
             for row, seed in zip(emitted, batch.seeds.tolist()):
                 row.append(seed)
         return emitted

@@ -32,7 +32,7 @@ class SelfSpecDecoder(Decoder):
         if b == 1:  # nothing to draft: a plain causal step
             logits = batch.forward("verify", batch.seeds[:, None], causal=True)
             batch.kv.commit()
-            batch.seeds = batch.sampler.pick(logits)[0][:, 0]
+            batch.seeds = batch.sampler.pick(logits)[:, 0]
             batch.record(torch.ones(batch.size))
             return [[t] for t in batch.seeds.tolist()]
         masks = torch.full((batch.size, b - 1), batch.mask_id, dtype=torch.long, device=batch.seeds.device)

@@ -110,7 +110,7 @@ def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> 
     # Right-padded: row b's pad slots lie past its length and stay invisible.
     logits = batch.forward("prefill", padded.to(device), causal=True, logit_index=(lengths - 1).to(device))
     batch.kv.set_lengths(lengths)
-    batch.seeds = batch.sampler.pick(logits)[0][:, 0]
+    batch.seeds = batch.sampler.pick(logits)[:, 0]
     return batch, [[t] for t in batch.seeds.tolist()]
 
 
