@@ -68,35 +68,16 @@ def test_diffusion_stops_at_eos_without_waiting_for_the_rest_of_the_block(llm):
     assert out.num_forwards == 2  # prefill + one denoise pass; no commit for a finished row
 
 
-class ScriptedRunner:
-    """Stands in for the model: each forward returns the next of the given (1, T, V) logits."""
-
-    def __init__(self, passes: list[list[list[float]]]) -> None:
-        self.passes = [torch.tensor([p]) for p in passes]
-        self.calls = 0
-
-    def forward(self, kv, tokens, causal, use_draft_lora=False, logit_index=None):
-        logits = self.passes[min(self.calls, len(self.passes) - 1)].clone()
-        self.calls += 1
-        return logits
-
-
-class NullKV:
-    def commit(self, counts=None) -> None:
-        pass
-
-
 def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[list[int], list[int]]:
-    """One block of 3 (seed + 2 masks) over a 4-token vocabulary whose id 3 is [MASK]; returns the
-    block's tokens and the denoise passes it took."""
+    """One block of 3 (seed + 2 masks) over a 4-token vocabulary whose id 3 is [MASK], each denoise
+    pass's (3, 4) logits given; returns the block's tokens and the denoise passes it took."""
     from trimode.decoding.base import DecodeBatch
     from trimode.decoding.diffusion import DiffusionDecoder
+    from trimode.kv_cache import KVCache
     from trimode.sampler import Sampler
 
-    runner = ScriptedRunner(passes + [[[0.0] * 4] * 3])  # the last: the commit pass
     batch = DecodeBatch(
-        runner=runner,
-        kv=NullKV(),
+        kv=KVCache(1, 1, 1, 2, capacity=16, dtype=torch.float32, device="cpu"),
         sampler=Sampler([SamplingParams()], torch.device("cpu")),
         seeds=torch.tensor([0]),
         remaining=torch.tensor([10]),
@@ -106,8 +87,16 @@ def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[l
         num_forwards=torch.zeros(1, dtype=torch.long),
         stats=[[]],
     )
-    emitted = DiffusionDecoder(3, threshold).step(batch)[0]
-    return emitted[:2], batch.stats[0]
+    decoder = DiffusionDecoder(3, threshold)
+    decoder.start(batch)
+    for logits in passes:
+        fwd = decoder.plan(batch)
+        assert fwd.kind == "denoise"
+        batch.kv.begin(fwd.tokens.shape[1])  # what the model runner does before each forward
+        emitted = decoder.accept(batch, torch.tensor([logits]))[0]
+        if emitted:
+            return emitted, batch.stats[0]
+    raise AssertionError("the block was not finished by the given passes")
 
 
 NEG = float("-inf")

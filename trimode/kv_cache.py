@@ -47,14 +47,18 @@ class KVCache:
         positions = self.lengths[:, None] + torch.arange(num_tokens, device=self.lengths.device)
         return positions, span
 
-    def attention_mask(self, num_tokens: int, span: int, causal: bool) -> torch.Tensor:
+    def attention_mask(self, num_tokens: int, span: int, causal: torch.Tensor | bool) -> torch.Tensor:
         """(B, 1, T, S) bool, True = attend. Key j is visible to query i of row b iff
         j < lengths[b] + (i + 1 if causal else T): the whole clean prefix, plus the new tokens either
-        causally or bidirectionally. Scratch slots past that are never visible."""
-        keys = torch.arange(span, device=self.lengths.device)
-        limit = self.lengths[:, None] + (
-            torch.arange(1, num_tokens + 1, device=self.lengths.device) if causal else num_tokens
-        )
+        causally or bidirectionally (`causal`: one value, or one per row (B,)). Scratch slots past
+        that are never visible."""
+        device = self.lengths.device
+        keys = torch.arange(span, device=device)
+        steps = torch.arange(1, num_tokens + 1, device=device)
+        if isinstance(causal, torch.Tensor):
+            limit = self.lengths[:, None] + torch.where(causal.to(device)[:, None], steps, num_tokens)
+        else:
+            limit = self.lengths[:, None] + (steps if causal else num_tokens)
         return (keys[None, None, :] < limit[:, :, None])[:, None]
 
     def write(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from trimode.decoding.base import DecodeBatch, Decoder
+import torch
+
+from trimode.decoding.base import DecodeBatch, Decoder, Forward
 
 
 class AutoregressiveDecoder(Decoder):
     mode = "ar"
 
-    def step(self, batch: DecodeBatch) -> list[list[int]]:
-        logits = batch.forward("ar", batch.seeds[:, None], causal=True)  # (B, 1, V)
+    def plan(self, batch: DecodeBatch) -> Forward:
+        return Forward("ar", batch.seeds[:, None], causal=True)
+
+    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
         batch.kv.commit()
         batch.seeds = batch.sampler.pick(logits)[:, 0]
         return [[t] for t in batch.seeds.tolist()]

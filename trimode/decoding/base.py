@@ -1,14 +1,17 @@
-"""The Decoder interface every mode implements, and the batch state decoders step on.
+"""The Decoder interface every mode implements, and the batch state decoders work on.
 
-A decoder's `step` runs one unit of its mode (AR: one token; diffusion: one block; self-spec: one
-draft + verify cycle) for every row of the batch and returns the tokens each row emitted. Rows are
-independent: each has its own cache length, seed token, sampling parameters and budget.
+Decoders never call the model. Each engine step asks a group's decoder to `plan` one forward over
+all its rows (tokens, and per row: causal or bidirectional, draft LoRA on or off), the model runner
+runs it, and the decoder's `accept` turns the logits into emitted tokens, KV commits and new per-row
+state. So a step is one forward per group, and rows advance independently: one row of a diffusion
+batch may be denoising while another commits its finished block, one self-spec row drafting while
+another verifies. Per-row state lives in `DecodeBatch.state`, row-aligned tensors that follow the
+rows when requests join or leave.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,14 +19,33 @@ from typing import ClassVar
 
 import torch
 
-from trimode.engine.model_runner import ModelRunner
 from trimode.kv_cache import KVCache
 from trimode.sampler import Sampler
 
 
 @dataclass
+class Forward:
+    """One forward over every row of a batch, as a decoder plans it."""
+
+    kind: str  # what it is, for timings: "ar", "denoise", "commit", "draft", "verify", "draft+verify", ...
+    tokens: torch.Tensor  # (B, T) after each row's cached prefix
+    causal: torch.Tensor | bool  # (B,) per row, or one value for all rows
+    use_draft_lora: torch.Tensor | bool = False  # (B,) per row, or one value
+    logit_index: torch.Tensor | None = None  # (B,) the one position whose logits are wanted
+
+
+def mixed(flags: torch.Tensor, kinds: tuple[str, str]) -> tuple[str, torch.Tensor | bool]:
+    """(B,) bool -> the forward's kind (kinds[1] where True) and the flag in its simplest form: one
+    bool when every row agrees (the model then skips per-row work), else the tensor."""
+    if bool(flags.all()):
+        return kinds[1], True
+    if not bool(flags.any()):
+        return kinds[0], False
+    return "+".join(kinds), flags
+
+
+@dataclass
 class DecodeBatch:
-    runner: ModelRunner
     kv: KVCache
     sampler: Sampler
     seeds: torch.Tensor  # (B,) the last emitted token of each row, not yet fed to the model
@@ -33,6 +55,7 @@ class DecodeBatch:
     mask_id: int
     num_forwards: torch.Tensor  # (B,) host: forwards each row took part in, prefill included
     stats: list[list[int]] = field(default_factory=list)  # per row: the mode's per-step statistic
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the decoder's per-row state, dim 0 = rows
     # kind -> [count, seconds]; on CUDA each timed forward synchronises the device.
     timings: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0.0]))
 
@@ -40,34 +63,17 @@ class DecodeBatch:
     def size(self) -> int:
         return self.seeds.shape[0]
 
-    def forward(
-        self,
-        kind: str,
-        tokens: torch.Tensor,
-        causal: bool,
-        rows: torch.Tensor | None = None,
-        use_draft_lora: bool = False,
-        logit_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One timed forward; counts it for `rows` (bool (B,), all rows when None)."""
-        start = time.perf_counter()
-        logits = self.runner.forward(self.kv, tokens, causal, use_draft_lora, logit_index)
-        if logits.is_cuda:
-            torch.cuda.synchronize()
-        entry = self.timings[kind]
-        entry[0] += 1
-        entry[1] += time.perf_counter() - start
-        self.num_forwards += 1 if rows is None else rows.cpu().long()
-        return logits
-
     def bidirectional_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """A masked position predicts its own token, which is never the mask token itself."""
         logits[..., self.mask_id] = float("-inf")
         return logits
 
-    def record(self, values: torch.Tensor) -> None:
-        for row, v in zip(self.stats, values.tolist()):
-            row.append(int(v))
+    def record(self, values: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Append each row's statistic (only `rows`, bool (B,), when given)."""
+        keep = [True] * self.size if rows is None else rows.tolist()
+        for row, v, k in zip(self.stats, values.tolist(), keep):
+            if k:
+                row.append(int(v))
 
     def extend(self, other: DecodeBatch) -> None:
         """Append `other`'s rows: requests prefilled later join this running batch (continuous
@@ -79,6 +85,7 @@ class DecodeBatch:
         self.num_forwards = torch.cat([self.num_forwards, other.num_forwards])
         self.stop_on_eos = torch.cat([self.stop_on_eos, other.stop_on_eos])
         self.stats += other.stats
+        self.state = {k: torch.cat([_state(self, k, other), _state(other, k, self)]) for k in self.state | other.state}
         for kind, (n, s) in other.timings.items():
             self.timings[kind][0] += n
             self.timings[kind][1] += s
@@ -91,7 +98,7 @@ class DecodeBatch:
         batches = []
         for rows in parts:
             part = copy.copy(self)
-            part.kv, part.sampler = copy.copy(self.kv), copy.copy(self.sampler)
+            part.kv, part.sampler, part.state = copy.copy(self.kv), copy.copy(self.sampler), dict(self.state)
             part.timings = defaultdict(lambda: [0, 0.0], {k: list(v) for k, v in self.timings.items()})
             part.select_rows(torch.tensor(rows))
             batches.append(part)
@@ -105,12 +112,31 @@ class DecodeBatch:
         self.remaining, self.num_forwards = self.remaining[rows], self.num_forwards[rows]
         self.stop_on_eos = self.stop_on_eos[rows.to(self.stop_on_eos.device)]
         self.stats = [self.stats[i] for i in rows.tolist()]
+        self.state = {k: v[rows.to(v.device)] for k, v in self.state.items()}
+
+
+def _state(batch: DecodeBatch, key: str, other: DecodeBatch) -> torch.Tensor:
+    """`batch`'s state `key`, or zeros shaped like `other`'s when `batch` has none yet (state a
+    decoder creates lazily, e.g. self-spec's draft distribution, written before it is read)."""
+    if key in batch.state:
+        return batch.state[key]
+    like = other.state[key]
+    return like.new_zeros((batch.size, *like.shape[1:]))
 
 
 class Decoder(ABC):
     mode: ClassVar[str]
     stat_name: ClassVar[str | None] = None  # what `DecodeBatch.stats` holds for this mode
 
+    def start(self, batch: DecodeBatch) -> None:  # noqa: B027 (optional: modes without per-row state)
+        """Set up the per-row state of freshly prefilled rows (every row of `batch`), before they
+        join a running batch of this mode."""
+
     @abstractmethod
-    def step(self, batch: DecodeBatch) -> list[list[int]]:
-        """Advance every row; return the tokens each row emitted (the driver truncates at EOS/budget)."""
+    def plan(self, batch: DecodeBatch) -> Forward:
+        """The next forward over every row."""
+
+    @abstractmethod
+    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
+        """Take the planned forward's logits: commit KV, update state, return the tokens each row
+        emitted (the engine truncates at EOS, stop strings and budgets)."""

@@ -2,10 +2,12 @@
 
 Per block: [seed, MASK x (b-1)] is denoised by bidirectional passes over the cached prefix (KV not
 written). Each pass reveals, per row, its most confident masked position plus every masked position
-whose confidence is at least the threshold (threshold None: the most confident one only). A row is
-done when no mask is left within its budget (max_tokens), or when it revealed an EOS with no mask to
-its left; rows decode independently (a done row waits, unchanged and uncounted, while the others
-denoise). One causal commit pass then writes the block's KV; its last logits give the next seed.
+whose confidence is at least the threshold (threshold None: the most confident one only). A row's
+block is done when no mask is left within its budget (max_tokens), or when it revealed an EOS with
+no mask to its left; its tokens are emitted then. One causal commit pass writes the block's KV; its
+last logits give the next seed. The block, its masks and its pass count are per-row state, so each
+engine step is one forward in which every row takes its own next pass: rows still denoising
+(bidirectional, nothing committed) beside rows committing (causal, the block committed).
 
 As NVIDIA's reference: a candidate's confidence is its probability under the full softmax of the
 pass's logits, [MASK] included, and the test is `>=`. Unlike the reference, [MASK] itself is never
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder
+from trimode.decoding.base import DecodeBatch, Decoder, Forward, mixed
 
 
 class DiffusionDecoder(Decoder):
@@ -28,55 +30,91 @@ class DiffusionDecoder(Decoder):
         self.block_length = block_length
         self.threshold = threshold
 
-    def step(self, batch: DecodeBatch) -> list[list[int]]:
-        device = batch.seeds.device
+    def start(self, batch: DecodeBatch) -> None:
+        b, device = self.block_length, batch.seeds.device
+        batch.state.update(
+            block=torch.full((batch.size, b), batch.mask_id, dtype=torch.long, device=device),
+            masked=torch.zeros(batch.size, b, dtype=torch.bool, device=device),
+            in_budget=torch.zeros(batch.size, b, dtype=torch.bool, device=device),
+            committing=torch.zeros(batch.size, dtype=torch.bool, device=device),
+            fresh=torch.zeros(batch.size, dtype=torch.bool, device=device),
+            passes=torch.zeros(batch.size, dtype=torch.long, device=device),
+        )
+        self._new_block(batch, torch.ones(batch.size, dtype=torch.bool, device=device))
+
+    def _new_block(self, batch: DecodeBatch, rows: torch.Tensor) -> None:
+        """[seed, MASK x (b-1)] for `rows` (bool (B,)); their budgets are read at the next plan,
+        once the engine has counted the seed they just emitted."""
+        s = batch.state
+        fresh_block = torch.full_like(s["block"], batch.mask_id)
+        fresh_block[:, 0] = batch.seeds
+        unmasked = torch.ones_like(s["masked"])
+        unmasked[:, 0] = False
+        s["block"] = torch.where(rows[:, None], fresh_block, s["block"])
+        s["masked"] = torch.where(rows[:, None], unmasked, s["masked"])
+        s["passes"] = torch.where(rows, 0, s["passes"])
+        s["committing"] = s["committing"] & ~rows
+        s["fresh"] = s["fresh"] | rows
+
+    def plan(self, batch: DecodeBatch) -> Forward:
+        s, device = batch.state, batch.seeds.device
         # Blocks always have the configured length (as in the reference), so a row decodes the same
         # alone or batched; a row whose budget ends inside the block stops once its budget is revealed.
-        b = self.block_length
-        positions = torch.arange(b, device=device)
-        in_budget = positions < (batch.remaining.to(device)[:, None] + 1)  # (B, b); the seed is position 0
-        block = torch.full((batch.size, b), batch.mask_id, dtype=torch.long, device=device)
-        block[:, 0] = batch.seeds
-        is_masked = torch.ones_like(block, dtype=torch.bool)
-        is_masked[:, 0] = False
-        done = ~(is_masked & in_budget).any(1)
-        eos_done = torch.zeros_like(done)
-        passes = torch.zeros(batch.size, dtype=torch.long, device=device)
-        while not bool(done.all()):
-            active = ~done
-            logits = batch.forward("denoise", block, causal=False, rows=active)  # (B, b, V)
-            normalizer = logits.float().logsumexp(-1)  # (B, b): the full softmax's, [MASK] included
-            logits = batch.bidirectional_logits(logits)
-            # Only rows still denoising draw random numbers, so a seeded row samples the same alone
-            # or beside rows that take more passes.
-            active_rows = active.nonzero()[:, 0].tolist() if not batch.sampler.all_greedy else None
-            candidates = batch.sampler.pick(logits, rows=active_rows)  # (B, b)
-            # The candidate's untempered probability, whether picked greedily or sampled (as LLaDA
-            # and Fast-dLLM do), so the reveal schedule does not depend on temperature or top-k/top-p.
-            confidence = (logits.gather(-1, candidates[..., None])[..., 0].float() - normalizer).exp()
-            open_slots = is_masked & active[:, None]
-            confidence = confidence.masked_fill(~open_slots, -1.0)
-            if self.threshold is None:
-                reveal = torch.zeros_like(open_slots)
-            else:
-                reveal = (confidence >= self.threshold) & open_slots
-            reveal.scatter_(1, confidence.argmax(1, keepdim=True), True)  # the most confident, always
-            reveal &= open_slots
-            block = torch.where(reveal, candidates, block)
-            is_masked &= ~reveal
-            passes += active.long()
-            is_eos = torch.isin(block, batch.eos_ids) & ~is_masked & batch.stop_on_eos[:, None]
-            is_eos[:, 0] = False
-            first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), b)
-            eos_done = is_eos.any(1) & ~(is_masked & (positions < first_eos[:, None])).any(1)
-            done = ~(is_masked & in_budget).any(1) | eos_done
-        batch.record(passes)
-        emitted = [row[1:] for row in block.tolist()]
-        needs_commit = ~eos_done.cpu() & (batch.remaining > b - 1)
-        if bool(needs_commit.any()):
-            logits = batch.forward("commit", block, causal=True, rows=needs_commit)
-            batch.kv.commit()
-            batch.seeds = batch.sampler.pick(logits[:, -1:])[:, 0]
-            for row, seed in zip(emitted, batch.seeds.tolist()):
-                row.append(seed)
+        positions = torch.arange(self.block_length, device=device)
+        budget = positions < (batch.remaining.to(device)[:, None] + 1)  # (B, b); the seed is position 0
+        s["in_budget"] = torch.where(s["fresh"][:, None], budget, s["in_budget"])
+        nothing_to_reveal = ~(s["masked"] & s["in_budget"]).any(1)  # e.g. block length 1
+        s["committing"] = s["committing"] | (s["fresh"] & nothing_to_reveal)
+        s["fresh"] = torch.zeros_like(s["fresh"])
+        kind, causal = mixed(s["committing"], ("denoise", "commit"))
+        return Forward(kind, s["block"], causal=causal)
+
+    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
+        s, b = batch.state, self.block_length
+        committing = s["committing"]
+        denoising = ~committing
+        sampler = batch.sampler
+        greedy = sampler.all_greedy
+        # Committing rows: their block's KV joins the prefix; the last position gives the next seed.
+        batch.kv.commit(committing.long() * b)
+        commit_rows = None if greedy else committing.nonzero()[:, 0].tolist()
+        next_seed = sampler.pick(logits[:, -1:], rows=commit_rows)[:, 0]
+        # Denoising rows: one pass. Only they draw random numbers, so a seeded row samples the same
+        # alone or beside rows at other stages.
+        normalizer = logits.float().logsumexp(-1)  # (B, b): the full softmax's, [MASK] included
+        logits = batch.bidirectional_logits(logits)
+        candidates = sampler.pick(logits, rows=None if greedy else denoising.nonzero()[:, 0].tolist())
+        # The candidate's untempered probability, whether picked greedily or sampled (as LLaDA
+        # and Fast-dLLM do), so the reveal schedule does not depend on temperature or top-k/top-p.
+        confidence = (logits.gather(-1, candidates[..., None])[..., 0].float() - normalizer).exp()
+        open_slots = s["masked"] & denoising[:, None]
+        confidence = confidence.masked_fill(~open_slots, -1.0)
+        if self.threshold is None:
+            reveal = torch.zeros_like(open_slots)
+        else:
+            reveal = (confidence >= self.threshold) & open_slots
+        reveal.scatter_(1, confidence.argmax(1, keepdim=True), True)  # the most confident, always
+        reveal &= open_slots
+        s["block"] = torch.where(reveal, candidates, s["block"])
+        s["masked"] = s["masked"] & ~reveal
+        s["passes"] = s["passes"] + denoising.long()
+        is_eos = torch.isin(s["block"], batch.eos_ids) & ~s["masked"] & batch.stop_on_eos[:, None]
+        is_eos[:, 0] = False
+        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), b)
+        left_of_eos = torch.arange(b, device=is_eos.device)[None] < first_eos[:, None]
+        eos_done = is_eos.any(1) & ~(s["masked"] & left_of_eos).any(1)
+        finished = denoising & (~(s["masked"] & s["in_budget"]).any(1) | eos_done)
+        batch.record(s["passes"], rows=finished)
+        # A finished block is emitted now and committed by the next step, unless the row ends with it.
+        s["committing"] = finished & ~eos_done & (batch.remaining.to(finished.device) > b - 1)
+        emitted = [[] for _ in range(batch.size)]
+        for row, (done, committed, block, seed) in enumerate(
+            zip(finished.tolist(), committing.tolist(), s["block"].tolist(), next_seed.tolist())
+        ):
+            if done:
+                emitted[row] = block[1:]
+            elif committed:
+                emitted[row] = [seed]
+        batch.seeds = torch.where(committing, next_seed, batch.seeds)
+        self._new_block(batch, committing)
         return emitted

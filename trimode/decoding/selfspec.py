@@ -8,13 +8,16 @@ replaced by a sample from norm(max(0, p_i - q_i)), and if all drafts pass the bo
 The emitted tokens then follow the AR (verifier) distribution p exactly, including temperature,
 top-k and top-p, which shape both p and q. q_i here is the draft pass's marginal at position i given
 the prefix only; the argument needs only that d_i is drawn from q_i independently of the test.
+
+Draft and verify are two engine steps; each row alternates on its own, so a row that has just
+joined drafts while its neighbours verify, in the same forward (per-row causal flag and draft LoRA).
 """
 
 from __future__ import annotations
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder
+from trimode.decoding.base import DecodeBatch, Decoder, Forward, mixed
 
 
 class SelfSpecDecoder(Decoder):
@@ -24,38 +27,77 @@ class SelfSpecDecoder(Decoder):
     def __init__(self, block_length: int) -> None:
         self.block_length = block_length
 
-    def step(self, batch: DecodeBatch) -> list[list[int]]:
-        # The block length is fixed (not shrunk to the budget) so a row's drafts, and hence its
-        # statistics, do not depend on what else is in the batch; a row never accepts past its budget.
-        b = self.block_length
-        cap = (batch.remaining - 1).to(batch.seeds.device)  # (B,) most drafts a row may still accept
-        if b == 1:  # nothing to draft: a plain causal step
-            logits = batch.forward("verify", batch.seeds[:, None], causal=True)
+    def start(self, batch: DecodeBatch) -> None:
+        batch.state.update(
+            drafting=torch.ones(batch.size, dtype=torch.bool, device=batch.seeds.device),
+            drafts=torch.zeros(batch.size, max(self.block_length - 1, 0), dtype=torch.long, device=batch.seeds.device),
+        )
+
+    def plan(self, batch: DecodeBatch) -> Forward:
+        if self.block_length == 1:  # nothing to draft: a plain causal step
+            return Forward("verify", batch.seeds[:, None], causal=True)
+        s = batch.state
+        masks = torch.full_like(s["drafts"], batch.mask_id)
+        tail = torch.where(s["drafting"][:, None], masks, s["drafts"])
+        kind, drafting = mixed(s["drafting"], ("verify", "draft"))
+        causal = ~drafting if isinstance(drafting, torch.Tensor) else not drafting
+        return Forward(kind, torch.cat([batch.seeds[:, None], tail], 1), causal=causal, use_draft_lora=drafting)
+
+    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
+        if self.block_length == 1:
             batch.kv.commit()
             batch.seeds = batch.sampler.pick(logits)[:, 0]
             batch.record(torch.ones(batch.size))
             return [[t] for t in batch.seeds.tolist()]
-        masks = torch.full((batch.size, b - 1), batch.mask_id, dtype=torch.long, device=batch.seeds.device)
-        draft_logits = batch.forward(
-            "draft", torch.cat([batch.seeds[:, None], masks], 1), causal=False, use_draft_lora=True
-        )
-        draft_logits = batch.bidirectional_logits(draft_logits[:, 1:])  # (B, b-1, V): own-position predictions
-        sampler = batch.sampler
+        s = batch.state
+        drafting = s["drafting"]
+        verifying = ~drafting
+        emitted: list[list[int]] = [[] for _ in range(batch.size)]
+        if bool(verifying.any()):  # first: the draft step below edits the logits in place
+            emitted, accepted, bonus = self._verify(batch, logits, verifying)
+            batch.kv.commit(torch.where(verifying, accepted + 1, 0))
+            batch.seeds = torch.where(verifying, bonus, batch.seeds)
+            batch.record(accepted + 1, rows=verifying)
+        else:
+            batch.kv.commit(torch.zeros_like(batch.seeds))
+        self._draft(batch, logits, drafting)
+        s["drafting"] = verifying
+        return emitted
+
+    def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: torch.Tensor) -> None:
+        """Fill the masks of `rows` (bool (B,)) from their bidirectional pass over [seed, MASK...]."""
+        s, sampler = batch.state, batch.sampler
+        draft_logits = batch.bidirectional_logits(logits[:, 1:])  # (B, b-1, V): own-position predictions
         if sampler.all_greedy:
-            drafts = draft_logits.argmax(-1)  # (B, b-1)
-            verify_logits = batch.forward("verify", torch.cat([batch.seeds[:, None], drafts], 1), causal=True)
-            target = verify_logits.argmax(-1)  # (B, b): target[:, i] is the AR choice for position i+1
+            drafts = draft_logits.argmax(-1)
+        else:
+            q = sampler.probs(draft_logits)
+            drafts = sampler.sample(q, rows=rows.nonzero()[:, 0].tolist())
+            s["q"] = torch.where(rows[:, None, None], q, s["q"]) if "q" in s else q
+        s["drafts"] = torch.where(rows[:, None], drafts, s["drafts"])
+
+    def _verify(
+        self, batch: DecodeBatch, logits: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """Accept the agreeing prefix of the drafts of `rows` (bool (B,)) and a bonus token; other
+        rows emit nothing. Returns (emitted, accepted drafts (B,), bonus (B,))."""
+        b, s, sampler = self.block_length, batch.state, batch.sampler
+        drafts = s["drafts"]
+        # The block length is fixed (not shrunk to the budget) so a row's drafts, and hence its
+        # statistics, do not depend on what else is in the batch; a row never accepts past its budget.
+        cap = (batch.remaining - 1).to(drafts.device)  # (B,) most drafts a row may still accept
+        if sampler.all_greedy:
+            target = logits.argmax(-1)  # (B, b): target[:, i] is the AR choice for position i+1
             agreed = (target[:, :-1] == drafts).long().cumprod(1).sum(1)  # (B,) leading agreements
             accepted = torch.minimum(agreed, cap)
             bonus = target.gather(1, accepted[:, None])[:, 0]
         else:
-            q = sampler.probs(draft_logits)
-            drafts = sampler.sample(q)
-            verify_logits = batch.forward("verify", torch.cat([batch.seeds[:, None], drafts], 1), causal=True)
-            p = sampler.probs(verify_logits)  # (B, b, V)
+            draw = rows.nonzero()[:, 0].tolist()  # only verifying rows draw random numbers
+            q = s["q"]
+            p = sampler.probs(logits)  # (B, b, V)
             p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
             q_d = q.gather(-1, drafts[..., None])[..., 0]
-            agreed = (sampler.uniform(b - 1) * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q without dividing
+            agreed = (sampler.uniform(b - 1, draw) * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q, no division
             accepted = torch.minimum(agreed, cap)
             # The token after the accepted drafts: where the budget cut an accepted run, the next
             # accepted draft itself (it is already a sample from p); where a draft was rejected, a
@@ -68,9 +110,9 @@ class SelfSpecDecoder(Decoder):
             # p == q exactly leaves no residual mass; then any sample from p is correct.
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
             next_draft = drafts.gather(1, accepted.clamp(max=b - 2)[:, None])[:, 0]
-            bonus = torch.where(agreed > accepted, next_draft, sampler.sample(residual)[:, 0])
-        # Keep the KV of the seed and the accepted drafts; the rest of the verify pass is cropped.
-        batch.kv.commit(accepted + 1)
-        batch.seeds = bonus
-        batch.record(accepted + 1)
-        return [d[:n] + [s] for d, n, s in zip(drafts.tolist(), accepted.tolist(), bonus.tolist())]
+            bonus = torch.where(agreed > accepted, next_draft, sampler.sample(residual, draw)[:, 0])
+        emitted = [
+            d[:n] + [t] if v else []
+            for d, n, t, v in zip(drafts.tolist(), accepted.tolist(), bonus.tolist(), rows.tolist())
+        ]
+        return emitted, accepted, bonus

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder
+from trimode.decoding.base import DecodeBatch, Decoder, Forward
 from trimode.engine.model_runner import ModelRunner
 from trimode.outputs import GenerationOutput
 from trimode.sampler import Sampler
@@ -96,7 +96,6 @@ def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> 
     for i, r in enumerate(requests):
         padded[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
     batch = DecodeBatch(
-        runner=runner,
         kv=runner.new_cache(len(requests), capacity),
         sampler=Sampler(params, device),
         seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
@@ -108,7 +107,7 @@ def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> 
         stats=[r.stats for r in requests],
     )
     # Right-padded: row b's pad slots lie past its length and stay invisible.
-    logits = batch.forward("prefill", padded.to(device), causal=True, logit_index=(lengths - 1).to(device))
+    logits = runner.execute(batch, Forward("prefill", padded.to(device), True, logit_index=(lengths - 1).to(device)))
     batch.kv.set_lengths(lengths)
     batch.seeds = batch.sampler.pick(logits)[:, 0]
     return batch, [[t] for t in batch.seeds.tolist()]
@@ -135,6 +134,12 @@ def set_remaining(batch: DecodeBatch, rows: list[Request]) -> None:
     batch.remaining = torch.tensor([r.params.max_tokens - len(r.token_ids) for r in rows])
 
 
+def decode_step(runner: ModelRunner, decoder: Decoder, batch: DecodeBatch) -> list[list[int]]:
+    """One forward for every row of `batch`: the decoder plans it, the runner runs it, the decoder
+    takes its logits. Returns the tokens each row emitted."""
+    return decoder.accept(batch, runner.execute(batch, decoder.plan(batch)))
+
+
 def forward_ms(batch: DecodeBatch) -> dict[str, float]:
     return {k: round(1000 * s / n, 3) for k, (n, s) in batch.timings.items()}
 
@@ -154,7 +159,8 @@ def run_batch(
     requests = [Request(t, p, sp, arrival=start) for t, p, sp in zip(texts, prompts, params)]
     batch, emitted = prefill(runner, requests, eos_ids)
     active = apply_step(batch, requests, emitted, eos_ids, tokenizer)
+    decoder.start(batch)
     while active:
-        active = apply_step(batch, active, decoder.step(batch), eos_ids, tokenizer)
+        active = apply_step(batch, active, decode_step(runner, decoder, batch), eos_ids, tokenizer)
     seconds = time.perf_counter() - start
     return [r.output(decoder, forward_ms(batch), seconds) for r in requests]

@@ -25,7 +25,7 @@ import torch
 
 from trimode.decoding import Decoder, batch_key, make_decoder
 from trimode.decoding.base import DecodeBatch
-from trimode.engine.generate import Request, apply_step, forward_ms, prefill, set_remaining
+from trimode.engine.generate import Request, apply_step, decode_step, forward_ms, prefill, set_remaining
 from trimode.engine.scheduler import Scheduler, kv_slots
 from trimode.llm import LLM, Message, PromptInput
 from trimode.outputs import GenerationOutput
@@ -145,7 +145,7 @@ class LLMEngine:
                 group.requests = apply_step(
                     group.batch,
                     group.requests,
-                    group.decoder.step(group.batch),
+                    decode_step(self.llm.runner, group.decoder, group.batch),
                     self.llm.eos_token_ids,
                     self.llm.tokenizer,
                 )
@@ -189,6 +189,7 @@ class LLMEngine:
             decoder = self.groups[key].decoder if key in self.groups else make_decoder(reqs[0].params)
             touched += [(r, decoder, part) for r in reqs]
             if left:
+                decoder.start(part)
                 joining.append((key, decoder, part, left))
         outputs = [self._output(r, d, b) for r, d, b in touched]
         for key, decoder, part, left in joining:

@@ -1,9 +1,13 @@
-"""ModelRunner: runs one forward of the model over a KV cache with a given attention pattern."""
+"""ModelRunner: the only caller of the model. Runs one forward over a KV cache with a given
+attention pattern, and, for a decoder's planned forward, counts and times it."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from trimode.decoding.base import DecodeBatch, Forward
 from trimode.kv_cache import KVCache
 from trimode.model.transformer import ForwardContext, Transformer
 
@@ -26,14 +30,15 @@ class ModelRunner:
         self,
         kv: KVCache,
         tokens: torch.Tensor,
-        causal: bool,
-        use_draft_lora: bool = False,
+        causal: torch.Tensor | bool,
+        use_draft_lora: torch.Tensor | bool = False,
         logit_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) after each row's cached prefix -> fp32 logits (B, T, V) (or (B, 1, V) at logit_index).
 
         The pass writes its K/V into the cache's scratch slots; the caller decides with
-        `kv.commit(...)` whether they become part of the prefix."""
+        `kv.commit(...)` whether they become part of the prefix. `causal` and `use_draft_lora` are
+        one value for all rows or one per row (B,)."""
         positions, span = kv.begin(tokens.shape[1])
         ctx = ForwardContext(
             positions=positions,
@@ -43,3 +48,15 @@ class ModelRunner:
             use_draft_lora=use_draft_lora,
         )
         return self.model(tokens, ctx, logit_index=logit_index)
+
+    def execute(self, batch: DecodeBatch, fwd: Forward) -> torch.Tensor:
+        """Run a planned forward over `batch`, count it for every row and time it by kind."""
+        start = time.perf_counter()
+        logits = self.forward(batch.kv, fwd.tokens, fwd.causal, fwd.use_draft_lora, fwd.logit_index)
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        entry = batch.timings[fwd.kind]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - start
+        batch.num_forwards += 1
+        return logits
