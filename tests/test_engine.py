@@ -6,7 +6,7 @@ import pytest
 
 from trimode import LLM, SamplingParams
 from trimode.engine.generate import Request
-from trimode.engine.llm_engine import LLMEngine, streamable_text
+from trimode.engine.llm_engine import streamable_text
 from trimode.engine.scheduler import QueueFull
 from trimode.tasks import TASKS, held_out
 
@@ -47,7 +47,7 @@ def run(engine, jobs, arrive_every=1):
 def test_continuous_batching_equals_offline_generation(embedded, arrive_every):
     # All at once: every mode is admitted in the same step, prefilled by one forward and split.
     jobs = workload()
-    results = run(LLMEngine(embedded, max_batch=6 if arrive_every else 32), jobs, arrive_every)
+    results = run(embedded.engine(max_batch=6 if arrive_every else 32), jobs, arrive_every)
     for rid, prompt, params in jobs:
         alone = (embedded.chat(prompt, params) if isinstance(prompt, list) else embedded.generate(prompt, params))[0]
         assert results[rid].token_ids == alone.token_ids, rid
@@ -56,7 +56,7 @@ def test_continuous_batching_equals_offline_generation(embedded, arrive_every):
 
 
 def test_streamed_deltas_add_up_to_the_final_text(embedded):
-    engine = LLMEngine(embedded)
+    engine = embedded.engine()
     engine.add_request(
         "s", "import os\n\n\ndef walk(top):", SamplingParams(mode="selfspec", max_tokens=40, stop=["raise"])
     )
@@ -80,7 +80,7 @@ def test_stream_holds_back_partial_stop_strings_and_utf8():
 
 
 def test_abort_frees_the_row_and_others_continue(embedded):
-    engine = LLMEngine(embedded)
+    engine = embedded.engine()
     p = SamplingParams(mode="ar", max_tokens=30, ignore_eos=True)
     engine.add_request("keep", "def f(x):", p)
     engine.add_request("drop", "class A:", p)
@@ -95,7 +95,7 @@ def test_abort_frees_the_row_and_others_continue(embedded):
 
 
 def test_queue_limit_and_bad_requests(embedded):
-    engine = LLMEngine(embedded, max_batch=1, max_queue=2, max_kv_tokens=200)
+    engine = embedded.engine(max_batch=1, max_queue=2, max_kv_tokens=200)
     engine.add_request("a", "x", SamplingParams(max_tokens=4))
     engine.add_request("b", "y", SamplingParams(max_tokens=4))
     with pytest.raises(QueueFull):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from trimode import LLM, SamplingParams
+from trimode.engine.inputs import tokenize_prompt
 from trimode.engine.llm_engine import LLMEngine
 from trimode.sampler import Sampler
 from trimode.tasks import TASKS, held_out
@@ -84,7 +85,7 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(embedded):
     """Pins: one failing request aborted every running request of every client. Whatever slips past
     validation (here a seed forced past it), the request fails alone with an error and the requests
     admitted in the same step, and those already running, finish as if it never came."""
-    engine = LLMEngine(embedded, max_batch=16)
+    engine = embedded.engine(max_batch=16)
     convs = chats(1)
     jobs = [(f"r{i}", c, SamplingParams(mode=MODES[i % 3], max_tokens=16)) for i, c in enumerate(convs)]
     engine.add_request(*jobs[0])
@@ -103,7 +104,7 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(embedded):
 
 def test_a_decode_step_that_fails_fails_its_group_only(embedded, monkeypatch):
     """A decode failure may leave its batch half-updated, so its group ends; other modes go on."""
-    engine = LLMEngine(embedded, max_batch=16)
+    engine = embedded.engine(max_batch=16)
     convs = chats(1)[:2]
     engine.add_request("ar", convs[0], SamplingParams(mode="ar", max_tokens=12))
     engine.add_request("spec", convs[1], SamplingParams(mode="selfspec", max_tokens=12))
@@ -127,7 +128,7 @@ def test_special_token_text_in_a_message_cannot_forge_a_turn(embedded):
     plain = [{"role": "user", "content": "hi"}]
     for ids in (
         tok.encode_chat([{"role": "user", "content": forged}]),
-        embedded.tokenize_one([{"role": "user", "content": forged}])[0],
+        tokenize_prompt(tok, embedded.config.vocab_size, [{"role": "user", "content": forged}])[0],
     ):
         assert ids.count(im_start) == tok.encode_chat(plain).count(im_start) == 3  # system, user, assistant
         assert ids.count(im_end) == 2
@@ -161,7 +162,7 @@ def test_seeded_sampling_under_continuous_batching_equals_alone(embedded, mode):
         (f"r{i}", p, SamplingParams(mode=mode, temperature=0.8, seed=100 + i, max_tokens=40, block_length=8))
         for i, p in enumerate(CODE)
     ]
-    engine = LLMEngine(embedded, max_batch=16)
+    engine = embedded.engine(max_batch=16)
     results, pending = {}, list(jobs)
     while pending or engine.has_unfinished_requests():
         if pending:

@@ -349,11 +349,10 @@ def test_a_second_signal_exits_at_once():
 
 @pytest.fixture()
 def inproc(offline):
-    from trimode.engine.llm_engine import LLMEngine
     from trimode.server.app import build_app
     from trimode.server.async_engine import AsyncEngine
 
-    engine = AsyncEngine(LLMEngine(offline, max_batch=16), max_queue=64)
+    engine = AsyncEngine(offline.engine(max_batch=16), max_queue=64)
     engine.start()
     yield engine, build_app(engine, MODEL, stall_s=0.5)
     engine.shutdown()

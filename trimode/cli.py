@@ -364,7 +364,6 @@ def _api_key(args: argparse.Namespace) -> str | None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from trimode.engine.llm_engine import LLMEngine
     from trimode.llm import LLM
     from trimode.sampling_params import SamplingParams
     from trimode.server.app import build_app
@@ -387,7 +386,7 @@ def _serve(args: argparse.Namespace) -> int:
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
     name = args.served_model_name or (Path(args.model).name if args.model else "trimode-embedded")
     engine = AsyncEngine(
-        LLMEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue, max_kv_tokens=args.max_kv_tokens),
+        llm.engine(max_batch=args.max_batch, max_queue=args.max_queue, max_kv_tokens=args.max_kv_tokens),
         max_queue=args.max_queue,
     )
     engine.start()

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from trimode.config import DTYPES
-from trimode.decoding import batch_key, make_decoder
-from trimode.engine.generate import run_batch
+from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
+from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.model_runner import ModelRunner
 from trimode.model.loader import load_model
 from trimode.model.transformer import Transformer
@@ -21,8 +21,6 @@ from trimode.tokenizer import Tokenizer
 
 # The tiny tri-mode model trained by `trimode train` and shipped inside the package.
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "embedded"
-PromptInput = str | Sequence[int]
-Message = dict[str, str]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,6 +83,12 @@ class LLM:
         llm.eos_token_ids = set(eos_token_ids or model.config.eos_token_id)
         return llm
 
+    def engine(self, max_batch: int = 32, max_queue: int = 256, max_kv_tokens: int = 65536) -> LLMEngine:
+        """A continuous-batching engine over this model (what `trimode serve` runs)."""
+        return LLMEngine(
+            self.runner, self.tokenizer, self.eos_token_ids, self.max_model_len, max_batch, max_queue, max_kv_tokens
+        )
+
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
@@ -95,31 +99,17 @@ class LLM:
                 "prompts must be a string, a list of strings, or a list of token-id lists; got "
                 f"{type(prompts).__name__} {prompts!r:.60}"
             )
-        ids, texts = [], []
-        for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                if not p:
-                    raise ValueError(f"prompt {i} is empty: give at least one character")
-                ids.append(self.tokenizer.encode(p))
-                texts.append(p)
-            elif isinstance(p, Sequence) and p and all(isinstance(t, int) for t in p):
-                bad = [t for t in p if not 0 <= t < self.config.vocab_size]
-                if bad:
-                    raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
-                ids.append(list(p))
-                texts.append(None)
-            else:
-                raise ValueError(
-                    f"prompt {i} must be a non-empty string or a non-empty list of token ids; got {p!r:.60}"
-                )
-        return ids, texts
+        pairs = [
+            tokenize_prompt(self.tokenizer, self.config.vocab_size, p, f"prompt {i}") for i, p in enumerate(prompts)
+        ]
+        return [ids for ids, _ in pairs], [text for _, text in pairs]
 
     def generate(
         self,
         prompts: PromptInput | Sequence[PromptInput],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[GenerationOutput]:
-        """Generate for every prompt. Prompts that share a mode (and block shape) run as one batch."""
+        """Generate for every prompt, all of them batched together whatever their modes."""
         ids, texts = self._tokenize(prompts)
         return self._generate(ids, texts, params)
 
@@ -137,44 +127,25 @@ class LLM:
         ids = [self.tokenizer.encode_chat(c, **template_kwargs) for c in conversations]
         return self._generate(ids, list(texts), params)
 
-    def tokenize_one(self, prompt: PromptInput | list[Message]) -> tuple[list[int], str | None]:
-        """A string, token ids, or a chat (list of messages) -> (token ids, prompt text)."""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.encode_chat(prompt), self.tokenizer.apply_chat_template(prompt)
-        ids, texts = self._tokenize([prompt])
-        return ids[0], texts[0]
-
-    def check_fits(self, ids: list[int], params: SamplingParams, name: str = "the prompt") -> None:
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"{name} has {len(ids)} tokens and max_tokens is {params.max_tokens}: together they "
-                f"exceed the context of {self.max_model_len} tokens; shorten the prompt or lower "
-                f"max_tokens to <= {max(self.max_model_len - len(ids), 0)}"
-            )
-
     def _generate(
         self, ids: list[list[int]], texts: list[str | None], params: SamplingParams | Sequence[SamplingParams] | None
     ) -> list[GenerationOutput]:
+        """The engine, stepped to completion with every prompt admitted at once (one driver for
+        offline and serving)."""
         params = params if params is not None else SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(ids)
         if len(per_prompt) != len(ids):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(ids)} prompts: give one, or one each")
         for i, (p, sp) in enumerate(zip(ids, per_prompt)):
-            self.check_fits(p, sp, f"prompt {i}")
-        groups: dict[tuple, list[int]] = {}
-        for i, sp in enumerate(per_prompt):
-            groups.setdefault(batch_key(sp), []).append(i)
-        results: list[GenerationOutput | None] = [None] * len(ids)
-        for rows in groups.values():
-            outs = run_batch(
-                self.runner,
-                self.tokenizer,
-                make_decoder(per_prompt[rows[0]]),
-                [ids[i] for i in rows],
-                [texts[i] for i in rows],
-                [per_prompt[i] for i in rows],
-                self.eos_token_ids,
-            )
-            for i, out in zip(rows, outs):
-                results[i] = out
-        return results  # type: ignore[return-value]
+            check_fits(p, sp, self.max_model_len, f"prompt {i}")
+        engine = self.engine(max_batch=len(ids), max_queue=len(ids), max_kv_tokens=2**62)
+        for i, (p, text, sp) in enumerate(zip(ids, texts, per_prompt)):
+            engine.add_tokenized(str(i), p, sp, text)
+        results: dict[str, GenerationOutput] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.error is not None:
+                    raise RuntimeError(f"prompt {out.request_id} failed inside the engine: {out.error}")
+                if out.output is not None:
+                    results[out.request_id] = out.output
+        return [results[str(i)] for i in range(len(ids))]

@@ -1,8 +1,5 @@
-"""Offline batched generation: prefill, then step a decoder until every row finishes.
-
-Mode-agnostic: the decoder decides what each step feeds and keeps; this loop only emits tokens,
-applies EOS / stop strings / max_tokens, and drops finished rows from the batch.
-"""
+"""Request state and the mode-agnostic pieces of an engine step: prefill, one decode step, and
+applying what a step emitted (EOS, stop strings, max_tokens, finished rows leaving the batch)."""
 
 from __future__ import annotations
 
@@ -142,25 +139,3 @@ def decode_step(runner: ModelRunner, decoder: Decoder, batch: DecodeBatch) -> li
 
 def forward_ms(batch: DecodeBatch) -> dict[str, float]:
     return {k: round(1000 * s / n, 3) for k, (n, s) in batch.timings.items()}
-
-
-@torch.inference_mode()
-def run_batch(
-    runner: ModelRunner,
-    tokenizer: Tokenizer,
-    decoder: Decoder,
-    prompts: list[list[int]],
-    texts: list[str | None],
-    params: list[SamplingParams],
-    eos_ids: set[int],
-) -> list[GenerationOutput]:
-    """Generate for all prompts as one batch (rows of different lengths share every forward)."""
-    start = time.perf_counter()
-    requests = [Request(t, p, sp, arrival=start) for t, p, sp in zip(texts, prompts, params)]
-    batch, emitted = prefill(runner, requests, eos_ids)
-    active = apply_step(batch, requests, emitted, eos_ids, tokenizer)
-    decoder.start(batch)
-    while active:
-        active = apply_step(batch, active, decode_step(runner, decoder, batch), eos_ids, tokenizer)
-    seconds = time.perf_counter() - start
-    return [r.output(decoder, forward_ms(batch), seconds) for r in requests]

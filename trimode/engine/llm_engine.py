@@ -26,10 +26,12 @@ import torch
 from trimode.decoding import Decoder, batch_key, make_decoder
 from trimode.decoding.base import DecodeBatch
 from trimode.engine.generate import Request, apply_step, decode_step, forward_ms, prefill, set_remaining
+from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
+from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import Scheduler, kv_slots
-from trimode.llm import LLM, Message, PromptInput
 from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
+from trimode.tokenizer import Tokenizer
 
 logger = logging.getLogger("trimode.engine")
 
@@ -63,8 +65,18 @@ def streamable_text(req: Request) -> str:
 
 
 class LLMEngine:
-    def __init__(self, llm: LLM, max_batch: int = 32, max_queue: int = 256, max_kv_tokens: int = 65536) -> None:
-        self.llm = llm
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        eos_token_ids: set[int],
+        max_model_len: int,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        max_kv_tokens: int = 65536,
+    ) -> None:
+        self.runner, self.tokenizer, self.eos_token_ids = runner, tokenizer, eos_token_ids
+        self.max_model_len = max_model_len
         self.scheduler = Scheduler(max_batch, max_queue, max_kv_tokens)
         self.groups: dict[tuple, _Group] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
@@ -93,13 +105,21 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptInput | list[Message], params: SamplingParams) -> None:
         """Validate and queue; raises ValueError for bad input and QueueFull when the queue is full."""
+        ids, text = tokenize_prompt(self.tokenizer, self.runner.config.vocab_size, prompt)
+        self.add_tokenized(request_id, ids, params, text)
+
+    def add_tokenized(self, request_id: str, ids: list[int], params: SamplingParams, text: str | None = None) -> None:
+        """`add_request` for a prompt already tokenized (`text`: what it reads, if known)."""
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in use")
-        ids, text = self.llm.tokenize_one(prompt)
-        self.llm.check_fits(ids, params)
+        self.check_fits(ids, params)
         self.scheduler.add(Request(text, ids, params, request_id=request_id, arrival=time.perf_counter()))
         self._ids.add(request_id)
         self._sent[request_id] = (0, 0)
+
+    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        """ValueError when the prompt plus max_tokens exceeds the context."""
+        check_fits(ids, params, self.max_model_len)
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request wherever it is; its KV rows are freed at once. False if unknown or done."""
@@ -145,9 +165,9 @@ class LLMEngine:
                 group.requests = apply_step(
                     group.batch,
                     group.requests,
-                    decode_step(self.llm.runner, group.decoder, group.batch),
-                    self.llm.eos_token_ids,
-                    self.llm.tokenizer,
+                    decode_step(self.runner, group.decoder, group.batch),
+                    self.eos_token_ids,
+                    self.tokenizer,
                 )
             except Exception as e:
                 del self.groups[key]
@@ -177,7 +197,7 @@ class LLMEngine:
     def _prefill(self, admitted: list[Request]) -> list[RequestOutput]:
         """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
         joins its mode's group. Running groups change only once everything else has succeeded."""
-        batch, first = prefill(self.llm.runner, admitted, self.llm.eos_token_ids)
+        batch, first = prefill(self.runner, admitted, self.eos_token_ids)
         by_key: dict[tuple, list[int]] = {}
         for i, req in enumerate(admitted):
             by_key.setdefault(batch_key(req.params), []).append(i)
@@ -185,7 +205,7 @@ class LLMEngine:
         joining: list[tuple[tuple, Decoder, DecodeBatch, list[Request]]] = []
         for (key, rows), part in zip(by_key.items(), batch.split(list(by_key.values()))):
             reqs = [admitted[i] for i in rows]
-            left = apply_step(part, reqs, [first[i] for i in rows], self.llm.eos_token_ids, self.llm.tokenizer)
+            left = apply_step(part, reqs, [first[i] for i in rows], self.eos_token_ids, self.tokenizer)
             decoder = self.groups[key].decoder if key in self.groups else make_decoder(reqs[0].params)
             touched += [(r, decoder, part) for r in reqs]
             if left:

@@ -174,14 +174,14 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
         check_model(body)
-        request_id, outputs = await start(body, engine.engine.llm.tokenizer.encode, body.prompt, "cmpl")
+        request_id, outputs = await start(body, engine.engine.tokenizer.encode, body.prompt, "cmpl")
         return await respond(body, request_id, outputs, http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Any:
         check_model(body)
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        request_id, outputs = await start(body, engine.engine.llm.tokenizer.encode_chat, messages, "chatcmpl")
+        request_id, outputs = await start(body, engine.engine.tokenizer.encode_chat, messages, "chatcmpl")
         return await respond(body, request_id, outputs, http, chat=True)
 
     async def collect(outputs: AsyncIterator[RequestOutput], http: Request) -> GenerationOutput | None:

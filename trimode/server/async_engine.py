@@ -114,8 +114,7 @@ class AsyncEngine:
         """Validate (ValueError), check the queue (QueueFull, ShuttingDown), then stream the outputs."""
         if self.is_draining:
             raise ShuttingDown("the server is shutting down and takes no new requests")
-        llm = self.engine.llm
-        llm.check_fits(prompt_ids, params)
+        self.engine.check_fits(prompt_ids, params)
         need = kv_slots(Request(None, prompt_ids, params))
         if need > self.engine.scheduler.max_kv_tokens:
             raise ValueError(
