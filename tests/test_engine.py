@@ -109,3 +109,50 @@ def test_queue_limit_and_bad_requests(embedded):
     engine.step()
     assert engine.num_running == 1 and engine.num_waiting == 1  # max_batch=1 holds the second back
     assert engine.abort_request("b") and engine.num_waiting == 0
+
+
+class CountingTokenizer:
+    """Wraps a Tokenizer and counts full decodes."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.decodes = tok, 0
+
+    def decode(self, ids):
+        self.decodes += 1
+        return self.tok.decode(ids)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_detokenisation_is_incremental_and_equals_a_full_decode(embedded):
+    """Pins: every emitted token re-decoded the whole output (O(L^2) per request). Emitting 600
+    tokens one at a time decodes the whole output once (at the end), and the text equals it."""
+    tok = CountingTokenizer(embedded.tokenizer)
+    ids = embedded.generate("import os\n", SamplingParams(max_tokens=600, ignore_eos=True))[0].token_ids
+    req = Request(None, [1], SamplingParams(max_tokens=600, ignore_eos=True))
+    texts = []
+    for t in ids:
+        req.emit([t], set(), tok, 0.0)
+        texts.append(req.text)
+    assert tok.decodes == 1 and req.text == embedded.tokenizer.decode(ids)
+    assert all(req.text.startswith(t) for t in texts)  # streamed text only ever grows
+
+
+@pytest.mark.parametrize("stop", ["__init__", "= mode\n", "):\n"])
+def test_stop_strings_straddling_emits_cut_at_the_same_token(embedded, stop):
+    """A stop string whose characters arrive over several emits (one token at a time) cuts the same
+    tokens and text as when they arrive in one emit."""
+    ids = embedded.generate("class Stack:", SamplingParams(max_tokens=200, ignore_eos=True))[0].token_ids
+    whole = Request(None, [1], SamplingParams(max_tokens=200, ignore_eos=True, stop=[stop]))
+    whole.emit(ids, set(), embedded.tokenizer, 0.0)
+    one_by_one = Request(None, [1], SamplingParams(max_tokens=200, ignore_eos=True, stop=[stop]))
+    for t in ids:
+        if one_by_one.finish_reason is None:
+            one_by_one.emit([t], set(), embedded.tokenizer, 0.0)
+    full = embedded.tokenizer.decode(ids)
+    assert stop in full
+    assert whole.text == one_by_one.text == full[: full.index(stop)]
+    assert whole.token_ids == one_by_one.token_ids and whole.finish_reason == "stop"
+    assert embedded.tokenizer.decode(whole.token_ids).find(stop) >= 0  # the cut keeps the whole stop string
+    assert stop not in embedded.tokenizer.decode(whole.token_ids[:-1])

@@ -15,6 +15,7 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 IM_START, IM_END, MASK = "<|im_start|>", "<|im_end|>", "<|mask|>"
@@ -102,6 +103,16 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    @staticmethod
+    def decode_stream() -> DecodeStream:
+        """State for `decode_step`: one per output being detokenised."""
+        return DecodeStream(skip_special_tokens=True)
+
+    def decode_step(self, stream: DecodeStream, token_id: int) -> str:
+        """The characters `token_id` adds to the stream's text ("" while a UTF-8 sequence is
+        incomplete); the pieces join to `decode` of all the ids, bar an incomplete tail."""
+        return stream.step(self._tok, token_id) or ""
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any

@@ -13,7 +13,7 @@ from trimode.engine.model_runner import ModelRunner
 from trimode.outputs import GenerationOutput
 from trimode.sampler import Sampler
 from trimode.sampling_params import SamplingParams
-from trimode.tokenizer import Tokenizer
+from trimode.tokenizer import DecodeStream, Tokenizer
 
 
 @dataclass
@@ -31,40 +31,53 @@ class Request:
     num_forwards: int = 0
     stats: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
+    # Incremental detokenisation: the text so far, grown by each token's new characters only, and
+    # len(text) after each token (to cut the tokens at a stop string). O(1) work per token, not a
+    # decode of the whole output every step.
+    _stream: DecodeStream | None = field(default=None, repr=False)
+    _ends: list[int] = field(default_factory=list, repr=False)
 
     def reset(self) -> None:
         """Back to the state before its prefill (to run that prefill again)."""
         self.token_ids, self.text, self.finish_reason, self.num_forwards = [], "", None, 0
         self.stats.clear()
-        self.token_times = []
+        self.token_times, self._stream, self._ends = [], None, []
 
     def emit(self, tokens: list[int], eos_ids: set[int], tokenizer: Tokenizer, now: float) -> None:
         """Append tokens (emitted at `now`); finish on EOS, a stop string or max_tokens, whichever first."""
+        if self._stream is None:
+            self._stream = tokenizer.decode_stream()
+        searched = len(self.text)
         for t in tokens:
             self.token_ids.append(t)
             self.token_times.append(now)
+            self.text += tokenizer.decode_step(self._stream, t)
+            self._ends.append(len(self.text))
             if t in eos_ids and not self.params.ignore_eos:
                 self.finish_reason = "stop"
                 break
             if len(self.token_ids) >= self.params.max_tokens:
                 self.finish_reason = "length"
                 break
-        self.text = tokenizer.decode(self.token_ids)
-        self._apply_stop_strings(tokenizer)
+        if not self._apply_stop_strings(searched) and self.finish_reason is not None:
+            # The stream holds back an incomplete UTF-8 tail; the final text is the full decode.
+            self.text = tokenizer.decode(self.token_ids)
 
-    def _apply_stop_strings(self, tokenizer: Tokenizer) -> None:
-        hits = [(i, i + len(s)) for i, s in ((self.text.find(s), s) for s in self.params.stop) if i >= 0]
+    def _apply_stop_strings(self, searched: int) -> bool:
+        """Cut at the first stop string that ends in the new text; True if one did."""
+        if not self.params.stop:
+            return False
+        start = max(0, searched - max(len(s) for s in self.params.stop) + 1)  # a stop may straddle the old end
+        hits = [(i, i + len(s)) for i, s in ((self.text.find(s, start), s) for s in self.params.stop) if i >= 0]
         if not hits:
-            return
+            return False
         cut, end = min(hits)
         # Keep the shortest token prefix whose text holds the whole stop string; the text ends before it.
-        for n in range(1, len(self.token_ids) + 1):
-            if len(tokenizer.decode(self.token_ids[:n])) >= end:
-                self.token_ids = self.token_ids[:n]
-                break
+        n = next(i for i, e in enumerate(self._ends) if e >= end) + 1
+        self.token_ids, self.token_times, self._ends = self.token_ids[:n], self.token_times[:n], self._ends[:n]
         self.text = self.text[:cut]
-        self.token_times = self.token_times[: len(self.token_ids)]
         self.finish_reason = "stop"
+        return True
 
     def output(self, decoder: Decoder, forward_ms: dict[str, float], seconds: float) -> GenerationOutput:
         return GenerationOutput(
