@@ -386,7 +386,12 @@ def _serve(args: argparse.Namespace) -> int:
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
     name = args.served_model_name or (Path(args.model).name if args.model else "trimode-embedded")
     engine = AsyncEngine(
-        llm.engine(max_batch=args.max_batch, max_queue=args.max_queue, max_kv_tokens=args.max_kv_tokens),
+        llm.engine(
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            max_kv_tokens=args.max_kv_tokens,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        ),
         max_queue=args.max_queue,
     )
     engine.start()
@@ -550,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
     v.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are refused with 429")
     v.add_argument("--max-kv-tokens", type=int, default=65536, help="KV slots shared by the running requests")
+    v.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="prompt tokens one prefill step feeds; longer prompts are prefilled in chunks of this many",
+    )
     v.add_argument(
         "--max-model-len", type=int, help="longest prompt + max_tokens a request may ask for (default: the model's)"
     )

@@ -83,10 +83,23 @@ class LLM:
         llm.eos_token_ids = set(eos_token_ids or model.config.eos_token_id)
         return llm
 
-    def engine(self, max_batch: int = 32, max_queue: int = 256, max_kv_tokens: int = 65536) -> LLMEngine:
+    def engine(
+        self,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        max_kv_tokens: int = 65536,
+        max_num_batched_tokens: int = 512,
+    ) -> LLMEngine:
         """A continuous-batching engine over this model (what `trimode serve` runs)."""
         return LLMEngine(
-            self.runner, self.tokenizer, self.eos_token_ids, self.max_model_len, max_batch, max_queue, max_kv_tokens
+            self.runner,
+            self.tokenizer,
+            self.eos_token_ids,
+            self.max_model_len,
+            max_batch,
+            max_queue,
+            max_kv_tokens,
+            max_num_batched_tokens,
         )
 
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:

@@ -95,17 +95,13 @@ class Request:
         )
 
 
-def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> tuple[DecodeBatch, list[list[int]]]:
-    """A new batch for `requests`, prefilled together; returns it and each row's first token."""
+def new_batch(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> DecodeBatch:
+    """An empty batch for `requests`: a KV cache sized for their prompts, budgets and one block."""
     cfg, device = runner.config, runner.device
     params = [r.params for r in requests]
-    lengths = torch.tensor([len(r.prompt_ids) for r in requests])
     block = max(sp.block_length for sp in params)
     capacity = int(max(len(r.prompt_ids) + r.params.max_tokens for r in requests)) + block + 1
-    padded = torch.zeros(len(requests), int(lengths.max()), dtype=torch.long)
-    for i, r in enumerate(requests):
-        padded[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-    batch = DecodeBatch(
+    return DecodeBatch(
         kv=runner.new_cache(len(requests), capacity),
         sampler=Sampler(params, device),
         seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
@@ -116,11 +112,35 @@ def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> 
         num_forwards=torch.zeros(len(requests), dtype=torch.long),
         stats=[r.stats for r in requests],
     )
+
+
+def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> tuple[DecodeBatch, list[list[int]]]:
+    """A new batch for `requests`, prefilled together; returns it and each row's first token."""
+    batch, device = new_batch(runner, requests, eos_ids), runner.device
+    lengths = torch.tensor([len(r.prompt_ids) for r in requests])
+    padded = torch.zeros(len(requests), int(lengths.max()), dtype=torch.long)
+    for i, r in enumerate(requests):
+        padded[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
     # Right-padded: row b's pad slots lie past its length and stay invisible.
     logits = runner.execute(batch, Forward("prefill", padded.to(device), True, logit_index=(lengths - 1).to(device)))
     batch.kv.set_lengths(lengths)
     batch.seeds = batch.sampler.pick(logits)[:, 0]
     return batch, [[t] for t in batch.seeds.tolist()]
+
+
+def prefill_chunk(runner: ModelRunner, batch: DecodeBatch, request: Request, max_tokens: int) -> list[int] | None:
+    """Feed the next (at most `max_tokens`) prompt tokens of a one-row batch into its KV cache.
+    Returns the first generated token once the whole prompt is in, else None."""
+    done, prompt = int(batch.kv.lengths[0]), request.prompt_ids
+    chunk = prompt[done : done + max_tokens]
+    tokens = torch.tensor([chunk], device=runner.device)
+    logit_index = torch.tensor([len(chunk) - 1], device=runner.device)
+    logits = runner.execute(batch, Forward("prefill", tokens, True, logit_index=logit_index))
+    batch.kv.commit()
+    if done + len(chunk) < len(prompt):
+        return None
+    batch.seeds = batch.sampler.pick(logits)[:, 0]
+    return batch.seeds.tolist()
 
 
 def apply_step(
@@ -152,3 +172,24 @@ def decode_step(runner: ModelRunner, decoder: Decoder, batch: DecodeBatch) -> li
 
 def forward_ms(batch: DecodeBatch) -> dict[str, float]:
     return {k: round(1000 * s / n, 3) for k, (n, s) in batch.timings.items()}
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    delta_text: str  # newly committed text, safe to stream (no split UTF-8, no partial stop string)
+    new_token_ids: list[int]
+    finished: bool
+    output: GenerationOutput | None = None  # the whole result, once finished
+    error: str | None = None  # set when serving the request failed (an engine bug, not the request's input)
+
+
+def streamable_text(req: Request) -> str:
+    """The part of the text that can no longer change: hold back a trailing replacement character
+    (an incomplete UTF-8 sequence) and any suffix that could still grow into a stop string."""
+    text = req.text
+    if req.finish_reason is not None:
+        return text
+    text = text.rstrip("\ufffd")
+    hold = max((n for s in req.params.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[: len(text) - hold]

@@ -25,25 +25,25 @@ import torch
 
 from trimode.decoding import Decoder, batch_key, make_decoder
 from trimode.decoding.base import DecodeBatch
-from trimode.engine.generate import Request, apply_step, decode_step, forward_ms, prefill, set_remaining
+from trimode.engine.generate import (
+    Request,
+    RequestOutput,
+    apply_step,
+    decode_step,
+    forward_ms,
+    new_batch,
+    prefill,
+    prefill_chunk,
+    set_remaining,
+    streamable_text,
+)
 from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import Scheduler, kv_slots
-from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
 
 logger = logging.getLogger("trimode.engine")
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    delta_text: str  # newly committed text, safe to stream (no split UTF-8, no partial stop string)
-    new_token_ids: list[int]
-    finished: bool
-    output: GenerationOutput | None = None  # the whole result, once finished
-    error: str | None = None  # set when serving the request failed (an engine bug, not the request's input)
 
 
 @dataclass
@@ -53,15 +53,12 @@ class _Group:
     requests: list[Request] = field(default_factory=list)
 
 
-def streamable_text(req: Request) -> str:
-    """The part of the text that can no longer change: hold back a trailing replacement character
-    (an incomplete UTF-8 sequence) and any suffix that could still grow into a stop string."""
-    text = req.text
-    if req.finish_reason is not None:
-        return text
-    text = text.rstrip("\ufffd")
-    hold = max((n for s in req.params.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-    return text[: len(text) - hold]
+@dataclass
+class _Chunked:
+    """A prompt longer than one prefill step, in its own one-row batch until its prefill is done."""
+
+    request: Request
+    batch: DecodeBatch
 
 
 class LLMEngine:
@@ -74,9 +71,14 @@ class LLMEngine:
         max_batch: int = 32,
         max_queue: int = 256,
         max_kv_tokens: int = 65536,
+        max_num_batched_tokens: int = 512,
     ) -> None:
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1; got {max_num_batched_tokens}")
         self.runner, self.tokenizer, self.eos_token_ids = runner, tokenizer, eos_token_ids
-        self.max_model_len = max_model_len
+        self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
+        self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
+        self._chunk_turn = False
         self.scheduler = Scheduler(max_batch, max_queue, max_kv_tokens)
         self.groups: dict[tuple, _Group] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
@@ -85,7 +87,10 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        return sum(len(g.requests) for g in self.groups.values())
+        return sum(len(g.requests) for g in self.groups.values()) + len(self._chunked)
+
+    def _running(self) -> list[Request]:
+        return [r for g in self.groups.values() for r in g.requests] + [c.request for c in self._chunked]
 
     @property
     def num_waiting(self) -> int:
@@ -94,11 +99,12 @@ class LLMEngine:
     @property
     def num_kv_slots_reserved(self) -> int:
         """KV slots the running requests may need (what the scheduler's budget counts)."""
-        return sum(kv_slots(r) for g in self.groups.values() for r in g.requests)
+        return sum(kv_slots(r) for r in self._running())
 
     @property
     def num_kv_slots_allocated(self) -> int:
-        return sum(g.batch.kv.batch_size * g.batch.kv.capacity for g in self.groups.values())
+        batches = [g.batch for g in self.groups.values()] + [c.batch for c in self._chunked]
+        return sum(b.kv.batch_size * b.kv.capacity for b in batches)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.num_running or self.num_waiting)
@@ -126,6 +132,11 @@ class LLMEngine:
         if self.scheduler.remove(request_id) is not None:
             self._forget(request_id)
             return True
+        for job in self._chunked:  # between two chunks of its prefill: its cache goes with it
+            if job.request.request_id == request_id:
+                self._chunked.remove(job)
+                self._forget(request_id)
+                return True
         for key, group in list(self.groups.items()):
             for i, req in enumerate(group.requests):
                 if req.request_id == request_id:
@@ -148,14 +159,17 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> run -> update. Returns the requests that committed something this step.
 
-        A step either prefills newly admitted requests or decodes the running ones, alternating
-        while requests keep arriving: the pair costs what one combined step would, but a newcomer's
-        first token returns after its prefill instead of after the running batch's decode (TTFT)."""
+        A step either prefills or decodes the running groups (one forward each), alternating while
+        there is prefill work: the pair costs what one combined step would, but a newcomer's first
+        token returns after its prefill instead of after the running batch's decode (TTFT). A prefill
+        step feeds at most `max_num_batched_tokens` prompt tokens: newcomers whose prompts fit go
+        together; a longer prompt is fed a chunk per prefill step, taking turns with newcomers, so
+        it never stalls the other requests."""
         if not self._prefilled_last:
-            admitted = self.scheduler.admit(r for g in self.groups.values() for r in g.requests)
-            if admitted:
+            outputs = self._prefill_step()
+            if outputs is not None:
                 self._prefilled_last = True
-                return self._prefill_isolated(admitted)
+                return outputs
         self._prefilled_last = False
         touched: list[tuple[Request, Decoder, DecodeBatch]] = []
         failed: list[RequestOutput] = []
@@ -178,6 +192,37 @@ class LLMEngine:
                 del self.groups[key]
         return [self._output(r, d, b) for r, d, b in touched] + failed
 
+    def _prefill_step(self) -> list[RequestOutput] | None:
+        """One prefill step, or None when there is nothing to prefill."""
+        if self._chunked and (self._chunk_turn or not self.scheduler.waiting):
+            self._chunk_turn = False
+            return self._advance_chunk()
+        self._chunk_turn = True
+        admitted = self.scheduler.admit(self._running(), self.max_num_batched_tokens)
+        if not admitted:
+            return self._advance_chunk() if self._chunked else None
+        if len(admitted[0].prompt_ids) > self.max_num_batched_tokens:  # admitted alone: chunk it
+            req = admitted[0]
+            try:
+                self._chunked.append(_Chunked(req, new_batch(self.runner, [req], self.eos_token_ids)))
+            except Exception as e:
+                return [self._fail(req, e)]
+            return self._advance_chunk(len(self._chunked) - 1)
+        return self._prefill_isolated(admitted)
+
+    def _advance_chunk(self, index: int = 0) -> list[RequestOutput]:
+        job = self._chunked[index]
+        try:
+            first = prefill_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
+            if first is None:
+                return []
+            self._chunked.remove(job)
+            return self._join([job.request], job.batch, [first])
+        except Exception as e:
+            if job in self._chunked:
+                self._chunked.remove(job)
+            return [self._fail(job.request, e)]
+
     def _prefill_isolated(self, admitted: list[Request]) -> list[RequestOutput]:
         try:
             return self._prefill(admitted)
@@ -198,6 +243,10 @@ class LLMEngine:
         """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
         joins its mode's group. Running groups change only once everything else has succeeded."""
         batch, first = prefill(self.runner, admitted, self.eos_token_ids)
+        return self._join(admitted, batch, first)
+
+    def _join(self, admitted: list[Request], batch: DecodeBatch, first: list[list[int]]) -> list[RequestOutput]:
+        """Prefilled requests emit their first token and join their mode's group."""
         by_key: dict[tuple, list[int]] = {}
         for i, req in enumerate(admitted):
             by_key.setdefault(batch_key(req.params), []).append(i)

@@ -45,15 +45,19 @@ class Scheduler:
                 return req
         return None
 
-    def admit(self, running: Iterable[Request]) -> list[Request]:
+    def admit(self, running: Iterable[Request], max_prompt_tokens: int | None = None) -> list[Request]:
         """Waiting requests that fit now, in arrival order (a request that does not fit blocks the
-        ones behind it, so large requests are not starved)."""
+        ones behind it, so large requests are not starved). With `max_prompt_tokens`, their prompts
+        together stay within it, except that the first is always admitted (a longer prompt is then
+        prefilled in chunks)."""
         running = list(running)
-        rows, used = len(running), sum(kv_slots(r) for r in running)
-        admitted = []
+        rows, used, tokens = len(running), sum(kv_slots(r) for r in running), 0
+        admitted: list[Request] = []
         while self.waiting and rows < self.max_batch and used + kv_slots(self.waiting[0]) <= self.max_kv_tokens:
+            prompt = len(self.waiting[0].prompt_ids)
+            if admitted and max_prompt_tokens is not None and tokens + prompt > max_prompt_tokens:
+                break
             req = self.waiting.popleft()
             admitted.append(req)
-            rows += 1
-            used += kv_slots(req)
+            rows, used, tokens = rows + 1, used + kv_slots(req), tokens + prompt
         return admitted

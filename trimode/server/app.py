@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trimode.engine.llm_engine import RequestOutput
+from trimode.engine.generate import RequestOutput
 from trimode.engine.scheduler import QueueFull
 from trimode.outputs import GenerationOutput
 from trimode.server.async_engine import AsyncEngine, EngineError, ShuttingDown

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from trimode.engine.generate import Request
-from trimode.engine.llm_engine import LLMEngine, RequestOutput
+from trimode.engine.generate import Request, RequestOutput
+from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.scheduler import QueueFull, kv_slots
 from trimode.sampling_params import SamplingParams
 from trimode.server.metrics import Metrics
