@@ -7,14 +7,19 @@ import torch
 from trimode.model.transformer import ForwardContext, Transformer
 
 
-def full_forward(model: Transformer, seq: list[int], bidirectional_tail: int = 0) -> torch.Tensor:
+def full_forward(
+    model: Transformer, seq: list[int], bidirectional_tail: int = 0, use_draft_lora: bool = False
+) -> torch.Tensor:
     """Logits (T, V) for `seq` with causal attention, except that the last `bidirectional_tail`
-    positions see each other (and the whole prefix) bidirectionally."""
+    positions see each other (and the whole prefix) bidirectionally. `use_draft_lora` applies the
+    draft LoRA to those tail positions only: the prefix is the clean causal prefix a cache holds."""
     t = len(seq)
     mask = torch.ones(t, t, dtype=torch.bool).tril()
     if bidirectional_tail:
         mask[t - bidirectional_tail :, t - bidirectional_tail :] = True
-    ctx = ForwardContext(positions=torch.arange(t)[None], mask=mask[None, None])
+    lora = torch.zeros(1, t, dtype=torch.bool)
+    lora[:, t - bidirectional_tail :] = use_draft_lora and bidirectional_tail > 0
+    ctx = ForwardContext(positions=torch.arange(t)[None], mask=mask[None, None], use_draft_lora=lora)
     with torch.inference_mode():
         return model(torch.tensor([seq]), ctx)[0]
 
@@ -49,3 +54,39 @@ def diffusion_greedy(
             seed = int(full_forward(model, seq)[-1].argmax())
             out.append(seed)
     return out[:max_tokens], passes
+
+
+def ar_greedy(model: Transformer, prompt: list[int], max_tokens: int) -> list[int]:
+    """AR at temperature 0 with no cache: the whole sequence recomputed for every token."""
+    seq = list(prompt)
+    for _ in range(max_tokens):
+        seq.append(int(full_forward(model, seq)[-1].argmax()))
+    return seq[len(prompt) :]
+
+
+def selfspec_greedy(
+    model: Transformer, prompt: list[int], max_tokens: int, block_length: int, mask_id: int
+) -> tuple[list[int], list[int]]:
+    """Linear self-speculation at temperature 0, no cache. Each cycle drafts with one bidirectional
+    forward over [seed, MASK x (b-1)] with the draft LoRA on, verifies with one causal forward over
+    [seed, drafts], keeps the agreeing drafts (within the budget) plus one bonus token. Returns
+    (tokens, tokens per cycle)."""
+    seq = list(prompt)
+    seed = int(full_forward(model, seq)[-1].argmax())
+    out, cycles = [seed], []
+    while len(out) < max_tokens:
+        block = [seed] + [mask_id] * (block_length - 1)
+        draft_logits = full_forward(model, seq + block, bidirectional_tail=block_length, use_draft_lora=True)
+        draft_logits = draft_logits[-block_length + 1 :].clone()
+        draft_logits[:, mask_id] = float("-inf")
+        drafts = draft_logits.argmax(-1).tolist()
+        target = full_forward(model, seq + [seed] + drafts)[-block_length:].argmax(-1).tolist()
+        n = 0
+        while n < block_length - 1 and drafts[n] == target[n] and n < max_tokens - len(out) - 1:
+            n += 1
+        emitted = drafts[:n] + [target[n]]
+        cycles.append(len(emitted))
+        seq += [seed] + drafts[:n]
+        seed = target[n]
+        out += emitted
+    return out[:max_tokens], cycles

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import PROMPTS
+from conftest import MASK_ID, PROMPTS
 
 from trimode import SamplingParams
 
@@ -75,3 +75,50 @@ def test_finished_row_stops_emitting(llm):
     assert out[1].finish_reason == "stop" and len(out[1].token_ids) <= 3
     assert [o.token_ids for i, o in enumerate(out) if i != 1] == [o.token_ids for i, o in enumerate(base) if i != 1]
     assert eos not in out[1].token_ids
+
+
+def test_ar_equals_the_uncached_reference(llm):
+    from reference import ar_greedy
+
+    for prompt in PROMPTS:
+        out = llm.generate(prompt, SamplingParams(max_tokens=20, ignore_eos=True))[0]
+        assert out.token_ids == ar_greedy(llm.model, llm.tokenizer.encode(prompt), 20)
+
+
+@pytest.mark.parametrize("block_length", [4, 8])
+def test_selfspec_equals_the_uncached_reference_in_tokens_and_cycles(llm, block_length):
+    """selfspec == AR greedy holds even with garbage drafts; this pins the drafts themselves: the
+    tokens per cycle equal a reference that drafts with a full forward with the LoRA on."""
+    from reference import selfspec_greedy
+
+    cycles_seen = set()
+    for prompt in PROMPTS:
+        out = llm.generate(
+            prompt, SamplingParams(mode="selfspec", max_tokens=30, block_length=block_length, ignore_eos=True)
+        )[0]
+        tokens, cycles = selfspec_greedy(llm.model, llm.tokenizer.encode(prompt), 30, block_length, MASK_ID)
+        assert out.token_ids == tokens
+        assert out.mode_stats["tokens_per_cycle"] == cycles
+        cycles_seen |= set(cycles)
+    assert 1 in cycles_seen and max(cycles_seen) > 1  # drafts rejected and accepted
+
+
+def test_a_diffusion_row_that_ends_early_does_not_end_its_neighbours(llm):
+    """NVIDIA's reference stops denoising the whole batch's block when one row reveals EOS; here the
+    row that reveals EOS early finishes, and its neighbours decode exactly as they do alone."""
+    params = SamplingParams(mode="diffusion", max_tokens=32, block_length=8, threshold=0.0)
+    base = llm.generate(
+        PROMPTS[0], SamplingParams(mode="diffusion", max_tokens=32, block_length=8, threshold=0.0, ignore_eos=True)
+    )[0]
+    others = llm.generate(PROMPTS[1:], params)
+    eos = next(t for t in base.token_ids[2:6] if all(t not in o.token_ids for o in others))
+    llm.eos_token_ids.add(eos)
+    try:
+        alone = [llm.generate(p, params)[0] for p in PROMPTS]
+        batched = llm.generate(PROMPTS, params)
+    finally:
+        llm.eos_token_ids.discard(eos)
+    assert batched[0].finish_reason == "stop" and len(batched[0].token_ids) < 8
+    assert all(len(o.token_ids) == 32 for o in batched[1:])
+    for a, b in zip(alone, batched):
+        assert a.token_ids == b.token_ids and a.num_forwards == b.num_forwards

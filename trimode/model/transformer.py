@@ -30,7 +30,7 @@ class ForwardContext:
     mask: torch.Tensor  # (B, 1, T, S) bool, True = attend
     kv: KVCache | None = None
     span: int = 0
-    use_draft_lora: torch.Tensor | bool = False  # (B,) per row, or one value for all rows
+    use_draft_lora: torch.Tensor | bool = False  # (B,) per row, (B, T) per position, or one value
 
 
 class RMSNorm(nn.Module):
@@ -93,8 +93,8 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         y = self.o_proj(out)
         lora = ctx.use_draft_lora
-        if self.draft_lora is not None and isinstance(lora, torch.Tensor):  # some rows draft, some not
-            y = y + self.draft_lora(out) * lora.to(y.dtype)[:, None, None]
+        if self.draft_lora is not None and isinstance(lora, torch.Tensor):  # per row (B,) or per position (B, T)
+            y = y + self.draft_lora(out) * (lora[:, None, None] if lora.dim() == 1 else lora[..., None]).to(y.dtype)
         elif self.draft_lora is not None and lora:
             y = y + self.draft_lora(out)
         return y
