@@ -109,3 +109,24 @@ def test_a_32k_token_prompt_completes_in_bounded_memory_while_short_requests_flo
     assert peak_gb < 6
     assert first["long"] > 64  # 64 chunks
     assert max(first[r] - sent[r] for r in sent) <= 4  # a chunk, a decode step, its own prefill
+
+
+def test_a_slow_converging_diffusion_request_does_not_stall_other_streams(embedded):
+    """Pins: one diffusion request with block 256 and threshold 1.0 ran 255 passes inside one engine
+    step, stalling every other stream. A step is now one forward per group: an AR request beside it
+    gets a token every step and finishes while the diffusion block is still being denoised."""
+    engine = embedded.engine()
+    engine.add_request(
+        "slow",
+        "def f(x):",
+        SamplingParams(mode="diffusion", block_length=256, threshold=1.0, max_tokens=255, ignore_eos=True),
+    )
+    engine.add_request("ar", "import os\n", SamplingParams(max_tokens=16, ignore_eos=True))
+    steps, done = 0, {}
+    while "ar" not in done:
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = steps
+        steps += 1
+    assert "slow" not in done and done["ar"] <= 17  # a prefill step, then a token per decode step
+    assert engine.num_running == 1
