@@ -21,6 +21,7 @@ import httpx
 
 from trimode.bench.metrics import add_speedup_vs_ar, latency
 from trimode.bench.suites import BenchPrompt
+from trimode.decoding import uses
 from trimode.sampling_params import MODES
 
 ENDPOINT_MODES = (*MODES, "mixed", "default")
@@ -74,9 +75,9 @@ def request_body(
     }
     if mode is not None:
         body["mode"] = mode
-        if mode != "ar" and cfg.block_length is not None:
+        if uses(mode, "block_length") and cfg.block_length is not None:
             body["block_length"] = cfg.block_length
-        if mode == "diffusion" and cfg.threshold is not None:
+        if uses(mode, "threshold") and cfg.threshold is not None:
             body["threshold"] = cfg.threshold
     if prompt.messages:
         return "/chat/completions", {**body, "messages": prompt.chat()}
@@ -236,7 +237,9 @@ def endpoint_configs(
     configs = []
     for c in concurrencies:
         for mode in modes:
-            blocks = [None] if mode in ("ar", "default") else block_lengths
-            ts = thresholds if mode in ("diffusion", "mixed") else [None]
+            # mixed sends each mode's own fields; default sends none
+            sends = MODES if mode == "mixed" else [] if mode == "default" else [mode]
+            blocks = block_lengths if any(uses(m, "block_length") for m in sends) else [None]
+            ts = thresholds if any(uses(m, "threshold") for m in sends) else [None]
             configs += [EndpointConfig(mode, c, b, t) for b in blocks for t in ts]
     return configs

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from trimode.bench.metrics import add_speedup_vs_ar, summarize
 from trimode.bench.suites import BenchPrompt
+from trimode.decoding import uses
 from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
@@ -25,8 +26,8 @@ class Generator(Protocol):
 class BenchConfig:
     mode: str
     batch_size: int
-    block_length: int | None = None  # diffusion and selfspec only
-    threshold: float | None = None  # diffusion only
+    block_length: int | None = None  # modes that read it (decoding.uses)
+    threshold: float | None = None
 
     @property
     def label(self) -> str:
@@ -44,12 +45,9 @@ def expand_configs(
     configs = []
     for bs in batch_sizes:
         for mode in modes:
-            if mode == "ar":
-                configs.append(BenchConfig("ar", bs))
-            elif mode == "selfspec":
-                configs += [BenchConfig("selfspec", bs, b) for b in block_lengths]
-            else:
-                configs += [BenchConfig("diffusion", bs, b, t) for b in block_lengths for t in thresholds]
+            blocks = block_lengths if uses(mode, "block_length") else [None]
+            ts = thresholds if uses(mode, "threshold") else [None]
+            configs += [BenchConfig(mode, bs, b, t) for b in blocks for t in ts]
     return configs
 
 

@@ -8,6 +8,19 @@ from trimode.decoding.diffusion import DiffusionDecoder
 from trimode.decoding.selfspec import SelfSpecDecoder
 from trimode.sampling_params import Mode, SamplingParams
 
+# The SamplingParams fields each mode reads beyond the common ones, so callers that sweep or send
+# them (the bench) need not know the modes themselves.
+MODE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    Mode.AR.value: (),
+    Mode.DIFFUSION.value: ("block_length", "threshold"),
+    Mode.SELFSPEC.value: ("block_length",),
+}
+
+
+def uses(mode: str, parameter: str) -> bool:
+    """Whether `mode` reads SamplingParams.`parameter` (e.g. uses("selfspec", "threshold") is False)."""
+    return parameter in MODE_PARAMETERS[mode]
+
 
 def make_decoder(params: SamplingParams) -> Decoder:
     if params.mode == Mode.AR:
