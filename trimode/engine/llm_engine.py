@@ -1,13 +1,15 @@
-"""LLMEngine: requests arrive and leave at any time; every mode runs in the same engine.
+"""LLMEngine: requests arrive and leave at any time; every mode runs in the same engine, and
+`LLM.generate` is this engine stepped to completion.
 
-Continuous batching: a step either admits waiting requests (prefilled in one forward, whatever
-their mode) or runs one decoder step for every running group, and returns what each request newly
-committed. Requests of the same mode and block shape form one group (one decode batch); different
+Continuous batching: a step either prefills (newcomers together, within `max_num_batched_tokens`
+prompt tokens; a longer prompt a chunk at a time) or runs one forward for every running group, and
+returns what each request newly committed. Requests of the same mode and block shape form one
+group (one decode batch, whose decoder plans one forward over all its rows per step); different
 modes are grouped passes of their own shapes, run one after another in the step: on this CPU that
 beats one merged batch padded to the widest pass from 8 requests per mode up, the load a server
-sees (scripts/grouped_vs_merged.py; README). Finished and aborted requests
-leave their group at once, freeing their KV rows. Decoders treat rows independently, so a request
-decodes exactly as it would alone (temperature 0), whatever else is running.
+sees (scripts/grouped_vs_merged.py; README). Finished and aborted requests leave their group at
+once, freeing their KV rows. Decoders treat rows independently, so a request decodes exactly as it
+would alone (temperature 0; and with the same seed at temperature > 0), whatever else is running.
 
 A failure while serving a request fails that request, not its neighbours: a prefill that raises is
 retried one newcomer at a time (it builds fresh batches, so nothing running has changed), and only
