@@ -113,8 +113,8 @@ def test_a_32k_token_prompt_completes_in_bounded_memory_while_short_requests_flo
 
 def test_a_slow_converging_diffusion_request_does_not_stall_other_streams(embedded):
     """Pins: one diffusion request with block 256 and threshold 1.0 ran 255 passes inside one engine
-    step, stalling every other stream. A step is now one forward per group: an AR request beside it
-    gets a token every step and finishes while the diffusion block is still being denoised."""
+    step, stalling every other stream. A decode step is now one forward of one group: an AR request
+    beside it gets a token on most steps and finishes while the diffusion block is still denoised."""
     engine = embedded.engine()
     engine.add_request(
         "slow",
@@ -128,5 +128,7 @@ def test_a_slow_converging_diffusion_request_does_not_stall_other_streams(embedd
             if out.finished:
                 done[out.request_id] = steps
         steps += 1
-    assert "slow" not in done and done["ar"] <= 17  # a prefill step, then a token per decode step
+    # Decode steps go to the group with the least forward time per row: mostly the AR one here, the
+    # diffusion group's 256-token pass now and then. Before, the first decode step ran all 255 passes.
+    assert "slow" not in done and done["ar"] <= 34
     assert engine.num_running == 1

@@ -2,14 +2,15 @@
 `LLM.generate` is this engine stepped to completion.
 
 Continuous batching: a step either prefills (newcomers together, within `max_num_batched_tokens`
-prompt tokens; a longer prompt a chunk at a time) or runs one forward for every running group, and
-returns what each request newly committed. Requests of the same mode and block shape form one
-group (one decode batch, whose decoder plans one forward over all its rows per step); different
-modes are grouped passes of their own shapes, run one after another in the step: on this CPU that
-beats one merged batch padded to the widest pass from 8 requests per mode up, the load a server
-sees (scripts/grouped_vs_merged.py; README). Finished and aborted requests leave their group at
-once, freeing their KV rows. Decoders treat rows independently, so a request decodes exactly as it
-would alone (temperature 0; and with the same seed at temperature > 0), whatever else is running.
+prompt tokens; a longer prompt a chunk at a time) or runs one forward of one running group (the one
+with the least forward time per row so far), and returns what each request newly committed.
+Requests of the same mode and block shape form one group (one decode batch, whose decoder plans one
+forward over all its rows); different modes are separate groups with passes of their own shapes:
+on this CPU that beats one merged batch padded to the widest pass from 8 requests per mode up, the
+load a server sees (scripts/grouped_vs_merged.py; README). Finished and aborted requests leave
+their group at once, freeing their KV rows. Decoders treat rows independently, so a request decodes
+exactly as it would alone (temperature 0; and with the same seed at temperature > 0), whatever else
+is running.
 
 A failure while serving a request fails that request, not its neighbours: a prefill that raises is
 retried one newcomer at a time (it builds fresh batches, so nothing running has changed), and only
@@ -53,6 +54,7 @@ class _Group:
     decoder: Decoder
     batch: DecodeBatch
     requests: list[Request] = field(default_factory=list)
+    vtime: float = 0.0  # forward seconds spent per row so far: the group with the least goes next
 
 
 @dataclass
@@ -161,9 +163,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> run -> update. Returns the requests that committed something this step.
 
-        A step either prefills or decodes the running groups (one forward each), alternating while
-        there is prefill work: the pair costs what one combined step would, but a newcomer's first
-        token returns after its prefill instead of after the running batch's decode (TTFT). A prefill
+        A step either prefills or runs one forward of one group (the one with the least forward
+        time per row so far), alternating while there is prefill work: a newcomer's first token
+        returns after its prefill instead of after the running batches' decode (TTFT). A prefill
         step feeds at most `max_num_batched_tokens` prompt tokens: newcomers whose prompts fit go
         together; a longer prompt is fed a chunk per prefill step, taking turns with newcomers, so
         it never stalls the other requests."""
@@ -173,26 +175,30 @@ class LLMEngine:
                 self._prefilled_last = True
                 return outputs
         self._prefilled_last = False
-        touched: list[tuple[Request, Decoder, DecodeBatch]] = []
-        failed: list[RequestOutput] = []
-        for key, group in list(self.groups.items()):
-            before = list(group.requests)
-            try:
-                group.requests = apply_step(
-                    group.batch,
-                    group.requests,
-                    decode_step(self.runner, group.decoder, group.batch),
-                    self.eos_token_ids,
-                    self.tokenizer,
-                )
-            except Exception as e:
-                del self.groups[key]
-                failed += [self._fail(r, e) for r in before]
-                continue
-            touched += [(r, group.decoder, group.batch) for r in before]
-            if not group.requests:
-                del self.groups[key]
-        return [self._output(r, d, b) for r, d, b in touched] + failed
+        if not self.groups:
+            return []
+        # One group per decode step, the one that has had the least forward time per row: groups of
+        # cheap forwards (AR) step more often than groups of block passes, so an AR request beside
+        # block-mode ones is not paced by their passes, and every row gets an equal share of time.
+        key = min(self.groups, key=lambda k: self.groups[k].vtime)
+        group = self.groups[key]
+        before = list(group.requests)
+        start = time.perf_counter()
+        try:
+            group.requests = apply_step(
+                group.batch,
+                group.requests,
+                decode_step(self.runner, group.decoder, group.batch),
+                self.eos_token_ids,
+                self.tokenizer,
+            )
+        except Exception as e:
+            del self.groups[key]
+            return [self._fail(r, e) for r in before]
+        group.vtime += (time.perf_counter() - start) / len(before)
+        if not group.requests:
+            del self.groups[key]
+        return [self._output(r, group.decoder, group.batch) for r in before]
 
     def _prefill_step(self) -> list[RequestOutput] | None:
         """One prefill step, or None when there is nothing to prefill."""
@@ -268,7 +274,9 @@ class LLMEngine:
                 self.groups[key].batch.extend(part)
                 self.groups[key].requests += left
             else:
-                self.groups[key] = _Group(decoder, part, left)
+                # A new group starts level with the others, neither owed time nor behind.
+                vtime = min((g.vtime for g in self.groups.values()), default=0.0)
+                self.groups[key] = _Group(decoder, part, left, vtime)
         return outputs
 
     def _fail(self, req: Request, error: Exception) -> RequestOutput:
