@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from trimode.config import DTYPES
-from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
+from trimode.engine.inputs import Message, PromptInput, tokenize_prompt
 from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.model_runner import ModelRunner
 from trimode.model.loader import load_model
@@ -149,11 +149,9 @@ class LLM:
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(ids)
         if len(per_prompt) != len(ids):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(ids)} prompts: give one, or one each")
-        for i, (p, sp) in enumerate(zip(ids, per_prompt)):
-            check_fits(p, sp, self.max_model_len, f"prompt {i}")
         engine = self.engine(max_batch=len(ids), max_queue=len(ids), max_kv_tokens=2**62)
         for i, (p, text, sp) in enumerate(zip(ids, texts, per_prompt)):
-            engine.add_tokenized(str(i), p, sp, text)
+            engine.add_tokenized(str(i), p, sp, text, name=f"prompt {i}")
         results: dict[str, GenerationOutput] = {}
         while engine.has_unfinished_requests():
             for out in engine.step():

@@ -91,7 +91,7 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        return sum(len(g.requests) for g in self.groups.values()) + len(self._chunked)
+        return len(self._running())
 
     def _running(self) -> list[Request]:
         return [r for g in self.groups.values() for r in g.requests] + [c.request for c in self._chunked]
@@ -118,18 +118,21 @@ class LLMEngine:
         ids, text = tokenize_prompt(self.tokenizer, self.runner.config.vocab_size, prompt)
         self.add_tokenized(request_id, ids, params, text)
 
-    def add_tokenized(self, request_id: str, ids: list[int], params: SamplingParams, text: str | None = None) -> None:
-        """`add_request` for a prompt already tokenized (`text`: what it reads, if known)."""
+    def add_tokenized(
+        self, request_id: str, ids: list[int], params: SamplingParams, text: str | None = None, name: str = "the prompt"
+    ) -> None:
+        """`add_request` for a prompt already tokenized (`text`: what it reads, if known; `name`: what
+        errors call it)."""
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.check_fits(ids, params)
+        self.check_fits(ids, params, name)
         self.scheduler.add(Request(text, ids, params, request_id=request_id, arrival=time.perf_counter()))
         self._ids.add(request_id)
         self._sent[request_id] = (0, 0)
 
-    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
+    def check_fits(self, ids: list[int], params: SamplingParams, name: str = "the prompt") -> None:
         """ValueError when the prompt plus max_tokens exceeds the context."""
-        check_fits(ids, params, self.max_model_len)
+        check_fits(ids, params, self.max_model_len, name)
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request wherever it is; its KV rows are freed at once. False if unknown or done."""

@@ -26,6 +26,8 @@ from trimode.server.protocol import ChatCompletionRequest, CompletionRequest
 MAX_BODY_BYTES = 1_000_000
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 STALL_S = 30.0  # /health fails once the engine thread has not come round its loop for this long
+# What validation and the engine raise for one request; APIError.of says what the client is told.
+SERVING_ERRORS = (ValueError, QueueFull, ShuttingDown, EngineError)
 
 
 class APIError(Exception):
@@ -168,7 +170,7 @@ def build_app(
             prompt_ids = await engine.run_blocking(fn, arg)
             request_id = engine.new_request_id(prefix)
             return request_id, engine.submit(request_id, prompt_ids, params)
-        except (ValueError, QueueFull, ShuttingDown) as e:
+        except SERVING_ERRORS as e:
             raise APIError.of(e) from e
 
     @app.post("/v1/completions")
@@ -219,7 +221,7 @@ def build_app(
             )
         try:
             final = await collect(outputs, http)
-        except (ValueError, QueueFull, ShuttingDown, EngineError) as e:
+        except SERVING_ERRORS as e:
             raise APIError.of(e) from e
         if final is None:  # nobody is listening; the status is for the access log only
             return Response(status_code=499)
@@ -283,7 +285,7 @@ def build_app(
                             "usage": usage(out.output),
                         }
                         yield f"data: {json.dumps(doc)}\n\n"
-        except (ValueError, QueueFull, ShuttingDown, EngineError) as e:
+        except SERVING_ERRORS as e:
             err = APIError.of(e)
             engine.metrics.failed_status(err.status)  # the stream's status (200) is already sent
             yield err.event()
