@@ -73,11 +73,11 @@ def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[l
     pass's (3, 4) logits given; returns the block's tokens and the denoise passes it took."""
     from trimode.decoding.base import DecodeBatch
     from trimode.decoding.diffusion import DiffusionDecoder
-    from trimode.kv_cache import KVCache
+    from trimode.kv_cache import KVCache, KVPool
     from trimode.sampler import Sampler
 
     batch = DecodeBatch(
-        kv=KVCache(1, 1, 1, 2, capacity=16, dtype=torch.float32, device="cpu"),
+        kv=KVCache(KVPool(1, 4, 4, 1, 2, dtype=torch.float32, device="cpu"), rows=1),
         sampler=Sampler([SamplingParams()], torch.device("cpu")),
         seeds=torch.tensor([0]),
         remaining=torch.tensor([10]),

@@ -1,16 +1,23 @@
-"""KV cache: per-row lengths, crop/rollback after a verify pass, row selection."""
+"""KV pool and page tables: per-row lengths, crop after a verify pass, rows joining and leaving, prefix caching."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.nn.attention.bias import CausalBias
 
 from trimode.engine.model_runner import ModelRunner
-from trimode.kv_cache import KVCache
+from trimode.kv_cache import KVCache, KVPool, KVPoolExhausted
+
+
+def pool(pages: int = 8, page_size: int = 4) -> KVPool:
+    return KVPool(1, pages, page_size, 1, 4, dtype=torch.float32, device="cpu")
 
 
 def test_positions_and_mask_follow_per_row_lengths():
-    kv = KVCache(1, 2, 1, 4, capacity=16, dtype=torch.float32, device="cpu")
-    kv.set_lengths(torch.tensor([3, 5]))
+    kv = KVCache(pool(), rows=2)
+    kv.begin(5)
+    kv.set_lengths([3, 5])
     positions, span = kv.begin(2)
     assert positions.tolist() == [[3, 4], [5, 6]] and span == 7
     causal = kv.attention_mask(2, span, causal=True)[:, 0]
@@ -20,14 +27,74 @@ def test_positions_and_mask_follow_per_row_lengths():
     assert bidir[0].long().tolist() == [[1, 1, 1, 1, 1, 0, 0]] * 2
 
 
-def test_commit_crop_and_select_rows():
-    kv = KVCache(1, 3, 1, 2, capacity=10, dtype=torch.float32, device="cpu")
-    kv.begin(4)
-    kv.commit(torch.tensor([1, 4, 2]))  # a verify pass keeps a different prefix per row
-    assert kv.lengths.tolist() == [1, 4, 2]
-    kv.set_lengths(torch.tensor([1, 2, 2]))  # crop
-    kv.select_rows(torch.tensor([2, 0]))
-    assert kv.lengths.tolist() == [2, 1] and kv.k.shape[1] == 2
+def test_rows_of_one_length_get_no_materialised_mask():
+    kv = KVCache(pool(), rows=2)
+    kv.begin(3)
+    kv.commit()
+    _, span = kv.begin(2)
+    assert kv.attention_mask(2, span, causal=False) is None  # every key visible
+    assert isinstance(kv.attention_mask(2, span, causal=True), CausalBias)  # lower-right causal
+    assert kv.attention_mask(1, span, causal=True) is None  # one query sees everything
+
+
+def test_commit_crop_select_rows_and_pages_return():
+    kv = KVCache(pool(pages=8, page_size=4), rows=3)
+    kv.begin(6)
+    assert kv.num_allocated_pages == 6 and kv.pool.num_free_pages == 2
+    kv.commit([1, 6, 2])  # a verify pass keeps a different prefix per row
+    assert kv.lengths == [1, 6, 2]
+    kv.set_lengths([1, 2, 2])  # crop: pages past each prefix go back
+    assert kv.num_allocated_pages == 3 and kv.pool.num_free_pages == 5
+    kv.select_rows([2, 0])
+    assert kv.lengths == [2, 1] and kv.pool.num_free_pages == 6
+    kv.release()
+    assert kv.pool.num_free_pages == 8 and kv.pool.refs == [0] * 8
+
+
+def test_rows_join_and_leave_by_page_ids_without_copying_kv():
+    shared = pool()
+    a, b = KVCache(shared, rows=1), KVCache(shared, rows=1)
+    a.begin(4)
+    a.commit()
+    b.begin(2)
+    b.commit()
+    before = shared.k.data_ptr()
+    a.extend(b)
+    assert a.lengths == [4, 2] and b.batch_size == 0 and shared.k.data_ptr() == before
+    (left,) = a.split([[1]])
+    assert left.lengths == [2] and a.batch_size == 0
+
+
+def test_prefix_pages_are_shared_then_cached_then_evicted():
+    shared = pool(pages=4, page_size=2)
+    first = KVCache(shared)
+    context = [5, 6, 7, 8, 9]
+    assert first.add_row(context) == 0
+    first.begin(len(context))
+    first.commit()
+    first.register_prefix(0, context)  # two full pages: [5, 6], [7, 8]
+    second = KVCache(shared)
+    assert second.add_row([5, 6, 7, 8, 1]) == 4 and second.pages[0] == first.pages[0][:2]
+    assert KVCache(shared).add_row([5, 6, 9, 9, 9]) == 2  # only the first page matches
+    assert KVCache(shared).add_row([5, 6, 7, 8]) == 2  # the last token is always computed
+    assert shared.num_prefix_hits == 8 and shared.num_prefix_queries == 19
+    page0, page1, page2 = first.pages[0]
+    first.release()
+    assert shared.refs[page0] == 3 and shared.refs[page1] == 1  # still read by the others
+    assert page2 in shared.free  # held token 9 only: not cached, back on the free list
+
+
+def test_unreferenced_cached_pages_are_reused_when_memory_is_needed():
+    shared = pool(pages=2, page_size=2)
+    kv = KVCache(shared)
+    kv.add_row([1, 2, 3])
+    kv.begin(3)
+    kv.commit()
+    kv.register_prefix(0, [1, 2, 3])
+    kv.release()
+    assert shared.num_free_pages == 2 and len(shared.evictable) == 1
+    shared.release(shared.allocate(2))  # takes the cached page too: its entry is gone
+    assert KVCache(shared).add_row([1, 2, 3]) == 0
 
 
 def test_cropped_verify_pass_leaves_the_cache_as_if_only_accepted_tokens_were_fed(llm):
@@ -40,7 +107,7 @@ def test_cropped_verify_pass_leaves_the_cache_as_if_only_accepted_tokens_were_fe
         runner.forward(a, prompt, causal=True)
         a.commit()
         runner.forward(a, extra, causal=True)
-        a.commit(torch.tensor([3]))
+        a.commit([3])
         got = runner.forward(a, torch.tensor([[42]]), causal=True)
         b = runner.new_cache(1, 64)
         runner.forward(b, torch.cat([prompt, extra[:, :3]], 1), causal=True)
@@ -76,12 +143,9 @@ def test_incremental_decode_equals_one_full_causal_pass(llm):
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
-def test_overflow_is_an_error_not_a_silent_write():
-    kv = KVCache(1, 1, 1, 2, capacity=4, dtype=torch.float32, device="cpu")
-    kv.set_lengths(torch.tensor([3]))
-    try:
+def test_an_exhausted_pool_is_an_error_not_a_silent_write():
+    kv = KVCache(pool(pages=2, page_size=2), rows=1)
+    kv.begin(3)
+    kv.commit()
+    with pytest.raises(KVPoolExhausted, match="need 1 KV pages, 0 of 2 are free"):
         kv.begin(2)
-    except RuntimeError as e:
-        assert "overflow" in str(e)
-    else:
-        raise AssertionError("expected an overflow error")

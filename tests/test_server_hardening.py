@@ -270,7 +270,7 @@ def test_metrics_count_failures_by_reason_and_export_kv_use(url):
 
     def watch() -> None:
         for _ in range(60):
-            seen.append(metric(url, "trimode_kv_slots_reserved"))
+            seen.append(metric(url, "trimode_kv_slots_allocated"))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)

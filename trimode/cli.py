@@ -389,7 +389,8 @@ def _serve(args: argparse.Namespace) -> int:
         llm.engine(
             max_batch=args.max_batch,
             max_queue=args.max_queue,
-            max_kv_tokens=args.max_kv_tokens,
+            kv_cache_tokens=args.kv_cache_tokens,
+            page_size=args.kv_page_size,
             max_num_batched_tokens=args.max_num_batched_tokens,
         ),
         max_queue=args.max_queue,
@@ -554,7 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--api-key-file", help="read the API key from this file")
     v.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
     v.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are refused with 429")
-    v.add_argument("--max-kv-tokens", type=int, default=65536, help="KV slots shared by the running requests")
+    v.add_argument(
+        "--kv-cache-tokens",
+        "--max-kv-tokens",
+        type=int,
+        default=65536,
+        help="KV slots in the pool shared by all requests, allocated at start (its bytes are printed)",
+    )
+    v.add_argument("--kv-page-size", type=int, default=16, help="KV slots per page of the pool")
     v.add_argument(
         "--max-num-batched-tokens",
         type=int,

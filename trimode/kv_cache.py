@@ -1,106 +1,298 @@
-"""The one owner of KV memory and of position arithmetic.
+"""The one owner of KV memory and of position arithmetic: a paged pool and per-batch page tables.
 
-Layout: one preallocated tensor per K and V, (layers, B, H_kv, capacity, D). Row b holds its clean,
-causally computed prefix in slots [0, lengths[b]). Every forward writes its new K/V into the slots
-right after the prefix, [lengths[b], lengths[b] + T); whether those writes become part of the prefix
-is decided afterwards by `commit` (advance by T, or by a per-row count after verification). A pass
-that must not write the cache (diffusion denoise, self-spec draft) simply never commits: its slots
-are scratch, invisible behind `lengths`, and overwritten by the next pass. So "read-only attach",
-"write" and "write then crop" are one mechanism, and rows of different lengths share one batch.
+`KVPool` is allocated once, from a token budget: K and V of every layer as (layers, slots, H_kv, D),
+slots = pages x page_size, with a free list, per-page reference counts and a prefix cache. A
+`KVCache` is one decode batch's view of it: per row, a page table (host list of page ids) and the
+length of its clean, causally computed prefix (host ints: the engine knows them, nothing is read
+back from the device to plan a pass). Rows joining or leaving a batch move page ids, never K/V.
+
+Every forward writes its new K/V into the slots right after each row's prefix, positions
+[length, length + T); whether they become part of the prefix is decided afterwards by `commit`
+(advance by T, or by a per-row count after verification; a crop returns whole pages past the new
+length and the next pass's scratch). A pass that must not write the cache (diffusion denoise,
+self-spec draft) commits nothing: its slots are scratch, invisible behind `lengths`, overwritten by
+the next pass. So "read-only attach", "write" and "write then crop" are one mechanism.
+
+Prefix caching (automatic): a full page of prompt tokens is registered under its tokens and the
+page before it, so a later request whose context starts with the same pages reuses them (reference
+counted; a page nobody reads stays cached until its memory is needed, least recently used first).
+Shared pages lie wholly inside every sharer's prefix, and writes only ever go past a row's prefix,
+so a shared page is never written.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
+
 import torch
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
-class KVCache:
+class KVPoolExhausted(RuntimeError):
+    """No free page left: the engine preempts a request before this can happen."""
+
+
+def num_pages(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+class KVPool:
     def __init__(
         self,
         num_layers: int,
-        batch_size: int,
+        num_pages: int,
+        page_size: int,
         num_kv_heads: int,
         head_dim: int,
-        capacity: int,
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"the KV pool needs >= 1 page of >= 1 slot; got {num_pages} pages of {page_size}")
+        shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
+        # Zeros, not empty: a masked key still multiplies its value by 0, and 0 * NaN garbage is NaN.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.capacity = capacity
+        self.device = torch.device(device)
+        self.num_pages, self.page_size = num_pages, page_size
+        self.refs = [0] * num_pages
+        self.free: deque[int] = deque(range(num_pages))  # unreferenced and uncached
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recent first
+        self._cached: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent key id, tokens) -> page
+        self._key_of: dict[int, tuple[tuple[int, tuple[int, ...]], int]] = {}  # page -> (its key, its key id)
+        self._next_key_id = 1  # key ids are never reused, so an evicted parent orphans its children
+        self.num_prefix_queries = 0  # context tokens looked up
+        self.num_prefix_hits = 0  # of which found in the cache
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages an allocation may take: free ones and cached ones nobody reads."""
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.num_pages - self.num_free_pages
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free_pages:
+            raise KVPoolExhausted(f"need {n} KV pages, {self.num_free_pages} of {self.num_pages} are free")
+        pages = []
+        for _ in range(n):
+            if self.free:
+                page = self.free.popleft()
+            else:
+                page, _ = self.evictable.popitem(last=False)
+                key, _ = self._key_of.pop(page)
+                del self._cached[key]
+            self.refs[page] = 1
+            pages.append(page)
+        return pages
+
+    def release(self, pages: list[int]) -> None:
+        for page in pages:
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                if page in self._key_of:
+                    self.evictable[page] = None
+                else:
+                    self.free.append(page)
+
+    def match_prefix(self, tokens: list[int]) -> list[int]:
+        """Cached pages holding the longest run of `tokens`' leading full pages, now referenced by
+        the caller. The last token is never matched: a prefill must compute at least one position."""
+        pages: list[int] = []
+        parent = 0
+        p = self.page_size
+        for start in range(0, len(tokens) - p, p):
+            page = self._cached.get((parent, tuple(tokens[start : start + p])))
+            if page is None:
+                break
+            if self.refs[page] == 0:
+                del self.evictable[page]
+            self.refs[page] += 1
+            pages.append(page)
+            parent = self._key_of[page][1]
+        self.num_prefix_queries += len(tokens)
+        self.num_prefix_hits += len(pages) * p
+        return pages
+
+    def register(self, tokens: list[int], pages: list[int]) -> None:
+        """Make `pages` (holding `tokens` from position 0) findable by `match_prefix`, full pages only."""
+        parent = 0
+        p = self.page_size
+        for i in range(len(tokens) // p):
+            key = (parent, tuple(tokens[i * p : (i + 1) * p]))
+            page = self._cached.get(key)
+            if page is None:
+                page = pages[i]
+                if page in self._key_of:  # already cached under another key: the chain ends here
+                    return
+                self._cached[key] = page
+                self._key_of[page] = (key, self._next_key_id)
+                self._next_key_id += 1
+            parent = self._key_of[page][1]
+
+
+class KVCache:
+    """One batch's rows over a `KVPool`: page tables and prefix lengths (host), positions and the
+    attention pattern of each pass."""
+
+    def __init__(self, pool: KVPool, rows: int = 0) -> None:
+        self.pool = pool
+        self.pages: list[list[int]] = [[] for _ in range(rows)]
+        self.lengths: list[int] = [0] * rows
         self._pending: int | None = None  # T of the last forward, until it is committed or discarded
+        self._write_slots: torch.Tensor | None = None  # (B*T,) pool slots of the pending pass
+        self._key_slots: torch.Tensor | None = None  # (B, S) pool slots the pending pass reads
 
     @property
     def batch_size(self) -> int:
-        return self.lengths.shape[0]
+        return len(self.lengths)
+
+    @property
+    def num_allocated_pages(self) -> int:
+        return sum(len(p) for p in self.pages)
+
+    def pages_needed(self, num_tokens: int) -> int:
+        """New pages a forward of `num_tokens` per row would allocate."""
+        p = self.pool.page_size
+        return sum(max(0, num_pages(n + num_tokens, p) - len(pages)) for n, pages in zip(self.lengths, self.pages))
+
+    def add_row(self, context: list[int]) -> int:
+        """A new empty row; the longest cached prefix of `context` becomes its prefix. Returns the
+        number of context tokens found cached."""
+        pages = self.pool.match_prefix(context)
+        self.pages.append(pages)
+        self.lengths.append(len(pages) * self.pool.page_size)
+        return self.lengths[-1]
+
+    def register_prefix(self, row: int, context: list[int]) -> None:
+        """Offer row `row`'s pages, which hold `context`, to later requests (prefix caching)."""
+        self.pool.register(context[: self.lengths[row]], self.pages[row])
+
+    def _device_lengths(self) -> torch.Tensor:
+        return torch.tensor(self.lengths, dtype=torch.long, device=self.pool.device)
 
     def begin(self, num_tokens: int) -> tuple[torch.Tensor, int]:
-        """Prepare a forward of `num_tokens` new tokens per row.
+        """Prepare a forward of `num_tokens` new tokens per row: allocate the pages it writes.
 
         Returns (positions (B, T), number of key slots S the pass attends over)."""
-        span = int(self.lengths.max()) + num_tokens
-        if span > self.capacity:
-            raise RuntimeError(f"KV cache overflow: need {span} slots, capacity {self.capacity}")
+        p = self.pool.page_size
+        for row, n in enumerate(self.lengths):
+            missing = num_pages(n + num_tokens, p) - len(self.pages[row])
+            if missing > 0:
+                self.pages[row] += self.pool.allocate(missing)
+        span = max(self.lengths) + num_tokens
+        device = self.pool.device
+        width = num_pages(span, p)
+        table = torch.tensor(
+            [pages[:width] + [0] * (width - len(pages[:width])) for pages in self.pages], device=device
+        )
+        keys = torch.arange(span, device=device)
+        # (B, S): slot of key position j of row b; pad pages (0) are only ever masked out.
+        self._key_slots = table[:, keys // p] * p + keys % p
+        positions = self._device_lengths()[:, None] + torch.arange(num_tokens, device=device)
+        self._write_slots = self._key_slots.gather(1, positions).flatten()
         self._pending = num_tokens
-        positions = self.lengths[:, None] + torch.arange(num_tokens, device=self.lengths.device)
         return positions, span
 
-    def attention_mask(self, num_tokens: int, span: int, causal: torch.Tensor | bool) -> torch.Tensor:
-        """(B, 1, T, S) bool, True = attend. Key j is visible to query i of row b iff
-        j < lengths[b] + (i + 1 if causal else T): the whole clean prefix, plus the new tokens either
+    def attention_mask(
+        self, num_tokens: int, span: int, causal: torch.Tensor | bool
+    ) -> torch.Tensor | CausalBias | None:
+        """What SDPA's attn_mask gets. Key j is visible to query i of row b iff
+        j < lengths[b] + (i + 1 if causal else T): the whole clean prefix, plus the new tokens
         causally or bidirectionally (`causal`: one value, or one per row (B,)). Scratch slots past
-        that are never visible."""
-        device = self.lengths.device
+        that are never visible. Rows of one length with one pattern need no materialised mask (none
+        at all, or lower-right causal); otherwise a (B, 1, T, S) bool mask, True = attend."""
+        if isinstance(causal, bool) and len(set(self.lengths)) == 1:
+            return causal_lower_right(num_tokens, span) if causal and num_tokens > 1 else None
+        device = self.pool.device
+        lengths = self._device_lengths()
         keys = torch.arange(span, device=device)
         steps = torch.arange(1, num_tokens + 1, device=device)
         if isinstance(causal, torch.Tensor):
-            limit = self.lengths[:, None] + torch.where(causal.to(device)[:, None], steps, num_tokens)
+            limit = lengths[:, None] + torch.where(causal.to(device)[:, None], steps, num_tokens)
         else:
-            limit = self.lengths[:, None] + (steps if causal else num_tokens)
+            limit = lengths[:, None] + (steps if causal else num_tokens)
         return (keys[None, None, :] < limit[:, :, None])[:, None]
 
-    def write(
-        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D) at `positions` (B, T); return this layer's keys/values (B, H, S, D)."""
-        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
-        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the pending pass's k, v (B, H, T, D); return this layer's keys/values (B, H, S, D),
+        gathered from the rows' pages."""
+        b, h, t, d = k.shape
+        pk, pv = self.pool.k[layer], self.pool.v[layer]  # (slots, H, D)
+        pk.index_copy_(0, self._write_slots, k.transpose(1, 2).reshape(b * t, h, d))
+        pv.index_copy_(0, self._write_slots, v.transpose(1, 2).reshape(b * t, h, d))
+        return pk[self._key_slots].transpose(1, 2), pv[self._key_slots].transpose(1, 2)
 
-    def commit(self, counts: torch.Tensor | None = None) -> None:
+    def commit(self, counts: list[int] | None = None) -> None:
         """Make the last pass's first `counts[b]` tokens (all T when None) part of row b's prefix."""
         if self._pending is None:
             raise RuntimeError("commit() without a pending forward")
-        self.lengths += self._pending if counts is None else counts.to(self.lengths)
-        self._pending = None
+        t = self._pending
+        added = [t] * self.batch_size if counts is None else counts
+        self.lengths = [n + c for n, c in zip(self.lengths, added)]
+        self._trim(t)
 
-    def set_lengths(self, lengths: torch.Tensor) -> None:
-        """Crop (or, after a padded prefill, set) each row's prefix length."""
-        if bool((lengths > self.capacity).any()) or bool((lengths < 0).any()):
-            raise ValueError(f"lengths must lie in [0, {self.capacity}]")
-        self.lengths = lengths.to(self.lengths).clone()
-        self._pending = None
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Crop (or, after a padded prefill, set) each row's prefix length; pages past it return."""
+        if len(lengths) != self.batch_size:
+            raise ValueError(f"got {len(lengths)} lengths for {self.batch_size} rows")
+        p = self.pool.page_size
+        for n, pages in zip(lengths, self.pages):
+            if not 0 <= n <= len(pages) * p:
+                raise ValueError(f"length {n} is outside the row's {len(pages) * p} allocated slots")
+        self.lengths = list(lengths)
+        self._trim(0)
+
+    def _trim(self, scratch: int) -> None:
+        """Return pages past each row's prefix plus `scratch` slots (the next pass of this width)."""
+        self._pending = self._write_slots = self._key_slots = None
+        p = self.pool.page_size
+        for row, n in enumerate(self.lengths):
+            keep = num_pages(n + scratch, p)
+            if len(self.pages[row]) > keep:
+                self.pool.release(self.pages[row][keep:])
+                self.pages[row] = self.pages[row][:keep]
 
     def extend(self, other: KVCache) -> None:
-        """Append `other`'s rows (e.g. newly prefilled requests joining a running batch)."""
+        """Append `other`'s rows (newly prefilled requests joining a running batch); `other` is left empty."""
         if self._pending is not None or other._pending is not None:
             raise RuntimeError("extend() between a forward and its commit")
-        capacity = max(self.capacity, other.capacity)
+        self.pages += other.pages
+        self.lengths += other.lengths
+        other.pages, other.lengths = [], []
 
-        def grow(t: torch.Tensor) -> torch.Tensor:
-            pad = capacity - t.shape[3]
-            return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only `rows` (indices into the batch), e.g. when finished requests leave; the other
+        rows' pages return to the pool."""
+        kept = set(rows)
+        for i, pages in enumerate(self.pages):
+            if i not in kept:
+                self.pool.release(pages)
+        self.pages = [self.pages[i] for i in rows]
+        self.lengths = [self.lengths[i] for i in rows]
 
-        self.k = torch.cat([grow(self.k), grow(other.k)], 1)
-        self.v = torch.cat([grow(self.v), grow(other.v)], 1)
-        self.lengths = torch.cat([self.lengths, other.lengths])
-        self.capacity = capacity
+    def split(self, parts: list[list[int]]) -> list[KVCache]:
+        """One cache per list of row indices, together holding every row; this one is left empty."""
+        caches = []
+        for rows in parts:
+            cache = KVCache(self.pool)
+            cache.pages = [self.pages[i] for i in rows]
+            cache.lengths = [self.lengths[i] for i in rows]
+            caches.append(cache)
+        self.pages, self.lengths = [], []
+        return caches
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (indices into the batch), e.g. when finished requests leave."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
-        self.lengths = self.lengths[rows]
+    def release(self) -> None:
+        """Return every row's pages (the batch is done or abandoned)."""
+        self.select_rows([])
+        self._pending = self._write_slots = self._key_slots = None

@@ -11,8 +11,11 @@ import torch
 
 from trimode.config import DTYPES
 from trimode.engine.inputs import Message, PromptInput, tokenize_prompt
+from trimode.engine.generate import Request
 from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.model_runner import ModelRunner
+from trimode.engine.scheduler import kv_slots
+from trimode.kv_cache import num_pages
 from trimode.model.loader import load_model
 from trimode.model.transformer import Transformer
 from trimode.outputs import GenerationOutput
@@ -87,10 +90,12 @@ class LLM:
         self,
         max_batch: int = 32,
         max_queue: int = 256,
-        max_kv_tokens: int = 65536,
+        kv_cache_tokens: int = 65536,
         max_num_batched_tokens: int = 512,
+        page_size: int = 16,
     ) -> LLMEngine:
-        """A continuous-batching engine over this model (what `trimode serve` runs)."""
+        """A continuous-batching engine over this model (what `trimode serve` runs); its KV pool
+        of `kv_cache_tokens` slots is allocated now."""
         return LLMEngine(
             self.runner,
             self.tokenizer,
@@ -98,8 +103,9 @@ class LLM:
             self.max_model_len,
             max_batch,
             max_queue,
-            max_kv_tokens,
+            kv_cache_tokens,
             max_num_batched_tokens,
+            page_size,
         )
 
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:
@@ -149,7 +155,11 @@ class LLM:
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(ids)
         if len(per_prompt) != len(ids):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(ids)} prompts: give one, or one each")
-        engine = self.engine(max_batch=len(ids), max_queue=len(ids), max_kv_tokens=2**62)
+        # A pool that holds every request at its largest (rounded to pages, plus the page of
+        # headroom per row the scheduler keeps), so offline generation never preempts.
+        page = 16
+        need = sum(num_pages(kv_slots(Request(None, p, sp)), page) + 1 for p, sp in zip(ids, per_prompt))
+        engine = self.engine(max_batch=len(ids), max_queue=len(ids), kv_cache_tokens=need * page, page_size=page)
         for i, (p, text, sp) in enumerate(zip(ids, texts, per_prompt)):
             engine.add_tokenized(str(i), p, sp, text, name=f"prompt {i}")
         results: dict[str, GenerationOutput] = {}

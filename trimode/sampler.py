@@ -15,8 +15,14 @@ import torch.nn.functional as F
 from trimode.sampling_params import SamplingParams
 
 
+def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+
+
 class Sampler:
-    def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
+    def __init__(
+        self, params: list[SamplingParams], device: torch.device, generators: list[torch.Generator] | None = None
+    ) -> None:
         self.device = device
         self.params = list(params)
         # 0 marks a greedy row (temperatures below GREEDY_TEMPERATURE included): no NaN ever reaches sampling.
@@ -25,10 +31,8 @@ class Sampler:
         )
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        self.generators = [
-            torch.Generator(device=device).manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-            for p in params
-        ]
+        # A request may bring its generator (a preempted request keeps its random stream).
+        self.generators = generators or [new_generator(p, device) for p in params]
         self._update_flags()
 
     def select_rows(self, rows: torch.Tensor) -> None:

@@ -91,28 +91,37 @@ class DecodeBatch:
             self.timings[kind][1] += s
 
     def split(self, parts: list[list[int]]) -> list[DecodeBatch]:
-        """One new batch per list of row indices: rows prefilled together, decoded apart. Each part
-        owns its rows' KV (indexing copies) and a copy of the timings so far."""
+        """One new batch per list of row indices (together: every row): rows prefilled together,
+        decoded apart. The parts take over their rows' pages; each gets a copy of the timings so far."""
         if len(parts) == 1 and parts[0] == list(range(self.size)):
             return [self]
         batches = []
-        for rows in parts:
+        for rows, kv in zip(parts, self.kv.split(parts)):
             part = copy.copy(self)
-            part.kv, part.sampler, part.state = copy.copy(self.kv), copy.copy(self.sampler), dict(self.state)
+            part.sampler, part.state = copy.copy(self.sampler), dict(self.state)
             part.timings = defaultdict(lambda: [0, 0.0], {k: list(v) for k, v in self.timings.items()})
-            part.select_rows(torch.tensor(rows))
+            part._select(rows)
+            part.kv = kv
             batches.append(part)
         return batches
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (host indices), e.g. after requests finish."""
-        self.kv.select_rows(rows.to(self.kv.lengths.device))
-        self.sampler.select_rows(rows)
-        self.seeds = self.seeds[rows.to(self.seeds.device)]
-        self.remaining, self.num_forwards = self.remaining[rows], self.num_forwards[rows]
-        self.stop_on_eos = self.stop_on_eos[rows.to(self.stop_on_eos.device)]
-        self.stats = [self.stats[i] for i in rows.tolist()]
-        self.state = {k: v[rows.to(v.device)] for k, v in self.state.items()}
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only `rows` (indices), e.g. after requests finish; the others' KV pages return."""
+        self.kv.select_rows(rows)
+        self._select(rows)
+
+    def release(self) -> None:
+        """The batch is done or abandoned: every row's KV pages return to the pool."""
+        self.kv.release()
+
+    def _select(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long)
+        self.sampler.select_rows(index)
+        self.seeds = self.seeds[index.to(self.seeds.device)]
+        self.remaining, self.num_forwards = self.remaining[index], self.num_forwards[index]
+        self.stop_on_eos = self.stop_on_eos[index.to(self.stop_on_eos.device)]
+        self.stats = [self.stats[i] for i in rows]
+        self.state = {k: v[index.to(v.device)] for k, v in self.state.items()}
 
 
 def _state(batch: DecodeBatch, key: str, other: DecodeBatch) -> torch.Tensor:
@@ -127,10 +136,18 @@ def _state(batch: DecodeBatch, key: str, other: DecodeBatch) -> torch.Tensor:
 class Decoder(ABC):
     mode: ClassVar[str]
     stat_name: ClassVar[str | None] = None  # what `DecodeBatch.stats` holds for this mode
+    width: int = 1  # tokens each row feeds per forward (what a step may add to its KV pages)
 
     def start(self, batch: DecodeBatch) -> None:  # noqa: B027 (optional: modes without per-row state)
         """Set up the per-row state of freshly prefilled rows (every row of `batch`), before they
         join a running batch of this mode."""
+
+    def pending_commit(self, batch: DecodeBatch) -> list[bool]:
+        """Per row: whether its output ends in tokens not yet in its KV prefix besides the seed
+        (which the next forward would commit, and whose next token it would give). A preempted row
+        resumes by prefilling its prompt and output: all of it where this is True, else all but
+        the seed, which it then feeds as usual."""
+        return [False] * batch.size
 
     @abstractmethod
     def plan(self, batch: DecodeBatch) -> Forward:

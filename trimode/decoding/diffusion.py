@@ -27,8 +27,11 @@ class DiffusionDecoder(Decoder):
     stat_name = "denoise_passes_per_block"
 
     def __init__(self, block_length: int, threshold: float | None) -> None:
-        self.block_length = block_length
+        self.block_length = self.width = block_length
         self.threshold = threshold
+
+    def pending_commit(self, batch: DecodeBatch) -> list[bool]:
+        return batch.state["committing"].tolist()  # a finished block, emitted, to be committed
 
     def start(self, batch: DecodeBatch) -> None:
         b, device = self.block_length, batch.seeds.device
@@ -76,7 +79,7 @@ class DiffusionDecoder(Decoder):
         sampler = batch.sampler
         greedy = sampler.all_greedy
         # Committing rows: their block's KV joins the prefix; the last position gives the next seed.
-        batch.kv.commit(committing.long() * b)
+        batch.kv.commit((committing.long() * b).tolist())
         commit_rows = None if greedy else committing.nonzero()[:, 0].tolist()
         next_seed = sampler.pick(logits[:, -1:], rows=commit_rows)[:, 0]
         # Denoising rows: one pass. Only they draw random numbers, so a seeded row samples the same

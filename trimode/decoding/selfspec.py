@@ -25,7 +25,7 @@ class SelfSpecDecoder(Decoder):
     stat_name = "tokens_per_cycle"
 
     def __init__(self, block_length: int) -> None:
-        self.block_length = block_length
+        self.block_length = self.width = block_length
 
     def start(self, batch: DecodeBatch) -> None:
         batch.state.update(
@@ -55,11 +55,11 @@ class SelfSpecDecoder(Decoder):
         emitted: list[list[int]] = [[] for _ in range(batch.size)]
         if bool(verifying.any()):  # first: the draft step below edits the logits in place
             emitted, accepted, bonus = self._verify(batch, logits, verifying)
-            batch.kv.commit(torch.where(verifying, accepted + 1, 0))
+            batch.kv.commit(torch.where(verifying, accepted + 1, 0).tolist())
             batch.seeds = torch.where(verifying, bonus, batch.seeds)
             batch.record(accepted + 1, rows=verifying)
         else:
-            batch.kv.commit(torch.zeros_like(batch.seeds))
+            batch.kv.commit([0] * batch.size)
         self._draft(batch, logits, drafting)
         s["drafting"] = verifying
         return emitted

@@ -10,8 +10,9 @@ import torch
 
 from trimode.decoding.base import DecodeBatch, Decoder, Forward
 from trimode.engine.model_runner import ModelRunner
+from trimode.kv_cache import KVCache, KVPool
 from trimode.outputs import GenerationOutput
-from trimode.sampler import Sampler
+from trimode.sampler import Sampler, new_generator
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import DecodeStream, Tokenizer
 
@@ -31,6 +32,12 @@ class Request:
     num_forwards: int = 0
     stats: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
+    generator: torch.Generator | None = field(default=None, repr=False)  # its random stream, kept across preemption
+    # After a preemption: how many output tokens its next prefill feeds after the prompt, the seed it
+    # then feeds (None: the prefill picks the next token), and the forwards it had taken before.
+    num_resumed: int = 0
+    resume_seed: int | None = None
+    num_forwards_before: int = 0
     # Incremental detokenisation: the text so far, grown by each token's new characters only, and
     # len(text) after each token (to cut the tokens at a stop string). O(1) work per token, not a
     # decode of the whole output every step.
@@ -42,6 +49,21 @@ class Request:
         self.token_ids, self.text, self.finish_reason, self.num_forwards = [], "", None, 0
         self.stats.clear()
         self.token_times, self._stream, self._ends = [], None, []
+        self.generator, self.num_resumed, self.resume_seed, self.num_forwards_before = None, 0, None, 0
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What its next prefill feeds: the prompt, and after a preemption the output it resumes from."""
+        return self.prompt_ids + self.token_ids[: self.num_resumed]
+
+    def preempt(self, pending_commit: bool) -> None:
+        """It lost its KV pages: resume later by prefilling its prompt and output (see
+        `Decoder.pending_commit`). Its output so far, its text and its random stream are kept."""
+        self.num_forwards_before = self.num_forwards
+        if pending_commit or not self.token_ids:
+            self.num_resumed, self.resume_seed = len(self.token_ids), None
+        else:
+            self.num_resumed, self.resume_seed = len(self.token_ids) - 1, self.token_ids[-1]
 
     def emit(self, tokens: list[int], eos_ids: set[int], tokenizer: Tokenizer, now: float) -> None:
         """Append tokens (emitted at `now`); finish on EOS, a stop string or max_tokens, whichever first."""
@@ -95,52 +117,75 @@ class Request:
         )
 
 
-def new_batch(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> DecodeBatch:
-    """An empty batch for `requests`: a KV cache sized for their prompts, budgets and one block."""
-    cfg, device = runner.config, runner.device
+def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_ids: set[int]) -> DecodeBatch:
+    """An empty batch for `requests` over `pool`; each row starts with its context's cached prefix."""
+    device = runner.device
     params = [r.params for r in requests]
-    block = max(sp.block_length for sp in params)
-    capacity = int(max(len(r.prompt_ids) + r.params.max_tokens for r in requests)) + block + 1
+    kv = KVCache(pool)
+    for r in requests:
+        kv.add_row(r.context_ids)
+        r.generator = r.generator or new_generator(r.params, device)
     return DecodeBatch(
-        kv=runner.new_cache(len(requests), capacity),
-        sampler=Sampler(params, device),
+        kv=kv,
+        sampler=Sampler(params, device, [r.generator for r in requests]),
         seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
-        remaining=torch.tensor([sp.max_tokens for sp in params]),
+        remaining=torch.tensor([r.params.max_tokens - len(r.token_ids) for r in requests]),
         eos_ids=torch.tensor(sorted(eos_ids), device=device),
         stop_on_eos=torch.tensor([not sp.ignore_eos for sp in params], device=device),
-        mask_id=cfg.mask_token_id,
+        mask_id=runner.config.mask_token_id,
         num_forwards=torch.zeros(len(requests), dtype=torch.long),
         stats=[r.stats for r in requests],
     )
 
 
-def prefill(runner: ModelRunner, requests: list[Request], eos_ids: set[int]) -> tuple[DecodeBatch, list[list[int]]]:
+def prefill(
+    runner: ModelRunner, pool: KVPool, requests: list[Request], eos_ids: set[int]
+) -> tuple[DecodeBatch, list[list[int]]]:
     """A new batch for `requests`, prefilled together; returns it and each row's first token."""
-    batch, device = new_batch(runner, requests, eos_ids), runner.device
-    lengths = torch.tensor([len(r.prompt_ids) for r in requests])
-    padded = torch.zeros(len(requests), int(lengths.max()), dtype=torch.long)
-    for i, r in enumerate(requests):
-        padded[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-    # Right-padded: row b's pad slots lie past its length and stay invisible.
-    logits = runner.execute(batch, Forward("prefill", padded.to(device), True, logit_index=(lengths - 1).to(device)))
-    batch.kv.set_lengths(lengths)
-    batch.seeds = batch.sampler.pick(logits)[:, 0]
-    return batch, [[t] for t in batch.seeds.tolist()]
+    batch = new_batch(runner, pool, requests, eos_ids)
+    try:
+        contexts = [r.context_ids for r in requests]
+        starts = list(batch.kv.lengths)  # cached prefixes are not fed again
+        todo = [len(c) - n for c, n in zip(contexts, starts)]
+        padded = torch.zeros(len(requests), max(todo), dtype=torch.long)
+        for i, (c, n) in enumerate(zip(contexts, starts)):
+            padded[i, : len(c) - n] = torch.tensor(c[n:])
+        # Right-padded: row b's pad slots lie past its length and stay invisible.
+        last = torch.tensor(todo, device=runner.device) - 1
+        logits = runner.execute(batch, Forward("prefill", padded.to(runner.device), True, logit_index=last))
+        batch.kv.set_lengths([len(c) for c in contexts])
+    except BaseException:
+        batch.release()
+        raise
+    for row, c in enumerate(contexts):
+        batch.kv.register_prefix(row, c)
+    return batch, first_tokens(batch, requests, batch.sampler.pick(logits)[:, 0])
 
 
 def prefill_chunk(runner: ModelRunner, batch: DecodeBatch, request: Request, max_tokens: int) -> list[int] | None:
-    """Feed the next (at most `max_tokens`) prompt tokens of a one-row batch into its KV cache.
-    Returns the first generated token once the whole prompt is in, else None."""
-    done, prompt = int(batch.kv.lengths[0]), request.prompt_ids
-    chunk = prompt[done : done + max_tokens]
+    """Feed the next (at most `max_tokens`) context tokens of a one-row batch into its KV cache.
+    Returns its first token(s) once the whole context is in, else None."""
+    done, context = batch.kv.lengths[0], request.context_ids
+    chunk = context[done : done + max_tokens]
     tokens = torch.tensor([chunk], device=runner.device)
     logit_index = torch.tensor([len(chunk) - 1], device=runner.device)
     logits = runner.execute(batch, Forward("prefill", tokens, True, logit_index=logit_index))
     batch.kv.commit()
-    if done + len(chunk) < len(prompt):
+    if done + len(chunk) < len(context):
         return None
-    batch.seeds = batch.sampler.pick(logits)[:, 0]
-    return batch.seeds.tolist()
+    batch.kv.register_prefix(0, context)
+    return first_tokens(batch, [request], batch.sampler.pick(logits)[:, 0])[0]
+
+
+def first_tokens(batch: DecodeBatch, requests: list[Request], picked: torch.Tensor) -> list[list[int]]:
+    """After a prefill: each row's seed is what it picked, emitted as its first token, or for a
+    resumed request the seed it had (already emitted before its preemption)."""
+    known = [r.resume_seed for r in requests]
+    if any(s is not None for s in known):
+        fill = torch.tensor([-1 if s is None else s for s in known], device=picked.device)
+        picked = torch.where(fill >= 0, fill, picked)
+    batch.seeds = picked
+    return [[t] if s is None else [] for t, s in zip(picked.tolist(), known)]
 
 
 def apply_step(
@@ -150,10 +195,10 @@ def apply_step(
     now = time.perf_counter()
     for req, tokens, n in zip(active, emitted, batch.num_forwards.tolist()):
         req.emit(tokens, eos_ids, tokenizer, now - req.arrival)
-        req.num_forwards = n
+        req.num_forwards = req.num_forwards_before + n
     keep = [i for i, r in enumerate(active) if r.finish_reason is None]
-    if keep and len(keep) < len(active):
-        batch.select_rows(torch.tensor(keep))
+    if len(keep) < len(active):
+        batch.select_rows(keep)
     left = [active[i] for i in keep]
     set_remaining(batch, left)
     return left

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +43,7 @@ from trimode.engine.generate import (
 )
 from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
 from trimode.engine.model_runner import ModelRunner
-from trimode.engine.scheduler import Scheduler, kv_slots
+from trimode.engine.scheduler import Scheduler
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
 
@@ -74,16 +75,26 @@ class LLMEngine:
         max_model_len: int,
         max_batch: int = 32,
         max_queue: int = 256,
-        max_kv_tokens: int = 65536,
+        kv_cache_tokens: int = 65536,
         max_num_batched_tokens: int = 512,
+        page_size: int = 16,
     ) -> None:
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {max_num_batched_tokens}")
+        self.scheduler = Scheduler(max_batch, max_queue, kv_cache_tokens, page_size)
+        self.pool = runner.new_pool(kv_cache_tokens, page_size)  # all the KV memory this engine will use
+        self.num_preemptions = 0
+        logger.info(
+            "KV cache: %d pages of %d slots (%d tokens), %.1f MiB",
+            self.pool.num_pages,
+            page_size,
+            self.pool.num_tokens,
+            self.pool.num_bytes / 2**20,
+        )
         self.runner, self.tokenizer, self.eos_token_ids = runner, tokenizer, eos_token_ids
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
         self._chunk_turn = False
-        self.scheduler = Scheduler(max_batch, max_queue, max_kv_tokens)
         self.groups: dict[tuple, _Group] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
         self._ids: set[str] = set()
@@ -91,9 +102,9 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running())
+        return len(self.running())
 
-    def _running(self) -> list[Request]:
+    def running(self) -> list[Request]:
         return [r for g in self.groups.values() for r in g.requests] + [c.request for c in self._chunked]
 
     @property
@@ -101,14 +112,9 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     @property
-    def num_kv_slots_reserved(self) -> int:
-        """KV slots the running requests may need (what the scheduler's budget counts)."""
-        return sum(kv_slots(r) for r in self._running())
-
-    @property
     def num_kv_slots_allocated(self) -> int:
-        batches = [g.batch for g in self.groups.values()] + [c.batch for c in self._chunked]
-        return sum(b.kv.batch_size * b.kv.capacity for b in batches)
+        """KV slots in pages some request holds (shared prefix pages count once)."""
+        return self.pool.num_used_pages * self.pool.page_size
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.num_running or self.num_waiting)
@@ -142,21 +148,48 @@ class LLMEngine:
         for job in self._chunked:  # between two chunks of its prefill: its cache goes with it
             if job.request.request_id == request_id:
                 self._chunked.remove(job)
+                job.batch.release()
                 self._forget(request_id)
                 return True
         for key, group in list(self.groups.items()):
             for i, req in enumerate(group.requests):
                 if req.request_id == request_id:
-                    keep = [j for j in range(len(group.requests)) if j != i]
-                    group.requests = [group.requests[j] for j in keep]
-                    if keep:
-                        group.batch.select_rows(torch.tensor(keep))
-                        set_remaining(group.batch, group.requests)
-                    else:
-                        del self.groups[key]
+                    self._drop_row(key, i)
                     self._forget(request_id)
                     return True
         return False
+
+    def _drop_row(self, key: tuple, row: int) -> None:
+        """Row `row` leaves group `key` (its pages return to the pool); an empty group ends."""
+        group = self.groups[key]
+        keep = [j for j in range(len(group.requests)) if j != row]
+        group.requests = [group.requests[j] for j in keep]
+        group.batch.select_rows(keep)
+        set_remaining(group.batch, group.requests)
+        if not keep:
+            del self.groups[key]
+
+    def _make_room(self, pages_needed: Callable[[], int]) -> None:
+        """Preempt the most recently arrived running requests until `pages_needed()` pages are free
+        (vLLM's recompute preemption: the oldest requests keep making progress)."""
+        while pages_needed() > self.pool.num_free_pages:
+            self._preempt(max(self.running(), key=lambda r: r.arrival))
+
+    def _preempt(self, req: Request) -> None:
+        pending = False
+        for job in self._chunked:
+            if job.request is req:
+                self._chunked.remove(job)
+                job.batch.release()
+                break
+        else:
+            key, row = next((k, g.requests.index(req)) for k, g in self.groups.items() if req in g.requests)
+            pending = self.groups[key].decoder.pending_commit(self.groups[key].batch)[row]
+            self._drop_row(key, row)
+        req.preempt(pending)
+        self.scheduler.add_preempted(req)
+        self.num_preemptions += 1
+        logger.info("request %s preempted (KV pool full); it resumes when pages are free", req.request_id)
 
     def _forget(self, request_id: str) -> None:
         self._ids.discard(request_id)
@@ -185,6 +218,9 @@ class LLMEngine:
         # block-mode ones is not paced by their passes, and every row gets an equal share of time.
         key = min(self.groups, key=lambda k: self.groups[k].vtime)
         group = self.groups[key]
+        self._make_room(lambda: group.batch.kv.pages_needed(group.decoder.width) if key in self.groups else 0)
+        if key not in self.groups:
+            return []
         before = list(group.requests)
         start = time.perf_counter()
         try:
@@ -197,6 +233,7 @@ class LLMEngine:
             )
         except Exception as e:
             del self.groups[key]
+            group.batch.release()
             return [self._fail(r, e) for r in before]
         group.vtime += (time.perf_counter() - start) / len(before)
         if not group.requests:
@@ -209,13 +246,13 @@ class LLMEngine:
             self._chunk_turn = False
             return self._advance_chunk()
         self._chunk_turn = True
-        admitted = self.scheduler.admit(self._running(), self.max_num_batched_tokens)
+        admitted = self.scheduler.admit(self.num_running, self.pool.num_free_pages, self.max_num_batched_tokens)
         if not admitted:
             return self._advance_chunk() if self._chunked else None
-        if len(admitted[0].prompt_ids) > self.max_num_batched_tokens:  # admitted alone: chunk it
+        if len(admitted[0].context_ids) > self.max_num_batched_tokens:  # admitted alone: chunk it
             req = admitted[0]
             try:
-                self._chunked.append(_Chunked(req, new_batch(self.runner, [req], self.eos_token_ids)))
+                self._chunked.append(_Chunked(req, new_batch(self.runner, self.pool, [req], self.eos_token_ids)))
             except Exception as e:
                 return [self._fail(req, e)]
             return self._advance_chunk(len(self._chunked) - 1)
@@ -223,6 +260,10 @@ class LLMEngine:
 
     def _advance_chunk(self, index: int = 0) -> list[RequestOutput]:
         job = self._chunked[index]
+        todo = min(self.max_num_batched_tokens, len(job.request.context_ids) - job.batch.kv.lengths[0])
+        self._make_room(lambda: job.batch.kv.pages_needed(todo) if job in self._chunked else 0)
+        if job not in self._chunked:
+            return []
         try:
             first = prefill_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
             if first is None:
@@ -232,6 +273,7 @@ class LLMEngine:
         except Exception as e:
             if job in self._chunked:
                 self._chunked.remove(job)
+            job.batch.release()
             return [self._fail(job.request, e)]
 
     def _prefill_isolated(self, admitted: list[Request]) -> list[RequestOutput]:
@@ -242,8 +284,9 @@ class LLMEngine:
                 return [self._fail(admitted[0], e)]
         outputs = []
         for req in admitted:  # find the request that fails alone; its neighbours are served as usual
-            req.reset()
-            self._sent[req.request_id] = (0, 0)
+            if not req.num_resumed and req.resume_seed is None:  # a resumed one has emitted nothing new
+                req.reset()
+                self._sent[req.request_id] = (0, 0)
             try:
                 outputs += self._prefill([req])
             except Exception as e:
@@ -253,7 +296,7 @@ class LLMEngine:
     def _prefill(self, admitted: list[Request]) -> list[RequestOutput]:
         """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
         joins its mode's group. Running groups change only once everything else has succeeded."""
-        batch, first = prefill(self.runner, admitted, self.eos_token_ids)
+        batch, first = prefill(self.runner, self.pool, admitted, self.eos_token_ids)
         return self._join(admitted, batch, first)
 
     def _join(self, admitted: list[Request], batch: DecodeBatch, first: list[list[int]]) -> list[RequestOutput]:

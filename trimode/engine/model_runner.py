@@ -8,7 +8,7 @@ import time
 import torch
 
 from trimode.decoding.base import DecodeBatch, Forward
-from trimode.kv_cache import KVCache
+from trimode.kv_cache import KVCache, KVPool, num_pages
 from trimode.model.transformer import ForwardContext, Transformer
 
 
@@ -19,11 +19,22 @@ class ModelRunner:
         self.device = model.diffusion_head.weight.device
         self.dtype = model.diffusion_head.weight.dtype
 
-    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+    def new_pool(self, num_tokens: int, page_size: int) -> KVPool:
+        """The KV pool for `num_tokens` slots (rounded up to whole pages of `page_size`)."""
         cfg = self.config
-        return KVCache(
-            cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, capacity, self.dtype, self.device
+        return KVPool(
+            cfg.num_hidden_layers,
+            num_pages(num_tokens, page_size),
+            page_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            self.dtype,
+            self.device,
         )
+
+    def new_cache(self, batch_size: int, capacity: int, page_size: int = 16) -> KVCache:
+        """`batch_size` empty rows of up to `capacity` slots each, over a pool of their own."""
+        return KVCache(self.new_pool(batch_size * num_pages(capacity, page_size) * page_size, page_size), batch_size)
 
     @torch.inference_mode()
     def forward(
@@ -44,7 +55,6 @@ class ModelRunner:
             positions=positions,
             mask=kv.attention_mask(tokens.shape[1], span, causal),
             kv=kv,
-            span=span,
             use_draft_lora=use_draft_lora,
         )
         return self.model(tokens, ctx, logit_index=logit_index)

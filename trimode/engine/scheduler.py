@@ -1,4 +1,4 @@
-"""Admission control for the engine: a bounded FIFO queue, a row limit and a KV-token budget.
+"""Admission control for the engine: a bounded FIFO queue, a row limit and the KV pool's free pages.
 
 Pure Python (no torch): what runs next is decided here, how it runs is the engine's business.
 """
@@ -6,9 +6,9 @@ Pure Python (no torch): what runs next is decided here, how it runs is the engin
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 
 from trimode.engine.generate import Request
+from trimode.kv_cache import num_pages
 
 
 class QueueFull(Exception):
@@ -16,27 +16,38 @@ class QueueFull(Exception):
 
 
 def kv_slots(req: Request) -> int:
-    """KV slots a request may need: its prompt, its budget, and one block of scratch."""
+    """KV slots a request may need at most: its prompt, its budget, and one block of scratch."""
     return len(req.prompt_ids) + req.params.max_tokens + req.params.block_length + 1
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, max_kv_tokens: int) -> None:
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_kv_tokens", max_kv_tokens)):
+    def __init__(self, max_batch: int, max_queue: int, kv_cache_tokens: int, page_size: int) -> None:
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_queue", max_queue),
+            ("kv_cache_tokens", kv_cache_tokens),
+            ("page_size", page_size),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1; got {value}")
-        self.max_batch, self.max_queue, self.max_kv_tokens = max_batch, max_queue, max_kv_tokens
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.kv_cache_tokens, self.page_size = kv_cache_tokens, page_size
         self.waiting: deque[Request] = deque()
 
     def add(self, req: Request) -> None:
-        if kv_slots(req) > self.max_kv_tokens:
+        if kv_slots(req) > self.kv_cache_tokens:
             raise ValueError(
-                f"the request needs {kv_slots(req)} KV slots (prompt + max_tokens + block); the engine "
-                f"has {self.max_kv_tokens}: lower max_tokens or shorten the prompt"
+                f"the request needs up to {kv_slots(req)} KV slots (prompt + max_tokens + block); the "
+                f"engine's KV cache has {self.kv_cache_tokens}: lower max_tokens or shorten the prompt"
             )
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue}); retry later")
         self.waiting.append(req)
+
+    def add_preempted(self, req: Request) -> None:
+        """A running request that lost its KV pages: it goes first when pages are free again (it
+        already holds a place, so the queue limit does not apply)."""
+        self.waiting.appendleft(req)
 
     def remove(self, request_id: str) -> Request | None:
         for req in self.waiting:
@@ -45,19 +56,27 @@ class Scheduler:
                 return req
         return None
 
-    def admit(self, running: Iterable[Request], max_prompt_tokens: int | None = None) -> list[Request]:
+    def pages_to_start(self, req: Request) -> int:
+        """Pages a request needs to be admitted: its context and one block of scratch (its decode
+        then grows a page at a time; when the pool runs out, the engine preempts)."""
+        return num_pages(len(req.context_ids) + req.params.block_length + 1, self.page_size)
+
+    def admit(self, num_running: int, num_free_pages: int, max_prompt_tokens: int | None = None) -> list[Request]:
         """Waiting requests that fit now, in arrival order (a request that does not fit blocks the
-        ones behind it, so large requests are not starved). With `max_prompt_tokens`, their prompts
-        together stay within it, except that the first is always admitted (a longer prompt is then
-        prefilled in chunks)."""
-        running = list(running)
-        rows, used, tokens = len(running), sum(kv_slots(r) for r in running), 0
+        ones behind it, so large requests are not starved). Each running row keeps one free page in
+        reserve for its next step, so admitting does not force an immediate preemption. With
+        `max_prompt_tokens`, the prompts together stay within it, except that the first is always
+        admitted (a longer prompt is then prefilled in chunks)."""
+        rows, free, tokens = num_running, num_free_pages, 0
         admitted: list[Request] = []
-        while self.waiting and rows < self.max_batch and used + kv_slots(self.waiting[0]) <= self.max_kv_tokens:
-            prompt = len(self.waiting[0].prompt_ids)
+        while self.waiting and rows < self.max_batch:
+            req = self.waiting[0]
+            need = self.pages_to_start(req)
+            if need + rows > free:
+                break
+            prompt = len(req.context_ids)
             if admitted and max_prompt_tokens is not None and tokens + prompt > max_prompt_tokens:
                 break
-            req = self.waiting.popleft()
-            admitted.append(req)
-            rows, used, tokens = rows + 1, used + kv_slots(req), tokens + prompt
+            admitted.append(self.waiting.popleft())
+            rows, free, tokens = rows + 1, free - need, tokens + prompt
         return admitted

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias
 
 from trimode.config import ModelConfig
 from trimode.kv_cache import KVCache
@@ -22,14 +23,13 @@ from trimode.model.rope import RotaryEmbedding, apply_rotary
 class ForwardContext:
     """Everything a forward needs besides the tokens.
 
-    With `kv` set, new K/V are written to the cache's scratch slots and keys span the first `span`
-    slots; without it (training, slow references) the keys are the tokens themselves and `mask` is
-    given explicitly, shape (B, 1, T, T)."""
+    With `kv` set, new K/V are written to the cache's scratch slots and the keys are the rows'
+    cached prefixes plus them (S slots, `KVCache.begin`); without it (training, slow references)
+    the keys are the tokens themselves and `mask` is given explicitly, shape (B, 1, T, T)."""
 
     positions: torch.Tensor  # (B, T) absolute positions
-    mask: torch.Tensor  # (B, 1, T, S) bool, True = attend
+    mask: torch.Tensor | CausalBias | None  # (B, 1, T, S) bool, True = attend; or a pattern SDPA knows
     kv: KVCache | None = None
-    span: int = 0
     use_draft_lora: torch.Tensor | bool = False  # (B,) per row, (B, T) per position, or one value
 
 
@@ -85,7 +85,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin) * q_scale
         k = apply_rotary(k, cos, sin)
         if ctx.kv is not None:
-            k, v = ctx.kv.write(self.layer_index, ctx.positions, k, v, ctx.span)
+            k, v = ctx.kv.write(self.layer_index, k, v)
         # GQA: each KV head serves num_heads / num_kv_heads query heads; scale 1/sqrt(head_dim).
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads

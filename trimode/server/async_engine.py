@@ -60,7 +60,8 @@ class AsyncEngine:
         self.engine = engine
         self.max_queue = max_queue
         self.metrics = Metrics()
-        self.metrics.kv_budget.set(engine.scheduler.max_kv_tokens)
+        self.metrics.kv_budget.set(engine.pool.num_tokens)
+        self.metrics.kv_bytes.set(engine.pool.num_bytes)
         self.status = EngineStatus(heartbeat=time.monotonic())
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -116,9 +117,9 @@ class AsyncEngine:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         self.engine.check_fits(prompt_ids, params)
         need = kv_slots(Request(None, prompt_ids, params))
-        if need > self.engine.scheduler.max_kv_tokens:
+        if need > self.engine.pool.num_tokens:
             raise ValueError(
-                f"the request needs {need} KV slots; the server has {self.engine.scheduler.max_kv_tokens}:"
+                f"the request needs up to {need} KV slots; the server has {self.engine.pool.num_tokens}:"
                 " lower max_tokens"
             )
         with self._lock:
@@ -180,7 +181,7 @@ class AsyncEngine:
 
     def _end_all(self, error: Exception) -> None:
         """Drop every request, running or waiting, and tell its client why."""
-        ids = [r.request_id for g in self.engine.groups.values() for r in g.requests]
+        ids = [r.request_id for r in self.engine.running()]
         ids += [r.request_id for r in self.engine.scheduler.waiting]
         for request_id in ids:
             self.engine.abort_request(request_id)
@@ -191,8 +192,10 @@ class AsyncEngine:
         self.status.running, self.status.waiting = eng.num_running, eng.num_waiting
         m.queue.set(self.status.waiting)
         m.running.set(self.status.running)
-        m.kv_reserved.set(eng.num_kv_slots_reserved)
         m.kv_allocated.set(eng.num_kv_slots_allocated)
+        m.prefix_queried.set(eng.pool.num_prefix_queries)
+        m.prefix_hits.set(eng.pool.num_prefix_hits)
+        m.preemptions.set(eng.num_preemptions)
         self.status.heartbeat = time.monotonic()
 
     def _run(self) -> None:

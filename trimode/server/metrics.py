@@ -34,13 +34,20 @@ class Metrics:
         self.tpf = Gauge("trimode_tokens_per_forward", "Generated tokens / forwards since start", ["mode"], registry=r)
         self.queue = Gauge("trimode_queue_depth", "Requests waiting", registry=r)
         self.running = Gauge("trimode_running_batch", "Requests running", registry=r)
-        self.kv_reserved = Gauge(
-            "trimode_kv_slots_reserved",
-            "KV slots the running requests may use (the scheduler's budget accounting)",
-            registry=r,
+        self.kv_allocated = Gauge(
+            "trimode_kv_slots_allocated", "KV slots in pages the running requests hold (shared pages once)", registry=r
         )
-        self.kv_allocated = Gauge("trimode_kv_slots_allocated", "KV slots allocated by the running batches", registry=r)
-        self.kv_budget = Gauge("trimode_kv_slots_budget", "KV slot budget (--max-kv-tokens)", registry=r)
+        self.kv_budget = Gauge("trimode_kv_slots_budget", "KV slots in the pool (--kv-cache-tokens)", registry=r)
+        self.kv_bytes = Gauge("trimode_kv_cache_bytes", "Bytes of the KV pool, allocated at start", registry=r)
+        self.prefix_queried = Gauge(
+            "trimode_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache since start", registry=r
+        )
+        self.prefix_hits = Gauge(
+            "trimode_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache since start", registry=r
+        )
+        self.preemptions = Gauge(
+            "trimode_preemptions", "Running requests preempted (KV pool full) since start", registry=r
+        )
         self.heartbeat = Gauge(
             "trimode_engine_heartbeat_age_seconds",
             "Seconds since the engine thread last completed a loop iteration (grows while a step runs)",
