@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from trimode.config import DTYPES
-from trimode.engine.inputs import Message, PromptInput, tokenize_prompt
 from trimode.engine.generate import Request
+from trimode.engine.inputs import Message, PromptInput, tokenize_prompt
 from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import kv_slots
