@@ -36,11 +36,11 @@ def check_pages(engine) -> None:
     assert not set(idle) & set(held) and len(held) + len(idle) == pool.num_pages
 
 
-def drive(engine, jobs, rng=None, abort_rate=0.0):
-    """Add `jobs` one per step, abort running ones at random, check the pages after every step."""
+def drive(engine, jobs, rng=None, abort_rate=0.0, per_step=1):
+    """Add `jobs`, `per_step` a step; abort running ones at random; check the pages after every step."""
     results, pending, aborted = {}, list(jobs), set()
     while pending or engine.has_unfinished_requests():
-        if pending:
+        for _ in range(min(per_step, len(pending))):
             engine.add_request(*pending.pop(0))
         if rng is not None and rng.random() < abort_rate and engine.running():
             victim = rng.choice(engine.running()).request_id
@@ -60,13 +60,13 @@ def test_pages_balance_through_mixed_requests_aborts_and_preemptions(llm):
     rng = random.Random(0)
     jobs = []
     for i in range(240):
-        mode, block = MODES[i % 3]
+        mode, block = MODES[i % 3][0], 8
         prompt = [rng.randrange(5, 400) for _ in range(rng.randrange(3, 40))]
         params = SamplingParams(mode=mode, block_length=block, max_tokens=rng.randrange(1, 40), ignore_eos=i % 2 == 0)
         jobs.append((f"r{i}", prompt, params))
-    engine = llm.engine(max_batch=12, kv_cache_tokens=12 * 16, page_size=16)
-    results, aborted = drive(engine, jobs, rng, abort_rate=0.05)
-    assert engine.num_preemptions > 0 and aborted
+    engine = llm.engine(max_batch=12, kv_cache_tokens=24 * 4, page_size=4)
+    results, aborted = drive(engine, jobs, rng, abort_rate=0.05, per_step=3)
+    assert engine.num_preemptions > 20 and aborted
     assert set(results) | aborted == {j[0] for j in jobs}
     assert engine.pool.refs == [0] * engine.pool.num_pages
     assert engine.pool.num_free_pages == engine.pool.num_pages

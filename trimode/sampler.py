@@ -35,12 +35,11 @@ class Sampler:
         self.generators = generators or [new_generator(p, device) for p in params]
         self._update_flags()
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.temperature, self.top_k, self.top_p = (
-            t[rows.to(self.device)] for t in (self.temperature, self.top_k, self.top_p)
-        )
-        self.generators = [self.generators[i] for i in rows.tolist()]
-        self.params = [self.params[i] for i in rows.tolist()]
+    def select_rows(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.temperature, self.top_k, self.top_p = (t[index] for t in (self.temperature, self.top_k, self.top_p))
+        self.generators = [self.generators[i] for i in rows]
+        self.params = [self.params[i] for i in rows]
         self._update_flags()
 
     def extend(self, other: Sampler) -> None:
@@ -53,6 +52,7 @@ class Sampler:
 
     def _update_flags(self) -> None:
         self.all_greedy = all(p.is_greedy for p in self.params)
+        self.any_greedy = any(p.is_greedy for p in self.params)
         self._needs_filter = any(p.top_k > 0 or p.top_p < 1 for p in self.params if not p.is_greedy)
 
     def uniform(self, num: int, rows: list[int] | None = None) -> torch.Tensor:
@@ -74,7 +74,7 @@ class Sampler:
         if self._needs_filter:
             scaled = self._top_k_top_p(scaled)
         p = torch.softmax(scaled, dim=-1)
-        if bool(greedy.any()):
+        if self.any_greedy:
             one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(p.dtype)
             p = torch.where(greedy[:, None, None], one_hot, p)
         return p

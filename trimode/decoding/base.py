@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -21,6 +20,7 @@ import torch
 
 from trimode.kv_cache import KVCache
 from trimode.sampler import Sampler
+from trimode.timing import ForwardTimes
 
 
 @dataclass
@@ -34,14 +34,14 @@ class Forward:
     logit_index: torch.Tensor | None = None  # (B,) the one position whose logits are wanted
 
 
-def mixed(flags: torch.Tensor, kinds: tuple[str, str]) -> tuple[str, torch.Tensor | bool]:
-    """(B,) bool -> the forward's kind (kinds[1] where True) and the flag in its simplest form: one
-    bool when every row agrees (the model then skips per-row work), else the tensor."""
-    if bool(flags.all()):
+def mixed(flags: list[bool], kinds: tuple[str, str], device: torch.device) -> tuple[str, torch.Tensor | bool]:
+    """Per-row flags (host) -> the forward's kind (kinds[1] where True) and the flag in its simplest
+    form: one bool when every row agrees (the model then skips per-row work), else a (B,) tensor."""
+    if all(flags):
         return kinds[1], True
-    if not bool(flags.any()):
+    if not any(flags):
         return kinds[0], False
-    return "+".join(kinds), flags
+    return "+".join(kinds), torch.tensor(flags, device=device)
 
 
 @dataclass
@@ -49,15 +49,17 @@ class DecodeBatch:
     kv: KVCache
     sampler: Sampler
     seeds: torch.Tensor  # (B,) the last emitted token of each row, not yet fed to the model
-    remaining: torch.Tensor  # (B,) host: tokens each row may still emit
+    remaining: torch.Tensor  # (B,) tokens each row may still emit (from the engine's host counts)
     eos_ids: torch.Tensor  # (E,) ids that end a row
     stop_on_eos: torch.Tensor  # (B,) bool, False for rows with ignore_eos
     mask_id: int
-    num_forwards: torch.Tensor  # (B,) host: forwards each row took part in, prefill included
+    num_forwards: list[int]  # per row: forwards it took part in, prefill included
     stats: list[list[int]] = field(default_factory=list)  # per row: the mode's per-step statistic
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # the decoder's per-row state, dim 0 = rows
-    # kind -> [count, seconds]; on CUDA each timed forward synchronises the device.
-    timings: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0.0]))
+    # The decoder's per-row host state (e.g. which rows draft): what it plans from without reading
+    # the device; updated from the one transfer its accept makes.
+    host: dict[str, list] = field(default_factory=dict)
+    timings: ForwardTimes = field(default_factory=ForwardTimes)
 
     @property
     def size(self) -> int:
@@ -68,10 +70,9 @@ class DecodeBatch:
         logits[..., self.mask_id] = float("-inf")
         return logits
 
-    def record(self, values: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Append each row's statistic (only `rows`, bool (B,), when given)."""
-        keep = [True] * self.size if rows is None else rows.tolist()
-        for row, v, k in zip(self.stats, values.tolist(), keep):
+    def record(self, values: list[int], rows: list[bool] | None = None) -> None:
+        """Append each row's statistic (only `rows`' when given)."""
+        for row, v, k in zip(self.stats, values, rows or [True] * self.size):
             if k:
                 row.append(int(v))
 
@@ -82,13 +83,12 @@ class DecodeBatch:
         self.sampler.extend(other.sampler)
         self.seeds = torch.cat([self.seeds, other.seeds])
         self.remaining = torch.cat([self.remaining, other.remaining])
-        self.num_forwards = torch.cat([self.num_forwards, other.num_forwards])
+        self.num_forwards += other.num_forwards
         self.stop_on_eos = torch.cat([self.stop_on_eos, other.stop_on_eos])
         self.stats += other.stats
         self.state = {k: torch.cat([_state(self, k, other), _state(other, k, self)]) for k in self.state | other.state}
-        for kind, (n, s) in other.timings.items():
-            self.timings[kind][0] += n
-            self.timings[kind][1] += s
+        self.host = {k: v + other.host[k] for k, v in self.host.items()}
+        self.timings.merge(other.timings)
 
     def split(self, parts: list[list[int]]) -> list[DecodeBatch]:
         """One new batch per list of row indices (together: every row): rows prefilled together,
@@ -98,8 +98,8 @@ class DecodeBatch:
         batches = []
         for rows, kv in zip(parts, self.kv.split(parts)):
             part = copy.copy(self)
-            part.sampler, part.state = copy.copy(self.sampler), dict(self.state)
-            part.timings = defaultdict(lambda: [0, 0.0], {k: list(v) for k, v in self.timings.items()})
+            part.sampler, part.state, part.host = copy.copy(self.sampler), dict(self.state), dict(self.host)
+            part.timings = self.timings.copy()
             part._select(rows)
             part.kv = kv
             batches.append(part)
@@ -116,12 +116,14 @@ class DecodeBatch:
 
     def _select(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long)
-        self.sampler.select_rows(index)
+        self.sampler.select_rows(rows)
         self.seeds = self.seeds[index.to(self.seeds.device)]
-        self.remaining, self.num_forwards = self.remaining[index], self.num_forwards[index]
+        self.remaining = self.remaining[index.to(self.remaining.device)]
+        self.num_forwards = [self.num_forwards[i] for i in rows]
         self.stop_on_eos = self.stop_on_eos[index.to(self.stop_on_eos.device)]
         self.stats = [self.stats[i] for i in rows]
         self.state = {k: v[index.to(v.device)] for k, v in self.state.items()}
+        self.host = {k: [v[i] for i in rows] for k, v in self.host.items()}
 
 
 def _state(batch: DecodeBatch, key: str, other: DecodeBatch) -> torch.Tensor:

@@ -31,7 +31,7 @@ class DiffusionDecoder(Decoder):
         self.threshold = threshold
 
     def pending_commit(self, batch: DecodeBatch) -> list[bool]:
-        return batch.state["committing"].tolist()  # a finished block, emitted, to be committed
+        return list(batch.host["committing"])  # a finished block, emitted, to be committed
 
     def start(self, batch: DecodeBatch) -> None:
         b, device = self.block_length, batch.seeds.device
@@ -39,10 +39,12 @@ class DiffusionDecoder(Decoder):
             block=torch.full((batch.size, b), batch.mask_id, dtype=torch.long, device=device),
             masked=torch.zeros(batch.size, b, dtype=torch.bool, device=device),
             in_budget=torch.zeros(batch.size, b, dtype=torch.bool, device=device),
-            committing=torch.zeros(batch.size, dtype=torch.bool, device=device),
             fresh=torch.zeros(batch.size, dtype=torch.bool, device=device),
             passes=torch.zeros(batch.size, dtype=torch.long, device=device),
         )
+        # Host: which rows commit their block in the next forward (the rest denoise). A block of
+        # length 1 has nothing to reveal: its row commits every step.
+        batch.host["committing"] = [b == 1] * batch.size
         self._new_block(batch, torch.ones(batch.size, dtype=torch.bool, device=device))
 
     def _new_block(self, batch: DecodeBatch, rows: torch.Tensor) -> None:
@@ -56,7 +58,6 @@ class DiffusionDecoder(Decoder):
         s["block"] = torch.where(rows[:, None], fresh_block, s["block"])
         s["masked"] = torch.where(rows[:, None], unmasked, s["masked"])
         s["passes"] = torch.where(rows, 0, s["passes"])
-        s["committing"] = s["committing"] & ~rows
         s["fresh"] = s["fresh"] | rows
 
     def plan(self, batch: DecodeBatch) -> Forward:
@@ -64,29 +65,28 @@ class DiffusionDecoder(Decoder):
         # Blocks always have the configured length (as in the reference), so a row decodes the same
         # alone or batched; a row whose budget ends inside the block stops once its budget is revealed.
         positions = torch.arange(self.block_length, device=device)
-        budget = positions < (batch.remaining.to(device)[:, None] + 1)  # (B, b); the seed is position 0
+        budget = positions < (batch.remaining[:, None] + 1)  # (B, b); the seed is position 0
         s["in_budget"] = torch.where(s["fresh"][:, None], budget, s["in_budget"])
-        nothing_to_reveal = ~(s["masked"] & s["in_budget"]).any(1)  # e.g. block length 1
-        s["committing"] = s["committing"] | (s["fresh"] & nothing_to_reveal)
         s["fresh"] = torch.zeros_like(s["fresh"])
-        kind, causal = mixed(s["committing"], ("denoise", "commit"))
+        kind, causal = mixed(batch.host["committing"], ("denoise", "commit"), device)
         return Forward(kind, s["block"], causal=causal)
 
     def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
-        s, b = batch.state, self.block_length
-        committing = s["committing"]
+        s, b, device = batch.state, self.block_length, batch.seeds.device
+        was_committing = batch.host["committing"]
+        committing = torch.tensor(was_committing, device=device)
         denoising = ~committing
         sampler = batch.sampler
         greedy = sampler.all_greedy
         # Committing rows: their block's KV joins the prefix; the last position gives the next seed.
-        batch.kv.commit((committing.long() * b).tolist())
-        commit_rows = None if greedy else committing.nonzero()[:, 0].tolist()
+        batch.kv.commit([b if c else 0 for c in was_committing])
+        commit_rows = None if greedy else [i for i, c in enumerate(was_committing) if c]
         next_seed = sampler.pick(logits[:, -1:], rows=commit_rows)[:, 0]
         # Denoising rows: one pass. Only they draw random numbers, so a seeded row samples the same
         # alone or beside rows at other stages.
         normalizer = logits.float().logsumexp(-1)  # (B, b): the full softmax's, [MASK] included
         logits = batch.bidirectional_logits(logits)
-        candidates = sampler.pick(logits, rows=None if greedy else denoising.nonzero()[:, 0].tolist())
+        candidates = sampler.pick(logits, rows=None if greedy else [i for i, c in enumerate(was_committing) if not c])
         # The candidate's untempered probability, whether picked greedily or sampled (as LLaDA
         # and Fast-dLLM do), so the reveal schedule does not depend on temperature or top-k/top-p.
         confidence = (logits.gather(-1, candidates[..., None])[..., 0].float() - normalizer).exp()
@@ -104,20 +104,16 @@ class DiffusionDecoder(Decoder):
         is_eos = torch.isin(s["block"], batch.eos_ids) & ~s["masked"] & batch.stop_on_eos[:, None]
         is_eos[:, 0] = False
         first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), b)
-        left_of_eos = torch.arange(b, device=is_eos.device)[None] < first_eos[:, None]
+        left_of_eos = torch.arange(b, device=device)[None] < first_eos[:, None]
         eos_done = is_eos.any(1) & ~(s["masked"] & left_of_eos).any(1)
         finished = denoising & (~(s["masked"] & s["in_budget"]).any(1) | eos_done)
-        batch.record(s["passes"], rows=finished)
         # A finished block is emitted now and committed by the next step, unless the row ends with it.
-        s["committing"] = finished & ~eos_done & (batch.remaining.to(finished.device) > b - 1)
-        emitted = [[] for _ in range(batch.size)]
-        for row, (done, committed, block, seed) in enumerate(
-            zip(finished.tolist(), committing.tolist(), s["block"].tolist(), next_seed.tolist())
-        ):
-            if done:
-                emitted[row] = block[1:]
-            elif committed:
-                emitted[row] = [seed]
+        commits_next = finished & ~eos_done & (batch.remaining > b - 1)
         batch.seeds = torch.where(committing, next_seed, batch.seeds)
         self._new_block(batch, committing)
-        return emitted
+        # The step's one transfer to the host: per row, finished?, commits next?, passes, seed, block.
+        flags = torch.stack([finished.long(), commits_next.long(), s["passes"], next_seed], 1)
+        rows = torch.cat([flags, s["block"]], 1).tolist()
+        batch.record([r[2] for r in rows], rows=[bool(r[0]) for r in rows])
+        batch.host["committing"] = [bool(r[1]) or (c and b == 1) for r, c in zip(rows, was_committing)]
+        return [r[5:] if r[0] else [r[3]] if c else [] for r, c in zip(rows, was_committing)]

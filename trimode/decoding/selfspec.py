@@ -28,71 +28,76 @@ class SelfSpecDecoder(Decoder):
         self.block_length = self.width = block_length
 
     def start(self, batch: DecodeBatch) -> None:
-        batch.state.update(
-            drafting=torch.ones(batch.size, dtype=torch.bool, device=batch.seeds.device),
-            drafts=torch.zeros(batch.size, max(self.block_length - 1, 0), dtype=torch.long, device=batch.seeds.device),
+        batch.state["drafts"] = torch.zeros(
+            batch.size, max(self.block_length - 1, 0), dtype=torch.long, device=batch.seeds.device
         )
+        batch.host["drafting"] = [True] * batch.size  # host: which rows draft next (the rest verify)
 
     def plan(self, batch: DecodeBatch) -> Forward:
         if self.block_length == 1:  # nothing to draft: a plain causal step
             return Forward("verify", batch.seeds[:, None], causal=True)
-        s = batch.state
+        s, device = batch.state, batch.seeds.device
         masks = torch.full_like(s["drafts"], batch.mask_id)
-        tail = torch.where(s["drafting"][:, None], masks, s["drafts"])
-        kind, drafting = mixed(s["drafting"], ("verify", "draft"))
-        causal = ~drafting if isinstance(drafting, torch.Tensor) else not drafting
+        kind, drafting = mixed(batch.host["drafting"], ("verify", "draft"), device)
+        if isinstance(drafting, torch.Tensor):
+            tail, causal = torch.where(drafting[:, None], masks, s["drafts"]), ~drafting
+        else:
+            tail, causal = (masks if drafting else s["drafts"]), not drafting
         return Forward(kind, torch.cat([batch.seeds[:, None], tail], 1), causal=causal, use_draft_lora=drafting)
 
     def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
         if self.block_length == 1:
             batch.kv.commit()
             batch.seeds = batch.sampler.pick(logits)[:, 0]
-            batch.record(torch.ones(batch.size))
+            batch.record([1] * batch.size)
             return [[t] for t in batch.seeds.tolist()]
-        s = batch.state
-        drafting = s["drafting"]
-        verifying = ~drafting
+        was_drafting = batch.host["drafting"]
+        verifying = [not d for d in was_drafting]
         emitted: list[list[int]] = [[] for _ in range(batch.size)]
-        if bool(verifying.any()):  # first: the draft step below edits the logits in place
-            emitted, accepted, bonus = self._verify(batch, logits, verifying)
-            batch.kv.commit(torch.where(verifying, accepted + 1, 0).tolist())
-            batch.seeds = torch.where(verifying, bonus, batch.seeds)
-            batch.record(accepted + 1, rows=verifying)
+        if any(verifying):  # first: the draft step below edits the logits in place
+            emitted, bonus = self._verify(batch, logits, verifying)
+            counts = [len(e) for e in emitted]  # the accepted drafts and the bonus; 0 for drafting rows
+            batch.kv.commit(counts)
+            batch.seeds = torch.where(torch.tensor(verifying, device=bonus.device), bonus, batch.seeds)
+            batch.record(counts, rows=verifying)
         else:
             batch.kv.commit([0] * batch.size)
-        self._draft(batch, logits, drafting)
-        s["drafting"] = verifying
+        self._draft(batch, logits, was_drafting)
+        batch.host["drafting"] = verifying
         return emitted
 
-    def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: torch.Tensor) -> None:
-        """Fill the masks of `rows` (bool (B,)) from their bidirectional pass over [seed, MASK...]."""
+    def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> None:
+        """Fill the masks of `rows` from their bidirectional pass over [seed, MASK...]."""
+        if not any(rows):
+            return
         s, sampler = batch.state, batch.sampler
         draft_logits = batch.bidirectional_logits(logits[:, 1:])  # (B, b-1, V): own-position predictions
+        chosen = torch.tensor(rows, device=logits.device)
         if sampler.all_greedy:
             drafts = draft_logits.argmax(-1)
         else:
             q = sampler.probs(draft_logits)
-            drafts = sampler.sample(q, rows=rows.nonzero()[:, 0].tolist())
-            s["q"] = torch.where(rows[:, None, None], q, s["q"]) if "q" in s else q
-        s["drafts"] = torch.where(rows[:, None], drafts, s["drafts"])
+            drafts = sampler.sample(q, rows=[i for i, r in enumerate(rows) if r])
+            s["q"] = torch.where(chosen[:, None, None], q, s["q"]) if "q" in s else q
+        s["drafts"] = torch.where(chosen[:, None], drafts, s["drafts"])
 
     def _verify(
-        self, batch: DecodeBatch, logits: torch.Tensor, rows: torch.Tensor
-    ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
-        """Accept the agreeing prefix of the drafts of `rows` (bool (B,)) and a bonus token; other
-        rows emit nothing. Returns (emitted, accepted drafts (B,), bonus (B,))."""
+        self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]
+    ) -> tuple[list[list[int]], torch.Tensor]:
+        """Accept the agreeing prefix of the drafts of `rows` and a bonus token; other rows emit
+        nothing. Returns what each row emitted and the bonus tokens (B,)."""
         b, s, sampler = self.block_length, batch.state, batch.sampler
         drafts = s["drafts"]
         # The block length is fixed (not shrunk to the budget) so a row's drafts, and hence its
         # statistics, do not depend on what else is in the batch; a row never accepts past its budget.
-        cap = (batch.remaining - 1).to(drafts.device)  # (B,) most drafts a row may still accept
+        cap = batch.remaining - 1  # (B,) most drafts a row may still accept
         if sampler.all_greedy:
             target = logits.argmax(-1)  # (B, b): target[:, i] is the AR choice for position i+1
             agreed = (target[:, :-1] == drafts).long().cumprod(1).sum(1)  # (B,) leading agreements
             accepted = torch.minimum(agreed, cap)
             bonus = target.gather(1, accepted[:, None])[:, 0]
         else:
-            draw = rows.nonzero()[:, 0].tolist()  # only verifying rows draw random numbers
+            draw = [i for i, r in enumerate(rows) if r]  # only verifying rows draw random numbers
             q = s["q"]
             p = sampler.probs(logits)  # (B, b, V)
             p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
@@ -111,8 +116,6 @@ class SelfSpecDecoder(Decoder):
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
             next_draft = drafts.gather(1, accepted.clamp(max=b - 2)[:, None])[:, 0]
             bonus = torch.where(agreed > accepted, next_draft, sampler.sample(residual, draw)[:, 0])
-        emitted = [
-            d[:n] + [t] if v else []
-            for d, n, t, v in zip(drafts.tolist(), accepted.tolist(), bonus.tolist(), rows.tolist())
-        ]
-        return emitted, accepted, bonus
+        # The step's one transfer to the host: per row, accepted drafts, bonus, drafts.
+        packed = torch.cat([accepted[:, None], bonus[:, None], drafts], 1).tolist()
+        return [r[2 : 2 + r[0]] + [r[1]] if v else [] for r, v in zip(packed, rows)], bonus

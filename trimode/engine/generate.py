@@ -129,11 +129,11 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
         kv=kv,
         sampler=Sampler(params, device, [r.generator for r in requests]),
         seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
-        remaining=torch.tensor([r.params.max_tokens - len(r.token_ids) for r in requests]),
+        remaining=torch.tensor([r.params.max_tokens - len(r.token_ids) for r in requests], device=device),
         eos_ids=torch.tensor(sorted(eos_ids), device=device),
         stop_on_eos=torch.tensor([not sp.ignore_eos for sp in params], device=device),
         mask_id=runner.config.mask_token_id,
-        num_forwards=torch.zeros(len(requests), dtype=torch.long),
+        num_forwards=[0] * len(requests),
         stats=[r.stats for r in requests],
     )
 
@@ -193,7 +193,7 @@ def apply_step(
 ) -> list[Request]:
     """Give each row its emitted tokens, drop finished rows from the batch; returns the rows left."""
     now = time.perf_counter()
-    for req, tokens, n in zip(active, emitted, batch.num_forwards.tolist()):
+    for req, tokens, n in zip(active, emitted, batch.num_forwards):
         req.emit(tokens, eos_ids, tokenizer, now - req.arrival)
         req.num_forwards = req.num_forwards_before + n
     keep = [i for i, r in enumerate(active) if r.finish_reason is None]
@@ -206,17 +206,13 @@ def apply_step(
 
 def set_remaining(batch: DecodeBatch, rows: list[Request]) -> None:
     """Each row's budget left, derived from its request (rows aligned with the batch)."""
-    batch.remaining = torch.tensor([r.params.max_tokens - len(r.token_ids) for r in rows])
+    batch.remaining = torch.tensor([r.params.max_tokens - len(r.token_ids) for r in rows], device=batch.seeds.device)
 
 
 def decode_step(runner: ModelRunner, decoder: Decoder, batch: DecodeBatch) -> list[list[int]]:
     """One forward for every row of `batch`: the decoder plans it, the runner runs it, the decoder
     takes its logits. Returns the tokens each row emitted."""
     return decoder.accept(batch, runner.execute(batch, decoder.plan(batch)))
-
-
-def forward_ms(batch: DecodeBatch) -> dict[str, float]:
-    return {k: round(1000 * s / n, 3) for k, (n, s) in batch.timings.items()}
 
 
 @dataclass

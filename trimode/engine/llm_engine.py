@@ -34,7 +34,6 @@ from trimode.engine.generate import (
     RequestOutput,
     apply_step,
     decode_step,
-    forward_ms,
     new_batch,
     prefill,
     prefill_chunk,
@@ -338,6 +337,6 @@ class LLMEngine:
         )
         self._sent[req.request_id] = (len(req.token_ids), max(sent_chars, len(safe)))
         if out.finished:
-            out.output = req.output(decoder, forward_ms(batch), time.perf_counter() - req.arrival)
+            out.output = req.output(decoder, batch.timings.mean_ms(), time.perf_counter() - req.arrival)
             self._forget(req.request_id)
         return out
