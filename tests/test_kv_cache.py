@@ -149,3 +149,17 @@ def test_an_exhausted_pool_is_an_error_not_a_silent_write():
     kv.commit()
     with pytest.raises(KVPoolExhausted, match="need 1 KV pages, 0 of 2 are free"):
         kv.begin(2)
+
+
+def test_a_row_on_consecutive_pages_is_read_in_place_and_equals_a_gather():
+    shared = pool(pages=8, page_size=2)
+    k, v = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    reads = []
+    for pages in ([2, 3, 4], [6, 1, 4]):  # one run, then scattered pages
+        kv = KVCache(shared, rows=1)
+        kv.pages = [list(pages)]
+        kv.begin(5)
+        assert (kv._run is not None) == (pages == [2, 3, 4])
+        reads.append(kv.write(0, k, v))
+    assert torch.equal(reads[0][0], reads[1][0]) and torch.equal(reads[0][1], reads[1][1])
+    assert torch.equal(reads[0][0], k)

@@ -152,6 +152,7 @@ class KVCache:
         self._pending: int | None = None  # T of the last forward, until it is committed or discarded
         self._write_slots: torch.Tensor | None = None  # (B*T,) pool slots of the pending pass
         self._key_slots: torch.Tensor | None = None  # (B*S,) pool slots the pending pass reads
+        self._run: tuple[int, int] | None = None  # those slots, when they are one run [start, end)
 
     @property
     def batch_size(self) -> int:
@@ -202,6 +203,11 @@ class KVCache:
         positions = self._device_lengths()[:, None] + torch.arange(num_tokens, device=device)
         self._write_slots = key_slots.gather(1, positions).flatten()
         self._key_slots = key_slots.flatten()
+        # One row on consecutive pages (batch 1, a chunked prefill on a fresh pool): its keys are a
+        # slice of the pool, read in place instead of gathered.
+        first = self.pages[0][0]
+        consecutive = self.batch_size == 1 and self.pages[0][:width] == list(range(first, first + width))
+        self._run = (first * p, first * p + span) if consecutive else None
         self._pending = num_tokens
         return positions, span
 
@@ -232,6 +238,9 @@ class KVCache:
         pk, pv = self.pool.k[layer], self.pool.v[layer]  # (slots, H, D)
         pk.index_copy_(0, self._write_slots, k.transpose(1, 2).reshape(b * t, h, d))
         pv.index_copy_(0, self._write_slots, v.transpose(1, 2).reshape(b * t, h, d))
+        if self._run is not None:
+            start, end = self._run
+            return pk[start:end].transpose(0, 1)[None], pv[start:end].transpose(0, 1)[None]
         # index_select over the flat (B*S,) slots: ~6x faster on CPU than indexing with the (B, S) map.
         shape = (b, self._key_slots.numel() // b, h, d)
         keys = pk.index_select(0, self._key_slots).view(shape)
