@@ -43,6 +43,7 @@ from trimode.engine.generate import (
 from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import Scheduler
+from trimode.kv_cache import KVPoolExhausted
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
 
@@ -172,20 +173,21 @@ class LLMEngine:
         """Preempt the most recently arrived running requests until `pages_needed()` pages are free
         (vLLM's recompute preemption: the oldest requests keep making progress)."""
         while pages_needed() > self.pool.num_free_pages:
-            self._preempt(max(self.running(), key=lambda r: r.arrival))
+            running = self.running()
+            if not running:  # cannot happen: a request is refused unless it fits the pool alone
+                raise KVPoolExhausted(f"{pages_needed()} KV pages needed, the pool has {self.pool.num_pages}")
+            self._preempt(max(running, key=lambda r: r.arrival))
 
     def _preempt(self, req: Request) -> None:
-        pending = False
         for job in self._chunked:
-            if job.request is req:
+            if job.request is req:  # mid-prefill: it starts that prefill again, from where it started
                 self._chunked.remove(job)
                 job.batch.release()
                 break
         else:
             key, row = next((k, g.requests.index(req)) for k, g in self.groups.items() if req in g.requests)
-            pending = self.groups[key].decoder.pending_commit(self.groups[key].batch)[row]
+            req.preempt(self.groups[key].decoder.pending_commit(self.groups[key].batch)[row])
             self._drop_row(key, row)
-        req.preempt(pending)
         self.scheduler.add_preempted(req)
         self.num_preemptions += 1
         logger.info("request %s preempted (KV pool full); it resumes when pages are free", req.request_id)
