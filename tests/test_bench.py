@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from run_cli import run_cli
 
 from trimode.bench.metrics import percentile
 from trimode.bench.runner import BenchConfig, expand_configs, run_config, sweep
@@ -181,7 +182,7 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
     assert (out / "report.md").read_text().startswith("# trimode bench")
 
 
-def test_bench_bad_flags_exit_2():
+def test_bench_bad_flags_exit_2(capsys):
     for args in (["--batch-sizes", "1,x"], ["--modes", "fast"], ["--thresholds", "2"], ["--suite", "none"]):
-        proc = subprocess.run([sys.executable, "-m", "trimode", "bench", *args], capture_output=True, text=True)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        code, err = run_cli(["bench", *args], capsys)
+        assert code == 2 and "Traceback" not in err and "error" in err, err

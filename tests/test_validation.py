@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from run_cli import run_cli
 
 from trimode import SamplingParams
 
@@ -83,14 +84,10 @@ def test_wrong_number_of_params(llm):
         (["--threshold", "3"], "threshold"),
     ],
 )
-def test_cli_bad_input_exits_2_without_traceback(tiny_dir, args, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "trimode", "generate", "--model", str(tiny_dir), *args, "hi"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_bad_input_exits_2_without_traceback(tiny_dir, args, message, capsys):
+    code, err = run_cli(["generate", "--model", str(tiny_dir), *args, "hi"], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
 
 
 def test_cli_missing_model_dir(tmp_path):

@@ -1,0 +1,15 @@
+"""Run the command line in the test process: no interpreter start-up per call."""
+
+from __future__ import annotations
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """`trimode ARGV` in this process (the console script is `main`): its exit status and stderr.
+    Argparse's own errors exit through SystemExit; ours return 2."""
+    from trimode.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
