@@ -286,6 +286,18 @@ def test_metrics_count_failures_by_reason_and_export_kv_use(url):
     assert metric(url, "trimode_kv_slots_allocated") == 0
 
 
+def test_requests_sharing_a_system_turn_reuse_its_pages_and_metrics_say_so(url):
+    system = {"role": "system", "content": "You answer in Python, briefly and exactly. " * 8}
+    before = metric(url, "trimode_prefix_cache_hit_tokens")
+    answers = []
+    for question in ("Sort: 3 1 2", "Sort: 3 1 2", "Reverse: abc"):
+        body = {"model": MODEL, "messages": [system, {"role": "user", "content": question}], "max_tokens": 8}
+        r = post(url, "/v1/chat/completions", {**body, "temperature": 0})
+        answers.append(r.json()["choices"][0]["message"]["content"])
+    assert metric(url, "trimode_prefix_cache_hit_tokens") - before >= 2 * 64  # the system turn, twice
+    assert answers[0] == answers[1]  # a request served from cached pages answers as the first did
+
+
 def test_access_log_has_one_line_per_request_and_never_the_prompt(hard, url):
     secret = "Sort: 31 41 59 26 53"
     post(

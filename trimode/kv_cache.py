@@ -219,9 +219,16 @@ class KVCache:
         causally or bidirectionally (`causal`: one value, or one per row (B,)). Scratch slots past
         that are never visible. Rows of one length with one pattern need no materialised mask (none
         at all, or lower-right causal); otherwise a (B, 1, T, S) bool mask, True = attend."""
-        if isinstance(causal, bool) and len(set(self.lengths)) == 1:
-            return causal_lower_right(num_tokens, span) if causal and num_tokens > 1 else None
         device = self.pool.device
+        if isinstance(causal, bool) and len(set(self.lengths)) == 1:
+            if not causal or num_tokens == 1:
+                return None
+            if device.type == "cpu":
+                return causal_lower_right(num_tokens, span)
+            # Elsewhere CausalBias's lower-right kernels take no enable_gqa (K/V with fewer heads than
+            # Q): one (1, 1, T, S) mask shared by the rows instead.
+            keys, queries = torch.arange(span, device=device), torch.arange(num_tokens, device=device)
+            return (keys[None] <= queries[:, None] + span - num_tokens)[None, None]
         lengths = self._device_lengths()
         keys = torch.arange(span, device=device)
         steps = torch.arange(1, num_tokens + 1, device=device)
