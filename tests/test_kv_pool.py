@@ -124,3 +124,18 @@ def test_a_budget_holds_what_requests_use_not_their_worst_case(embedded):
         running = max(running, engine.num_running)
         peak = max(peak, engine.num_kv_slots_allocated)
     assert running == 16 and engine.num_preemptions == 0 and peak <= engine.pool.num_tokens
+
+
+def test_a_follow_up_reuses_the_pages_of_a_finished_request_output_included(llm):
+    """A finished request's prompt and output stay cached: a follow-up that starts with them (the
+    next turn of a chat) prefills only what is new, and decodes as it would from scratch."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompt = [5 + i % 90 for i in range(40)]
+    engine = llm.engine(kv_cache_tokens=1024, page_size=16)
+    output = drive(engine, [("t1", prompt, params)])[0]["t1"].token_ids
+    follow_up = prompt + output + [7, 8, 9]
+    hits = engine.pool.num_prefix_hits
+    got = drive(engine, [("t2", follow_up, params)])[0]["t2"]
+    # Its KV held the prompt and all but the last output token (69 tokens): 4 full pages, 2 past the prompt.
+    assert engine.pool.num_prefix_hits - hits == 64
+    assert got.token_ids == llm.generate(follow_up, params)[0].token_ids

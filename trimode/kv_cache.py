@@ -176,7 +176,8 @@ class KVCache:
         return self.lengths[-1]
 
     def register_prefix(self, row: int, context: list[int]) -> None:
-        """Offer row `row`'s pages, which hold `context`, to later requests (prefix caching)."""
+        """Offer row `row`'s pages, which hold `context` (as far as its prefix reaches: tokens past
+        a stop string may lie beyond `context`), to later requests (prefix caching)."""
         self.pool.register(context[: self.lengths[row]], self.pages[row])
 
     def _device_lengths(self) -> torch.Tensor:

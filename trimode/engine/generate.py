@@ -198,6 +198,9 @@ def apply_step(
         req.num_forwards = req.num_forwards_before + n
     keep = [i for i, r in enumerate(active) if r.finish_reason is None]
     if len(keep) < len(active):
+        for i, req in enumerate(active):
+            if req.finish_reason is not None:  # its prompt and output: the next turn of a chat starts so
+                batch.kv.register_prefix(i, req.prompt_ids + req.token_ids)
         batch.select_rows(keep)
     left = [active[i] for i in keep]
     set_remaining(batch, left)
