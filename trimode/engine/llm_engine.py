@@ -7,10 +7,14 @@ with the least forward time per row so far), and returns what each request newly
 Requests of the same mode and block shape form one group (one decode batch, whose decoder plans one
 forward over all its rows); different modes are separate groups with passes of their own shapes:
 on this CPU that beats one merged batch padded to the widest pass from 8 requests per mode up, the
-load a server sees (scripts/grouped_vs_merged.py; README). Finished and aborted requests leave
-their group at once, freeing their KV rows. Decoders treat rows independently, so a request decodes
-exactly as it would alone (temperature 0; and with the same seed at temperature > 0), whatever else
-is running.
+load a server sees (scripts/grouped_vs_merged.py; README). Decoders treat rows independently, so a
+request decodes exactly as it would alone (temperature 0; and with the same seed at temperature > 0),
+whatever else is running.
+
+KV memory is one pool of pages, allocated here (`KVPool`); every batch holds page tables into it.
+Finished and aborted requests leave their group at once and their pages return. A step that needs
+pages the pool lacks first preempts the most recently arrived requests, which wait at the head of
+the queue and resume by recomputing their prompt and output (`Request.preempt`).
 
 A failure while serving a request fails that request, not its neighbours: a prefill that raises is
 retried one newcomer at a time (it builds fresh batches, so nothing running has changed), and only
