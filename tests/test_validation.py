@@ -97,3 +97,9 @@ def test_cli_missing_model_dir(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--kv-cache-tokens", "--kv-page-size", "--max-connections"])
+def test_serve_refuses_non_positive_sizes_by_flag_name(flag, capsys):
+    code, err = run_cli(["serve", flag, "0"], capsys)
+    assert code == 2 and f"{flag} must be > 0; got 0" in err

@@ -375,6 +375,8 @@ def _serve(args: argparse.Namespace) -> int:
         ("--shutdown-timeout", args.shutdown_timeout),
         ("--read-timeout", args.read_timeout),
         ("--max-connections", args.max_connections),
+        ("--kv-cache-tokens", args.kv_cache_tokens),
+        ("--kv-page-size", args.kv_page_size),
     ):
         if not value > 0:
             raise ValueError(f"{flag} must be > 0; got {value}")
