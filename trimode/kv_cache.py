@@ -49,12 +49,14 @@ class KVPool:
     ) -> None:
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"the KV pool needs >= 1 page of >= 1 slot; got {num_pages} pages of {page_size}")
-        shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
+        # One page more than the budget: `trash`, never allocated, where right-padded positions of a
+        # batched prefill write and what pad entries of a page table point at.
+        shape = (num_layers, (num_pages + 1) * page_size, num_kv_heads, head_dim)
         # Zeros, not empty: a masked key still multiplies its value by 0, and 0 * NaN garbage is NaN.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.device = torch.device(device)
-        self.num_pages, self.page_size = num_pages, page_size
+        self.num_pages, self.page_size, self.trash = num_pages, page_size, num_pages
         self.refs = [0] * num_pages
         self.free: deque[int] = deque(range(num_pages))  # unreferenced and uncached
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recent first
@@ -183,23 +185,27 @@ class KVCache:
     def _device_lengths(self) -> torch.Tensor:
         return torch.tensor(self.lengths, dtype=torch.long, device=self.pool.device)
 
-    def begin(self, num_tokens: int) -> tuple[torch.Tensor, int]:
+    def begin(self, num_tokens: int, num_fed: list[int] | None = None) -> tuple[torch.Tensor, int]:
         """Prepare a forward of `num_tokens` new tokens per row: allocate the pages it writes.
+        `num_fed`: per row, how many of them are real (a right-padded prefill); pad positions
+        write to the pool's trash page, so a short row beside a long one takes only its own pages.
 
         Returns (positions (B, T), number of key slots S the pass attends over)."""
-        p = self.pool.page_size
-        for row, n in enumerate(self.lengths):
-            missing = num_pages(n + num_tokens, p) - len(self.pages[row])
+        p, trash = self.pool.page_size, self.pool.trash
+        fed = num_fed or [num_tokens] * self.batch_size
+        for row, (n, f) in enumerate(zip(self.lengths, fed)):
+            missing = num_pages(n + f, p) - len(self.pages[row])
             if missing > 0:
                 self.pages[row] += self.pool.allocate(missing)
         span = max(self.lengths) + num_tokens
         device = self.pool.device
         width = num_pages(span, p)
         table = torch.tensor(
-            [pages[:width] + [0] * (width - len(pages[:width])) for pages in self.pages], device=device
+            [pages[:width] + [trash] * (width - len(pages[:width])) for pages in self.pages], device=device
         )
         keys = torch.arange(span, device=device)
-        # (B, S): slot of key position j of row b; pad pages (0) are only ever masked out.
+        # (B, S): slot of key position j of row b; past a row's pages, the trash page (only ever
+        # written by pad positions and read by masked-out keys).
         key_slots = table[:, keys // p] * p + keys % p
         positions = self._device_lengths()[:, None] + torch.arange(num_tokens, device=device)
         self._write_slots = key_slots.gather(1, positions).flatten()

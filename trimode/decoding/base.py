@@ -32,6 +32,7 @@ class Forward:
     causal: torch.Tensor | bool  # (B,) per row, or one value for all rows
     use_draft_lora: torch.Tensor | bool = False  # (B,) per row, or one value
     logit_index: torch.Tensor | None = None  # (B,) the one position whose logits are wanted
+    num_fed: list[int] | None = None  # per row, the real tokens of a right-padded forward (None: all T)
 
 
 def mixed(flags: list[bool], kinds: tuple[str, str], device: torch.device) -> tuple[str, torch.Tensor | bool]:

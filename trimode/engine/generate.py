@@ -152,7 +152,9 @@ def prefill(
             padded[i, : len(c) - n] = torch.tensor(c[n:])
         # Right-padded: row b's pad slots lie past its length and stay invisible.
         last = torch.tensor(todo, device=runner.device) - 1
-        logits = runner.execute(batch, Forward("prefill", padded.to(runner.device), True, logit_index=last))
+        logits = runner.execute(
+            batch, Forward("prefill", padded.to(runner.device), True, logit_index=last, num_fed=todo)
+        )
         batch.kv.set_lengths([len(c) for c in contexts])
     except BaseException:
         batch.release()

@@ -44,13 +44,15 @@ class ModelRunner:
         causal: torch.Tensor | bool,
         use_draft_lora: torch.Tensor | bool = False,
         logit_index: torch.Tensor | None = None,
+        num_fed: list[int] | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) after each row's cached prefix -> fp32 logits (B, T, V) (or (B, 1, V) at logit_index).
 
         The pass writes its K/V into the cache's scratch slots; the caller decides with
         `kv.commit(...)` whether they become part of the prefix. `causal` and `use_draft_lora` are
-        one value for all rows or one per row (B,)."""
-        positions, span = kv.begin(tokens.shape[1])
+        one value for all rows or one per row (B,); `num_fed`, the real tokens of each row when the
+        batch is right-padded."""
+        positions, span = kv.begin(tokens.shape[1], num_fed)
         ctx = ForwardContext(
             positions=positions,
             mask=kv.attention_mask(tokens.shape[1], span, causal),
@@ -65,12 +67,12 @@ class ModelRunner:
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            logits = self.forward(batch.kv, fwd.tokens, fwd.causal, fwd.use_draft_lora, fwd.logit_index)
+            logits = self.forward(batch.kv, fwd.tokens, fwd.causal, fwd.use_draft_lora, fwd.logit_index, fwd.num_fed)
             end.record()
             batch.timings.add_events(fwd.kind, start, end)
         else:
             began = time.perf_counter()
-            logits = self.forward(batch.kv, fwd.tokens, fwd.causal, fwd.use_draft_lora, fwd.logit_index)
+            logits = self.forward(batch.kv, fwd.tokens, fwd.causal, fwd.use_draft_lora, fwd.logit_index, fwd.num_fed)
             batch.timings.add(fwd.kind, time.perf_counter() - began)
         batch.num_forwards = [n + 1 for n in batch.num_forwards]
         return logits
