@@ -3,8 +3,9 @@
 CLIENTS clients each keep one request in flight: when one finishes, the next is added at once, its
 mode the next of MODES in turn (the bench's `mixed` rotation), its prompt the next held-out task
 chat, 48 max tokens, greedy. For SECONDS the engine is stepped; a request's ITL is (time of its last
-token - time of its first) / (tokens - 1), as `trimode bench` computes it. Prints one JSON line:
-requests finished and ITL p50 ms per mode.
+token - time of its first) / (tokens - 1), as `trimode bench` computes it, its TTFT the time from
+being added to its first token. Prints one JSON line: per mode, requests finished, ITL p50 and
+TTFT p50 in ms.
 
 Usage: python scripts/mixed_itl.py MODES [SECONDS] [CLIENTS]
        e.g. python scripts/mixed_itl.py ar 15; python scripts/mixed_itl.py ar,diffusion,selfspec 15
@@ -30,10 +31,13 @@ def main(modes: list[str], seconds: float, clients: int) -> None:
     mode_of: dict[str, str] = {}
     emitted: dict[str, list[tuple[float, int]]] = {}  # request -> (time, tokens) per step that emitted
     itl: dict[str, list[float]] = {m: [] for m in modes}
+    ttft: dict[str, list[float]] = {m: [] for m in modes}
+    added: dict[str, float] = {}
 
     def add() -> None:
         k = next(serial)
         mode_of[f"r{k}"] = modes[k % len(modes)]
+        added[f"r{k}"] = time.perf_counter()
         engine.add_request(f"r{k}", chats[k % len(chats)], SamplingParams(mode=mode_of[f"r{k}"], max_tokens=48))
 
     for _ in range(clients):
@@ -48,12 +52,22 @@ def main(modes: list[str], seconds: float, clients: int) -> None:
             if out.finished:
                 steps = emitted.pop(out.request_id, [])
                 tokens = sum(n for _, n in steps)
+                if steps:
+                    ttft[mode_of[out.request_id]].append(steps[0][0] - added.pop(out.request_id))
                 if tokens > 1 and len(steps) > 1:
                     itl[mode_of[out.request_id]].append((steps[-1][0] - steps[0][0]) / (tokens - 1))
                 add()
     print(
         json.dumps(
-            {m: {"requests": len(v), "itl_p50_ms": round(1000 * statistics.median(v), 1)} for m, v in itl.items() if v}
+            {
+                m: {
+                    "requests": len(v),
+                    "itl_p50_ms": round(1000 * statistics.median(v), 1),
+                    "ttft_p50_ms": round(1000 * statistics.median(ttft[m]), 1),
+                }
+                for m, v in itl.items()
+                if v
+            }
         )
     )
 
