@@ -47,7 +47,7 @@ from trimode.engine.generate import (
 from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import Scheduler
-from trimode.kv_cache import KVPoolExhausted
+from trimode.kv_cache import PAGE_SIZE, KVPoolExhausted
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
 
@@ -81,7 +81,7 @@ class LLMEngine:
         max_queue: int = 256,
         kv_cache_tokens: int = 65536,
         max_num_batched_tokens: int = 512,
-        page_size: int = 16,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {max_num_batched_tokens}")
@@ -141,8 +141,10 @@ class LLMEngine:
         self._sent[request_id] = (0, 0)
 
     def check_fits(self, ids: list[int], params: SamplingParams, name: str = "the prompt") -> None:
-        """ValueError when the prompt plus max_tokens exceeds the context."""
+        """ValueError when the prompt plus max_tokens exceeds the context, or the request would not
+        fit the KV pool even alone."""
         check_fits(ids, params, self.max_model_len, name)
+        self.scheduler.check_fits(Request(None, ids, params))
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request wherever it is; its KV rows are freed at once. False if unknown or done."""

@@ -30,16 +30,20 @@ class Scheduler:
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1; got {value}")
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.kv_cache_tokens, self.page_size = kv_cache_tokens, page_size
+        self.max_batch, self.max_queue, self.page_size = max_batch, max_queue, page_size
+        self.kv_cache_tokens = num_pages(kv_cache_tokens, page_size) * page_size  # what the pool holds: whole pages
         self.waiting: deque[Request] = deque()
 
-    def add(self, req: Request) -> None:
+    def check_fits(self, req: Request) -> None:
+        """ValueError when the request could not run even alone in the KV pool."""
         if kv_slots(req) > self.kv_cache_tokens:
             raise ValueError(
                 f"the request needs up to {kv_slots(req)} KV slots (prompt + max_tokens + block); the "
                 f"engine's KV cache has {self.kv_cache_tokens}: lower max_tokens or shorten the prompt"
             )
+
+    def add(self, req: Request) -> None:
+        """Queue a request the engine has checked (`check_fits`)."""
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue}); retry later")
         self.waiting.append(req)

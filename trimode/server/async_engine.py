@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from trimode.engine.generate import Request, RequestOutput
+from trimode.engine.generate import RequestOutput
 from trimode.engine.llm_engine import LLMEngine
-from trimode.engine.scheduler import QueueFull, kv_slots
+from trimode.engine.scheduler import QueueFull
 from trimode.sampling_params import SamplingParams
 from trimode.server.metrics import Metrics
 
@@ -116,12 +116,6 @@ class AsyncEngine:
         if self.is_draining:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         self.engine.check_fits(prompt_ids, params)
-        need = kv_slots(Request(None, prompt_ids, params))
-        if need > self.engine.pool.num_tokens:
-            raise ValueError(
-                f"the request needs up to {need} KV slots; the server has {self.engine.pool.num_tokens}:"
-                " lower max_tokens"
-            )
         with self._lock:
             # len() of the scheduler's deque is safe from this thread and current, unlike the snapshot.
             if self.engine.num_waiting + self._pending >= self.max_queue:
