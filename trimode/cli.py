@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from trimode.kv_cache import PAGE_SIZE
 from trimode.sampling_params import MODES
 
 API_KEY_ENV = "TRIMODE_API_KEY"
@@ -564,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=65536,
         help="KV slots in the pool shared by all requests, allocated at start (its bytes are printed)",
     )
-    v.add_argument("--kv-page-size", type=int, default=16, help="KV slots per page of the pool")
+    v.add_argument("--kv-page-size", type=int, default=PAGE_SIZE, help="KV slots per page of the pool")
     v.add_argument(
         "--max-num-batched-tokens",
         type=int,

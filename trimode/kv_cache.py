@@ -27,6 +27,8 @@ from collections import OrderedDict, deque
 import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+PAGE_SIZE = 16  # KV slots per page unless configured otherwise
+
 
 class KVPoolExhausted(RuntimeError):
     """No free page left: the engine preempts a request before this can happen."""
@@ -155,6 +157,7 @@ class KVCache:
         self._write_slots: torch.Tensor | None = None  # (B*T,) pool slots of the pending pass
         self._key_slots: torch.Tensor | None = None  # (B*S,) pool slots the pending pass reads
         self._run: tuple[int, int] | None = None  # those slots, when they are one run [start, end)
+        self._pass_lengths: torch.Tensor | None = None  # (B,) `lengths` of the pending pass, on the device
 
     @property
     def batch_size(self) -> int:
@@ -182,9 +185,6 @@ class KVCache:
         a stop string may lie beyond `context`), to later requests (prefix caching)."""
         self.pool.register(context[: self.lengths[row]], self.pages[row])
 
-    def _device_lengths(self) -> torch.Tensor:
-        return torch.tensor(self.lengths, dtype=torch.long, device=self.pool.device)
-
     def begin(self, num_tokens: int, num_fed: list[int] | None = None) -> tuple[torch.Tensor, int]:
         """Prepare a forward of `num_tokens` new tokens per row: allocate the pages it writes.
         `num_fed`: per row, how many of them are real (a right-padded prefill); pad positions
@@ -207,7 +207,9 @@ class KVCache:
         # (B, S): slot of key position j of row b; past a row's pages, the trash page (only ever
         # written by pad positions and read by masked-out keys).
         key_slots = table[:, keys // p] * p + keys % p
-        positions = self._device_lengths()[:, None] + torch.arange(num_tokens, device=device)
+        # (B,) on the device, once per pass: positions here, the attention mask next.
+        self._pass_lengths = torch.tensor(self.lengths, dtype=torch.long, device=device)
+        positions = self._pass_lengths[:, None] + torch.arange(num_tokens, device=device)
         self._write_slots = key_slots.gather(1, positions).flatten()
         self._key_slots = key_slots.flatten()
         # One row on consecutive pages (batch 1, a chunked prefill on a fresh pool): its keys are a
@@ -225,7 +227,8 @@ class KVCache:
         j < lengths[b] + (i + 1 if causal else T): the whole clean prefix, plus the new tokens
         causally or bidirectionally (`causal`: one value, or one per row (B,)). Scratch slots past
         that are never visible. Rows of one length with one pattern need no materialised mask (none
-        at all, or lower-right causal); otherwise a (B, 1, T, S) bool mask, True = attend."""
+        at all, or lower-right causal); otherwise a (B, 1, T, S) bool mask, True = attend. Called
+        after `begin`, whose lengths it reads."""
         device = self.pool.device
         if isinstance(causal, bool) and len(set(self.lengths)) == 1:
             if not causal or num_tokens == 1:
@@ -236,7 +239,7 @@ class KVCache:
             # Q): one (1, 1, T, S) mask shared by the rows instead.
             keys, queries = torch.arange(span, device=device), torch.arange(num_tokens, device=device)
             return (keys[None] <= queries[:, None] + span - num_tokens)[None, None]
-        lengths = self._device_lengths()
+        lengths = self._pass_lengths
         keys = torch.arange(span, device=device)
         steps = torch.arange(1, num_tokens + 1, device=device)
         if isinstance(causal, torch.Tensor):

@@ -15,7 +15,7 @@ from trimode.engine.inputs import Message, PromptInput, tokenize_prompt
 from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import kv_slots
-from trimode.kv_cache import num_pages
+from trimode.kv_cache import PAGE_SIZE, num_pages
 from trimode.model.loader import load_model
 from trimode.model.transformer import Transformer
 from trimode.outputs import GenerationOutput
@@ -92,7 +92,7 @@ class LLM:
         max_queue: int = 256,
         kv_cache_tokens: int = 65536,
         max_num_batched_tokens: int = 512,
-        page_size: int = 16,
+        page_size: int = PAGE_SIZE,
     ) -> LLMEngine:
         """A continuous-batching engine over this model (what `trimode serve` runs); its KV pool
         of `kv_cache_tokens` slots is allocated now."""
@@ -157,9 +157,8 @@ class LLM:
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(ids)} prompts: give one, or one each")
         # A pool that holds every request at its largest (rounded to pages, plus the page of
         # headroom per row the scheduler keeps), so offline generation never preempts.
-        page = 16
-        need = sum(num_pages(kv_slots(Request(None, p, sp)), page) + 1 for p, sp in zip(ids, per_prompt))
-        engine = self.engine(max_batch=len(ids), max_queue=len(ids), kv_cache_tokens=need * page, page_size=page)
+        need = sum(num_pages(kv_slots(Request(None, p, sp)), PAGE_SIZE) + 1 for p, sp in zip(ids, per_prompt))
+        engine = self.engine(max_batch=len(ids), max_queue=len(ids), kv_cache_tokens=need * PAGE_SIZE)
         for i, (p, text, sp) in enumerate(zip(ids, texts, per_prompt)):
             engine.add_tokenized(str(i), p, sp, text, name=f"prompt {i}")
         results: dict[str, GenerationOutput] = {}

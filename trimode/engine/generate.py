@@ -125,17 +125,19 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
     for r in requests:
         kv.add_row(r.context_ids)
         r.generator = r.generator or new_generator(r.params, device)
-    return DecodeBatch(
+    batch = DecodeBatch(
         kv=kv,
         sampler=Sampler(params, device, [r.generator for r in requests]),
         seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
-        remaining=torch.tensor([r.params.max_tokens - len(r.token_ids) for r in requests], device=device),
+        remaining=torch.zeros(len(requests), dtype=torch.long, device=device),  # set_remaining, below
         eos_ids=torch.tensor(sorted(eos_ids), device=device),
         stop_on_eos=torch.tensor([not sp.ignore_eos for sp in params], device=device),
         mask_id=runner.config.mask_token_id,
         num_forwards=[0] * len(requests),
         stats=[r.stats for r in requests],
     )
+    set_remaining(batch, requests)
+    return batch
 
 
 def prefill(
@@ -149,7 +151,7 @@ def prefill(
         todo = [len(c) - n for c, n in zip(contexts, starts)]
         padded = torch.zeros(len(requests), max(todo), dtype=torch.long)
         for i, (c, n) in enumerate(zip(contexts, starts)):
-            padded[i, : len(c) - n] = torch.tensor(c[n:])
+            padded[i, : todo[i]] = torch.tensor(c[n:])
         # Right-padded: row b's pad slots lie past its length and stay invisible.
         last = torch.tensor(todo, device=runner.device) - 1
         logits = runner.execute(

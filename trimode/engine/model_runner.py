@@ -8,7 +8,7 @@ import time
 import torch
 
 from trimode.decoding.base import DecodeBatch, Forward
-from trimode.kv_cache import KVCache, KVPool, num_pages
+from trimode.kv_cache import PAGE_SIZE, KVCache, KVPool, num_pages
 from trimode.model.transformer import ForwardContext, Transformer
 
 
@@ -32,7 +32,7 @@ class ModelRunner:
             self.device,
         )
 
-    def new_cache(self, batch_size: int, capacity: int, page_size: int = 16) -> KVCache:
+    def new_cache(self, batch_size: int, capacity: int, page_size: int = PAGE_SIZE) -> KVCache:
         """`batch_size` empty rows of up to `capacity` slots each, over a pool of their own."""
         return KVCache(self.new_pool(batch_size * num_pages(capacity, page_size) * page_size, page_size), batch_size)
 
@@ -64,15 +64,16 @@ class ModelRunner:
     def execute(self, batch: DecodeBatch, fwd: Forward) -> torch.Tensor:
         """Run a planned forward over `batch`, count it for every row and time it by kind (on CUDA
         by events, read later: nothing here waits for the device)."""
+        events = None
         if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            logits = self.forward(batch.kv, fwd.tokens, fwd.causal, fwd.use_draft_lora, fwd.logit_index, fwd.num_fed)
-            end.record()
-            batch.timings.add_events(fwd.kind, start, end)
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
+        began = time.perf_counter()
+        logits = self.forward(batch.kv, fwd.tokens, fwd.causal, fwd.use_draft_lora, fwd.logit_index, fwd.num_fed)
+        if events is not None:
+            events[1].record()
+            batch.timings.add_events(fwd.kind, *events)
         else:
-            began = time.perf_counter()
-            logits = self.forward(batch.kv, fwd.tokens, fwd.causal, fwd.use_draft_lora, fwd.logit_index, fwd.num_fed)
             batch.timings.add(fwd.kind, time.perf_counter() - began)
         batch.num_forwards = [n + 1 for n in batch.num_forwards]
         return logits
