@@ -45,6 +45,11 @@ def mixed(flags: list[bool], kinds: tuple[str, str], device: torch.device) -> tu
     return "+".join(kinds), torch.tensor(flags, device=device)
 
 
+def rows_where(flags: list[bool]) -> list[int]:
+    """The indices of the rows whose flag is set (e.g. the rows that draw random numbers)."""
+    return [i for i, f in enumerate(flags) if f]
+
+
 @dataclass
 class DecodeBatch:
     kv: KVCache

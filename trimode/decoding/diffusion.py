@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder, Forward, mixed
+from trimode.decoding.base import DecodeBatch, Decoder, Forward, mixed, rows_where
 
 
 class DiffusionDecoder(Decoder):
@@ -80,13 +80,13 @@ class DiffusionDecoder(Decoder):
         greedy = sampler.all_greedy
         # Committing rows: their block's KV joins the prefix; the last position gives the next seed.
         batch.kv.commit([b if c else 0 for c in was_committing])
-        commit_rows = None if greedy else [i for i, c in enumerate(was_committing) if c]
+        commit_rows = None if greedy else rows_where(was_committing)
         next_seed = sampler.pick(logits[:, -1:], rows=commit_rows)[:, 0]
         # Denoising rows: one pass. Only they draw random numbers, so a seeded row samples the same
         # alone or beside rows at other stages.
         normalizer = logits.float().logsumexp(-1)  # (B, b): the full softmax's, [MASK] included
         logits = batch.bidirectional_logits(logits)
-        candidates = sampler.pick(logits, rows=None if greedy else [i for i, c in enumerate(was_committing) if not c])
+        candidates = sampler.pick(logits, rows=None if greedy else rows_where([not c for c in was_committing]))
         # The candidate's untempered probability, whether picked greedily or sampled (as LLaDA
         # and Fast-dLLM do), so the reveal schedule does not depend on temperature or top-k/top-p.
         confidence = (logits.gather(-1, candidates[..., None])[..., 0].float() - normalizer).exp()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder, Forward, mixed
+from trimode.decoding.base import DecodeBatch, Decoder, Forward, mixed, rows_where
 
 
 class SelfSpecDecoder(Decoder):
@@ -77,7 +77,7 @@ class SelfSpecDecoder(Decoder):
             drafts = draft_logits.argmax(-1)
         else:
             q = sampler.probs(draft_logits)
-            drafts = sampler.sample(q, rows=[i for i, r in enumerate(rows) if r])
+            drafts = sampler.sample(q, rows=rows_where(rows))
             s["q"] = torch.where(chosen[:, None, None], q, s["q"]) if "q" in s else q
         s["drafts"] = torch.where(chosen[:, None], drafts, s["drafts"])
 
@@ -97,7 +97,7 @@ class SelfSpecDecoder(Decoder):
             accepted = torch.minimum(agreed, cap)
             bonus = target.gather(1, accepted[:, None])[:, 0]
         else:
-            draw = [i for i, r in enumerate(rows) if r]  # only verifying rows draw random numbers
+            draw = rows_where(rows)  # only verifying rows draw random numbers
             q = s["q"]
             p = sampler.probs(logits)  # (B, b, V)
             p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
