@@ -71,7 +71,7 @@ def test_diffusion_stops_at_eos_without_waiting_for_the_rest_of_the_block(llm):
 def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[list[int], list[int]]:
     """One block of 3 (seed + 2 masks) over a 4-token vocabulary whose id 3 is [MASK], each denoise
     pass's (3, 4) logits given; returns the block's tokens and the denoise passes it took."""
-    from trimode.decoding.base import DecodeBatch
+    from trimode.decoding.base import DecodeBatch, transfer
     from trimode.decoding.diffusion import DiffusionDecoder
     from trimode.kv_cache import KVCache, KVPool
     from trimode.sampler import Sampler
@@ -93,7 +93,8 @@ def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[l
         fwd = decoder.plan(batch)
         assert fwd.kind == "denoise"
         batch.kv.begin(fwd.tokens.shape[1])  # what the model runner does before each forward
-        emitted = decoder.accept(batch, torch.tensor([logits]))[0]
+        emission = decoder.accept(batch, torch.tensor([logits]))
+        emitted = emission.read(transfer([emission])[0])[0]
         if emitted:
             return emitted, batch.stats[0]
     raise AssertionError("the block was not finished by the given passes")

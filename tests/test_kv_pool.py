@@ -112,12 +112,13 @@ def test_prefix_cache_hits_decode_as_misses(embedded, mode, block):
 
 def test_a_budget_holds_what_requests_use_not_their_worst_case(embedded):
     """16 chats asking for up to 512 tokens each in a 4,096-slot pool: a worst-case reservation
-    (prompt + max_tokens + block) admits 7 at a time; pages admit all 16, since they end early."""
+    (prompt + max_tokens + block) admits 7 at a time; pages admit all 16, since they end early
+    (prefilled in one step, so none has finished before the last is admitted)."""
     chats = [e.messages() for t in TASKS for e in held_out(t, 4)][:16]
     params = SamplingParams(max_tokens=512)
     worst = [kv_slots(Request(None, embedded.tokenizer.encode_chat(c), params)) for c in chats]
     assert sum(worst[:8]) > 4096  # a worst-case reservation fits 7 at most
-    engine = embedded.engine(max_batch=16, kv_cache_tokens=4096)
+    engine = embedded.engine(max_batch=16, kv_cache_tokens=4096, max_num_batched_tokens=4096)
     for i, chat in enumerate(chats):
         engine.add_request(f"c{i}", chat, params)
     running = peak = 0

@@ -391,15 +391,15 @@ def test_an_engine_failure_fails_its_request_alone_with_a_500(inproc, offline, m
     engine, app = inproc
     runner = offline.runner
     poison_ids = offline.tokenizer.encode("zzzz poison", add_special_tokens=False)
-    real_forward = runner.forward
+    real_forward = runner.forward_parts
 
-    def forward(kv, tokens, *args, **kwargs):
-        rows = tokens.tolist()
+    def forward_parts(parts):
+        rows = [r for _, fwd in parts for r in fwd.tokens.tolist()]
         if any(r[: len(poison_ids) + 1][1:] == poison_ids for r in rows):
             raise RuntimeError("injected fault")
-        return real_forward(kv, tokens, *args, **kwargs)
+        return real_forward(parts)
 
-    monkeypatch.setattr(runner, "forward", forward)
+    monkeypatch.setattr(runner, "forward_parts", forward_parts)
     prompts = ["def parse(line):", "zzzz poison", "import os", "class Foo:"]
 
     async def go(c):
@@ -411,7 +411,7 @@ def test_an_engine_failure_fails_its_request_alone_with_a_500(inproc, offline, m
         return await asyncio.gather(*(one(p) for p in prompts))
 
     responses = run_client(app, go)
-    monkeypatch.setattr(runner, "forward", real_forward)
+    monkeypatch.setattr(runner, "forward_parts", real_forward)
     for p, r in zip(prompts, responses):
         if p == "zzzz poison":
             err = r.json()["error"]

@@ -167,10 +167,10 @@ class KVCache:
     def num_allocated_pages(self) -> int:
         return sum(len(p) for p in self.pages)
 
-    def pages_needed(self, num_tokens: int) -> int:
-        """New pages a forward of `num_tokens` per row would allocate."""
-        p = self.pool.page_size
-        return sum(max(0, num_pages(n + num_tokens, p) - len(pages)) for n, pages in zip(self.lengths, self.pages))
+    def pages_needed(self, num_tokens: int | list[int]) -> int:
+        """New pages a forward of `num_tokens` per row (one count, or one per row) would allocate."""
+        p, fed = self.pool.page_size, num_tokens if isinstance(num_tokens, list) else [num_tokens] * self.batch_size
+        return sum(max(0, num_pages(n + f, p) - len(pages)) for n, f, pages in zip(self.lengths, fed, self.pages))
 
     def add_row(self, context: list[int]) -> int:
         """A new empty row; the longest cached prefix of `context` becomes its prefix. Returns the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder, Forward
+from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward
 
 
 class AutoregressiveDecoder(Decoder):
@@ -13,7 +13,7 @@ class AutoregressiveDecoder(Decoder):
     def plan(self, batch: DecodeBatch) -> Forward:
         return Forward("ar", batch.seeds[:, None], causal=True)
 
-    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
+    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
         batch.kv.commit()
         batch.seeds = batch.sampler.pick(logits)[:, 0]
-        return [[t] for t in batch.seeds.tolist()]
+        return Emission(batch.seeds[:, None], lambda rows: rows)

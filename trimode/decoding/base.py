@@ -2,17 +2,19 @@
 
 Decoders never call the model. Each engine step asks a group's decoder to `plan` one forward over
 all its rows (tokens, and per row: causal or bidirectional, draft LoRA on or off), the model runner
-runs it, and the decoder's `accept` turns the logits into emitted tokens, KV commits and new per-row
-state. So a step is one forward per group, and rows advance independently: one row of a diffusion
-batch may be denoising while another commits its finished block, one self-spec row drafting while
-another verifies. Per-row state lives in `DecodeBatch.state`, row-aligned tensors that follow the
-rows when requests join or leave.
+runs it (possibly in one model forward with other groups' passes), and the decoder's `accept` turns
+the logits into KV commits, new per-row state and an `Emission`: what the step's one host transfer
+carries for it, and how to read that into emitted tokens. So a step is at most one pass per group,
+and rows advance independently: one row of a diffusion batch may be denoising while another commits
+its finished block, one self-spec row drafting while another verifies. Per-row state lives in
+`DecodeBatch.state`, row-aligned tensors that follow the rows when requests join or leave.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -33,6 +35,29 @@ class Forward:
     use_draft_lora: torch.Tensor | bool = False  # (B,) per row, or one value
     logit_index: torch.Tensor | None = None  # (B,) the one position whose logits are wanted
     num_fed: list[int] | None = None  # per row, the real tokens of a right-padded forward (None: all T)
+
+
+@dataclass
+class Emission:
+    """What an accept leaves for the host: `values` (B, W) integers on the device, and `read`, which
+    turns their host copy (one list of W per row) into the tokens each row emitted, finishing the
+    accept's host-side work (KV commits of data-dependent length, statistics, host phases)."""
+
+    values: torch.Tensor
+    read: Callable[[list[list[int]]], list[list[int]]]
+
+
+def transfer(emissions: list[Emission]) -> list[list[list[int]]]:
+    """Every part of an engine step copied to the host in one transfer (one sync on a GPU; none when
+    no part has values): per emission, its values as one list per row, for its `read`."""
+    flat = [e.values.reshape(-1).long() for e in emissions]
+    host = torch.cat(flat).tolist() if sum(f.numel() for f in flat) else []
+    out, at = [], 0
+    for e in emissions:
+        b, w = e.values.shape
+        out.append([host[at + i * w : at + (i + 1) * w] for i in range(b)])
+        at += b * w
+    return out
 
 
 def mixed(flags: list[bool], kinds: tuple[str, str], device: torch.device) -> tuple[str, torch.Tensor | bool]:
@@ -162,6 +187,7 @@ class Decoder(ABC):
         """The next forward over every row."""
 
     @abstractmethod
-    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
-        """Take the planned forward's logits: commit KV, update state, return the tokens each row
-        emitted (the engine truncates at EOS, stop strings and budgets)."""
+    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
+        """Take the planned forward's logits: commit KV, update state, and leave what the step's
+        transfer reads into the tokens each row emitted (the engine truncates at EOS, stop strings
+        and budgets). Nothing reads the device here."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder, Forward, mixed, rows_where
+from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, mixed, rows_where
 
 
 class DiffusionDecoder(Decoder):
@@ -71,7 +71,7 @@ class DiffusionDecoder(Decoder):
         kind, causal = mixed(batch.host["committing"], ("denoise", "commit"), device)
         return Forward(kind, s["block"], causal=causal)
 
-    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
+    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
         s, b, device = batch.state, self.block_length, batch.seeds.device
         was_committing = batch.host["committing"]
         committing = torch.tensor(was_committing, device=device)
@@ -111,9 +111,12 @@ class DiffusionDecoder(Decoder):
         commits_next = finished & ~eos_done & (batch.remaining > b - 1)
         batch.seeds = torch.where(committing, next_seed, batch.seeds)
         self._new_block(batch, committing)
-        # The step's one transfer to the host: per row, finished?, commits next?, passes, seed, block.
+        # For the step's transfer, per row: finished?, commits next?, passes, seed, block.
         flags = torch.stack([finished.long(), commits_next.long(), s["passes"], next_seed], 1)
-        rows = torch.cat([flags, s["block"]], 1).tolist()
-        batch.record([r[2] for r in rows], rows=[bool(r[0]) for r in rows])
-        batch.host["committing"] = [bool(r[1]) or (c and b == 1) for r, c in zip(rows, was_committing)]
-        return [r[5:] if r[0] else [r[3]] if c else [] for r, c in zip(rows, was_committing)]
+
+        def read(rows: list[list[int]]) -> list[list[int]]:
+            batch.record([r[2] for r in rows], rows=[bool(r[0]) for r in rows])
+            batch.host["committing"] = [bool(r[1]) or (c and b == 1) for r, c in zip(rows, was_committing)]
+            return [r[5:] if r[0] else [r[3]] if c else [] for r, c in zip(rows, was_committing)]
+
+        return Emission(torch.cat([flags, s["block"]], 1), read)

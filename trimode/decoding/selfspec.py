@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder, Forward, mixed, rows_where
+from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, mixed, rows_where
 
 
 class SelfSpecDecoder(Decoder):
@@ -45,26 +45,32 @@ class SelfSpecDecoder(Decoder):
             tail, causal = (masks if drafting else s["drafts"]), not drafting
         return Forward(kind, torch.cat([batch.seeds[:, None], tail], 1), causal=causal, use_draft_lora=drafting)
 
-    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> list[list[int]]:
+    def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
         if self.block_length == 1:
             batch.kv.commit()
             batch.seeds = batch.sampler.pick(logits)[:, 0]
             batch.record([1] * batch.size)
-            return [[t] for t in batch.seeds.tolist()]
+            return Emission(batch.seeds[:, None], lambda rows: rows)
         was_drafting = batch.host["drafting"]
         verifying = [not d for d in was_drafting]
-        emitted: list[list[int]] = [[] for _ in range(batch.size)]
-        if any(verifying):  # first: the draft step below edits the logits in place
-            emitted, bonus = self._verify(batch, logits, verifying)
-            counts = [len(e) for e in emitted]  # the accepted drafts and the bonus; 0 for drafting rows
-            batch.kv.commit(counts)
-            batch.seeds = torch.where(torch.tensor(verifying, device=bonus.device), bonus, batch.seeds)
-            batch.record(counts, rows=verifying)
-        else:
-            batch.kv.commit([0] * batch.size)
-        self._draft(batch, logits, was_drafting)
         batch.host["drafting"] = verifying
-        return emitted
+        if not any(verifying):
+            batch.kv.commit([0] * batch.size)
+            self._draft(batch, logits, was_drafting)
+            return Emission(batch.seeds.new_zeros(batch.size, 0), lambda rows: [[] for _ in rows])  # no transfer
+        packed, bonus = self._verify(batch, logits, verifying)  # first: the draft step edits the logits
+        batch.seeds = torch.where(torch.tensor(verifying, device=bonus.device), bonus, batch.seeds)
+        self._draft(batch, logits, was_drafting)
+
+        def read(rows: list[list[int]]) -> list[list[int]]:
+            # Per verifying row: its accepted drafts and the bonus; drafting rows emit nothing.
+            emitted = [r[2 : 2 + r[0]] + [r[1]] if v else [] for r, v in zip(rows, verifying)]
+            counts = [len(e) for e in emitted]
+            batch.kv.commit(counts)
+            batch.record(counts, rows=verifying)
+            return emitted
+
+        return Emission(packed, read)
 
     def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> None:
         """Fill the masks of `rows` from their bidirectional pass over [seed, MASK...]."""
@@ -81,11 +87,9 @@ class SelfSpecDecoder(Decoder):
             s["q"] = torch.where(chosen[:, None, None], q, s["q"]) if "q" in s else q
         s["drafts"] = torch.where(chosen[:, None], drafts, s["drafts"])
 
-    def _verify(
-        self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]
-    ) -> tuple[list[list[int]], torch.Tensor]:
-        """Accept the agreeing prefix of the drafts of `rows` and a bonus token; other rows emit
-        nothing. Returns what each row emitted and the bonus tokens (B,)."""
+    def _verify(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accept the agreeing prefix of the drafts of `rows` and a bonus token. Returns, per row,
+        [accepted, bonus, drafts...] (B, b + 1) for the step's transfer, and the bonus tokens (B,)."""
         b, s, sampler = self.block_length, batch.state, batch.sampler
         drafts = s["drafts"]
         # The block length is fixed (not shrunk to the budget) so a row's drafts, and hence its
@@ -116,6 +120,4 @@ class SelfSpecDecoder(Decoder):
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
             next_draft = drafts.gather(1, accepted.clamp(max=b - 2)[:, None])[:, 0]
             bonus = torch.where(agreed > accepted, next_draft, sampler.sample(residual, draw)[:, 0])
-        # The step's one transfer to the host: per row, accepted drafts, bonus, drafts.
-        packed = torch.cat([accepted[:, None], bonus[:, None], drafts], 1).tolist()
-        return [r[2 : 2 + r[0]] + [r[1]] if v else [] for r, v in zip(packed, rows)], bonus
+        return torch.cat([accepted[:, None], bonus[:, None], drafts], 1), bonus

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder, Forward
+from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward
 from trimode.engine.model_runner import ModelRunner
 from trimode.kv_cache import KVCache, KVPool
 from trimode.outputs import GenerationOutput
@@ -140,48 +140,50 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
     return batch
 
 
-def prefill(
+def plan_prefill(
     runner: ModelRunner, pool: KVPool, requests: list[Request], eos_ids: set[int]
-) -> tuple[DecodeBatch, list[list[int]]]:
-    """A new batch for `requests`, prefilled together; returns it and each row's first token."""
+) -> tuple[DecodeBatch, Forward]:
+    """A new batch for `requests` and the one causal forward that prefills them together: each row
+    feeds its context past its cached prefix, right-padded (pad slots lie past the row's length and
+    stay invisible)."""
     batch = new_batch(runner, pool, requests, eos_ids)
-    try:
-        contexts = [r.context_ids for r in requests]
-        starts = list(batch.kv.lengths)  # cached prefixes are not fed again
-        todo = [len(c) - n for c, n in zip(contexts, starts)]
-        padded = torch.zeros(len(requests), max(todo), dtype=torch.long)
-        for i, (c, n) in enumerate(zip(contexts, starts)):
-            padded[i, : todo[i]] = torch.tensor(c[n:])
-        # Right-padded: row b's pad slots lie past its length and stay invisible.
-        last = torch.tensor(todo, device=runner.device) - 1
-        logits = runner.execute(
-            batch, Forward("prefill", padded.to(runner.device), True, logit_index=last, num_fed=todo)
-        )
-        batch.kv.set_lengths([len(c) for c in contexts])
-    except BaseException:
-        batch.release()
-        raise
+    starts = list(batch.kv.lengths)  # cached prefixes are not fed again
+    todo = [len(r.context_ids) - n for r, n in zip(requests, starts)]
+    padded = torch.zeros(len(requests), max(todo), dtype=torch.long)
+    for i, (r, n) in enumerate(zip(requests, starts)):
+        padded[i, : todo[i]] = torch.tensor(r.context_ids[n:])
+    last = torch.tensor(todo, device=runner.device) - 1
+    return batch, Forward("prefill", padded.to(runner.device), True, logit_index=last, num_fed=todo)
+
+
+def accept_prefill(batch: DecodeBatch, requests: list[Request], logits: torch.Tensor) -> Emission:
+    """The prefill's K/V become the rows' prefixes (offered to later requests); each row's first token."""
+    contexts = [r.context_ids for r in requests]
+    batch.kv.set_lengths([len(c) for c in contexts])
     for row, c in enumerate(contexts):
         batch.kv.register_prefix(row, c)
-    return batch, first_tokens(batch, requests, batch.sampler.pick(logits)[:, 0])
+    return first_tokens(batch, requests, batch.sampler.pick(logits)[:, 0])
 
 
-def prefill_chunk(runner: ModelRunner, batch: DecodeBatch, request: Request, max_tokens: int) -> list[int] | None:
-    """Feed the next (at most `max_tokens`) context tokens of a one-row batch into its KV cache.
-    Returns its first token(s) once the whole context is in, else None."""
-    done, context = batch.kv.lengths[0], request.context_ids
-    chunk = context[done : done + max_tokens]
-    tokens = torch.tensor([chunk], device=runner.device)
+def plan_chunk(runner: ModelRunner, batch: DecodeBatch, request: Request, max_tokens: int) -> Forward:
+    """The forward that feeds the next (at most `max_tokens`) context tokens of a one-row batch."""
+    done = batch.kv.lengths[0]
+    chunk = request.context_ids[done : done + max_tokens]
     logit_index = torch.tensor([len(chunk) - 1], device=runner.device)
-    logits = runner.execute(batch, Forward("prefill", tokens, True, logit_index=logit_index))
+    return Forward("prefill", torch.tensor([chunk], device=runner.device), True, logit_index=logit_index)
+
+
+def accept_chunk(batch: DecodeBatch, request: Request, logits: torch.Tensor) -> Emission | None:
+    """The chunk joins the prefix; once the whole context is in, the row's first token (else None)."""
     batch.kv.commit()
-    if done + len(chunk) < len(context):
+    context = request.context_ids
+    if batch.kv.lengths[0] < len(context):
         return None
     batch.kv.register_prefix(0, context)
-    return first_tokens(batch, [request], batch.sampler.pick(logits)[:, 0])[0]
+    return first_tokens(batch, [request], batch.sampler.pick(logits)[:, 0])
 
 
-def first_tokens(batch: DecodeBatch, requests: list[Request], picked: torch.Tensor) -> list[list[int]]:
+def first_tokens(batch: DecodeBatch, requests: list[Request], picked: torch.Tensor) -> Emission:
     """After a prefill: each row's seed is what it picked, emitted as its first token, or for a
     resumed request the seed it had (already emitted before its preemption)."""
     known = [r.resume_seed for r in requests]
@@ -189,7 +191,7 @@ def first_tokens(batch: DecodeBatch, requests: list[Request], picked: torch.Tens
         fill = torch.tensor([-1 if s is None else s for s in known], device=picked.device)
         picked = torch.where(fill >= 0, fill, picked)
     batch.seeds = picked
-    return [[t] if s is None else [] for t, s in zip(picked.tolist(), known)]
+    return Emission(picked[:, None], lambda rows: [row if s is None else [] for row, s in zip(rows, known)])
 
 
 def apply_step(
@@ -214,12 +216,6 @@ def apply_step(
 def set_remaining(batch: DecodeBatch, rows: list[Request]) -> None:
     """Each row's budget left, derived from its request (rows aligned with the batch)."""
     batch.remaining = torch.tensor([r.params.max_tokens - len(r.token_ids) for r in rows], device=batch.seeds.device)
-
-
-def decode_step(runner: ModelRunner, decoder: Decoder, batch: DecodeBatch) -> list[list[int]]:
-    """One forward for every row of `batch`: the decoder plans it, the runner runs it, the decoder
-    takes its logits. Returns the tokens each row emitted."""
-    return decoder.accept(batch, runner.execute(batch, decoder.plan(batch)))
 
 
 @dataclass

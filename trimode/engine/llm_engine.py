@@ -28,19 +28,21 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from trimode.decoding import Decoder, batch_key, make_decoder
-from trimode.decoding.base import DecodeBatch
+from trimode.decoding.base import DecodeBatch, Emission, Forward, transfer
 from trimode.engine.generate import (
     Request,
     RequestOutput,
+    accept_chunk,
+    accept_prefill,
     apply_step,
-    decode_step,
     new_batch,
-    prefill,
-    prefill_chunk,
+    plan_chunk,
+    plan_prefill,
     set_remaining,
     streamable_text,
 )
@@ -60,6 +62,21 @@ class _Group:
     batch: DecodeBatch
     requests: list[Request] = field(default_factory=list)
     vtime: float = 0.0  # forward seconds spent per row so far: the group with the least goes next
+
+
+@dataclass
+class _Part:
+    """One batch's share of a step's forward: what it feeds, how its logits are accepted (into what
+    the step's host transfer carries for it), and how its requests are updated from what they
+    emitted, or failed."""
+
+    batch: DecodeBatch
+    forward: Forward
+    accept: Callable[[torch.Tensor], Emission | None]
+    finish: Callable[[list[list[int]] | None], list[RequestOutput]]
+    fail: Callable[[Exception], list[RequestOutput]]
+    pages: int  # KV pages its forward allocates
+    group: tuple | None = None  # the running group it decodes, if any
 
 
 @dataclass
@@ -206,105 +223,189 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> run -> update. Returns the requests that committed something this step.
 
-        A step either prefills or runs one forward of one group (the one with the least forward
-        time per row so far), alternating while there is prefill work: a newcomer's first token
-        returns after its prefill instead of after the running batches' decode (TTFT). A prefill
-        step feeds at most `max_num_batched_tokens` prompt tokens: newcomers whose prompts fit go
-        together; a longer prompt is fed a chunk per prefill step, taking turns with newcomers, so
-        it never stalls the other requests."""
+        A step is one model forward. Its lead is either a prefill or one running group's pass (the
+        group with the least forward time per row so far), alternating while there is prefill work:
+        a newcomer's first token returns after its prefill instead of after the running batches'
+        decode (TTFT). A prefill feeds at most `max_num_batched_tokens` prompt tokens: newcomers
+        whose prompts fit go together; a longer prompt is fed a chunk per prefill step, taking turns
+        with newcomers, so it never stalls the other requests. Groups whose pass feeds one token per
+        row (AR) ride in every step's forward besides its lead (`_riders`)."""
         if not self._prefilled_last:
-            outputs = self._prefill_step()
-            if outputs is not None:
+            planned = self._plan_prefill()
+            if planned is not None:
                 self._prefilled_last = True
-                return outputs
+                lead, outputs = planned
+                return outputs + self._run(lead)
         self._prefilled_last = False
         if not self.groups:
             return []
-        # One group per decode step, the one that has had the least forward time per row: groups of
-        # cheap forwards (AR) step more often than groups of block passes, so an AR request beside
-        # block-mode ones is not paced by their passes, and every row gets an equal share of time.
         key = min(self.groups, key=lambda k: self.groups[k].vtime)
         group = self.groups[key]
         self._make_room(lambda: group.batch.kv.pages_needed(group.decoder.width) if key in self.groups else 0)
         if key not in self.groups:
             return []
-        before = list(group.requests)
+        return self._run([self._decode_part(key)])
+
+    def _run(self, lead: list[_Part], ride: bool = True) -> list[RequestOutput]:
+        """One model forward for `lead` (and, with `ride`, the riding groups), then each part's
+        accept, the step's one host transfer, and each part's update. A forward that fails with
+        riders is run again without them (the riders have only written scratch slots), so a failure
+        is always the lead's; an accept or update that fails fails its own part."""
+        if not lead:
+            return []
+        riders = self._riders(lead) if ride else []
+        parts = lead + riders
         start = time.perf_counter()
         try:
-            group.requests = apply_step(
-                group.batch,
-                group.requests,
-                decode_step(self.runner, group.decoder, group.batch),
-                self.eos_token_ids,
-                self.tokenizer,
-            )
+            logits = self.runner.execute([(p.batch, p.forward) for p in parts])
         except Exception as e:
-            del self.groups[key]
-            group.batch.release()
-            return [self._fail(r, e) for r in before]
-        group.vtime += (time.perf_counter() - start) / len(before)
-        if not group.requests:
-            del self.groups[key]
-        return [self._output(r, group.decoder, group.batch) for r in before]
+            if riders:
+                for p in riders:
+                    p.batch.kv.commit([0] * p.batch.size)  # nothing of the failed pass is kept
+                return self._run(lead, ride=False)
+            return [out for p in lead for out in p.fail(e)]
+        elapsed = time.perf_counter() - start
+        for p in parts:
+            if p.group is not None:  # forward time per row: the group with the least leads next
+                self.groups[p.group].vtime += elapsed / p.batch.size
+        outputs, accepted = [], []
+        for p, part_logits in zip(parts, logits):
+            try:
+                accepted.append((p, p.accept(part_logits)))
+            except Exception as e:
+                outputs += p.fail(e)
+        host = iter(transfer([em for _, em in accepted if em is not None]))
+        values = [None if em is None else next(host) for _, em in accepted]
+        # Riders first: a prefill lead's newcomers may join a rider's group, which must first be
+        # updated with the rows it ran.
+        for (p, em), v in reversed(list(zip(accepted, values))):
+            try:
+                outputs += p.finish(None if em is None else em.read(v))
+            except Exception as e:
+                outputs += p.fail(e)
+        return outputs
 
-    def _prefill_step(self) -> list[RequestOutput] | None:
-        """One prefill step, or None when there is nothing to prefill."""
+    def _riders(self, lead: list[_Part]) -> list[_Part]:
+        """The groups whose pass feeds one token per row, other than the lead's, whose pages are
+        free. Their rows add a few percent to another pass's matrix products, where a forward of
+        their own would cost mostly per-forward overhead on a CPU (and a weight read on a GPU), so
+        an AR row beside block-mode rows gets a token every step instead of waiting for their passes."""
+        free = self.pool.num_free_pages - sum(p.pages for p in lead)
+        taken = {p.group for p in lead}
+        riders = []
+        for key, group in self.groups.items():
+            need = group.batch.kv.pages_needed(1)
+            if key not in taken and group.decoder.width == 1 and need <= free:
+                free -= need
+                riders.append(self._decode_part(key))
+        return riders
+
+    def _decode_part(self, key: tuple) -> _Part:
+        """Group `key`'s next pass: its decoder plans and accepts, its rows take what they emitted."""
+        group = self.groups[key]
+        before = list(group.requests)
+
+        def finish(emitted: list[list[int]] | None) -> list[RequestOutput]:
+            group.requests = apply_step(group.batch, before, emitted or [], self.eos_token_ids, self.tokenizer)
+            if not group.requests:
+                del self.groups[key]
+            return [self._output(r, group.decoder, group.batch) for r in before]
+
+        def fail(error: Exception) -> list[RequestOutput]:
+            # Its batch state may be half-updated: the group ends.
+            self.groups.pop(key, None)
+            group.batch.release()
+            return [self._fail(r, error) for r in before]
+
+        fwd = group.decoder.plan(group.batch)
+        return _Part(
+            group.batch,
+            fwd,
+            lambda logits: group.decoder.accept(group.batch, logits),
+            finish,
+            fail,
+            group.batch.kv.pages_needed(group.decoder.width),
+            key,
+        )
+
+    def _plan_prefill(self) -> tuple[list[_Part], list[RequestOutput]] | None:
+        """This step's prefill (and the outputs of requests that failed while it was planned), or
+        None when there is nothing to prefill."""
         if self._chunked and (self._chunk_turn or not self.scheduler.waiting):
             self._chunk_turn = False
-            return self._advance_chunk()
+            return self._chunk_part(self._chunked[0])
         self._chunk_turn = True
         admitted = self.scheduler.admit(self.num_running, self.pool.num_free_pages, self.max_num_batched_tokens)
         if not admitted:
-            return self._advance_chunk() if self._chunked else None
+            return self._chunk_part(self._chunked[0]) if self._chunked else None
         if len(admitted[0].context_ids) > self.max_num_batched_tokens:  # admitted alone: chunk it
             req = admitted[0]
             try:
                 self._chunked.append(_Chunked(req, new_batch(self.runner, self.pool, [req], self.eos_token_ids)))
             except Exception as e:
-                return [self._fail(req, e)]
-            return self._advance_chunk(len(self._chunked) - 1)
-        return self._prefill_isolated(admitted)
+                return [], [self._fail(req, e)]
+            return self._chunk_part(self._chunked[-1])
+        try:
+            return [self._prefill_part(admitted)], []
+        except Exception as e:
+            return [], self._prefill_isolated(admitted, e)
 
-    def _advance_chunk(self, index: int = 0) -> list[RequestOutput]:
-        job = self._chunked[index]
+    def _chunk_part(self, job: _Chunked) -> tuple[list[_Part], list[RequestOutput]]:
         todo = min(self.max_num_batched_tokens, len(job.request.context_ids) - job.batch.kv.lengths[0])
         self._make_room(lambda: job.batch.kv.pages_needed(todo) if job in self._chunked else 0)
         if job not in self._chunked:
-            return []
-        try:
-            first = prefill_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
+            return [], []
+
+        def finish(first: list[list[int]] | None) -> list[RequestOutput]:
             if first is None:
                 return []
             self._chunked.remove(job)
-            return self._join([job.request], job.batch, [first])
-        except Exception as e:
+            return self._join([job.request], job.batch, first)
+
+        def fail(error: Exception) -> list[RequestOutput]:
             if job in self._chunked:
                 self._chunked.remove(job)
             job.batch.release()
-            return [self._fail(job.request, e)]
+            return [self._fail(job.request, error)]
 
-    def _prefill_isolated(self, admitted: list[Request]) -> list[RequestOutput]:
-        try:
-            return self._prefill(admitted)
-        except Exception as e:
-            if len(admitted) == 1:
-                return [self._fail(admitted[0], e)]
+        fwd = plan_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
+        accept = partial(accept_chunk, job.batch, job.request)
+        return [_Part(job.batch, fwd, accept, finish, fail, job.batch.kv.pages_needed(todo))], []
+
+    def _prefill_part(self, admitted: list[Request]) -> _Part:
+        """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
+        joins its mode's group. Running groups change only once everything else has succeeded; if
+        it fails, each newcomer is tried alone and only those that fail alone fail."""
+        batch, fwd = plan_prefill(self.runner, self.pool, admitted, self.eos_token_ids)
+
+        def fail(error: Exception) -> list[RequestOutput]:
+            batch.release()
+            return self._prefill_isolated(admitted, error)
+
+        return _Part(
+            batch,
+            fwd,
+            partial(accept_prefill, batch, admitted),
+            lambda first: self._join(admitted, batch, first),
+            fail,
+            batch.kv.pages_needed(fwd.num_fed),
+        )
+
+    def _prefill_isolated(self, admitted: list[Request], error: Exception) -> list[RequestOutput]:
+        if len(admitted) == 1:
+            return [self._fail(admitted[0], error)]
         outputs = []
         for req in admitted:  # find the request that fails alone; its neighbours are served as usual
             if not req.num_resumed and req.resume_seed is None:  # a resumed one has emitted nothing new
                 req.reset()
                 self._sent[req.request_id] = (0, 0)
             try:
-                outputs += self._prefill([req])
+                part = self._prefill_part([req])
             except Exception as e:
                 outputs.append(self._fail(req, e))
+                continue
+            outputs += self._run([part], ride=False)
         return outputs
-
-    def _prefill(self, admitted: list[Request]) -> list[RequestOutput]:
-        """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
-        joins its mode's group. Running groups change only once everything else has succeeded."""
-        batch, first = prefill(self.runner, self.pool, admitted, self.eos_token_ids)
-        return self._join(admitted, batch, first)
 
     def _join(self, admitted: list[Request], batch: DecodeBatch, first: list[list[int]]) -> list[RequestOutput]:
         """Prefilled requests emit their first token and join their mode's group."""
@@ -316,21 +417,33 @@ class LLMEngine:
         for (key, rows), part in zip(by_key.items(), batch.split(list(by_key.values()))):
             reqs = [admitted[i] for i in rows]
             left = apply_step(part, reqs, [first[i] for i in rows], self.eos_token_ids, self.tokenizer)
-            decoder = self.groups[key].decoder if key in self.groups else make_decoder(reqs[0].params)
+            decoder = make_decoder(reqs[0].params)
             touched += [(r, decoder, part) for r in reqs]
             if left:
                 decoder.start(part)
                 joining.append((key, decoder, part, left))
         outputs = [self._output(r, d, b) for r, d, b in touched]
         for key, decoder, part, left in joining:
-            if key in self.groups:
-                self.groups[key].batch.extend(part)
-                self.groups[key].requests += left
+            self._add_to_groups(key, decoder, part, left)
+        return outputs
+
+    def _add_to_groups(self, key: tuple, decoder: Decoder, batch: DecodeBatch, requests: list[Request]) -> None:
+        """Rows of batch key `key` join its running groups. A group holds at most
+        `max_num_batched_tokens // decoder.width` rows, so no pass feeds more than a step's token
+        budget; rows past that form further groups of the same key, which take turns."""
+        cap = max(1, self.max_num_batched_tokens // decoder.width)
+        pieces = [list(range(i, min(i + cap, batch.size))) for i in range(0, batch.size, cap)]
+        for rows, part in zip(pieces, batch.split(pieces)):
+            reqs = [requests[i] for i in rows]
+            room = [k for k, g in self.groups.items() if k[0] == key and len(g.requests) + len(rows) <= cap]
+            if room:
+                self.groups[room[0]].batch.extend(part)
+                self.groups[room[0]].requests += reqs
             else:
                 # A new group starts level with the others, neither owed time nor behind.
                 vtime = min((g.vtime for g in self.groups.values()), default=0.0)
-                self.groups[key] = _Group(decoder, part, left, vtime)
-        return outputs
+                shard = next(n for n in range(len(self.groups) + 1) if (key, n) not in self.groups)
+                self.groups[(key, shard)] = _Group(decoder, part, reqs, vtime)
 
     def _fail(self, req: Request, error: Exception) -> RequestOutput:
         logger.error("request %s failed inside the engine", req.request_id, exc_info=error)

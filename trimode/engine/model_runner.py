@@ -9,7 +9,7 @@ import torch
 
 from trimode.decoding.base import DecodeBatch, Forward
 from trimode.kv_cache import PAGE_SIZE, KVCache, KVPool, num_pages
-from trimode.model.transformer import ForwardContext, Transformer
+from trimode.model.transformer import ForwardContext, Part, Transformer
 
 
 class ModelRunner:
@@ -52,28 +52,37 @@ class ModelRunner:
         `kv.commit(...)` whether they become part of the prefix. `causal` and `use_draft_lora` are
         one value for all rows or one per row (B,); `num_fed`, the real tokens of each row when the
         batch is right-padded."""
-        positions, span = kv.begin(tokens.shape[1], num_fed)
-        ctx = ForwardContext(
-            positions=positions,
-            mask=kv.attention_mask(tokens.shape[1], span, causal),
-            kv=kv,
-            use_draft_lora=use_draft_lora,
-        )
-        return self.model(tokens, ctx, logit_index=logit_index)
+        return self.forward_parts([(kv, Forward("", tokens, causal, use_draft_lora, logit_index, num_fed))])[0]
 
-    def execute(self, batch: DecodeBatch, fwd: Forward) -> torch.Tensor:
-        """Run a planned forward over `batch`, count it for every row and time it by kind (on CUDA
-        by events, read later: nothing here waits for the device)."""
+    @torch.inference_mode()
+    def forward_parts(self, parts: list[tuple[KVCache, Forward]]) -> list[torch.Tensor]:
+        """Several batches' forwards as one model forward (`Transformer.forward_parts`): each gets
+        the logits `forward` would give it alone."""
+        model_parts = []
+        for kv, fwd in parts:
+            t = fwd.tokens.shape[1]
+            positions, span = kv.begin(t, fwd.num_fed)
+            ctx = ForwardContext(positions, kv.attention_mask(t, span, fwd.causal), kv, fwd.use_draft_lora)
+            model_parts.append(Part(fwd.tokens, ctx, fwd.logit_index))
+        return self.model.forward_parts(model_parts)
+
+    def execute(self, parts: list[tuple[DecodeBatch, Forward]]) -> list[torch.Tensor]:
+        """Run planned forwards of one or more batches as one model forward; count it for every row
+        and time it, under each batch's own kind, as the time its rows waited (on CUDA by events,
+        read later: nothing here waits for the device)."""
         events = None
         if self.device.type == "cuda":
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
         began = time.perf_counter()
-        logits = self.forward(batch.kv, fwd.tokens, fwd.causal, fwd.use_draft_lora, fwd.logit_index, fwd.num_fed)
+        logits = self.forward_parts([(batch.kv, fwd) for batch, fwd in parts])
         if events is not None:
             events[1].record()
-            batch.timings.add_events(fwd.kind, *events)
-        else:
-            batch.timings.add(fwd.kind, time.perf_counter() - began)
-        batch.num_forwards = [n + 1 for n in batch.num_forwards]
+        seconds = time.perf_counter() - began
+        for batch, fwd in parts:
+            if events is not None:
+                batch.timings.add_events(fwd.kind, *events)
+            else:
+                batch.timings.add(fwd.kind, seconds)
+            batch.num_forwards = [n + 1 for n in batch.num_forwards]
         return logits

@@ -3,6 +3,12 @@
 Module names mirror the checkpoint's tensor names (`encoder.layers.0.self_attn.q_proj.weight`, ...),
 so loading is a name-for-name copy. The attention pattern and whether the KV cache is written are
 properties of each forward (`ForwardContext`), never of the module.
+
+One forward may run several batches at once (`Transformer.forward_parts`): the engine puts the
+decode rows of one mode beside another mode's block pass or a prefill. Every layer but attention
+works per token, so it runs once over all parts' tokens concatenated (N, hidden); attention runs per
+part, over that part's own cache and pattern. On a CPU a small forward costs mostly its per-op
+overhead, so a part added to another forward costs its tokens' share of the matrix products only.
 """
 
 from __future__ import annotations
@@ -31,6 +37,41 @@ class ForwardContext:
     mask: torch.Tensor | CausalBias | None  # (B, 1, T, S) bool, True = attend; or a pattern SDPA knows
     kv: KVCache | None = None
     use_draft_lora: torch.Tensor | bool = False  # (B,) per row, (B, T) per position, or one value
+
+
+@dataclass
+class Part:
+    """One batch of a forward: its tokens, context and (optionally) the one position per row whose
+    logits are wanted."""
+
+    input_ids: torch.Tensor  # (B, T)
+    ctx: ForwardContext
+    logit_index: torch.Tensor | None = None  # (B,)
+
+
+@dataclass
+class _Packed:
+    """The parts of one forward laid end to end: part i's tokens are rows [start, start + B*T) of the
+    flat (N, hidden) activations, in (B, T) order."""
+
+    spans: list[tuple[int, int, int]]  # (start, B, T) per part
+    ctxs: list[ForwardContext]
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos, sin (N, 1, D); query scale (N, 1, 1)
+    lora: torch.Tensor | bool  # draft LoRA on every token (bool) or per token (N, 1)
+
+
+def _lora_per_token(parts: list[Part]) -> torch.Tensor | bool:
+    """The parts' draft-LoRA flags as one bool when all tokens agree (the model then skips per-token
+    work), else as a (N, 1) per-token factor."""
+    flags = [p.ctx.use_draft_lora for p in parts]
+    if all(isinstance(f, bool) for f in flags) and len(set(flags)) == 1:
+        return flags[0]
+    per_token = []
+    for f, p in zip(flags, parts):
+        f = torch.as_tensor(f, device=p.input_ids.device)
+        f = f.view(1, 1) if f.dim() == 0 else f[:, None] if f.dim() == 1 else f  # one, per row, per position
+        per_token.append(f.expand(p.input_ids.shape).reshape(-1))
+    return torch.cat(per_token)[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -74,30 +115,35 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.draft_lora: LoRA | None = None  # applied to o_proj in self-spec draft passes only
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: ForwardContext
+    def forward(self, x: torch.Tensor, packed: _Packed) -> torch.Tensor:
+        """x (N, hidden), every part's tokens -> (N, hidden)."""
+        n = x.shape[0]
+        cos, sin, q_scale = packed.rope
+        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin) * q_scale
+        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        outs = [self._attend(q, k, v, span, ctx) for span, ctx in zip(packed.spans, packed.ctxs)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        y = self.o_proj(out)
+        if self.draft_lora is not None and isinstance(packed.lora, torch.Tensor):
+            y = y + self.draft_lora(out) * packed.lora.to(y.dtype)
+        elif self.draft_lora is not None and packed.lora:
+            y = y + self.draft_lora(out)
+        return y
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: tuple[int, int, int], ctx: ForwardContext
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin, q_scale = rope
-        q = apply_rotary(q, cos, sin) * q_scale
-        k = apply_rotary(k, cos, sin)
+        """One part's attention: its rows [start, start + B*T) of q, k, v (rows, heads, D) -> (B*T, H*D)."""
+        start, b, t = span
+        q, k, v = (x[start : start + b * t].view(b, t, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
         if ctx.kv is not None:
             k, v = ctx.kv.write(self.layer_index, k, v)
         # GQA: each KV head serves num_heads / num_kv_heads query heads; scale 1/sqrt(head_dim).
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
         )
-        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
-        y = self.o_proj(out)
-        lora = ctx.use_draft_lora
-        if self.draft_lora is not None and isinstance(lora, torch.Tensor):  # per row (B,) or per position (B, T)
-            y = y + self.draft_lora(out) * (lora[:, None, None] if lora.dim() == 1 else lora[..., None]).to(y.dtype)
-        elif self.draft_lora is not None and lora:
-            y = y + self.draft_lora(out)
-        return y
+        return out.transpose(1, 2).reshape(b * t, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -119,10 +165,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: ForwardContext
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, ctx)
+    def forward(self, h: torch.Tensor, packed: _Packed) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), packed)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -148,13 +192,36 @@ class Transformer(nn.Module):
         self, input_ids: torch.Tensor, ctx: ForwardContext, logit_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) in fp32, or (B, 1, V) at `logit_index` (B,) per row."""
-        h = self.encoder.embed_tokens(input_ids)
-        rope = self.rotary(ctx.positions, h.dtype)
+        return self.forward_parts([Part(input_ids, ctx, logit_index)])[0]
+
+    def forward_parts(self, parts: list[Part]) -> list[torch.Tensor]:
+        """Several batches in one forward: each part's logits, as `forward` would give them alone."""
+        spans, start = [], 0
+        for p in parts:
+            b, t = p.input_ids.shape
+            spans.append((start, b, t))
+            start += b * t
+        ids = torch.cat([p.input_ids.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0].input_ids.reshape(-1)
+        positions = torch.cat([p.ctx.positions.expand(p.input_ids.shape).reshape(-1) for p in parts])
+        h = self.encoder.embed_tokens(ids)  # (N, hidden)
+        cos, sin, q_scale = self.rotary(positions[None], h.dtype)  # (1, 1, N, D), (1, 1, N, 1)
+        rope = cos[0, 0, :, None], sin[0, 0, :, None], q_scale[0, 0, :, None]
+        packed = _Packed(spans, [p.ctx for p in parts], rope, _lora_per_token(parts))
         for layer in self.encoder.layers:
-            h = layer(h, rope, ctx)
-        if logit_index is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logit_index][:, None]
-        return self.diffusion_head(self.encoder.norm(h)).float()
+            h = layer(h, packed)
+        wanted = []  # per part: its rows of h whose logits are wanted, (B*T', hidden)
+        for p, (s, b, t) in zip(parts, spans):
+            rows = h[s : s + b * t]
+            if p.logit_index is not None:
+                rows = rows.view(b, t, -1)[torch.arange(b, device=h.device), p.logit_index]
+            wanted.append(rows)
+        logits = self.diffusion_head(self.encoder.norm(torch.cat(wanted) if len(wanted) > 1 else wanted[0])).float()
+        out, at = [], 0
+        for p, (_, b, t) in zip(parts, spans):
+            t = 1 if p.logit_index is not None else t
+            out.append(logits[at : at + b * t].view(b, t, -1))
+            at += b * t
+        return out
 
     def attach_draft_lora(self, rank: int, scale: float) -> None:
         """Create (zero-initialised B) draft LoRA modules on every o_proj; the loader fills them."""
