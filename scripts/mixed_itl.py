@@ -7,7 +7,7 @@ token - time of its first) / (tokens - 1), as `trimode bench` computes it, its T
 being added to its first token. Prints one JSON line: per mode, requests finished, ITL p50 and
 TTFT p50 in ms.
 
-Usage: python scripts/mixed_itl.py MODES [SECONDS] [CLIENTS]
+Usage: python scripts/mixed_itl.py MODES [SECONDS] [CLIENTS] [MAX_NUM_BATCHED_TOKENS]
        e.g. python scripts/mixed_itl.py ar 15; python scripts/mixed_itl.py ar,diffusion,selfspec 15
 """
 
@@ -23,10 +23,10 @@ from trimode import LLM, SamplingParams
 from trimode.tasks import TASKS, held_out
 
 
-def main(modes: list[str], seconds: float, clients: int) -> None:
+def main(modes: list[str], seconds: float, clients: int, max_num_batched_tokens: int) -> None:
     llm = LLM()
     chats = [e.messages() for t in TASKS for e in held_out(t, 10)]
-    engine = llm.engine(max_batch=clients)
+    engine = llm.engine(max_batch=clients, max_num_batched_tokens=max_num_batched_tokens)
     serial = count()
     mode_of: dict[str, str] = {}
     emitted: dict[str, list[tuple[float, int]]] = {}  # request -> (time, tokens) per step that emitted
@@ -77,4 +77,5 @@ if __name__ == "__main__":
         sys.argv[1].split(","),
         float(sys.argv[2]) if len(sys.argv) > 2 else 15.0,
         int(sys.argv[3]) if len(sys.argv) > 3 else 32,
+        int(sys.argv[4]) if len(sys.argv) > 4 else 512,
     )

@@ -273,6 +273,10 @@ class KVCache:
         self.lengths = [n + c for n, c in zip(self.lengths, added)]
         self._trim(t)
 
+    def discard(self) -> None:
+        """Drop the pending pass, if one began (its forward failed): nothing of it joins the prefix."""
+        self._trim(self._pending or 0)
+
     def set_lengths(self, lengths: list[int]) -> None:
         """Crop (or, after a padded prefill, set) each row's prefix length; pages past it return."""
         if len(lengths) != self.batch_size:

@@ -229,8 +229,9 @@ class LLMEngine:
         decode (TTFT). A prefill feeds at most `max_num_batched_tokens` prompt tokens: newcomers
         whose prompts fit go together; a longer prompt is fed a chunk per prefill step, taking turns
         with newcomers, so it never stalls the other requests. Groups whose pass feeds one token per
-        row (AR) ride in every step's forward besides its lead (`_riders`)."""
-        if not self._prefilled_last:
+        row (AR) ride in every step's forward besides its lead (`_riders`); while only such groups
+        run, every step with prefill work prefills, since their rows advance in it anyway."""
+        if not self._prefilled_last or all(g.decoder.width == 1 for g in self.groups.values()):
             planned = self._plan_prefill()
             if planned is not None:
                 self._prefilled_last = True
@@ -261,7 +262,7 @@ class LLMEngine:
         except Exception as e:
             if riders:
                 for p in riders:
-                    p.batch.kv.commit([0] * p.batch.size)  # nothing of the failed pass is kept
+                    p.batch.kv.discard()
                 return self._run(lead, ride=False)
             return [out for p in lead for out in p.fail(e)]
         elapsed = time.perf_counter() - start
