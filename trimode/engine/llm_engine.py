@@ -1,25 +1,27 @@
 """LLMEngine: requests arrive and leave at any time; every mode runs in the same engine, and
 `LLM.generate` is this engine stepped to completion.
 
-Continuous batching: a step either prefills (newcomers together, within `max_num_batched_tokens`
-prompt tokens; a longer prompt a chunk at a time) or runs one forward of one running group (the one
-with the least forward time per row so far), and returns what each request newly committed.
-Requests of the same mode and block shape form one group (one decode batch, whose decoder plans one
-forward over all its rows); different modes are separate groups with passes of their own shapes:
-on this CPU that beats one merged batch padded to the widest pass from 8 requests per mode up, the
-load a server sees (scripts/grouped_vs_merged.py; README). Decoders treat rows independently, so a
-request decodes exactly as it would alone (temperature 0; and with the same seed at temperature > 0),
-whatever else is running.
+Continuous batching: each step is one model forward, and returns what each request newly
+committed. Its lead is a prefill (newcomers together, within `max_num_batched_tokens` prompt tokens;
+a longer prompt a chunk at a time) or one running group's pass (`Groups`: requests of one mode and
+block shape share a decode batch, at most a step's token budget of rows). Groups whose pass feeds
+one token per row (AR) ride in every step's forward beside the lead (`trimode.engine.step`): the
+dense layers run over all parts' tokens at once and attention per part, so an AR row beside
+block-mode rows or a prefill gets a token every step for a few percent of that forward's work.
+Different block shapes stay separate parts, never padded to the widest pass. Decoders treat rows
+independently, so a request decodes exactly as it would alone (temperature 0; and with the same seed
+at temperature > 0), whatever else is running or riding.
 
 KV memory is one pool of pages, allocated here (`KVPool`); every batch holds page tables into it.
 Finished and aborted requests leave their group at once and their pages return. A step that needs
 pages the pool lacks first preempts the most recently arrived requests, which wait at the head of
 the queue and resume by recomputing their prompt and output (`Request.preempt`).
 
-A failure while serving a request fails that request, not its neighbours: a prefill that raises is
-retried one newcomer at a time (it builds fresh batches, so nothing running has changed), and only
-the newcomers that fail alone are finished with an error. A decode step that raises fails the group
-it ran (its batch state may be half-updated); the other groups go on.
+A failure while serving a request fails that request, not its neighbours: a forward that raises
+with riders is run again without them; a prefill that raises is retried one newcomer at a time (it
+builds fresh batches, so nothing running has changed), and only the newcomers that fail alone are
+finished with an error. A decode pass that raises fails the group it ran (its batch state may be
+half-updated); the other groups go on.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from trimode.decoding import Decoder, batch_key, make_decoder
-from trimode.decoding.base import DecodeBatch, Emission, Forward, transfer
+from trimode.decoding.base import DecodeBatch
 from trimode.engine.generate import (
     Request,
     RequestOutput,
@@ -43,40 +45,18 @@ from trimode.engine.generate import (
     new_batch,
     plan_chunk,
     plan_prefill,
-    set_remaining,
     streamable_text,
 )
+from trimode.engine.groups import Groups
 from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import Scheduler
+from trimode.engine.step import StepPart, run_parts
 from trimode.kv_cache import PAGE_SIZE, KVPoolExhausted
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
 
 logger = logging.getLogger("trimode.engine")
-
-
-@dataclass
-class _Group:
-    decoder: Decoder
-    batch: DecodeBatch
-    requests: list[Request] = field(default_factory=list)
-    vtime: float = 0.0  # forward seconds spent per row so far: the group with the least goes next
-
-
-@dataclass
-class _Part:
-    """One batch's share of a step's forward: what it feeds, how its logits are accepted (into what
-    the step's host transfer carries for it), and how its requests are updated from what they
-    emitted, or failed."""
-
-    batch: DecodeBatch
-    forward: Forward
-    accept: Callable[[torch.Tensor], Emission | None]
-    finish: Callable[[list[list[int]] | None], list[RequestOutput]]
-    fail: Callable[[Exception], list[RequestOutput]]
-    pages: int  # KV pages its forward allocates
-    group: tuple | None = None  # the running group it decodes, if any
 
 
 @dataclass
@@ -116,7 +96,7 @@ class LLMEngine:
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
         self._chunk_turn = False
-        self.groups: dict[tuple, _Group] = {}
+        self.groups = Groups()
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
         self._ids: set[str] = set()
         self._prefilled_last = False
@@ -174,23 +154,12 @@ class LLMEngine:
                 job.batch.release()
                 self._forget(request_id)
                 return True
-        for key, group in list(self.groups.items()):
-            for i, req in enumerate(group.requests):
-                if req.request_id == request_id:
-                    self._drop_row(key, i)
-                    self._forget(request_id)
-                    return True
+        found = self.groups.find(request_id)
+        if found is not None:
+            self.groups.drop_row(*found)
+            self._forget(request_id)
+            return True
         return False
-
-    def _drop_row(self, key: tuple, row: int) -> None:
-        """Row `row` leaves group `key` (its pages return to the pool); an empty group ends."""
-        group = self.groups[key]
-        keep = [j for j in range(len(group.requests)) if j != row]
-        group.requests = [group.requests[j] for j in keep]
-        group.batch.select_rows(keep)
-        set_remaining(group.batch, group.requests)
-        if not keep:
-            del self.groups[key]
 
     def _make_room(self, pages_needed: Callable[[], int]) -> None:
         """Preempt the most recently arrived running requests until `pages_needed()` pages are free
@@ -208,9 +177,9 @@ class LLMEngine:
                 job.batch.release()
                 break
         else:
-            key, row = next((k, g.requests.index(req)) for k, g in self.groups.items() if req in g.requests)
+            key, row = self.groups.find(req.request_id)
             req.preempt(self.groups[key].decoder.pending_commit(self.groups[key].batch)[row])
-            self._drop_row(key, row)
+            self.groups.drop_row(key, row)
         self.scheduler.add_preempted(req)
         self.num_preemptions += 1
         logger.info("request %s preempted (KV pool full); it resumes when pages are free", req.request_id)
@@ -238,55 +207,35 @@ class LLMEngine:
                 lead, outputs = planned
                 return outputs + self._run(lead)
         self._prefilled_last = False
-        if not self.groups:
+        key = self.groups.next_lead()
+        if key is None:
             return []
-        key = min(self.groups, key=lambda k: self.groups[k].vtime)
         group = self.groups[key]
         self._make_room(lambda: group.batch.kv.pages_needed(group.decoder.width) if key in self.groups else 0)
         if key not in self.groups:
             return []
         return self._run([self._decode_part(key)])
 
-    def _run(self, lead: list[_Part], ride: bool = True) -> list[RequestOutput]:
-        """One model forward for `lead` (and, with `ride`, the riding groups), then each part's
-        accept, the step's one host transfer, and each part's update. A forward that fails with
-        riders is run again without them (the riders have only written scratch slots), so a failure
-        is always the lead's; an accept or update that fails fails its own part."""
+    def _run(self, lead: list[StepPart], ride: bool = True) -> list[RequestOutput]:
+        """One model forward for `lead` and (with `ride`) the riding groups. A forward that fails
+        with riders is run again without them (they have only written scratch slots), so a failed
+        forward is always its lead's."""
         if not lead:
             return []
         riders = self._riders(lead) if ride else []
-        parts = lead + riders
-        start = time.perf_counter()
+        sizes = [(p.group, p.batch.size) for p in lead + riders if p.group is not None]
         try:
-            logits = self.runner.execute([(p.batch, p.forward) for p in parts])
+            outputs, seconds = run_parts(self.runner, lead + riders)
         except Exception as e:
             if riders:
                 for p in riders:
                     p.batch.kv.discard()
                 return self._run(lead, ride=False)
             return [out for p in lead for out in p.fail(e)]
-        elapsed = time.perf_counter() - start
-        for p in parts:
-            if p.group is not None:  # forward time per row: the group with the least leads next
-                self.groups[p.group].vtime += elapsed / p.batch.size
-        outputs, accepted = [], []
-        for p, part_logits in zip(parts, logits):
-            try:
-                accepted.append((p, p.accept(part_logits)))
-            except Exception as e:
-                outputs += p.fail(e)
-        host = iter(transfer([em for _, em in accepted if em is not None]))
-        values = [None if em is None else next(host) for _, em in accepted]
-        # Riders first: a prefill lead's newcomers may join a rider's group, which must first be
-        # updated with the rows it ran.
-        for (p, em), v in reversed(list(zip(accepted, values))):
-            try:
-                outputs += p.finish(None if em is None else em.read(v))
-            except Exception as e:
-                outputs += p.fail(e)
+        self.groups.charge(sizes, seconds)
         return outputs
 
-    def _riders(self, lead: list[_Part]) -> list[_Part]:
+    def _riders(self, lead: list[StepPart]) -> list[StepPart]:
         """The groups whose pass feeds one token per row, other than the lead's, whose pages are
         free. Their rows add a few percent to another pass's matrix products, where a forward of
         their own would cost mostly per-forward overhead on a CPU (and a weight read on a GPU), so
@@ -301,7 +250,7 @@ class LLMEngine:
                 riders.append(self._decode_part(key))
         return riders
 
-    def _decode_part(self, key: tuple) -> _Part:
+    def _decode_part(self, key: tuple) -> StepPart:
         """Group `key`'s next pass: its decoder plans and accepts, its rows take what they emitted."""
         group = self.groups[key]
         before = list(group.requests)
@@ -319,7 +268,7 @@ class LLMEngine:
             return [self._fail(r, error) for r in before]
 
         fwd = group.decoder.plan(group.batch)
-        return _Part(
+        return StepPart(
             group.batch,
             fwd,
             lambda logits: group.decoder.accept(group.batch, logits),
@@ -329,7 +278,7 @@ class LLMEngine:
             key,
         )
 
-    def _plan_prefill(self) -> tuple[list[_Part], list[RequestOutput]] | None:
+    def _plan_prefill(self) -> tuple[list[StepPart], list[RequestOutput]] | None:
         """This step's prefill (and the outputs of requests that failed while it was planned), or
         None when there is nothing to prefill."""
         if self._chunked and (self._chunk_turn or not self.scheduler.waiting):
@@ -351,7 +300,7 @@ class LLMEngine:
         except Exception as e:
             return [], self._prefill_isolated(admitted, e)
 
-    def _chunk_part(self, job: _Chunked) -> tuple[list[_Part], list[RequestOutput]]:
+    def _chunk_part(self, job: _Chunked) -> tuple[list[StepPart], list[RequestOutput]]:
         todo = min(self.max_num_batched_tokens, len(job.request.context_ids) - job.batch.kv.lengths[0])
         self._make_room(lambda: job.batch.kv.pages_needed(todo) if job in self._chunked else 0)
         if job not in self._chunked:
@@ -371,9 +320,9 @@ class LLMEngine:
 
         fwd = plan_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
         accept = partial(accept_chunk, job.batch, job.request)
-        return [_Part(job.batch, fwd, accept, finish, fail, job.batch.kv.pages_needed(todo))], []
+        return [StepPart(job.batch, fwd, accept, finish, fail, job.batch.kv.pages_needed(todo))], []
 
-    def _prefill_part(self, admitted: list[Request]) -> _Part:
+    def _prefill_part(self, admitted: list[Request]) -> StepPart:
         """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
         joins its mode's group. Running groups change only once everything else has succeeded; if
         it fails, each newcomer is tried alone and only those that fail alone fail."""
@@ -383,7 +332,7 @@ class LLMEngine:
             batch.release()
             return self._prefill_isolated(admitted, error)
 
-        return _Part(
+        return StepPart(
             batch,
             fwd,
             partial(accept_prefill, batch, admitted),
@@ -425,26 +374,8 @@ class LLMEngine:
                 joining.append((key, decoder, part, left))
         outputs = [self._output(r, d, b) for r, d, b in touched]
         for key, decoder, part, left in joining:
-            self._add_to_groups(key, decoder, part, left)
+            self.groups.add(key, decoder, part, left, max(1, self.max_num_batched_tokens // decoder.width))
         return outputs
-
-    def _add_to_groups(self, key: tuple, decoder: Decoder, batch: DecodeBatch, requests: list[Request]) -> None:
-        """Rows of batch key `key` join its running groups. A group holds at most
-        `max_num_batched_tokens // decoder.width` rows, so no pass feeds more than a step's token
-        budget; rows past that form further groups of the same key, which take turns."""
-        cap = max(1, self.max_num_batched_tokens // decoder.width)
-        pieces = [list(range(i, min(i + cap, batch.size))) for i in range(0, batch.size, cap)]
-        for rows, part in zip(pieces, batch.split(pieces)):
-            reqs = [requests[i] for i in rows]
-            room = [k for k, g in self.groups.items() if k[0] == key and len(g.requests) + len(rows) <= cap]
-            if room:
-                self.groups[room[0]].batch.extend(part)
-                self.groups[room[0]].requests += reqs
-            else:
-                # A new group starts level with the others, neither owed time nor behind.
-                vtime = min((g.vtime for g in self.groups.values()), default=0.0)
-                shard = next(n for n in range(len(self.groups) + 1) if (key, n) not in self.groups)
-                self.groups[(key, shard)] = _Group(decoder, part, reqs, vtime)
 
     def _fail(self, req: Request, error: Exception) -> RequestOutput:
         logger.error("request %s failed inside the engine", req.request_id, exc_info=error)

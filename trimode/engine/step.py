@@ -1,0 +1,53 @@
+"""One engine step's model forward over several batches ("parts"), and what follows it: each part's
+accept, the step's one host transfer, and each part's update."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from trimode.decoding.base import DecodeBatch, Emission, Forward, transfer
+from trimode.engine.generate import RequestOutput
+from trimode.engine.model_runner import ModelRunner
+
+
+@dataclass
+class StepPart:
+    """One batch's share of a step's forward: what it feeds, how its logits are accepted (into what
+    the step's host transfer carries for it), and how its requests are updated from what they
+    emitted, or failed."""
+
+    batch: DecodeBatch
+    forward: Forward
+    accept: Callable[[torch.Tensor], Emission | None]
+    finish: Callable[[list[list[int]] | None], list[RequestOutput]]
+    fail: Callable[[Exception], list[RequestOutput]]
+    pages: int  # KV pages its forward allocates
+    group: tuple | None = None  # the running group it decodes, if any
+
+
+def run_parts(runner: ModelRunner, parts: list[StepPart]) -> tuple[list[RequestOutput], float]:
+    """One model forward for `parts`; returns their outputs and the forward's seconds. An accept or
+    update that raises fails its own part; what the forward raises propagates, before any part has
+    changed (each has only written its scratch KV slots). Parts are updated last to first, so a
+    lead's newcomers join a group that rode with it only after that group took its own tokens."""
+    start = time.perf_counter()
+    logits = runner.execute([(p.batch, p.forward) for p in parts])
+    seconds = time.perf_counter() - start
+    outputs, accepted = [], []
+    for p, part_logits in zip(parts, logits):
+        try:
+            accepted.append((p, p.accept(part_logits)))
+        except Exception as e:
+            outputs += p.fail(e)
+    host = iter(transfer([em for _, em in accepted if em is not None]))
+    values = [None if em is None else next(host) for _, em in accepted]
+    for (p, em), v in reversed(list(zip(accepted, values))):
+        try:
+            outputs += p.finish(None if em is None else em.read(v))
+        except Exception as e:
+            outputs += p.fail(e)
+    return outputs, seconds
