@@ -1,5 +1,6 @@
-"""Request state and the mode-agnostic pieces of an engine step: prefill, one decode step, and
-applying what a step emitted (EOS, stop strings, max_tokens, finished rows leaving the batch)."""
+"""Request state and the mode-agnostic pieces of an engine step: a prefill's and a prefill chunk's
+forward and accept, and applying what a step emitted (EOS, stop strings, max_tokens, finished rows
+leaving the batch)."""
 
 from __future__ import annotations
 
