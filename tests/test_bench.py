@@ -118,7 +118,9 @@ def test_expand_configs():
 
 def test_speedup_is_measured_against_ar_in_the_same_run(llm):
     prompts = task_suite(2)
-    results, _ = sweep(llm, prompts, expand_configs(["ar", "selfspec"], [1], [8], [0.9]), 6, 0, show_progress=False)
+    results = sweep(
+        llm, prompts, expand_configs(["ar", "selfspec"], [1], [8], [0.9]), 6, 0, show_progress=False
+    ).results
     ar, spec = results
     assert ar["speedup_vs_ar"] == 1.0
     assert spec["speedup_vs_ar"] == pytest.approx(spec["output_tokens_per_s"] / ar["output_tokens_per_s"], rel=1e-2)
@@ -148,6 +150,8 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
             str(out),
             "--dtype",
             "float32",
+            "--repeats",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -156,7 +160,12 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert {"command", "versions", "machine", "suite", "num_prompts", "results", "baseline", "plots"} <= doc.keys()
     assert {"device", "dtype", "threads", "parameters", "weight_bytes"} <= doc["machine"].keys()
-    assert len(doc["results"]) == 2 * 3 and doc["num_prompts"] == 2
+    assert len(doc["results"]) == 2 * 3 + 1 and doc["num_prompts"] == 2 and doc["repeats"] == 2
+    control = [r for r in doc["results"] if r.get("control")]
+    assert [(r["mode"], r["batch_size"]) for r in control] == [("ar", 1)]  # the A/A control
+    assert isinstance(doc["warnings"], list) and "## Checks" in (out / "report.md").read_text()
+    assert {len(v) for v in doc["samples"].values()} == {2 * 2, 2 * 1}  # (batches, repeats) per batch size
+    assert all({"lo", "median", "hi"} == r["output_tokens_per_s_ci"].keys() for r in doc["results"])
     fields = {
         "mode",
         "batch_size",
@@ -183,6 +192,13 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
 
 
 def test_bench_bad_flags_exit_2(capsys):
-    for args in (["--batch-sizes", "1,x"], ["--modes", "fast"], ["--thresholds", "2"], ["--suite", "none"]):
+    bad = (
+        ["--batch-sizes", "1,x"],
+        ["--modes", "fast"],
+        ["--thresholds", "2"],
+        ["--suite", "none"],
+        ["--repeats", "-1"],
+    )
+    for args in bad:
         code, err = run_cli(["bench", *args], capsys)
         assert code == 2 and "Traceback" not in err and "error" in err, err

@@ -223,6 +223,8 @@ def _float_list(flag: str, text: str) -> list[float]:
 def _bench(args: argparse.Namespace) -> int:
     if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
         raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
+    if args.repeats < 0 or args.min_seconds < 0:
+        raise ValueError("--repeats and --min-seconds must be >= 0 (--repeats 0: repeat until --min-seconds)")
     if args.endpoint:
         return _bench_endpoint(args)
     if args.concurrency or args.duration is not None or args.served_model or args.api_key:
@@ -234,7 +236,7 @@ def _bench(args: argparse.Namespace) -> int:
     from trimode.bench.hf_baseline import run_hf_baseline
     from trimode.bench.machine import machine_card
     from trimode.bench.report import crossover, table, write
-    from trimode.bench.runner import BenchConfig, encode, expand_configs, run_config, sweep
+    from trimode.bench.runner import BenchConfig, encode, expand_configs, run_config, sweep, with_control
     from trimode.bench.suites import load_suite
     from trimode.llm import LLM
 
@@ -249,7 +251,16 @@ def _bench(args: argparse.Namespace) -> int:
     )
     prompts = load_suite(args.suite, args.num_prompts)
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
-    results, outputs = sweep(llm, prompts, configs, args.max_tokens, args.warmup)
+    run = sweep(
+        llm,
+        prompts,
+        with_control(configs),
+        args.max_tokens,
+        args.warmup,
+        repeats=args.repeats,
+        min_seconds=args.min_seconds,
+    )
+    results, outputs = run.results, run.outputs
     versions = {"trimode": __version__, "torch": torch.__version__}
     doc = {
         "command": "trimode " + " ".join(sys.argv[1:]),
@@ -259,8 +270,11 @@ def _bench(args: argparse.Namespace) -> int:
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "warmup": args.warmup,
+        "repeats": run.repeats,
         "results": results,
         "crossover": crossover(results),
+        "warnings": run.warnings,
+        "samples": run.samples(),
     }
     if args.baseline == "hf":
         import transformers
@@ -279,11 +293,16 @@ def _bench(args: argparse.Namespace) -> int:
             f"({b['speed_ratio_trimode_over_hf']}x); identical outputs {100 * b['identical_outputs']:.1f}%"
         )
     total = sum(r["num_generated_tokens"] for r in results)
-    print(f"{len(prompts)} prompts x {len(results)} configurations, {total} generated tokens measured")
+    print(
+        f"{len(prompts)} prompts x {len(results)} configurations x {run.repeats} repeats, interleaved: "
+        f"{total} generated tokens measured"
+    )
+    for w in run.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.out:
         write(doc, Path(args.out))
         print(f"wrote {args.out}/results.json, report.md and plots")
-    return 0
+    return 1 if args.strict and run.warnings else 0
 
 
 def _bench_endpoint(args: argparse.Namespace) -> int:
@@ -534,6 +553,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="per configuration, not measured: batches offline, requests per client over HTTP",
+    )
+    b.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="offline: passes over the prompts, configurations interleaved (default 0: until --min-seconds)",
+    )
+    b.add_argument(
+        "--min-seconds", type=float, default=3.0, help="offline, with --repeats 0: timed seconds per configuration"
+    )
+    b.add_argument(
+        "--strict", action="store_true", help="exit 1 if the A/A control or a tokens-per-forward bound fails"
     )
     b.add_argument("--baseline", help="'hf': also run transformers generate() on the same weights")
     b.add_argument("--out", help="directory for results.json, report.md and the plots")

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (
-    ("config", 22),
-    ("tok/s", 9),
+    ("config", 26),
+    ("tok/s [95% CI]", 20),
     ("req/s", 7),
     ("TPF", 6),
     ("tok/cycle", 9),
@@ -16,11 +16,11 @@ COLUMNS = (
     ("TTFT p50", 9),
     ("ITL p50", 8),
     ("acc", 6),
-    ("vs AR", 6),
+    ("vs AR [95% CI]", 18),
 )
 HTTP_COLUMNS = (
-    ("config", 22),
-    ("tok/s", 9),
+    ("config", 26),
+    ("tok/s [95% CI]", 20),
     ("req/s", 7),
     ("TPF", 6),
     ("failed", 6),
@@ -44,11 +44,25 @@ def _label(r: dict[str, Any]) -> str:
         parts.append(f"B{r['block_length']}")
     if r.get("threshold") is not None:
         parts.append(f"t{r['threshold']:g}")
+    if r.get("control"):
+        parts.append("(A/A)")
     return " ".join(parts)
 
 
 def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _with_ci(r: dict[str, Any], key: str, spec: str) -> str:
+    """A figure and, when the run has one, its bootstrap 95% interval."""
+    ci = r.get(f"{key}_ci")
+    text = _fmt(r.get(key), spec)
+    return text if ci is None else f"{text} [{ci['lo']:{spec}}, {ci['hi']:{spec}}]"
+
+
+def measured(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results without the A/A control (which plots and the crossover leave out)."""
+    return [r for r in results if not r.get("control")]
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -75,12 +89,12 @@ def table(results: list[dict[str, Any]]) -> str:
         )
         cells = (
             _label(r),
-            _fmt(r["output_tokens_per_s"], ".1f"),
+            _with_ci(r, "output_tokens_per_s", ".1f"),
             _fmt(r["requests_per_s"], ".2f"),
             _fmt(r["tokens_per_forward"], ".2f"),
             *middle,
             _fmt(r["accuracy"], ".3f"),
-            _fmt(r.get("speedup_vs_ar"), ".2f"),
+            _with_ci(r, "speedup_vs_ar", ".2f"),
         )
         lines.append("  ".join(c.rjust(w) for c, (_, w) in zip(cells, columns)))
     return "\n".join(lines)
@@ -111,13 +125,13 @@ def markdown(doc: dict[str, Any]) -> str:
     for r in doc["results"]:
         cells = [
             _label(r),
-            _fmt(r["output_tokens_per_s"], ".1f"),
+            _with_ci(r, "output_tokens_per_s", ".1f"),
             _fmt(r["requests_per_s"], ".2f"),
             _fmt(r["tokens_per_forward"], ".2f"),
             pair(r["ttft_ms"], ".1f"),
             pair(r["itl_ms"], ".2f"),
             _fmt(r["accuracy"], ".3f"),
-            _fmt(r.get("speedup_vs_ar"), ".2f"),
+            _with_ci(r, "speedup_vs_ar", ".2f"),
         ]
         if http:
             cells += [str(r["num_failed"]), pair(r["chunk_gap_ms"], ".1f"), pair(r["e2e_ms"], ".0f")]
@@ -136,7 +150,11 @@ def markdown(doc: dict[str, Any]) -> str:
             + f", warm-up {doc['warmup']} request(s) per client excluded"
         )
     else:
-        how = f"warm-up {doc['warmup']} batches excluded"
+        how = (
+            f"warm-up {doc['warmup']} batches excluded; {doc['repeats']} repeat(s), configurations interleaved "
+            "batch by batch in a shuffled order per repeat; [95% bootstrap intervals over (batch, repeat) units, "
+            "speed-ups paired]"
+        )
     parts = [
         f"# trimode bench\n\nCommand: `{doc['command']}`\n",
         f"## Machine\n\n{card}\n",
@@ -155,6 +173,11 @@ def markdown(doc: dict[str, Any]) -> str:
             for m, b in r["by_mode"].items()
         ]
         parts.append("")
+    if "warnings" in doc:
+        checks = "\n".join(f"- warning: {w}" for w in doc["warnings"]) or (
+            "- the A/A control's ratio interval contains 1.0, and no speed-up exceeds its tokens-per-forward prediction"
+        )
+        parts.append(f"## Checks\n\n{checks}\n")
     if doc.get("baseline"):
         parts.append("## Hugging Face baseline\n\n" + "\n".join(f"- {k}: {v}" for k, v in doc["baseline"].items()))
     if doc.get("crossover"):
@@ -164,6 +187,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def crossover(results: list[dict[str, Any]]) -> str | None:
     """The smallest batch size at which AR's tokens/s beats every selfspec configuration."""
+    results = measured(results)
     sizes = sorted({r["batch_size"] for r in results})
     best = {
         bs: max(
@@ -190,6 +214,7 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = measured(results)
     written = []
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:

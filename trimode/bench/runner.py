@@ -1,14 +1,25 @@
-"""Run one configuration (mode, batch size, block length, threshold) over a suite, and sweeps of them."""
+"""Run one configuration (mode, batch size, block length, threshold) over a suite, and sweeps of them.
+
+A sweep interleaves its configurations (a shared machine drifts, and neighbours come and go: what
+runs back to back absorbs that unevenly): repeat by repeat, in a shuffled order per repeat (reversed
+on every other batch), prompt batch k of every configuration runs before batch k + 1 of any. Each
+timed batch is a unit; rates and ratios get bootstrap intervals over the units
+(`trimode.bench.stats`), paired where two configurations ran the same batches. An A/A control (one
+configuration measured twice) and a tokens-per-forward bound make the sweep check itself
+(`Sweep.warnings`).
+"""
 
 from __future__ import annotations
 
+import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from trimode.bench.metrics import add_speedup_vs_ar, summarize
+from trimode.bench.stats import rate_interval
 from trimode.bench.suites import BenchPrompt
 from trimode.decoding import uses
 from trimode.outputs import GenerationOutput
@@ -28,6 +39,7 @@ class BenchConfig:
     batch_size: int
     block_length: int | None = None  # modes that read it (decoding.uses)
     threshold: float | None = None
+    control: bool = False  # the A/A control: a second measurement of the same configuration
 
     @property
     def label(self) -> str:
@@ -36,6 +48,8 @@ class BenchConfig:
             parts.append(f"B{self.block_length}")
         if self.threshold is not None:
             parts.append(f"t{self.threshold:g}")
+        if self.control:
+            parts.append("(A/A)")
         return " ".join(parts)
 
 
@@ -58,6 +72,27 @@ def encode(llm: Generator, prompts: list[BenchPrompt]) -> list[list[int]]:
     ]
 
 
+def with_control(configs: list[BenchConfig]) -> list[BenchConfig]:
+    """`configs` plus the A/A control: a second copy of AR at the smallest batch size (of the first
+    configuration when AR is not swept)."""
+    ar = [c for c in configs if c.mode == "ar"]
+    original = min(ar, key=lambda c: c.batch_size) if ar else configs[0]
+    return configs + [replace(original, control=True)]
+
+
+def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int, seed: int) -> list[SamplingParams]:
+    return [
+        SamplingParams(
+            mode=cfg.mode,
+            max_tokens=p.max_tokens or max_tokens,
+            seed=seed,
+            block_length=cfg.block_length or 32,
+            threshold=0.9 if cfg.threshold is None else cfg.threshold,
+        )
+        for p in prompts
+    ]
+
+
 def run_config(
     llm: Generator,
     prompts: list[BenchPrompt],
@@ -68,16 +103,7 @@ def run_config(
     seed: int = 0,
 ) -> tuple[dict[str, Any], list[GenerationOutput]]:
     """Warm-up batches (not measured), then every prompt once, `batch_size` at a time."""
-    params = [
-        SamplingParams(
-            mode=cfg.mode,
-            max_tokens=p.max_tokens or max_tokens,
-            seed=seed,
-            block_length=cfg.block_length or 32,
-            threshold=0.9 if cfg.threshold is None else cfg.threshold,
-        )
-        for p in prompts
-    ]
+    params = _params(cfg, prompts, max_tokens, seed)
     starts = range(0, len(prompts), cfg.batch_size)
     for s in list(starts)[:warmup]:
         llm.generate(ids[s : s + cfg.batch_size], params[s : s + cfg.batch_size])
@@ -94,6 +120,32 @@ def run_config(
     return {**asdict(cfg), **summarize(outputs, correct, wall, forward_ms)}, outputs
 
 
+@dataclass
+class Unit:
+    """One timed batch of one configuration."""
+
+    batch: int  # index of its prompt batch
+    repeat: int
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class Sweep:
+    results: list[dict[str, Any]]
+    outputs: dict[BenchConfig, list[GenerationOutput]]  # per configuration, its first repeat's outputs
+    units: dict[BenchConfig, list[Unit]]
+    repeats: int
+    warnings: list[str] = field(default_factory=list)
+
+    def samples(self) -> dict[str, list[dict[str, Any]]]:
+        """Every unit, for results.json."""
+        return {cfg.label: [asdict(u) for u in units] for cfg, units in self.units.items()}
+
+
+MAX_REPEATS = 50
+
+
 def sweep(
     llm: Generator,
     prompts: list[BenchPrompt],
@@ -101,18 +153,101 @@ def sweep(
     max_tokens: int,
     warmup: int,
     show_progress: bool = True,
-) -> tuple[list[dict[str, Any]], dict[BenchConfig, list[GenerationOutput]]]:
+    repeats: int = 1,
+    min_seconds: float = 0.0,
+    seed: int = 0,
+) -> Sweep:
+    """Run `configs` interleaved: warm-up batches round-robin, then per repeat a shuffled order of
+    the configurations and, batch by batch, that batch of each (in reverse on odd batches).
+    `repeats` 0: repeat until every configuration has `min_seconds` of timed batches (at most
+    MAX_REPEATS)."""
     ids = encode(llm, prompts)
-    results, outputs = [], {}
-    bar = tqdm(configs, disable=not show_progress, unit="config")
-    for cfg in bar:
-        bar.set_description(cfg.label)
-        result, outs = run_config(llm, prompts, ids, cfg, max_tokens, warmup)
-        results.append(result)
-        outputs[cfg] = outs
+    params = {cfg: _params(cfg, prompts, max_tokens, 0) for cfg in configs}
+    starts = {cfg: list(range(0, len(prompts), cfg.batch_size)) for cfg in configs}
+
+    def run(cfg: BenchConfig, k: int) -> tuple[list[GenerationOutput], float]:
+        s, n = starts[cfg][k], cfg.batch_size
+        t0 = time.perf_counter()
+        outs = llm.generate(ids[s : s + n], params[cfg][s : s + n])
+        return outs, time.perf_counter() - t0
+
+    for k in range(warmup):
+        for cfg in configs:
+            if k < len(starts[cfg]):
+                run(cfg, k)
+    units: dict[BenchConfig, list[Unit]] = {cfg: [] for cfg in configs}
+    outputs: dict[BenchConfig, list[list[GenerationOutput]]] = {cfg: [] for cfg in configs}
+    most = max(len(v) for v in starts.values())
+    bar = tqdm(disable=not show_progress, unit="batch")
+    r = 0
+    while r < (repeats or MAX_REPEATS):
+        order = list(configs)
+        random.Random(seed + r).shuffle(order)
+        for k in range(most):
+            # Every other batch in reverse (ABBA): a drift linear in time cancels over each pair.
+            for cfg in order if k % 2 == 0 else order[::-1]:
+                if k < len(starts[cfg]):
+                    bar.set_description(f"repeat {r + 1} {cfg.label}")
+                    outs, seconds = run(cfg, k)
+                    units[cfg].append(Unit(k, r, sum(o.num_generated_tokens for o in outs), seconds))
+                    outputs[cfg].append(outs)
+                    bar.update()
+        r += 1
+        if not repeats and min(sum(u.seconds for u in v) for v in units.values()) >= min_seconds:
+            break
+    bar.close()
+    result = Sweep(_summaries(prompts, configs, units, outputs), {}, units, r)
+    result.outputs = {cfg: [o for batch in outputs[cfg][: len(starts[cfg])] for o in batch] for cfg in configs}
+    result.warnings = add_intervals(result)
+    return result
+
+
+def _summaries(
+    prompts: list[BenchPrompt],
+    configs: list[BenchConfig],
+    units: dict[BenchConfig, list[Unit]],
+    outputs: dict[BenchConfig, list[list[GenerationOutput]]],
+) -> list[dict[str, Any]]:
+    results = []
+    for cfg in configs:
+        outs = [o for batch in outputs[cfg] for o in batch]
+        correct = [p.is_correct(o.text) for p, o in zip(prompts * (len(outs) // len(prompts)), outs)]
+        wall = sum(u.seconds for u in units[cfg])
+        results.append({**asdict(cfg), **summarize(outs, correct, wall, [b[0].forward_ms for b in outputs[cfg]])})
     add_speedup_vs_ar(results, "batch_size")
-    for r in results:
-        # If every forward cost one AR step, the speed-up would equal the tokens-per-forward ratio.
-        speedup = r["speedup_vs_ar"]
-        r["speedup_vs_tpf_prediction"] = round(speedup / r["tokens_per_forward"], 3) if speedup is not None else None
-    return results, outputs
+    return results
+
+
+def add_intervals(sw: Sweep) -> list[str]:
+    """Add each result's intervals (tokens/s; speed-up over AR at its batch size, paired) and the
+    tokens-per-forward prediction; return the warnings: an A/A control whose ratio interval misses
+    1.0, a speed-up whose interval lies above what tokens per forward allow."""
+    warnings = []
+    configs = list(sw.units)
+    by_label = {cfg.label: (cfg, r) for cfg, r in zip(configs, sw.results)}
+    for cfg, r in zip(configs, sw.results):
+        u = sw.units[cfg]
+        r["output_tokens_per_s_ci"] = rate_interval([x.tokens for x in u], [x.seconds for x in u]).as_dict(2)
+        ar = by_label.get(BenchConfig("ar", cfg.batch_size).label)
+        if ar is None:
+            continue
+        base = sw.units[ar[0]]
+        ratio = rate_interval(
+            [x.tokens for x in u], [x.seconds for x in u], [x.tokens for x in base], [x.seconds for x in base]
+        )
+        r["speedup_vs_ar_ci"] = ratio.as_dict()
+        # If every forward cost one AR forward, the speed-up would be the tokens-per-forward ratio.
+        prediction = r["tokens_per_forward"] / ar[1]["tokens_per_forward"]
+        r["tpf_prediction"] = round(prediction, 3)
+        r["speedup_vs_tpf_prediction"] = round(r["speedup_vs_ar"] / prediction, 3)
+        if cfg.control and not ratio.contains(1.0):
+            warnings.append(
+                f"A/A control: {cfg.label} over {ar[0].label} is {ratio.median:.3f} "
+                f"[{ratio.lo:.3f}, {ratio.hi:.3f}], which excludes 1.0: the machine was not steady"
+            )
+        if cfg.mode != "ar" and ratio.lo > prediction * 1.001:  # AR's own bound is the A/A control's
+            warnings.append(
+                f"{cfg.label}: speed-up over AR {ratio.median:.2f} [{ratio.lo:.2f}, {ratio.hi:.2f}] exceeds what its "
+                f"tokens per forward allow ({prediction:.2f}): a measurement error until explained"
+            )
+    return warnings

@@ -1,0 +1,63 @@
+"""Intervals for benchmark rates and ratios: a percentile bootstrap over measurement units.
+
+A unit is one timed batch: (prompt batch, repeat) of one configuration, with its generated tokens
+and wall seconds. A configuration's rate is the ratio of sums (tokens / seconds over its units), so
+long batches weigh by their length, as a throughput does. Two configurations that ran the same
+prompt batches in the same repeats are compared *paired*: each bootstrap draw resamples the same
+units for both, which cancels what the prompts and the machine's drift share (Efron & Tibshirani,
+An Introduction to the Bootstrap, 1993, ch. 13).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NUM_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Interval:
+    median: float  # of the bootstrap distribution
+    lo: float  # 2.5th percentile
+    hi: float  # 97.5th percentile
+
+    def contains(self, x: float) -> bool:
+        return self.lo <= x <= self.hi
+
+    @property
+    def half_width(self) -> float:
+        """Half the interval's width relative to its median (0.05 = +-5%)."""
+        return (self.hi - self.lo) / 2 / self.median if self.median else float("inf")
+
+    def as_dict(self, digits: int = 3) -> dict[str, float]:
+        return {"median": round(self.median, digits), "lo": round(self.lo, digits), "hi": round(self.hi, digits)}
+
+
+def rate_interval(
+    tokens: list[float],
+    seconds: list[float],
+    base_tokens: list[float] | None = None,
+    base_seconds: list[float] | None = None,
+    seed: int = 0,
+) -> Interval:
+    """Bootstrap interval of sum(tokens) / sum(seconds), or, given a base measured on the same units
+    (index i of both is the same prompt batch and repeat), of that rate over the base's."""
+    if not tokens or len(tokens) != len(seconds):
+        raise ValueError(f"need one seconds per unit and at least one unit; got {len(tokens)}, {len(seconds)}")
+    paired = base_tokens is not None and base_seconds is not None
+    if paired and not (len(base_tokens) == len(base_seconds) == len(tokens)):
+        raise ValueError("a paired ratio needs the same units on both sides")
+    g = torch.Generator().manual_seed(seed)
+    draw = torch.randint(len(tokens), (NUM_RESAMPLES, len(tokens)), generator=g)
+
+    def rate(t: list[float], s: list[float]) -> torch.Tensor:
+        t_, s_ = torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
+        return t_[draw].sum(1) / s_[draw].sum(1)
+
+    stats = rate(tokens, seconds)
+    if paired:
+        stats = stats / rate(base_tokens, base_seconds)
+    q = torch.quantile(stats, torch.tensor([0.5, 0.025, 0.975], dtype=torch.float64)).tolist()
+    return Interval(*q)
