@@ -10,8 +10,9 @@ import sys
 import pytest
 from run_cli import run_cli
 
+from trimode.bench import runner
 from trimode.bench.metrics import percentile
-from trimode.bench.runner import BenchConfig, expand_configs, run_config, sweep
+from trimode.bench.runner import BenchConfig, expand_configs, sweep
 from trimode.bench.suites import BenchPrompt, jsonl_suite, load_suite, task_suite
 from trimode.outputs import GenerationOutput
 
@@ -97,11 +98,14 @@ class FakeLLM:
         return outs
 
 
-def test_tokens_per_forward_accounting_on_a_fake_model(llm):
+def test_tokens_per_forward_accounting_on_a_fake_model(llm, monkeypatch):
     fake = FakeLLM(llm.tokenizer)
     prompts = [BenchPrompt(id=str(i), category="c", prompt="p") for i in range(6)]
     ids = [[1, 2]] * 6
-    result, outs = run_config(fake, prompts, ids, BenchConfig("selfspec", 4, 8), max_tokens=10, warmup=1)
+    monkeypatch.setattr(runner, "encode", lambda _, p: ids)
+    result = sweep(
+        fake, prompts, [BenchConfig("selfspec", 4, 8)], max_tokens=10, warmup=1, show_progress=False
+    ).results[0]
     assert fake.calls == 1 + 2  # one warm-up batch, then 6 prompts in batches of 4 and 2
     assert result["num_generated_tokens"] == 60 and result["num_forwards"] == 6 * 7
     assert result["tokens_per_forward"] == pytest.approx(60 / 42, abs=1e-4)
@@ -160,9 +164,14 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert {"command", "versions", "machine", "suite", "num_prompts", "results", "baseline", "plots"} <= doc.keys()
     assert {"device", "dtype", "threads", "parameters", "weight_bytes"} <= doc["machine"].keys()
-    assert len(doc["results"]) == 2 * 3 + 1 and doc["num_prompts"] == 2 and doc["repeats"] == 2
+    assert len(doc["results"]) == 2 * 3 + 2 and doc["num_prompts"] == 2 and doc["repeats"] == 2
     control = [r for r in doc["results"] if r.get("control")]
     assert [(r["mode"], r["batch_size"]) for r in control] == [("ar", 1)]  # the A/A control
+    (hf,) = [r for r in doc["results"] if r["engine"] == "hf"]  # the baseline, interleaved with the rest
+    ci = doc["baseline"]["speed_ratio_ci"]
+    assert (
+        hf["batch_size"] == 1 and ci["lo"] <= ci["median"] <= ci["hi"] and hf["accuracy"] == doc["baseline"]["accuracy"]
+    )
     assert isinstance(doc["warnings"], list) and "## Checks" in (out / "report.md").read_text()
     assert {len(v) for v in doc["samples"].values()} == {2 * 2, 2 * 1}  # (batches, repeats) per batch size
     assert all({"lo", "median", "hi"} == r["output_tokens_per_s_ci"].keys() for r in doc["results"])

@@ -233,10 +233,10 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from trimode import __version__
-    from trimode.bench.hf_baseline import run_hf_baseline
+    from trimode.bench.hf_baseline import baseline_summary
     from trimode.bench.machine import machine_card
     from trimode.bench.report import crossover, table, write
-    from trimode.bench.runner import BenchConfig, encode, expand_configs, run_config, sweep, with_control
+    from trimode.bench.runner import BenchConfig, expand_configs, sweep, with_control
     from trimode.bench.suites import load_suite
     from trimode.llm import LLM
 
@@ -251,17 +251,28 @@ def _bench(args: argparse.Namespace) -> int:
     )
     prompts = load_suite(args.suite, args.num_prompts)
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    versions = {"trimode": __version__, "torch": torch.__version__}
+    configs, baselines = with_control(configs), {}
+    ar1, hf1 = BenchConfig("ar", 1), BenchConfig("ar", 1, engine="hf")
+    if args.baseline == "hf":
+        import transformers
+
+        from trimode.bench.hf_baseline import HFGenerator
+
+        versions["transformers"] = transformers.__version__
+        baselines["hf"] = HFGenerator(llm)
+        configs += [ar1] * (ar1 not in configs) + [hf1]  # the baseline beside trimode AR on the same batches
     run = sweep(
         llm,
         prompts,
-        with_control(configs),
+        configs,
         args.max_tokens,
         args.warmup,
         repeats=args.repeats,
         min_seconds=args.min_seconds,
+        baselines=baselines,
     )
     results, outputs = run.results, run.outputs
-    versions = {"trimode": __version__, "torch": torch.__version__}
     doc = {
         "command": "trimode " + " ".join(sys.argv[1:]),
         "versions": versions,
@@ -276,13 +287,9 @@ def _bench(args: argparse.Namespace) -> int:
         "warnings": run.warnings,
         "samples": run.samples(),
     }
-    if args.baseline == "hf":
-        import transformers
-
-        versions["transformers"] = transformers.__version__
-        ar1 = BenchConfig("ar", 1)
-        ours = outputs.get(ar1) or run_config(llm, prompts, encode(llm, prompts), ar1, args.max_tokens, args.warmup)[1]
-        doc["baseline"] = run_hf_baseline(llm, encode(llm, prompts), ours, args.max_tokens, args.warmup)
+    if baselines:
+        by_config = dict(zip(run.units, results))
+        doc["baseline"] = baseline_summary(by_config[hf1], by_config[ar1], outputs[hf1], outputs[ar1])
     print(table(results))
     if doc["crossover"]:
         print(doc["crossover"])
@@ -290,7 +297,8 @@ def _bench(args: argparse.Namespace) -> int:
         b = doc["baseline"]
         print(
             f"HF generate: {b['output_tokens_per_s']} tokens/s; trimode AR {b['trimode_ar_tokens_per_s']} "
-            f"({b['speed_ratio_trimode_over_hf']}x); identical outputs {100 * b['identical_outputs']:.1f}%"
+            f"({b['speed_ratio_trimode_over_hf']}x [{b['speed_ratio_ci']['lo']}, {b['speed_ratio_ci']['hi']}], "
+            f"paired); identical outputs {100 * b['identical_outputs']:.1f}%"
         )
     total = sum(r["num_generated_tokens"] for r in results)
     print(

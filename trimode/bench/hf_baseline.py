@@ -1,4 +1,5 @@
-"""`--baseline hf`: the same weights as a Hugging Face Ministral-3 causal LM, greedy `generate()`."""
+"""`--baseline hf`: the same weights as a Hugging Face Ministral-3 causal LM, greedy `generate()`,
+run by the sweep as one more configuration (interleaved with trimode's, so their ratio is paired)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from trimode.llm import LLM
 from trimode.outputs import GenerationOutput
+from trimode.sampling_params import SamplingParams
 
 
 def hf_model(llm: LLM) -> Any:
@@ -43,48 +45,72 @@ def hf_model(llm: LLM) -> Any:
     return model.to(device=llm.device, dtype=llm.model.diffusion_head.weight.dtype).eval()
 
 
-@torch.inference_mode()
-def run_hf_baseline(
-    llm: LLM, ids: list[list[int]], ours: list[GenerationOutput], max_tokens: int, warmup: int
-) -> dict[str, Any]:
-    """Batch 1, greedy, the prompts of our AR batch-1 run; agreement is token for token."""
-    model = hf_model(llm)
-    eos = sorted(llm.eos_token_ids)
+class HFGenerator:
+    """Hugging Face `generate()` (greedy, one prompt at a time) behind the bench's generator
+    interface, so the sweep interleaves it with trimode's configurations."""
 
-    def generate(prompt: list[int], n: int) -> list[int]:
-        x = torch.tensor([prompt], device=llm.device)
-        out = model.generate(
+    def __init__(self, llm: LLM) -> None:
+        self.tokenizer = llm.tokenizer
+        self.model = hf_model(llm)
+        self.eos = sorted(llm.eos_token_ids)
+        self.pad = llm.config.pad_token_id or self.eos[0]
+        self.device = llm.device
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationOutput]:
+        return [self._one(p, sp.max_tokens) for p, sp in zip(prompts, params)]
+
+    def _one(self, prompt: list[int], max_tokens: int) -> GenerationOutput:
+        x = torch.tensor([prompt], device=self.device)
+        t0 = time.perf_counter()
+        out = self.model.generate(
             x,
             attention_mask=torch.ones_like(x),
-            max_new_tokens=n,
+            max_new_tokens=max_tokens,
             do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=llm.config.pad_token_id or eos[0],
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
         )
-        return out[0, len(prompt) :].tolist()
+        seconds = time.perf_counter() - t0
+        tokens = out[0, len(prompt) :].tolist()
+        return GenerationOutput(
+            prompt=None,
+            prompt_token_ids=prompt,
+            text=self.tokenizer.decode(tokens),
+            token_ids=tokens,
+            finish_reason="stop" if tokens and tokens[-1] in self.eos else "length",
+            mode="ar",
+            num_forwards=len(tokens),  # the prefill gives the first token, each later one a step
+            seconds=round(seconds, 4),
+        )
 
-    for prompt in ids[:warmup]:
-        generate(prompt, max_tokens)
-    tokens, wall, same, matched = 0, 0.0, 0, 0
-    for prompt, mine in zip(ids, ours):
-        t0 = time.perf_counter()
-        theirs = generate(prompt, len(mine.token_ids) if mine.finish_reason == "length" else max_tokens)
-        wall += time.perf_counter() - t0
-        tokens += len(theirs)
-        same += theirs == mine.token_ids
-        matched += next(
-            (i for i, (a, b) in enumerate(zip(theirs, mine.token_ids)) if a != b), min(len(theirs), len(mine.token_ids))
+
+def baseline_summary(
+    hf: dict[str, Any], ar: dict[str, Any], theirs: list[GenerationOutput], ours: list[GenerationOutput]
+) -> dict[str, Any]:
+    """The baseline's figures beside trimode AR at batch 1 (`hf`, `ar`: their sweep results, run
+    interleaved): speed ratio with its paired interval, and token-for-token agreement."""
+    same = sum(a.token_ids == b.token_ids for a, b in zip(theirs, ours))
+    matched = sum(
+        next(
+            (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+            min(len(a.token_ids), len(b.token_ids)),
         )
-    ours_tps = sum(o.num_generated_tokens for o in ours) / max(sum(o.seconds for o in ours), 1e-9)
-    hf_tps = tokens / wall
+        for a, b in zip(theirs, ours)
+    )
+    ci = hf["speedup_vs_ar_ci"]  # HF over trimode AR: invert for trimode over HF
     return {
         "engine": "transformers.generate (Ministral3ForCausalLM, greedy, batch 1)",
-        "num_requests": len(ids),
-        "num_generated_tokens": tokens,
-        "seconds": round(wall, 4),
-        "output_tokens_per_s": round(hf_tps, 2),
-        "trimode_ar_tokens_per_s": round(ours_tps, 2),
-        "speed_ratio_trimode_over_hf": round(ours_tps / hf_tps, 3),
-        "identical_outputs": round(same / len(ids), 4),
+        "num_requests": len(theirs),
+        "output_tokens_per_s": hf["output_tokens_per_s"],
+        "trimode_ar_tokens_per_s": ar["output_tokens_per_s"],
+        "speed_ratio_trimode_over_hf": round(ar["output_tokens_per_s"] / hf["output_tokens_per_s"], 3),
+        "speed_ratio_ci": {
+            "median": round(1 / ci["median"], 3),
+            "lo": round(1 / ci["hi"], 3),
+            "hi": round(1 / ci["lo"], 3),
+        },
+        "accuracy": hf["accuracy"],
+        "identical_outputs": round(same / len(theirs), 4),
         "token_agreement": round(matched / max(sum(len(o.token_ids) for o in ours), 1), 4),
     }

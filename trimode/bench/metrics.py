@@ -59,10 +59,15 @@ def summarize(
     return result
 
 
+def is_ar(r: dict[str, Any]) -> bool:
+    """Whether a result is the AR reference of its load."""
+    return r["mode"] == "ar" and not r.get("control") and r.get("engine", "trimode") == "trimode"
+
+
 def add_speedup_vs_ar(results: list[dict[str, Any]], load: str) -> None:
     """Each result's tokens/s over AR's at the same load (`batch_size` or `concurrency`) in the same run
-    (AR's own measurement, not its A/A control copy)."""
-    ar = {r[load]: r["output_tokens_per_s"] for r in results if r["mode"] == "ar" and not r.get("control")}
+    (trimode AR's own measurement: not its A/A control copy, nor a baseline engine)."""
+    ar = {r[load]: r["output_tokens_per_s"] for r in results if is_ar(r)}
     for r in results:
         base = ar.get(r[load])
         r["speedup_vs_ar"] = round(r["output_tokens_per_s"] / base, 3) if base else None

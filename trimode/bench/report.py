@@ -39,7 +39,9 @@ def _load(r: dict[str, Any]) -> int:
 
 
 def _label(r: dict[str, Any]) -> str:
-    parts = [r["mode"], f"bs{r['batch_size']}" if "batch_size" in r else f"c{r['concurrency']}"]
+    engine = r.get("engine", "trimode")
+    parts = [r["mode"] if engine == "trimode" else engine]
+    parts.append(f"bs{r['batch_size']}" if "batch_size" in r else f"c{r['concurrency']}")
     if r.get("block_length") is not None:
         parts.append(f"B{r['block_length']}")
     if r.get("threshold") is not None:
@@ -61,8 +63,9 @@ def _with_ci(r: dict[str, Any], key: str, spec: str) -> str:
 
 
 def measured(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The results without the A/A control (which plots and the crossover leave out)."""
-    return [r for r in results if not r.get("control")]
+    """trimode's results, without the A/A control or a baseline (which plots and the crossover
+    leave out)."""
+    return [r for r in results if not r.get("control") and r.get("engine", "trimode") == "trimode"]
 
 
 def table(results: list[dict[str, Any]]) -> str:

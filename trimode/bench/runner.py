@@ -1,4 +1,4 @@
-"""Run one configuration (mode, batch size, block length, threshold) over a suite, and sweeps of them.
+"""Sweeps of benchmark configurations (mode, batch size, block length, threshold; or a baseline engine) over a suite.
 
 A sweep interleaves its configurations (a shared machine drifts, and neighbours come and go: what
 runs back to back absorbs that unevenly): repeat by repeat, in a shuffled order per repeat (reversed
@@ -40,10 +40,11 @@ class BenchConfig:
     block_length: int | None = None  # modes that read it (decoding.uses)
     threshold: float | None = None
     control: bool = False  # the A/A control: a second measurement of the same configuration
+    engine: str = "trimode"  # or a baseline's name ("hf"), whose generator runs this configuration
 
     @property
     def label(self) -> str:
-        parts = [self.mode, f"bs{self.batch_size}"]
+        parts = [self.mode if self.engine == "trimode" else self.engine, f"bs{self.batch_size}"]
         if self.block_length is not None:
             parts.append(f"B{self.block_length}")
         if self.threshold is not None:
@@ -93,33 +94,6 @@ def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int, seed:
     ]
 
 
-def run_config(
-    llm: Generator,
-    prompts: list[BenchPrompt],
-    ids: list[list[int]],
-    cfg: BenchConfig,
-    max_tokens: int,
-    warmup: int,
-    seed: int = 0,
-) -> tuple[dict[str, Any], list[GenerationOutput]]:
-    """Warm-up batches (not measured), then every prompt once, `batch_size` at a time."""
-    params = _params(cfg, prompts, max_tokens, seed)
-    starts = range(0, len(prompts), cfg.batch_size)
-    for s in list(starts)[:warmup]:
-        llm.generate(ids[s : s + cfg.batch_size], params[s : s + cfg.batch_size])
-    outputs: list[GenerationOutput] = []
-    forward_ms: list[dict[str, float]] = []
-    wall = 0.0
-    for s in starts:
-        t0 = time.perf_counter()
-        outs = llm.generate(ids[s : s + cfg.batch_size], params[s : s + cfg.batch_size])
-        wall += time.perf_counter() - t0
-        outputs += outs
-        forward_ms.append(outs[0].forward_ms)
-    correct = [p.is_correct(o.text) for p, o in zip(prompts, outputs)]
-    return {**asdict(cfg), **summarize(outputs, correct, wall, forward_ms)}, outputs
-
-
 @dataclass
 class Unit:
     """One timed batch of one configuration."""
@@ -156,19 +130,21 @@ def sweep(
     repeats: int = 1,
     min_seconds: float = 0.0,
     seed: int = 0,
+    baselines: dict[str, Generator] | None = None,
 ) -> Sweep:
     """Run `configs` interleaved: warm-up batches round-robin, then per repeat a shuffled order of
     the configurations and, batch by batch, that batch of each (in reverse on odd batches).
     `repeats` 0: repeat until every configuration has `min_seconds` of timed batches (at most
-    MAX_REPEATS)."""
+    MAX_REPEATS). A configuration whose `engine` is a baseline's name runs on `baselines[engine]`."""
     ids = encode(llm, prompts)
+    engines = {"trimode": llm, **(baselines or {})}
     params = {cfg: _params(cfg, prompts, max_tokens, 0) for cfg in configs}
     starts = {cfg: list(range(0, len(prompts), cfg.batch_size)) for cfg in configs}
 
     def run(cfg: BenchConfig, k: int) -> tuple[list[GenerationOutput], float]:
         s, n = starts[cfg][k], cfg.batch_size
         t0 = time.perf_counter()
-        outs = llm.generate(ids[s : s + n], params[cfg][s : s + n])
+        outs = engines[cfg.engine].generate(ids[s : s + n], params[cfg][s : s + n])
         return outs, time.perf_counter() - t0
 
     for k in range(warmup):
