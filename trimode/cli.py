@@ -270,6 +270,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.warmup,
         repeats=args.repeats,
         min_seconds=args.min_seconds,
+        seed=args.seed,
         baselines=baselines,
     )
     results, outputs = run.results, run.outputs
@@ -574,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--strict", action="store_true", help="exit 1 if the A/A control or a tokens-per-forward bound fails"
     )
+    b.add_argument("--seed", type=int, default=0, help="offline: seeds the order of configurations in each repeat")
     b.add_argument("--baseline", help="'hf': also run transformers generate() on the same weights")
     b.add_argument("--out", help="directory for results.json, report.md and the plots")
     b.add_argument("--endpoint", help="bench a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")

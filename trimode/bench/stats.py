@@ -5,7 +5,10 @@ and wall seconds. A configuration's rate is the ratio of sums (tokens / seconds 
 long batches weigh by their length, as a throughput does. Two configurations that ran the same
 prompt batches in the same repeats are compared *paired*: each bootstrap draw resamples the same
 units for both, which cancels what the prompts and the machine's drift share (Efron & Tibshirani,
-An Introduction to the Bootstrap, 1993, ch. 13).
+An Introduction to the Bootstrap, 1993, ch. 13). Units are given in the order they ran, and drawn in
+blocks of consecutive units (the moving-block bootstrap, Kunsch 1989; blocks of ~n^(1/3)): a shared
+machine's load lasts longer than one batch, so neighbouring units are not independent, and drawing
+them one by one would make the intervals too narrow.
 """
 
 from __future__ import annotations
@@ -43,14 +46,18 @@ def rate_interval(
     seed: int = 0,
 ) -> Interval:
     """Bootstrap interval of sum(tokens) / sum(seconds), or, given a base measured on the same units
-    (index i of both is the same prompt batch and repeat), of that rate over the base's."""
+    (index i of both is the same prompt batch and repeat), of that rate over the base's. Units in
+    the order they ran."""
     if not tokens or len(tokens) != len(seconds):
         raise ValueError(f"need one seconds per unit and at least one unit; got {len(tokens)}, {len(seconds)}")
     paired = base_tokens is not None and base_seconds is not None
     if paired and not (len(base_tokens) == len(base_seconds) == len(tokens)):
         raise ValueError("a paired ratio needs the same units on both sides")
+    n = len(tokens)
+    block = max(1, round(n ** (1 / 3)))
     g = torch.Generator().manual_seed(seed)
-    draw = torch.randint(len(tokens), (NUM_RESAMPLES, len(tokens)), generator=g)
+    starts = torch.randint(n - block + 1, (NUM_RESAMPLES, -(-n // block)), generator=g)
+    draw = (starts[..., None] + torch.arange(block)).flatten(1)[:, :n]  # (resamples, n) unit indices
 
     def rate(t: list[float], s: list[float]) -> torch.Tensor:
         t_, s_ = torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
