@@ -52,7 +52,8 @@ def _label(r: dict[str, Any]) -> str:
 
 
 def _fmt(x: Any, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    """ "-" for a figure a configuration does not have (None; NaN: e.g. a baseline's token times)."""
+    return "-" if x is None or x != x else format(x, spec)
 
 
 def _with_ci(r: dict[str, Any], key: str, spec: str) -> str:
@@ -123,7 +124,7 @@ def markdown(doc: dict[str, Any]) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pair(d: dict[str, float], spec: str) -> str:
-        return f"{d['p50']:{spec}} / {d['p99']:{spec}}"
+        return f"{_fmt(d['p50'], spec)} / {_fmt(d['p99'], spec)}"
 
     for r in doc["results"]:
         cells = [
