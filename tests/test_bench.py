@@ -211,3 +211,48 @@ def test_bench_bad_flags_exit_2(capsys):
     for args in bad:
         code, err = run_cli(["bench", *args], capsys)
         assert code == 2 and "Traceback" not in err and "error" in err, err
+
+
+def test_any_hugging_face_causal_lm_directory_is_a_baseline(tiny_dir, tmp_path, capsys):
+    """`--baseline hf:PATH`: a tiny random Llama written here, with a tokenizer and chat template of
+    its own, runs interleaved with the sweep; its speed ratio has an interval and its accuracy sits
+    beside trimode's, and tokens are not compared (another model)."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    import trimode
+
+    hf_dir = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=4096,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=11,
+        pad_token_id=3,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(trimode.__file__).parent / "embedded" / name, hf_dir)
+    out = tmp_path / "bench"
+    args = ["--model", str(tiny_dir), "--modes", "ar", "--batch-sizes", "1", "--num-prompts", "2"]
+    args += ["--max-tokens", "4", "--repeats", "2", "--dtype", "float32", "--baseline", f"hf:{hf_dir}"]
+    code, err = run_cli(["bench", *args, "--out", str(out)], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    base = doc["baseline"]
+    assert base["engine"] == f"hf:{hf_dir}" and "identical_outputs" not in base
+    assert base["speed_ratio_ci"]["lo"] <= base["speed_ratio_ci"]["median"] <= base["speed_ratio_ci"]["hi"]
+    assert {"accuracy", "trimode_ar_accuracy"} <= base.keys()
+    (theirs,) = [r for r in doc["results"] if r["engine"] != "trimode"]
+    assert theirs["label"] == "hf:tiny-llama bs1" and theirs["num_generated_tokens"] > 0
+    code, err = run_cli(["bench", *args[:-1], f"hf:{tmp_path / 'none'}"], capsys)
+    assert code == 2 and "config.json" in err

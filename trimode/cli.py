@@ -241,8 +241,10 @@ def _bench(args: argparse.Namespace) -> int:
     from trimode.llm import LLM
 
     modes = _mode_list(args.modes)
-    if args.baseline not in (None, "hf"):
-        raise ValueError(f"--baseline must be 'hf'; got {args.baseline!r}")
+    if args.baseline is not None and args.baseline != "hf" and not args.baseline.startswith("hf:"):
+        raise ValueError(
+            f"--baseline must be 'hf' or 'hf:PATH' (a Hugging Face model directory); got {args.baseline!r}"
+        )
     configs = expand_configs(
         modes,
         _int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
@@ -253,14 +255,19 @@ def _bench(args: argparse.Namespace) -> int:
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     versions = {"trimode": __version__, "torch": torch.__version__}
     configs, baselines = with_control(configs), {}
-    ar1, hf1 = BenchConfig("ar", 1), BenchConfig("ar", 1, engine="hf")
-    if args.baseline == "hf":
+    ar1, hf1 = BenchConfig("ar", 1), BenchConfig("ar", 1, engine=args.baseline or "hf")
+    if args.baseline:
         import transformers
 
         from trimode.bench.hf_baseline import HFGenerator
 
         versions["transformers"] = transformers.__version__
-        baselines["hf"] = HFGenerator(llm)
+        path = args.baseline.removeprefix("hf").removeprefix(":")
+        baselines[args.baseline] = (
+            HFGenerator.from_path(path, llm.device, llm.model.diffusion_head.weight.dtype)
+            if path
+            else HFGenerator.same_weights(llm)
+        )
         configs += [ar1] * (ar1 not in configs) + [hf1]  # the baseline beside trimode AR on the same batches
     run = sweep(
         llm,
@@ -290,7 +297,7 @@ def _bench(args: argparse.Namespace) -> int:
     }
     if baselines:
         by_config = dict(zip(run.units, results))
-        doc["baseline"] = baseline_summary(by_config[hf1], by_config[ar1], outputs[hf1], outputs[ar1])
+        doc["baseline"] = baseline_summary(by_config[hf1], by_config[ar1], outputs[hf1], outputs[ar1], hf1.engine)
     print(table(results))
     if doc["crossover"]:
         print(doc["crossover"])
@@ -299,7 +306,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(
             f"HF generate: {b['output_tokens_per_s']} tokens/s; trimode AR {b['trimode_ar_tokens_per_s']} "
             f"({b['speed_ratio_trimode_over_hf']}x [{b['speed_ratio_ci']['lo']}, {b['speed_ratio_ci']['hi']}], "
-            f"paired); identical outputs {100 * b['identical_outputs']:.1f}%"
+            f"paired)"
+            + (f"; identical outputs {100 * b['identical_outputs']:.1f}%" if "identical_outputs" in b else "")
         )
     total = sum(r["num_generated_tokens"] for r in results)
     print(
@@ -576,7 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="exit 1 if the A/A control or a tokens-per-forward bound fails"
     )
     b.add_argument("--seed", type=int, default=0, help="offline: seeds the order of configurations in each repeat")
-    b.add_argument("--baseline", help="'hf': also run transformers generate() on the same weights")
+    b.add_argument(
+        "--baseline",
+        help="'hf': transformers generate() on the same weights; 'hf:PATH': on any Hugging Face causal LM "
+        "directory, with its own chat template (interleaved with the sweep, batch 1, greedy)",
+    )
     b.add_argument("--out", help="directory for results.json, report.md and the plots")
     b.add_argument("--endpoint", help="bench a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     b.add_argument("--concurrency", help="over HTTP: closed-loop clients, comma-separated (default 1,8,32)")

@@ -4,6 +4,7 @@ run by the sweep as one more configuration (interleaved with trimode's, so their
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,16 +46,55 @@ def hf_model(llm: LLM) -> Any:
     return model.to(device=llm.device, dtype=llm.model.diffusion_head.weight.dtype).eval()
 
 
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the calls the bench makes of trimode's `Tokenizer`; chats are
+    rendered with the model's own chat template."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
 class HFGenerator:
     """Hugging Face `generate()` (greedy, one prompt at a time) behind the bench's generator
     interface, so the sweep interleaves it with trimode's configurations."""
 
-    def __init__(self, llm: LLM) -> None:
-        self.tokenizer = llm.tokenizer
-        self.model = hf_model(llm)
-        self.eos = sorted(llm.eos_token_ids)
-        self.pad = llm.config.pad_token_id or self.eos[0]
-        self.device = llm.device
+    def __init__(self, model: Any, tokenizer: Any, eos: list[int], pad: int, device: torch.device) -> None:
+        self.model, self.tokenizer, self.eos, self.pad, self.device = model, tokenizer, eos, pad, device
+
+    @classmethod
+    def same_weights(cls, llm: LLM) -> HFGenerator:
+        """`--baseline hf`: trimode's own weights as a Ministral-3 causal LM, trimode's tokenizer."""
+        eos = sorted(llm.eos_token_ids)
+        return cls(hf_model(llm), llm.tokenizer, eos, llm.config.pad_token_id or eos[0], llm.device)
+
+    @classmethod
+    def from_path(cls, path: str, device: torch.device, dtype: torch.dtype) -> HFGenerator:
+        """`--baseline hf:PATH`: any Hugging Face causal LM directory (weights from safetensors
+        only), with its own tokenizer and chat template."""
+        import transformers
+
+        if not Path(path, "config.json").is_file():
+            raise ValueError(f"--baseline hf:{path}: no config.json there; give a Hugging Face model directory")
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        eos = (
+            model.generation_config.eos_token_id
+            if model.generation_config.eos_token_id is not None
+            else tok.eos_token_id
+        )
+        eos = sorted(eos if isinstance(eos, list) else [eos])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        return cls(model.to(device).eval(), HFTokenizer(tok), eos, pad, device)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationOutput]:
@@ -86,21 +126,14 @@ class HFGenerator:
 
 
 def baseline_summary(
-    hf: dict[str, Any], ar: dict[str, Any], theirs: list[GenerationOutput], ours: list[GenerationOutput]
+    hf: dict[str, Any], ar: dict[str, Any], theirs: list[GenerationOutput], ours: list[GenerationOutput], engine: str
 ) -> dict[str, Any]:
     """The baseline's figures beside trimode AR at batch 1 (`hf`, `ar`: their sweep results, run
-    interleaved): speed ratio with its paired interval, and token-for-token agreement."""
-    same = sum(a.token_ids == b.token_ids for a, b in zip(theirs, ours))
-    matched = sum(
-        next(
-            (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
-            min(len(a.token_ids), len(b.token_ids)),
-        )
-        for a, b in zip(theirs, ours)
-    )
-    ci = hf["speedup_vs_ar_ci"]  # HF over trimode AR: invert for trimode over HF
-    return {
-        "engine": "transformers.generate (Ministral3ForCausalLM, greedy, batch 1)",
+    interleaved): speed ratio with its paired interval, accuracy, and for the same weights
+    (`engine` "hf") token-for-token agreement."""
+    ci = hf["speedup_vs_ar_ci"]  # the baseline over trimode AR: inverted below
+    summary = {
+        "engine": engine,
         "num_requests": len(theirs),
         "output_tokens_per_s": hf["output_tokens_per_s"],
         "trimode_ar_tokens_per_s": ar["output_tokens_per_s"],
@@ -111,6 +144,18 @@ def baseline_summary(
             "hi": round(1 / ci["lo"], 3),
         },
         "accuracy": hf["accuracy"],
-        "identical_outputs": round(same / len(theirs), 4),
-        "token_agreement": round(matched / max(sum(len(o.token_ids) for o in ours), 1), 4),
+        "trimode_ar_accuracy": ar["accuracy"],
     }
+    if engine != "hf":  # another model: its tokens are not comparable with ours
+        return summary
+    same = sum(a.token_ids == b.token_ids for a, b in zip(theirs, ours))
+    matched = sum(
+        next(
+            (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+            min(len(a.token_ids), len(b.token_ids)),
+        )
+        for a, b in zip(theirs, ours)
+    )
+    summary["identical_outputs"] = round(same / len(theirs), 4)
+    summary["token_agreement"] = round(matched / max(sum(len(o.token_ids) for o in ours), 1), 4)
+    return summary

@@ -39,15 +39,13 @@ def _load(r: dict[str, Any]) -> int:
 
 
 def _label(r: dict[str, Any]) -> str:
-    engine = r.get("engine", "trimode")
-    parts = [r["mode"] if engine == "trimode" else engine]
-    parts.append(f"bs{r['batch_size']}" if "batch_size" in r else f"c{r['concurrency']}")
+    if "label" in r:  # offline: the configuration's own
+        return r["label"]
+    parts = [r["mode"], f"bs{r['batch_size']}" if "batch_size" in r else f"c{r['concurrency']}"]
     if r.get("block_length") is not None:
         parts.append(f"B{r['block_length']}")
     if r.get("threshold") is not None:
         parts.append(f"t{r['threshold']:g}")
-    if r.get("control"):
-        parts.append("(A/A)")
     return " ".join(parts)
 
 

@@ -44,7 +44,9 @@ class BenchConfig:
 
     @property
     def label(self) -> str:
-        parts = [self.mode if self.engine == "trimode" else self.engine, f"bs{self.batch_size}"]
+        engine = self.engine.split(":", 1)  # hf:PATH shows as hf:<its directory's name>
+        name = engine[0] if len(engine) == 1 else f"{engine[0]}:{engine[1].rstrip('/').rsplit('/', 1)[-1]}"
+        parts = [self.mode if self.engine == "trimode" else name, f"bs{self.batch_size}"]
         if self.block_length is not None:
             parts.append(f"B{self.block_length}")
         if self.threshold is not None:
@@ -136,15 +138,15 @@ def sweep(
     the configurations and, batch by batch, that batch of each (in reverse on odd batches).
     `repeats` 0: repeat until every configuration has `min_seconds` of timed batches (at most
     MAX_REPEATS). A configuration whose `engine` is a baseline's name runs on `baselines[engine]`."""
-    ids = encode(llm, prompts)
     engines = {"trimode": llm, **(baselines or {})}
+    ids = {name: encode(g, prompts) for name, g in engines.items()}  # each engine's own tokens
     params = {cfg: _params(cfg, prompts, max_tokens, 0) for cfg in configs}
     starts = {cfg: list(range(0, len(prompts), cfg.batch_size)) for cfg in configs}
 
     def run(cfg: BenchConfig, k: int) -> tuple[list[GenerationOutput], float]:
         s, n = starts[cfg][k], cfg.batch_size
         t0 = time.perf_counter()
-        outs = engines[cfg.engine].generate(ids[s : s + n], params[cfg][s : s + n])
+        outs = engines[cfg.engine].generate(ids[cfg.engine][s : s + n], params[cfg][s : s + n])
         return outs, time.perf_counter() - t0
 
     for k in range(warmup):
@@ -189,7 +191,8 @@ def _summaries(
         outs = [o for batch in outputs[cfg] for o in batch]
         correct = [p.is_correct(o.text) for p, o in zip(prompts * (len(outs) // len(prompts)), outs)]
         wall = sum(u.seconds for u in units[cfg])
-        results.append({**asdict(cfg), **summarize(outs, correct, wall, [b[0].forward_ms for b in outputs[cfg]])})
+        forward_ms = [b[0].forward_ms for b in outputs[cfg]]
+        results.append({"label": cfg.label, **asdict(cfg), **summarize(outs, correct, wall, forward_ms)})
     add_speedup_vs_ar(results, "batch_size")
     return results
 
