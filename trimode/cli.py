@@ -334,6 +334,10 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     modes = _mode_list(args.modes, ENDPOINT_MODES)
     if args.baseline or args.batch_sizes is not None:
         raise ValueError("--baseline and --batch-sizes are for the offline bench; over HTTP use --concurrency")
+    if args.repeats or args.seed or args.strict or args.min_seconds != 3.0:
+        raise ValueError(
+            "--repeats, --min-seconds, --seed and --strict are for the offline bench; over HTTP use --duration"
+        )
     if not args.endpoint.startswith(("http://", "https://")):
         raise ValueError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1; got {args.endpoint!r}")
     if args.duration is not None and args.duration <= 0:
