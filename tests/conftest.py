@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from trimode import LLM, SamplingParams
 from trimode.checkpoint import make_checkpoint, preset_config
 from trimode.config import RopeConfig
+from trimode.outputs import GenerationOutput
 
 # Small original context so positions past it exercise YaRN interpolation and Llama-4 query scaling.
 PARITY_ROPE = RopeConfig(factor=4.0, original_max_position_embeddings=32, rope_theta=10000.0)
@@ -58,3 +59,19 @@ def llm_nolora(tiny_dir):
 
 MASK_ID = 100
 PROMPTS = ["def main():\n    return", "import os", "class Foo(object):\n    def __init__(self, x, y):", "x ="]
+
+
+def fake_output(prompt_ids: list[int], mode: str, n: int, num_forwards: int, **extra) -> GenerationOutput:
+    """What a fake model returns for one prompt in the bench tests: n tokens, one per millisecond."""
+    return GenerationOutput(
+        prompt=None,
+        prompt_token_ids=prompt_ids,
+        text="x",
+        token_ids=[7] * n,
+        finish_reason="length",
+        mode=mode,
+        num_forwards=num_forwards,
+        seconds=extra.pop("seconds", 0.0),
+        token_times=[0.001 * (i + 1) for i in range(n)],
+        **extra,
+    )

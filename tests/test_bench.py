@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import fake_output
 from run_cli import run_cli
 
 from trimode.bench import runner
 from trimode.bench.metrics import percentile
 from trimode.bench.runner import BenchConfig, expand_configs, sweep
 from trimode.bench.suites import BenchPrompt, jsonl_suite, load_suite, task_suite
-from trimode.outputs import GenerationOutput
 
 
 def test_percentiles_on_known_inputs():
@@ -81,16 +81,12 @@ class FakeLLM:
         for p, sp in zip(prompts, params):
             n = sp.max_tokens
             outs.append(
-                GenerationOutput(
-                    prompt=None,
-                    prompt_token_ids=p,
-                    text="x",
-                    token_ids=[7] * n,
-                    finish_reason="length",
-                    mode=sp.mode,
-                    num_forwards=1 + 2 * math.ceil((n - 1) / 3),
+                fake_output(
+                    p,
+                    sp.mode,
+                    n,
+                    1 + 2 * math.ceil((n - 1) / 3),
                     seconds=0.01,
-                    token_times=[0.001 * (i + 1) for i in range(n)],
                     mode_stats={"tokens_per_cycle": [3] * 3},
                     forward_ms={"draft": 1.0, "verify": 2.0},
                 )

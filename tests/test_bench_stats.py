@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import fake_output
 
 from trimode.bench import runner
 from trimode.bench.runner import BenchConfig, add_intervals, sweep, with_control
 from trimode.bench.stats import rate_interval
 from trimode.bench.suites import BenchPrompt
-from trimode.outputs import GenerationOutput
 
 PROMPTS = [BenchPrompt(id=str(i), category="c", prompt=f"p{i}") for i in range(8)]
 
@@ -35,21 +35,7 @@ class ClockedLLM:
         n = sp.max_tokens
         self.now += self.cost[sp.mode] * len(prompts) * n * (1 + self.drift * self.now)
         forwards = 1 + (math.ceil(n / 3) if sp.mode == "selfspec" else n)
-        return [
-            GenerationOutput(
-                prompt=None,
-                prompt_token_ids=p,
-                text="x",
-                token_ids=[7] * n,
-                finish_reason="length",
-                mode=sp.mode,
-                num_forwards=forwards,
-                seconds=0.0,
-                token_times=[0.001 * (i + 1) for i in range(n)],
-                forward_ms={},
-            )
-            for p in prompts
-        ]
+        return [fake_output(p, sp.mode, n, forwards) for p in prompts]
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from pathlib import Path
 from trimode.kv_cache import PAGE_SIZE
 from trimode.sampling_params import MODES
 
+MIN_SECONDS = 3.0  # `trimode bench` offline, --repeats 0: timed seconds per configuration by default
+
 API_KEY_ENV = "TRIMODE_API_KEY"
 
 
@@ -334,7 +336,7 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     modes = _mode_list(args.modes, ENDPOINT_MODES)
     if args.baseline or args.batch_sizes is not None:
         raise ValueError("--baseline and --batch-sizes are for the offline bench; over HTTP use --concurrency")
-    if args.repeats or args.seed or args.strict or args.min_seconds != 3.0:
+    if args.repeats or args.seed or args.strict or args.min_seconds != MIN_SECONDS:
         raise ValueError(
             "--repeats, --min-seconds, --seed and --strict are for the offline bench; over HTTP use --duration"
         )
@@ -582,7 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="offline: passes over the prompts, configurations interleaved (default 0: until --min-seconds)",
     )
     b.add_argument(
-        "--min-seconds", type=float, default=3.0, help="offline, with --repeats 0: timed seconds per configuration"
+        "--min-seconds",
+        type=float,
+        default=MIN_SECONDS,
+        help="offline, with --repeats 0: timed seconds per configuration",
     )
     b.add_argument(
         "--strict", action="store_true", help="exit 1 if the A/A control or a tokens-per-forward bound fails"

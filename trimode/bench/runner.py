@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from trimode.bench.metrics import add_speedup_vs_ar, summarize
+from trimode.bench.metrics import add_speedup_vs_ar, is_ar, summarize
 from trimode.bench.stats import rate_interval
 from trimode.bench.suites import BenchPrompt
 from trimode.decoding import uses
@@ -203,11 +203,11 @@ def add_intervals(sw: Sweep) -> list[str]:
     1.0, a speed-up whose interval lies above what tokens per forward allow."""
     warnings = []
     configs = list(sw.units)
-    by_label = {cfg.label: (cfg, r) for cfg, r in zip(configs, sw.results)}
+    ar_at = {r["batch_size"]: (cfg, r) for cfg, r in zip(configs, sw.results) if is_ar(r)}
     for cfg, r in zip(configs, sw.results):
         u = sw.units[cfg]
         r["output_tokens_per_s_ci"] = rate_interval([x.tokens for x in u], [x.seconds for x in u]).as_dict(2)
-        ar = by_label.get(BenchConfig("ar", cfg.batch_size).label)
+        ar = ar_at.get(cfg.batch_size)
         if ar is None:
             continue
         base = sw.units[ar[0]]

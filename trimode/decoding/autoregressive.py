@@ -16,4 +16,4 @@ class AutoregressiveDecoder(Decoder):
     def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
         batch.kv.commit()
         batch.seeds = batch.sampler.pick(logits)[:, 0]
-        return Emission(batch.seeds[:, None], lambda rows: rows)
+        return Emission.seeds(batch.seeds)

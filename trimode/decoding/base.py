@@ -46,6 +46,11 @@ class Emission:
     values: torch.Tensor
     read: Callable[[list[list[int]]], list[list[int]]]
 
+    @classmethod
+    def seeds(cls, seeds: torch.Tensor) -> Emission:
+        """Each row emitted one token, its new seed (B,)."""
+        return cls(seeds[:, None], lambda rows: rows)
+
 
 def transfer(emissions: list[Emission]) -> list[list[list[int]]]:
     """Every part of an engine step copied to the host in one transfer (one sync on a GPU; none when

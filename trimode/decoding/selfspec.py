@@ -50,7 +50,7 @@ class SelfSpecDecoder(Decoder):
             batch.kv.commit()
             batch.seeds = batch.sampler.pick(logits)[:, 0]
             batch.record([1] * batch.size)
-            return Emission(batch.seeds[:, None], lambda rows: rows)
+            return Emission.seeds(batch.seeds)
         was_drafting = batch.host["drafting"]
         verifying = [not d for d in was_drafting]
         batch.host["drafting"] = verifying

@@ -22,6 +22,11 @@ class Group:
     requests: list[Request] = field(default_factory=list)
     vtime: float = 0.0  # forward seconds spent per row so far: the group with the least goes next
 
+    @property
+    def rides(self) -> bool:
+        """Its pass feeds one token per row (AR), so it rides in every step's forward."""
+        return self.decoder.width == 1
+
 
 class Groups(dict[tuple, Group]):
     """Group key -> group; a key is (batch key, shard number)."""

@@ -200,7 +200,7 @@ class LLMEngine:
         with newcomers, so it never stalls the other requests. Groups whose pass feeds one token per
         row (AR) ride in every step's forward besides its lead (`_riders`); while only such groups
         run, every step with prefill work prefills, since their rows advance in it anyway."""
-        if not self._prefilled_last or all(g.decoder.width == 1 for g in self.groups.values()):
+        if not self._prefilled_last or all(g.rides for g in self.groups.values()):
             planned = self._plan_prefill()
             if planned is not None:
                 self._prefilled_last = True
@@ -245,7 +245,7 @@ class LLMEngine:
         riders = []
         for key, group in self.groups.items():
             need = group.batch.kv.pages_needed(1)
-            if key not in taken and group.decoder.width == 1 and need <= free:
+            if key not in taken and group.rides and need <= free:
                 free -= need
                 riders.append(self._decode_part(key))
         return riders

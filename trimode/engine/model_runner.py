@@ -66,10 +66,10 @@ class ModelRunner:
             model_parts.append(Part(fwd.tokens, ctx, fwd.logit_index))
         return self.model.forward_parts(model_parts)
 
-    def execute(self, parts: list[tuple[DecodeBatch, Forward]]) -> list[torch.Tensor]:
+    def execute(self, parts: list[tuple[DecodeBatch, Forward]]) -> tuple[list[torch.Tensor], float]:
         """Run planned forwards of one or more batches as one model forward; count it for every row
         and time it, under each batch's own kind, as the time its rows waited (on CUDA by events,
-        read later: nothing here waits for the device)."""
+        read later: nothing here waits for the device). Returns the logits and the host seconds."""
         events = None
         if self.device.type == "cuda":
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -85,4 +85,4 @@ class ModelRunner:
             else:
                 batch.timings.add(fwd.kind, seconds)
             batch.num_forwards = [n + 1 for n in batch.num_forwards]
-        return logits
+        return logits, seconds

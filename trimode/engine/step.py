@@ -3,7 +3,6 @@ accept, the step's one host transfer, and each part's update."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,9 +33,7 @@ def run_parts(runner: ModelRunner, parts: list[StepPart]) -> tuple[list[RequestO
     update that raises fails its own part; what the forward raises propagates, before any part has
     changed (each has only written its scratch KV slots). Parts are updated last to first, so a
     lead's newcomers join a group that rode with it only after that group took its own tokens."""
-    start = time.perf_counter()
-    logits = runner.execute([(p.batch, p.forward) for p in parts])
-    seconds = time.perf_counter() - start
+    logits, seconds = runner.execute([(p.batch, p.forward) for p in parts])
     outputs, accepted = [], []
     for p, part_logits in zip(parts, logits):
         try:
