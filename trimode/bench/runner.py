@@ -83,12 +83,12 @@ def with_control(configs: list[BenchConfig]) -> list[BenchConfig]:
     return configs + [replace(original, control=True)]
 
 
-def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int, seed: int) -> list[SamplingParams]:
+def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int) -> list[SamplingParams]:
     return [
         SamplingParams(
             mode=cfg.mode,
             max_tokens=p.max_tokens or max_tokens,
-            seed=seed,
+            seed=0,
             block_length=cfg.block_length or 32,
             threshold=0.9 if cfg.threshold is None else cfg.threshold,
         )
@@ -140,7 +140,7 @@ def sweep(
     MAX_REPEATS). A configuration whose `engine` is a baseline's name runs on `baselines[engine]`."""
     engines = {"trimode": llm, **(baselines or {})}
     ids = {name: encode(g, prompts) for name, g in engines.items()}  # each engine's own tokens
-    params = {cfg: _params(cfg, prompts, max_tokens, 0) for cfg in configs}
+    params = {cfg: _params(cfg, prompts, max_tokens) for cfg in configs}
     starts = {cfg: list(range(0, len(prompts), cfg.batch_size)) for cfg in configs}
 
     def run(cfg: BenchConfig, k: int) -> tuple[list[GenerationOutput], float]:
@@ -174,8 +174,8 @@ def sweep(
         if not repeats and min(sum(u.seconds for u in v) for v in units.values()) >= min_seconds:
             break
     bar.close()
-    result = Sweep(_summaries(prompts, configs, units, outputs), {}, units, r)
-    result.outputs = {cfg: [o for batch in outputs[cfg][: len(starts[cfg])] for o in batch] for cfg in configs}
+    first = {cfg: [o for batch in outputs[cfg][: len(starts[cfg])] for o in batch] for cfg in configs}
+    result = Sweep(_summaries(prompts, configs, units, outputs), first, units, r)
     result.warnings = add_intervals(result)
     return result
 

@@ -244,8 +244,10 @@ class LLMEngine:
         taken = {p.group for p in lead}
         riders = []
         for key, group in self.groups.items():
-            need = group.batch.kv.pages_needed(1)
-            if key not in taken and group.rides and need <= free:
+            if key in taken or not group.rides:
+                continue
+            need = group.batch.kv.pages_needed(group.decoder.width)
+            if need <= free:  # planned only if it runs: a plan may update the rows' state
                 free -= need
                 riders.append(self._decode_part(key))
         return riders
