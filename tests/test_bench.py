@@ -14,7 +14,16 @@ from run_cli import run_cli
 from trimode.bench import runner
 from trimode.bench.metrics import percentile
 from trimode.bench.runner import BenchConfig, expand_configs, sweep
-from trimode.bench.suites import BenchPrompt, jsonl_suite, load_suite, task_suite
+from trimode.bench.suites import (
+    CONTINUATION,
+    RECALL,
+    BenchPrompt,
+    jsonl_suite,
+    load_suite,
+    long_suite,
+    parse_length,
+    task_suite,
+)
 
 
 def test_percentiles_on_known_inputs():
@@ -254,3 +263,60 @@ def test_any_hugging_face_causal_lm_directory_is_a_baseline(tiny_dir, tmp_path, 
     assert theirs["label"] == "hf:tiny-llama bs1" and theirs["num_generated_tokens"] > 0
     code, err = run_cli(["bench", *args[:-1], f"hf:{tmp_path / 'none'}"], capsys)
     assert code == 2 and "config.json" in err
+
+
+def test_long_suite_prompts_have_the_asked_lengths_and_checkable_answers(llm):
+    tok = llm.tokenizer
+    prompts = long_suite(tok, [64, 200, 2048], 3, depth=0.25)
+    assert [p.context_length for p in prompts] == [64] * 3 + [200] * 3 + [2048] * 3
+    assert len({p.prompt for p in prompts}) == len(prompts)  # windows from different places
+    for p in prompts:
+        assert len(tok.encode(p.prompt)) == p.context_length, p.id  # BOS included
+    recall = [p for p in prompts if p.category == RECALL]
+    assert len(recall) == 6 and all(p.category == CONTINUATION and p.answer is None for p in prompts[1::3])
+    for p in recall:
+        name = p.prompt.rsplit("\nassert ", 1)[1].removesuffix(" ==")
+        needle = f"\n{name} = {p.answer}\n"
+        assert p.prompt.count(needle) == 1 and p.prompt.endswith(f"assert {name} ==")
+        if p.context_length == 2048:  # the key sits a quarter of the way into the context
+            assert len(tok.encode(p.prompt[: p.prompt.index(needle)])) / 2048 == pytest.approx(0.25, abs=0.03)
+        assert p.is_correct(f" {p.answer}\n\ndef f():") is True
+        assert p.is_correct(f" {int(p.answer) + 1}") is False and p.is_correct(f" x = {p.answer}") is False
+    assert prompts[1].is_correct("anything") is None
+    assert [parse_length(x) for x in ("512", "4k", "32K")] == [512, 4096, 32768]
+    for bad in ("abc", "1.5k", "10"):
+        with pytest.raises(ValueError, match="context length"):
+            parse_length(bad)
+    with pytest.raises(ValueError, match="--depth"):
+        long_suite(tok, [64], 1, depth=1.5)
+
+
+def test_bench_long_suite_reports_each_mode_at_each_context_length(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "long"
+    args = ["bench", "--model", str(tiny_dir), "--dtype", "float32", "--suite", "long", "--context-lengths"]
+    args += ["96,160", "--modes", "ar,selfspec", "--batch-sizes", "1", "--block-lengths", "4", "--num-prompts", "2"]
+    code, err = run_cli([*args, "--max-tokens", "4", "--repeats", "2", "--warmup", "0", "--out", str(out)], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["context_lengths"] == [96, 160] and doc["depth"] == 0.5 and doc["num_prompts"] == 4
+    by_label = {r["label"]: r for r in doc["results"]}
+    assert {"ar bs1 ctx96", "selfspec bs1 B4 ctx96", "ar bs1 ctx160", "selfspec bs1 B4 ctx160"} < by_label.keys()
+    for n in (96, 160):
+        ar, spec = by_label[f"ar bs1 ctx{n}"], by_label[f"selfspec bs1 B4 ctx{n}"]
+        assert ar["num_requests"] == 2 * 2 and ar["num_checked"] == 2 * 1  # per repeat: one recall prompt
+        assert ar["speedup_vs_ar"] == 1.0  # the reference at its own length
+        ratio = spec["output_tokens_per_s"] / ar["output_tokens_per_s"]
+        assert spec["speedup_vs_ar"] == pytest.approx(ratio, rel=1e-2)
+    assert "long_context.png" in doc["plots"] and "context lengths 96, 160" in (out / "report.md").read_text()
+
+
+def test_bench_long_suite_flags_are_checked(tiny_dir, capsys):
+    cases = (
+        (["--context-lengths", "1k"], "are for --suite long"),
+        (["--suite", "long", "--context-lengths", "1k,x"], "context length"),
+        (["--suite", "long", "--context-lengths", "100000k"], "exceeds the model's"),
+        (["--suite", "long", "--endpoint", "http://127.0.0.1:9/v1"], "offline bench"),
+    )
+    for extra, message in cases:
+        code, err = run_cli(["bench", "--model", str(tiny_dir), "--dtype", "float32", *extra], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, err

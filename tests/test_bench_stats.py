@@ -117,3 +117,10 @@ def test_bootstrap_intervals_on_known_samples():
     assert paired.median == paired.lo == paired.hi == pytest.approx(2.0)
     with pytest.raises(ValueError, match="same units"):
         rate_interval([1.0], [1.0], [1.0, 2.0], [1.0, 1.0])
+
+
+def test_an_aa_control_of_too_few_batches_is_flagged_not_trusted(clocked):
+    fake = clocked({"ar": 1e-3})
+    sw = sweep(fake, PROMPTS[:2], with_control([BenchConfig("ar", 1)]), 6, 0, show_progress=False, repeats=2)
+    (warning,) = sw.warnings
+    assert "has 4 timed batches, too few" in warning and "--repeats" in warning

@@ -225,6 +225,9 @@ def _float_list(flag: str, text: str) -> list[float]:
 def _bench(args: argparse.Namespace) -> int:
     if args.num_prompts < 1 or args.max_tokens < 1 or args.warmup < 0:
         raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
+    if args.suite != "long" and (args.context_lengths or args.depth is not None):
+        raise ValueError("--context-lengths and --depth are for --suite long")
+    args.depth = 0.5 if args.depth is None else args.depth
     if args.repeats < 0 or args.min_seconds < 0:
         raise ValueError("--repeats and --min-seconds must be >= 0 (--repeats 0: repeat until --min-seconds)")
     if args.endpoint:
@@ -239,7 +242,7 @@ def _bench(args: argparse.Namespace) -> int:
     from trimode.bench.machine import machine_card
     from trimode.bench.report import crossover, table, write
     from trimode.bench.runner import BenchConfig, expand_configs, sweep, with_control
-    from trimode.bench.suites import load_suite
+    from trimode.bench.suites import load_suite, long_suite, parse_length
     from trimode.llm import LLM
 
     modes = _mode_list(args.modes)
@@ -247,17 +250,34 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--baseline must be 'hf' or 'hf:PATH' (a Hugging Face model directory); got {args.baseline!r}"
         )
+    lengths = (
+        [parse_length(x) for x in (args.context_lengths or "1k,4k,16k,32k").split(",")]
+        if args.suite == "long"
+        else [None]
+    )
     configs = expand_configs(
         modes,
         _int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
         _int_list("--block-lengths", args.block_lengths or "8,32"),
         _float_list("--thresholds", args.thresholds or "0.9"),
+        lengths,
     )
-    prompts = load_suite(args.suite, args.num_prompts)
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    if args.suite == "long":
+        longest = max(lengths) + args.max_tokens
+        if longest > llm.max_model_len:
+            raise ValueError(
+                f"--context-lengths {max(lengths)} plus --max-tokens {args.max_tokens} exceeds the model's "
+                f"{llm.max_model_len} positions; give shorter context lengths"
+            )
+        prompts = long_suite(llm.tokenizer, lengths, args.num_prompts, args.depth, args.seed)
+    else:
+        prompts = load_suite(args.suite, args.num_prompts)
     versions = {"trimode": __version__, "torch": torch.__version__}
     configs, baselines = with_control(configs), {}
-    ar1, hf1 = BenchConfig("ar", 1), BenchConfig("ar", 1, engine=args.baseline or "hf")
+    # The baseline runs beside trimode AR at batch 1 (and the shortest context, where there are several).
+    ar1 = BenchConfig("ar", 1, context_length=lengths[0] if args.suite == "long" else None)
+    hf1 = dataclasses.replace(ar1, engine=args.baseline or "hf")
     if args.baseline:
         import transformers
 
@@ -288,6 +308,7 @@ def _bench(args: argparse.Namespace) -> int:
         "versions": versions,
         "machine": machine_card(llm),
         "suite": args.suite,
+        **({"context_lengths": lengths, "depth": args.depth} if args.suite == "long" else {}),
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "warmup": args.warmup,
@@ -347,6 +368,8 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     blocks = _int_list("--block-lengths", args.block_lengths) if args.block_lengths else [None]
     thresholds = _float_list("--thresholds", args.thresholds) if args.thresholds else [None]
     configs = endpoint_configs(modes, _int_list("--concurrency", args.concurrency or "1,8,32"), blocks, thresholds)
+    if args.suite == "long":
+        raise ValueError("--suite long is for the offline bench (it builds prompts with the model's tokenizer)")
     prompts = load_suite(args.suite, args.num_prompts)
     base = args.endpoint.rstrip("/")
     print(f"{len(configs)} configurations against {base}", flush=True)
@@ -565,7 +588,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="ar,diffusion,selfspec",
         help="ar, diffusion, selfspec; over HTTP also mixed (round-robin) and default (no mode sent)",
     )
-    b.add_argument("--suite", default="tasks", help="tasks, code, or a JSONL file")
+    b.add_argument(
+        "--suite",
+        default="tasks",
+        help="tasks, code, long (recall and continuation at --context-lengths), or a JSONL file",
+    )
+    b.add_argument(
+        "--context-lengths",
+        help="--suite long: prompt lengths in the model's tokens, k = 1024 (default 1k,4k,16k,32k); "
+        "--num-prompts is then per length",
+    )
+    b.add_argument(
+        "--depth",
+        type=float,
+        help="--suite long: where the recalled key sits, 0 (start) to 1 (end of the context; default 0.5)",
+    )
     b.add_argument("--batch-sizes", help="offline only (default 1,4,16)")
     b.add_argument("--max-tokens", type=int, default=48)
     b.add_argument("--block-lengths", help="default 8,32 offline; the server's default over HTTP")

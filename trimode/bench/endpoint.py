@@ -225,7 +225,7 @@ async def bench_endpoint(
             results.append(result)
             if on_result is not None:
                 on_result(result)
-    add_speedup_vs_ar(results, "concurrency")
+    add_speedup_vs_ar(results, lambda r: r["concurrency"])
     return model, results
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from trimode.outputs import GenerationOutput
@@ -64,10 +65,11 @@ def is_ar(r: dict[str, Any]) -> bool:
     return r["mode"] == "ar" and not r.get("control") and r.get("engine", "trimode") == "trimode"
 
 
-def add_speedup_vs_ar(results: list[dict[str, Any]], load: str) -> None:
-    """Each result's tokens/s over AR's at the same load (`batch_size` or `concurrency`) in the same run
-    (trimode AR's own measurement: not its A/A control copy, nor a baseline engine)."""
-    ar = {r[load]: r["output_tokens_per_s"] for r in results if is_ar(r)}
+def add_speedup_vs_ar(results: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]) -> None:
+    """Each result's tokens/s over AR's at the same `key` (offline: batch size and context length;
+    over HTTP: concurrency) in the same run (trimode AR's own measurement: not its A/A control copy,
+    nor a baseline engine)."""
+    ar = {key(r): r["output_tokens_per_s"] for r in results if is_ar(r)}
     for r in results:
-        base = ar.get(r[load])
+        base = ar.get(key(r))
         r["speedup_vs_ar"] = round(r["output_tokens_per_s"] / base, 3) if base else None

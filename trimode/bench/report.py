@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trimode.bench.suites import short_length
+
 COLUMNS = (
     ("config", 26),
     ("tok/s [95% CI]", 20),
@@ -59,6 +61,13 @@ def _with_ci(r: dict[str, Any], key: str, spec: str) -> str:
     ci = r.get(f"{key}_ci")
     text = _fmt(r.get(key), spec)
     return text if ci is None else f"{text} [{ci['lo']:{spec}}, {ci['hi']:{spec}}]"
+
+
+def _long(doc: dict[str, Any]) -> str:
+    if "context_lengths" not in doc:
+        return ""
+    lengths = ", ".join(short_length(n) for n in doc["context_lengths"])
+    return f" at context lengths {lengths} (key-value recall at depth {doc['depth']:g}, and continuation)"
 
 
 def measured(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,7 +169,8 @@ def markdown(doc: dict[str, Any]) -> str:
     parts = [
         f"# trimode bench\n\nCommand: `{doc['command']}`\n",
         f"## Machine\n\n{card}\n",
-        f"## Results ({doc['num_prompts']} prompts, suite `{doc['suite']}`, max_tokens {doc['max_tokens']}, {how})\n",
+        f"## Results ({doc['num_prompts']} prompts, suite `{doc['suite']}`{_long(doc)}, max_tokens "
+        f"{doc['max_tokens']}, {how})\n",
         "\n".join(rows) + "\n",
     ]
     mixed = [r for r in doc["results"] if r.get("by_mode")]
@@ -188,8 +198,19 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def crossover(results: list[dict[str, Any]]) -> str | None:
-    """The smallest batch size at which AR's tokens/s beats every selfspec configuration."""
+    """The smallest batch size at which AR's tokens/s beats every selfspec configuration (at each
+    context length, where the long suite swept several)."""
     results = measured(results)
+    lengths = sorted({r.get("context_length") or 0 for r in results})
+    found = []
+    for length in lengths:
+        at = _crossover([r for r in results if (r.get("context_length") or 0) == length])
+        if at is not None:
+            found.append(f"context {length}: {at}" if length else at)
+    return "; ".join(found) or None
+
+
+def _crossover(results: list[dict[str, Any]]) -> str | None:
     sizes = sorted({r["batch_size"] for r in results})
     best = {
         bs: max(
@@ -261,6 +282,10 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         ax.legend(fontsize=8)
         written.append(_save(fig, out / "acceptance_histogram.png"))
 
+    lengths = sorted({r["context_length"] for r in results if r.get("context_length")})
+    if len(lengths) > 1:
+        written.append(_save(_by_context(results, lengths), out / "long_context.png"))
+
     labels = [_label(r) for r in results]
     kinds = sorted({k for r in results for k in r.get("forward_ms", {})})
     if kinds:
@@ -289,6 +314,27 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
             )
         )
     return written
+
+
+def _by_context(results: list[dict[str, Any]], lengths: list[int]) -> Any:
+    """Tokens/s and TTFT p50 against context length, a line per configuration."""
+    import matplotlib.pyplot as plt
+
+    fig, (rate, ttft) = plt.subplots(1, 2, figsize=(11, 4.5))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        series.setdefault(" ".join(p for p in _label(r).split() if not p.startswith("ctx")), []).append(r)
+    for key, rs in series.items():
+        rs.sort(key=lambda r: r["context_length"])
+        xs = [r["context_length"] for r in rs]
+        rate.plot(xs, [r["output_tokens_per_s"] for r in rs], marker="o", label=key)
+        ttft.plot(xs, [r["ttft_ms"]["p50"] for r in rs], marker="o", label=key)
+    for ax, ylabel, title in ((rate, "output tokens/s", "Throughput"), (ttft, "TTFT p50 ms", "Time to first token")):
+        ax.set(xlabel="context length (tokens)", ylabel=ylabel, title=f"{title} vs context length", xscale="log")
+        ax.set_xticks(lengths, [short_length(n) for n in lengths])
+        ax.legend(fontsize=8)
+    ttft.set_yscale("log")
+    return fig
 
 
 def _bars(labels: list[str], series: dict[str, list[float]], ylabel: str, title: str, log: bool = False) -> Any:

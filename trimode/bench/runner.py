@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from trimode.bench.metrics import add_speedup_vs_ar, is_ar, summarize
 from trimode.bench.stats import rate_interval
-from trimode.bench.suites import BenchPrompt
+from trimode.bench.suites import BenchPrompt, short_length
 from trimode.decoding import uses
 from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
@@ -41,6 +41,7 @@ class BenchConfig:
     threshold: float | None = None
     control: bool = False  # the A/A control: a second measurement of the same configuration
     engine: str = "trimode"  # or a baseline's name ("hf"), whose generator runs this configuration
+    context_length: int | None = None  # the long suite: runs the prompts of this length
 
     @property
     def label(self) -> str:
@@ -51,20 +52,27 @@ class BenchConfig:
             parts.append(f"B{self.block_length}")
         if self.threshold is not None:
             parts.append(f"t{self.threshold:g}")
+        if self.context_length is not None:
+            parts.append(f"ctx{short_length(self.context_length)}")
         if self.control:
             parts.append("(A/A)")
         return " ".join(parts)
 
 
 def expand_configs(
-    modes: list[str], batch_sizes: list[int], block_lengths: list[int], thresholds: list[float]
+    modes: list[str],
+    batch_sizes: list[int],
+    block_lengths: list[int],
+    thresholds: list[float],
+    context_lengths: list[int | None] | None = None,
 ) -> list[BenchConfig]:
     configs = []
-    for bs in batch_sizes:
-        for mode in modes:
-            blocks = block_lengths if uses(mode, "block_length") else [None]
-            ts = thresholds if uses(mode, "threshold") else [None]
-            configs += [BenchConfig(mode, bs, b, t) for b in blocks for t in ts]
+    for length in context_lengths or [None]:
+        for bs in batch_sizes:
+            for mode in modes:
+                blocks = block_lengths if uses(mode, "block_length") else [None]
+                ts = thresholds if uses(mode, "threshold") else [None]
+                configs += [BenchConfig(mode, bs, b, t, context_length=length) for b in blocks for t in ts]
     return configs
 
 
@@ -76,11 +84,16 @@ def encode(llm: Generator, prompts: list[BenchPrompt]) -> list[list[int]]:
 
 
 def with_control(configs: list[BenchConfig]) -> list[BenchConfig]:
-    """`configs` plus the A/A control: a second copy of AR at the smallest batch size (of the first
-    configuration when AR is not swept)."""
+    """`configs` plus the A/A control: a second copy of AR at the smallest batch size and context
+    length (of the first configuration when AR is not swept)."""
     ar = [c for c in configs if c.mode == "ar"]
-    original = min(ar, key=lambda c: c.batch_size) if ar else configs[0]
+    original = min(ar, key=lambda c: (c.context_length or 0, c.batch_size)) if ar else configs[0]
     return configs + [replace(original, control=True)]
+
+
+def reference_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What a result's speed-up is measured at: AR's run of the same batch size and context length."""
+    return r["batch_size"], r.get("context_length")
 
 
 def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int) -> list[SamplingParams]:
@@ -120,6 +133,7 @@ class Sweep:
 
 
 MAX_REPEATS = 50
+MIN_CONTROL_UNITS = 6  # below this a bootstrap over the A/A control's units draws from too few values
 
 
 def sweep(
@@ -140,13 +154,17 @@ def sweep(
     MAX_REPEATS). A configuration whose `engine` is a baseline's name runs on `baselines[engine]`."""
     engines = {"trimode": llm, **(baselines or {})}
     ids = {name: encode(g, prompts) for name, g in engines.items()}  # each engine's own tokens
-    params = {cfg: _params(cfg, prompts, max_tokens) for cfg in configs}
-    starts = {cfg: list(range(0, len(prompts), cfg.batch_size)) for cfg in configs}
+    own = {cfg: [i for i, p in enumerate(prompts) if p.context_length == cfg.context_length] for cfg in configs}
+    if empty := [cfg.label for cfg in configs if not own[cfg]]:
+        raise ValueError(f"no prompts of the context length of {', '.join(empty)}")
+    params = {cfg: _params(cfg, [prompts[i] for i in own[cfg]], max_tokens) for cfg in configs}
+    starts = {cfg: list(range(0, len(own[cfg]), cfg.batch_size)) for cfg in configs}
 
     def run(cfg: BenchConfig, k: int) -> tuple[list[GenerationOutput], float]:
         s, n = starts[cfg][k], cfg.batch_size
+        batch = [ids[cfg.engine][i] for i in own[cfg][s : s + n]]
         t0 = time.perf_counter()
-        outs = engines[cfg.engine].generate(ids[cfg.engine][s : s + n], params[cfg][s : s + n])
+        outs = engines[cfg.engine].generate(batch, params[cfg][s : s + n])
         return outs, time.perf_counter() - t0
 
     for k in range(warmup):
@@ -175,25 +193,27 @@ def sweep(
             break
     bar.close()
     first = {cfg: [o for batch in outputs[cfg][: len(starts[cfg])] for o in batch] for cfg in configs}
-    result = Sweep(_summaries(prompts, configs, units, outputs), first, units, r)
+    mine = {cfg: [prompts[i] for i in own[cfg]] for cfg in configs}
+    result = Sweep(_summaries(mine, units, outputs), first, units, r)
     result.warnings = add_intervals(result)
     return result
 
 
 def _summaries(
-    prompts: list[BenchPrompt],
-    configs: list[BenchConfig],
+    prompts: dict[BenchConfig, list[BenchPrompt]],
     units: dict[BenchConfig, list[Unit]],
     outputs: dict[BenchConfig, list[list[GenerationOutput]]],
 ) -> list[dict[str, Any]]:
+    """Each configuration's figures over its prompts (`prompts[cfg]`, in the order they ran in
+    every repeat)."""
     results = []
-    for cfg in configs:
+    for cfg, mine in prompts.items():
         outs = [o for batch in outputs[cfg] for o in batch]
-        correct = [p.is_correct(o.text) for p, o in zip(prompts * (len(outs) // len(prompts)), outs)]
+        correct = [p.is_correct(o.text) for p, o in zip(mine * (len(outs) // len(mine)), outs)]
         wall = sum(u.seconds for u in units[cfg])
         forward_ms = [b[0].forward_ms for b in outputs[cfg]]
         results.append({"label": cfg.label, **asdict(cfg), **summarize(outs, correct, wall, forward_ms)})
-    add_speedup_vs_ar(results, "batch_size")
+    add_speedup_vs_ar(results, reference_key)
     return results
 
 
@@ -203,11 +223,11 @@ def add_intervals(sw: Sweep) -> list[str]:
     1.0, a speed-up whose interval lies above what tokens per forward allow."""
     warnings = []
     configs = list(sw.units)
-    ar_at = {r["batch_size"]: (cfg, r) for cfg, r in zip(configs, sw.results) if is_ar(r)}
+    ar_at = {reference_key(r): (cfg, r) for cfg, r in zip(configs, sw.results) if is_ar(r)}
     for cfg, r in zip(configs, sw.results):
         u = sw.units[cfg]
         r["output_tokens_per_s_ci"] = rate_interval([x.tokens for x in u], [x.seconds for x in u]).as_dict(2)
-        ar = ar_at.get(cfg.batch_size)
+        ar = ar_at.get(reference_key(r))
         if ar is None:
             continue
         base = sw.units[ar[0]]
@@ -219,7 +239,12 @@ def add_intervals(sw: Sweep) -> list[str]:
         prediction = r["tokens_per_forward"] / ar[1]["tokens_per_forward"]
         r["tpf_prediction"] = round(prediction, 3)
         r["speedup_vs_tpf_prediction"] = round(r["speedup_vs_ar"] / prediction, 3)
-        if cfg.control and not ratio.contains(1.0):
+        if cfg.control and len(u) < MIN_CONTROL_UNITS:
+            warnings.append(
+                f"A/A control: {cfg.label} has {len(u)} timed batches, too few for its interval to mean anything "
+                f"(at least {MIN_CONTROL_UNITS}): raise --num-prompts or --repeats"
+            )
+        elif cfg.control and not ratio.contains(1.0):
             warnings.append(
                 f"A/A control: {cfg.label} over {ar[0].label} is {ratio.median:.3f} "
                 f"[{ratio.lo:.3f}, {ratio.hi:.3f}], which excludes 1.0: the machine was not steady"

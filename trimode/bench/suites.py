@@ -1,4 +1,5 @@
-"""Benchmark prompts: the held-out synthetic tasks, held-out stdlib code, or a user's JSONL file.
+"""Benchmark prompts: the held-out synthetic tasks, held-out stdlib code, long contexts built from
+held-out stdlib text, or a user's JSONL file.
 
 JSONL lines: {"id", "category", "prompt" | "messages", optional "answer" (exact match),
 optional "max_tokens"}. A malformed line fails with its line number.
@@ -7,11 +8,17 @@ optional "max_tokens"}. A malformed line fails with its line number.
 from __future__ import annotations
 
 import json
+import random
+import re
+import string
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from trimode.tasks import TASKS, check, held_out
-from trimode.train.data import stdlib_files
+from trimode.tokenizer import Tokenizer
+from trimode.train.data import stdlib_files, stdlib_texts
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,7 @@ class BenchPrompt:
     messages: tuple[tuple[str, str], ...] | None = None  # a chat (role, content) pairs
     answer: str | None = None
     max_tokens: int | None = None
+    context_length: int | None = None  # the long suite's: the prompt's length in the model's tokens
 
     def is_correct(self, text: str) -> bool | None:
         """None where there is no answer to check."""
@@ -29,6 +37,9 @@ class BenchPrompt:
             return None
         if self.category in TASKS and self.messages:
             return check(self.category, self.messages[-1][1], text)
+        if self.category == RECALL:  # the value must come first; what follows it is not judged
+            found = re.match(r"\s*(\d+)", text)
+            return found is not None and found.group(1) == self.answer
         return text.strip() == self.answer.strip()
 
     def chat(self) -> list[dict[str, str]]:
@@ -60,6 +71,82 @@ def code_suite(num_prompts: int, prompt_lines: int = 12) -> list[BenchPrompt]:
     if not prompts:
         raise ValueError("the code suite found no held-out stdlib functions")
     return prompts[:num_prompts]
+
+
+RECALL, CONTINUATION = "kv-recall", "continuation"
+
+
+def parse_length(text: str) -> int:
+    """A context length: tokens, with an optional k (x 1024): "512", "4k", "32K"."""
+    t = text.strip().lower()
+    try:
+        n = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+    except ValueError as e:
+        raise ValueError(f"a context length is a number of tokens, optionally with k (4k = 4096); got {text!r}") from e
+    if n < 64:
+        raise ValueError(f"a context length must be at least 64 tokens; got {text!r}")
+    return n
+
+
+def short_length(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _fit(tokenizer: Tokenizer, make: Callable[[int, int], str], length: int, what: str) -> str:
+    """make(shift, n) builds a text around n haystack tokens from `shift` tokens into its window;
+    find a text that encodes (BOS included) to exactly `length` tokens. Decoded slices re-encode to
+    within a token or two of themselves (merges change only at the seams), so a few corrections of
+    n converge, unless a seam merges two tokens whichever n is taken: then the next shift."""
+    for shift in range(16):
+        n = length
+        for _ in range(6):
+            text = make(shift, n)
+            got = len(tokenizer.encode(text))
+            if got == length:
+                return text
+            n += length - got
+    raise ValueError(f"could not build a {what} prompt of exactly {length} tokens with this tokenizer")
+
+
+def long_suite(
+    tokenizer: Tokenizer, context_lengths: list[int], num_prompts: int, depth: float = 0.5, seed: int = 0
+) -> list[BenchPrompt]:
+    """`num_prompts` prompts per context length, each exactly that many tokens of `tokenizer`
+    (BOS included), alternating two kinds from windows of held-out stdlib text:
+    - key-value recall (accuracy): `KEY_XXXXXX = 4821` inserted at `depth` (0: the start of the
+      haystack, 1: its end), and the prompt ends `assert KEY_XXXXXX ==`: correct when the output
+      starts with the value;
+    - continuation (speed): the window alone, continued; nothing to check."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"--depth must be in [0, 1] (a fraction of the context); got {depth}")
+    hay = tokenizer.encode("\n\n".join(stdlib_texts(held_out=True)), add_special_tokens=False)
+
+    def window(start: int, a: int, b: int) -> str:  # haystack tokens [start + a, start + b), cycling
+        return tokenizer.decode([hay[(start + j) % len(hay)] for j in range(a, b)])
+
+    def recall(start: int, needle: str, question: str, shift: int, n: int) -> str:
+        cut = shift + round(depth * n)
+        return f"{window(start, shift, cut)}{needle}{window(start, cut, shift + n)}{question}"
+
+    def continuation(start: int, shift: int, n: int) -> str:
+        return window(start, shift, shift + n)
+
+    rng = random.Random(seed)
+    prompts = []
+    for length in context_lengths:
+        for i in range(num_prompts):
+            start = rng.randrange(len(hay))
+            name = "KEY_" + "".join(rng.choices(string.ascii_uppercase, k=6))
+            value = str(rng.randrange(1000, 10000))
+            tag = f"{short_length(length)}-{i}"
+            if i % 2 == 0:
+                make = partial(recall, start, f"\n{name} = {value}\n", f"\n\nassert {name} ==")
+                text = _fit(tokenizer, make, length, "recall")
+                prompts.append(BenchPrompt(f"{RECALL}-{tag}", RECALL, text, answer=value, context_length=length))
+            else:
+                text = _fit(tokenizer, partial(continuation, start), length, "continuation")
+                prompts.append(BenchPrompt(f"{CONTINUATION}-{tag}", CONTINUATION, text, context_length=length))
+    return prompts
 
 
 def jsonl_suite(path: str | Path, num_prompts: int | None = None) -> list[BenchPrompt]:
@@ -118,4 +205,4 @@ def load_suite(name: str, num_prompts: int) -> list[BenchPrompt]:
         return code_suite(num_prompts)
     if name.endswith(".jsonl"):
         return jsonl_suite(name, num_prompts)
-    raise ValueError(f"--suite must be tasks, code, or a .jsonl file; got {name!r}")
+    raise ValueError(f"--suite must be tasks, code, long, or a .jsonl file; got {name!r}")
