@@ -9,7 +9,7 @@ import pytest
 from conftest import fake_output
 
 from trimode.bench import runner
-from trimode.bench.runner import BenchConfig, add_intervals, sweep, with_control
+from trimode.bench.runner import BenchConfig, add_intervals, reference_key, sweep, with_control
 from trimode.bench.stats import rate_interval
 from trimode.bench.suites import BenchPrompt
 
@@ -87,11 +87,12 @@ def test_a_slower_configuration_shows_up_slower_on_a_drifting_machine(clocked):
 def test_the_aa_control_fires_when_one_copy_is_slowed(clocked):
     fake = clocked({"ar": 1e-3})
     sw = sweep(fake, PROMPTS, with_control([BenchConfig("ar", 1)]), 6, warmup=0, show_progress=False, repeats=2)
-    assert add_intervals(sw) == []
+    units = list(sw.units.values())
+    assert add_intervals(sw.results, units, reference_key) == []
     control = next(cfg for cfg in sw.units if cfg.control)
     for u in sw.units[control]:
         u.seconds *= 1.2
-    (warning,) = add_intervals(sw)
+    (warning,) = add_intervals(sw.results, units, reference_key)
     assert warning.startswith("A/A control: ar bs1 (A/A) over ar bs1") and "excludes 1.0" in warning
 
 
@@ -123,4 +124,4 @@ def test_an_aa_control_of_too_few_batches_is_flagged_not_trusted(clocked):
     fake = clocked({"ar": 1e-3})
     sw = sweep(fake, PROMPTS[:2], with_control([BenchConfig("ar", 1)]), 6, 0, show_progress=False, repeats=2)
     (warning,) = sw.warnings
-    assert "has 4 timed batches, too few" in warning and "--repeats" in warning
+    assert "has 4 timed units, too few" in warning and "--repeats" in warning

@@ -213,7 +213,9 @@ def test_serve_binds_loopback_by_default():
     assert args.host == "127.0.0.1"
 
 
-def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_path):
+def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_path, capsys):
+    """Two rounds, interleaved: every prompt once per configuration per round, the same tokens as
+    offline; slices in a shuffled order, reversed in the second round (ABBA); an A/A control."""
     from trimode.bench.runner import encode
     from trimode.bench.suites import task_suite
     from trimode.cli import main
@@ -236,6 +238,8 @@ def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_pa
                 "16",
                 "--warmup",
                 "0",
+                "--repeats",
+                "2",
                 "--out",
                 str(out),
             ]
@@ -244,6 +248,12 @@ def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_pa
     )
     doc = json.loads((out / "results.json").read_text())
     assert doc["model"] == MODEL and {"latency.png", "tokens_per_s_vs_batch.png"} <= set(doc["plots"])
+    rounds = [line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if line.startswith("round ")]
+    first = [label for r, label in rounds if r == "round 1/2"]
+    assert [label for r, label in rounds if r == "round 2/2"] == first[::-1] and len(first) == 7
+    assert {len(v) for v in doc["samples"].values()} == {2}  # one slice per round
+    (control,) = [r for r in doc["results"] if r["control"]]
+    assert control["label"] == "ar c1 (A/A)" and "speedup_vs_ar_ci" in control
     prompts = task_suite(6)
     ids = encode(offline, prompts)
 
@@ -260,8 +270,8 @@ def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_pa
         # Every prompt once; mixed gives request k the mode k % 3, whatever the concurrency.
         modes = [MODES[k % 3] for k in range(6)] if r["mode"] == "mixed" else [r["mode"]] * 6
         tokens, forwards, accuracy = offline_figures(modes)
-        assert (r["num_requests"], r["num_failed"]) == (6, 0)
-        assert r["num_generated_tokens"] == tokens and r["tokens_per_forward"] == round(tokens / forwards, 4)
+        assert (r["num_requests"], r["num_failed"]) == (2 * 6, 0)
+        assert r["num_generated_tokens"] == 2 * tokens and r["tokens_per_forward"] == round(tokens / forwards, 4)
         assert r["accuracy"] == round(accuracy, 4)
         assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and r["itl_ms"]["p50"] > 0
         assert r["output_tokens_per_s"] > 0
@@ -311,6 +321,8 @@ def test_bench_over_http_counts_failures_and_runs_for_a_duration(server, tmp_pat
                 "4",
                 "--warmup",
                 "0",
+                "--repeats",
+                "1",
                 "--out",
                 str(tmp_path / "bad"),
             ]

@@ -15,6 +15,7 @@ from trimode.kv_cache import PAGE_SIZE
 from trimode.sampling_params import MODES
 
 MIN_SECONDS = 3.0  # `trimode bench` offline, --repeats 0: timed seconds per configuration by default
+HTTP_REPEATS = 3  # `trimode bench --endpoint`, --repeats 0: rounds, each a slice of every configuration
 
 API_KEY_ENV = "TRIMODE_API_KEY"
 
@@ -352,28 +353,30 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     from trimode.bench.endpoint import ENDPOINT_MODES, bench_endpoint, endpoint_configs
     from trimode.bench.machine import client_card
     from trimode.bench.report import table, write
+    from trimode.bench.runner import with_control
     from trimode.bench.suites import load_suite
 
     modes = _mode_list(args.modes, ENDPOINT_MODES)
     if args.baseline or args.batch_sizes is not None:
         raise ValueError("--baseline and --batch-sizes are for the offline bench; over HTTP use --concurrency")
-    if args.repeats or args.seed or args.strict or args.min_seconds != MIN_SECONDS:
-        raise ValueError(
-            "--repeats, --min-seconds, --seed and --strict are for the offline bench; over HTTP use --duration"
-        )
+    if args.min_seconds != MIN_SECONDS:
+        raise ValueError("--min-seconds is for the offline bench; over HTTP use --duration and --repeats")
     if not args.endpoint.startswith(("http://", "https://")):
         raise ValueError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1; got {args.endpoint!r}")
     if args.duration is not None and args.duration <= 0:
         raise ValueError(f"--duration must be > 0 seconds; got {args.duration}")
     blocks = _int_list("--block-lengths", args.block_lengths) if args.block_lengths else [None]
     thresholds = _float_list("--thresholds", args.thresholds) if args.thresholds else [None]
-    configs = endpoint_configs(modes, _int_list("--concurrency", args.concurrency or "1,8,32"), blocks, thresholds)
+    configs = with_control(
+        endpoint_configs(modes, _int_list("--concurrency", args.concurrency or "1,8,32"), blocks, thresholds)
+    )
+    repeats = args.repeats or HTTP_REPEATS
     if args.suite == "long":
         raise ValueError("--suite long is for the offline bench (it builds prompts with the model's tokenizer)")
     prompts = load_suite(args.suite, args.num_prompts)
     base = args.endpoint.rstrip("/")
-    print(f"{len(configs)} configurations against {base}", flush=True)
-    model, results = asyncio.run(
+    print(f"{len(configs)} configurations x {repeats} rounds against {base}", flush=True)
+    run = asyncio.run(
         bench_endpoint(
             base,
             prompts,
@@ -381,31 +384,39 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
             args.max_tokens,
             args.duration,
             args.warmup,
+            repeats=repeats,
+            seed=args.seed,
             api_key=args.api_key,
             model=args.served_model,
-            on_result=lambda r: print(table([r]).splitlines()[-1], flush=True),
+            on_slice=lambda cfg, r: print(f"round {r + 1}/{repeats}: {cfg.label}", flush=True),
         )
     )
+    results = run.results
     doc = {
         "command": "trimode " + " ".join(sys.argv[1:]),
         "versions": {"trimode": __version__},
         "machine": client_card(),
         "endpoint": base,
-        "model": model,
+        "model": run.model,
         "suite": args.suite,
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "warmup": args.warmup,
         "duration": args.duration,
+        "repeats": repeats,
         "results": results,
+        "warnings": run.warnings,
+        "samples": run.samples(),
     }
     print(table(results))
     failed = sum(r["num_failed"] for r in results)
     print(f"{sum(r['num_requests'] for r in results)} requests measured, {failed} failed")
+    for w in run.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.out:
         write(doc, Path(args.out))
         print(f"wrote {args.out}/results.json, report.md and plots")
-    return 1 if failed else 0
+    return 1 if failed or (args.strict and run.warnings) else 0
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -618,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=0,
-        help="offline: passes over the prompts, configurations interleaved (default 0: until --min-seconds)",
+        help="passes over the prompts, configurations interleaved (offline default 0: until --min-seconds); "
+        f"over HTTP, rounds of one slice per configuration (default {HTTP_REPEATS})",
     )
     b.add_argument(
         "--min-seconds",
@@ -629,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--strict", action="store_true", help="exit 1 if the A/A control or a tokens-per-forward bound fails"
     )
-    b.add_argument("--seed", type=int, default=0, help="offline: seeds the order of configurations in each repeat")
+    b.add_argument("--seed", type=int, default=0, help="seeds the order of configurations in each repeat")
     b.add_argument(
         "--baseline",
         help="'hf': transformers generate() on the same weights; 'hf:PATH': on any Hugging Face causal LM "
@@ -639,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--endpoint", help="bench a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     b.add_argument("--concurrency", help="over HTTP: closed-loop clients, comma-separated (default 1,8,32)")
     b.add_argument(
-        "--duration", type=float, help="over HTTP: seconds of load per configuration (default: every prompt once)"
+        "--duration",
+        type=float,
+        help="over HTTP: seconds of load per configuration, over all rounds (default: every prompt once per round)",
     )
     b.add_argument("--api-key", help="over HTTP: sent as `Authorization: Bearer KEY`")
     b.add_argument("--served-model", help="over HTTP: the `model` to request (default: the first of /v1/models)")

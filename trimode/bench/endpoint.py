@@ -4,6 +4,12 @@ clients each send a request, read its stream to the end, and send the next, for 
 inter-token latency is (last chunk - first chunk) / (completion tokens - 1), the same per-request
 figure the offline bench reports; chunk gaps are what a reader of the stream sees between updates.
 
+As offline, configurations are interleaved: the load is cut into `repeats` rounds, and in each
+round every configuration runs one slice (duration / repeats seconds, or every prompt once), in a
+shuffled order, reversed on every other round (ABBA). Each slice is a unit for the bootstrap
+intervals (`trimode.bench.stats`); speed-ups are paired by round; an A/A control and the
+tokens-per-forward bound check the run (`trimode.bench.runner.add_intervals`).
+
 trimode's own fields (`mode`, `block_length`, `threshold`) are sent only when a mode is named; mode
 `default` sends none, so vLLM or SGLang are measured with the same requests.
 """
@@ -13,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from trimode.bench.metrics import add_speedup_vs_ar, latency
+from trimode.bench.runner import Unit, add_intervals, unit_samples
 from trimode.bench.suites import BenchPrompt
 from trimode.decoding import uses
 from trimode.sampling_params import MODES
@@ -33,6 +42,20 @@ class EndpointConfig:
     concurrency: int
     block_length: int | None = None
     threshold: float | None = None
+    control: bool = False  # the A/A control: a second measurement of the same configuration
+
+    @property
+    def load(self) -> int:
+        return self.concurrency
+
+    @property
+    def label(self) -> str:
+        parts = [self.mode, f"c{self.concurrency}"]
+        if self.block_length is not None:
+            parts.append(f"B{self.block_length}")
+        if self.threshold is not None:
+            parts.append(f"t{self.threshold:g}")
+        return " ".join(parts + ["(A/A)"] * self.control)
 
     def request_mode(self, k: int) -> str | None:
         if self.mode == "mixed":
@@ -188,6 +211,17 @@ async def served_model(client: httpx.AsyncClient, base_url: str) -> str:
     return data[0]["id"]
 
 
+@dataclass
+class EndpointRun:
+    model: str
+    results: list[dict[str, Any]]
+    units: dict[EndpointConfig, list[Unit]]  # a configuration's slices, one per round
+    warnings: list[str]
+
+    def samples(self) -> dict[str, list[dict[str, Any]]]:
+        return unit_samples(self.units)
+
+
 async def bench_endpoint(
     base_url: str,
     prompts: list[BenchPrompt],
@@ -195,38 +229,62 @@ async def bench_endpoint(
     max_tokens: int,
     duration: float | None,
     warmup: int,
+    repeats: int = 1,
+    seed: int = 0,
     api_key: str | None = None,
     model: str | None = None,
-    on_result: Any = None,
-) -> tuple[str, list[dict[str, Any]]]:
-    """Every configuration in turn: `warmup` rounds of `concurrency` requests (not measured), then the load."""
+    on_slice: Callable[[EndpointConfig, int], None] | None = None,
+) -> EndpointRun:
+    """`warmup` rounds of `concurrency` requests per configuration (not measured), then `repeats`
+    rounds of one slice per configuration, interleaved (module docstring)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(c.concurrency for c in configs) + 4)
     timeout = httpx.Timeout(600, connect=10)
+    per_slice = None if duration is None else duration / repeats
+    slices: dict[EndpointConfig, list[tuple[list[Sample], float]]] = {cfg: [] for cfg in configs}
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
         try:
             model = model or await served_model(client, base_url)
         except httpx.HTTPError as e:
             raise ValueError(f"cannot reach {base_url}: {e}") from e
-        results = []
-        for cfg in configs:
-            if warmup:
+        if warmup:
+            for cfg in configs:
                 await run_load(client, base_url, model, prompts[: warmup * cfg.concurrency], cfg, max_tokens, None)
-            samples, seconds = await run_load(client, base_url, model, prompts, cfg, max_tokens, duration)
-            result = {
-                "mode": cfg.mode,
-                "concurrency": cfg.concurrency,
-                "block_length": cfg.block_length,
-                "threshold": cfg.threshold,
-                **summarize_load(samples, seconds),
-            }
-            if cfg.mode == "mixed":
-                result["by_mode"] = {m: summarize_load([s for s in samples if s.mode == m], seconds) for m in MODES}
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
-    add_speedup_vs_ar(results, lambda r: r["concurrency"])
-    return model, results
+        for r in range(repeats):
+            order = list(configs)
+            random.Random(seed + r // 2).shuffle(order)
+            for cfg in order if r % 2 == 0 else order[::-1]:
+                if on_slice is not None:
+                    on_slice(cfg, r)
+                slices[cfg].append(await run_load(client, base_url, model, prompts, cfg, max_tokens, per_slice))
+    results = []
+    for cfg in configs:
+        samples = [s for batch, _ in slices[cfg] for s in batch]
+        seconds = sum(t for _, t in slices[cfg])
+        result = {
+            "label": cfg.label,
+            "mode": cfg.mode,
+            "concurrency": cfg.concurrency,
+            "block_length": cfg.block_length,
+            "threshold": cfg.threshold,
+            "control": cfg.control,
+            **summarize_load(samples, seconds),
+        }
+        if cfg.mode == "mixed":
+            result["by_mode"] = {m: summarize_load([s for s in samples if s.mode == m], seconds) for m in MODES}
+        results.append(result)
+    units = {
+        cfg: [
+            Unit(0, r, sum(s.tokens for s in batch if s.error is None), t) for r, (batch, t) in enumerate(slices[cfg])
+        ]
+        for cfg in configs
+    }
+    add_speedup_vs_ar(results, _concurrency)
+    return EndpointRun(model, results, units, add_intervals(results, list(units.values()), _concurrency))
+
+
+def _concurrency(r: dict[str, Any]) -> int:
+    return r["concurrency"]
 
 
 def endpoint_configs(

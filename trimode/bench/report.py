@@ -31,7 +31,7 @@ HTTP_COLUMNS = (
     ("ITL p50", 8),
     ("ITL p99", 8),
     ("acc", 6),
-    ("vs AR", 6),
+    ("vs AR [95% CI]", 18),
 )
 
 
@@ -157,8 +157,10 @@ def markdown(doc: dict[str, Any]) -> str:
     if http:
         how = (
             f"{doc['endpoint']} (model `{doc['model']}`), closed loop, "
-            + (f"{doc['duration']} s per configuration" if doc.get("duration") else "every prompt once")
-            + f", warm-up {doc['warmup']} request(s) per client excluded"
+            + (f"{doc['duration']} s per configuration" if doc.get("duration") else "every prompt once per round")
+            + f", warm-up {doc['warmup']} request(s) per client excluded; {doc['repeats']} rounds, one slice of "
+            "every configuration per round in a shuffled order; [95% bootstrap intervals over slices, speed-ups "
+            "paired by round]"
         )
     else:
         how = (

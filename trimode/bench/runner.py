@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
@@ -33,6 +34,9 @@ class Generator(Protocol):
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationOutput]: ...
 
 
+C = TypeVar("C")  # a frozen configuration dataclass with `mode`, `load` and `control`: offline or over HTTP
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     mode: str
@@ -42,6 +46,11 @@ class BenchConfig:
     control: bool = False  # the A/A control: a second measurement of the same configuration
     engine: str = "trimode"  # or a baseline's name ("hf"), whose generator runs this configuration
     context_length: int | None = None  # the long suite: runs the prompts of this length
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """How heavy a configuration is to run: context length, then batch size."""
+        return self.context_length or 0, self.batch_size
 
     @property
     def label(self) -> str:
@@ -83,11 +92,11 @@ def encode(llm: Generator, prompts: list[BenchPrompt]) -> list[list[int]]:
     ]
 
 
-def with_control(configs: list[BenchConfig]) -> list[BenchConfig]:
-    """`configs` plus the A/A control: a second copy of AR at the smallest batch size and context
-    length (of the first configuration when AR is not swept)."""
+def with_control(configs: list[C]) -> list[C]:
+    """`configs` plus the A/A control: a second copy of AR at the lightest load (of the first
+    configuration when AR is not swept). Offline and HTTP configurations alike."""
     ar = [c for c in configs if c.mode == "ar"]
-    original = min(ar, key=lambda c: (c.context_length or 0, c.batch_size)) if ar else configs[0]
+    original = min(ar, key=lambda c: c.load) if ar else configs[0]
     return configs + [replace(original, control=True)]
 
 
@@ -128,8 +137,12 @@ class Sweep:
     warnings: list[str] = field(default_factory=list)
 
     def samples(self) -> dict[str, list[dict[str, Any]]]:
-        """Every unit, for results.json."""
-        return {cfg.label: [asdict(u) for u in units] for cfg, units in self.units.items()}
+        return unit_samples(self.units)
+
+
+def unit_samples(units: dict[Any, list[Unit]]) -> dict[str, list[dict[str, Any]]]:
+    """Every unit of every configuration, by label, for results.json."""
+    return {cfg.label: [asdict(u) for u in us] for cfg, us in units.items()}
 
 
 MAX_REPEATS = 50
@@ -194,9 +207,8 @@ def sweep(
     bar.close()
     first = {cfg: [o for batch in outputs[cfg][: len(starts[cfg])] for o in batch] for cfg in configs}
     mine = {cfg: [prompts[i] for i in own[cfg]] for cfg in configs}
-    result = Sweep(_summaries(mine, units, outputs), first, units, r)
-    result.warnings = add_intervals(result)
-    return result
+    results = _summaries(mine, units, outputs)
+    return Sweep(results, first, units, r, add_intervals(results, list(units.values()), reference_key))
 
 
 def _summaries(
@@ -217,41 +229,44 @@ def _summaries(
     return results
 
 
-def add_intervals(sw: Sweep) -> list[str]:
-    """Add each result's intervals (tokens/s; speed-up over AR at its batch size, paired) and the
-    tokens-per-forward prediction; return the warnings: an A/A control whose ratio interval misses
-    1.0, a speed-up whose interval lies above what tokens per forward allow."""
+def add_intervals(
+    results: list[dict[str, Any]], units: list[list[Unit]], key: Callable[[dict[str, Any]], Hashable]
+) -> list[str]:
+    """Add each result's intervals (tokens/s over `units[i]`, the units of `results[i]`; speed-up over
+    AR at the same `key`, paired) and the tokens-per-forward prediction; return the warnings: an A/A
+    control whose ratio interval misses 1.0 (or that has too few units to tell), a speed-up whose
+    interval lies above what tokens per forward allow."""
     warnings = []
-    configs = list(sw.units)
-    ar_at = {reference_key(r): (cfg, r) for cfg, r in zip(configs, sw.results) if is_ar(r)}
-    for cfg, r in zip(configs, sw.results):
-        u = sw.units[cfg]
+    ar_at = {key(r): (u, r) for u, r in zip(units, results) if is_ar(r)}
+    for u, r in zip(units, results):
         r["output_tokens_per_s_ci"] = rate_interval([x.tokens for x in u], [x.seconds for x in u]).as_dict(2)
-        ar = ar_at.get(reference_key(r))
+        ar = ar_at.get(key(r))
         if ar is None:
             continue
-        base = sw.units[ar[0]]
+        base, label, ar_label = ar[0], r["label"], ar[1]["label"]
         ratio = rate_interval(
             [x.tokens for x in u], [x.seconds for x in u], [x.tokens for x in base], [x.seconds for x in base]
         )
         r["speedup_vs_ar_ci"] = ratio.as_dict()
+        if r.get("control") and len(u) < MIN_CONTROL_UNITS:
+            warnings.append(
+                f"A/A control: {label} has {len(u)} timed units, too few for its interval to mean anything "
+                f"(at least {MIN_CONTROL_UNITS}): raise --num-prompts or --repeats"
+            )
+        elif r.get("control") and not ratio.contains(1.0):
+            warnings.append(
+                f"A/A control: {label} over {ar_label} is {ratio.median:.3f} "
+                f"[{ratio.lo:.3f}, {ratio.hi:.3f}], which excludes 1.0: the machine was not steady"
+            )
+        if not (r["tokens_per_forward"] and ar[1]["tokens_per_forward"]):
+            continue  # a server that does not report its forwards
         # If every forward cost one AR forward, the speed-up would be the tokens-per-forward ratio.
         prediction = r["tokens_per_forward"] / ar[1]["tokens_per_forward"]
         r["tpf_prediction"] = round(prediction, 3)
         r["speedup_vs_tpf_prediction"] = round(r["speedup_vs_ar"] / prediction, 3)
-        if cfg.control and len(u) < MIN_CONTROL_UNITS:
+        if r["mode"] != "ar" and ratio.lo > prediction * 1.001:  # AR's own bound is the A/A control's
             warnings.append(
-                f"A/A control: {cfg.label} has {len(u)} timed batches, too few for its interval to mean anything "
-                f"(at least {MIN_CONTROL_UNITS}): raise --num-prompts or --repeats"
-            )
-        elif cfg.control and not ratio.contains(1.0):
-            warnings.append(
-                f"A/A control: {cfg.label} over {ar[0].label} is {ratio.median:.3f} "
-                f"[{ratio.lo:.3f}, {ratio.hi:.3f}], which excludes 1.0: the machine was not steady"
-            )
-        if cfg.mode != "ar" and ratio.lo > prediction * 1.001:  # AR's own bound is the A/A control's
-            warnings.append(
-                f"{cfg.label}: speed-up over AR {ratio.median:.2f} [{ratio.lo:.2f}, {ratio.hi:.2f}] exceeds what its "
+                f"{label}: speed-up over AR {ratio.median:.2f} [{ratio.lo:.2f}, {ratio.hi:.2f}] exceeds what its "
                 f"tokens per forward allow ({prediction:.2f}): a measurement error until explained"
             )
     return warnings
