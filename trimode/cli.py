@@ -36,7 +36,7 @@ def _generate(args: argparse.Namespace) -> int:
         block_length=args.block_length,
         threshold=args.threshold,
     )
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, compile=args.compile)
     start = time.perf_counter()
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
@@ -151,7 +151,7 @@ def _eval(args: argparse.Namespace) -> int:
     modes = _mode_list(args.modes)
     if args.suite != "tasks":
         raise ValueError(f"--suite must be 'tasks' (the held-out synthetic tasks); got {args.suite!r}")
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, compile=args.compile)
     report = task_accuracy(llm, modes, n=args.num_examples, block_length=args.block_length, threshold=args.threshold)
     docs = stdlib_texts(held_out=True)
     result = {
@@ -184,10 +184,16 @@ def _mode_list(text: str, allowed: Sequence[str] = MODES) -> list[str]:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --device: how every command that runs a model loads it."""
+    """--model, --dtype, --device, --compile: how every command that runs a model loads it."""
     p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run each forward as one compiled graph (torch.compile): the first pass of each kind compiles "
+        "(tens of seconds, then cached on disk)",
+    )
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -263,7 +269,7 @@ def _bench(args: argparse.Namespace) -> int:
         _float_list("--thresholds", args.thresholds or "0.9"),
         lengths,
     )
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, compile=args.compile)
     if args.suite == "long":
         longest = max(lengths) + args.max_tokens
         if longest > llm.max_model_len:
@@ -462,7 +468,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("trimode.access").disabled = not args.access_log
     if args.max_model_len is not None and args.max_model_len < 1:
         raise ValueError(f"--max-model-len must be >= 1; got {args.max_model_len}")
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    llm = LLM(
+        model=args.model, dtype=args.dtype, device=args.device, compile=args.compile, max_model_len=args.max_model_len
+    )
     name = args.served_model_name or (Path(args.model).name if args.model else "trimode-embedded")
     engine = AsyncEngine(
         llm.engine(

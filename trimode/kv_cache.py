@@ -1,7 +1,7 @@
 """The one owner of KV memory and of position arithmetic: a paged pool and per-batch page tables.
 
 `KVPool` is allocated once, from a token budget: K and V of every layer as (layers, slots, H_kv, D),
-slots = pages x page_size, with a free list, per-page reference counts and a prefix cache. A
+slots = pages x page_size (one tensor per layer), with a free list, per-page reference counts and a prefix cache. A
 `KVCache` is one decode batch's view of it: per row, a page table (host list of page ids) and the
 length of its clean, causally computed prefix (host ints: the engine knows them, nothing is read
 back from the device to plan a pass). Rows joining or leaving a batch move page ids, never K/V.
@@ -23,6 +23,7 @@ so a shared page is never written.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
@@ -53,10 +54,12 @@ class KVPool:
             raise ValueError(f"the KV pool needs >= 1 page of >= 1 slot; got {num_pages} pages of {page_size}")
         # One page more than the budget: `trash`, never allocated, where right-padded positions of a
         # batched prefill write and what pad entries of a page table point at.
-        shape = (num_layers, (num_pages + 1) * page_size, num_kv_heads, head_dim)
+        shape = ((num_pages + 1) * page_size, num_kv_heads, head_dim)
         # Zeros, not empty: a masked key still multiplies its value by 0, and 0 * NaN garbage is NaN.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # A tensor per layer, not one (layers, ...) tensor: a compiled graph writes each in place,
+        # where writes to views of one input would be functionalised into copies of all of it.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.device = torch.device(device)
         self.num_pages, self.page_size, self.trash = num_pages, page_size, num_pages
         self.refs = [0] * num_pages
@@ -74,7 +77,7 @@ class KVPool:
 
     @property
     def num_bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(x.numel() * x.element_size() for x in self.k + self.v)
 
     @property
     def num_free_pages(self) -> int:
@@ -145,6 +148,35 @@ class KVPool:
             parent = self._key_of[page][1]
 
 
+@dataclass
+class KVView:
+    """What one pass reads and writes of the pool, as tensors only (so a compiled graph can take
+    it): where its new K/V go and which slots its keys are."""
+
+    k: list[torch.Tensor]  # the pool's, per layer (slots, H, D)
+    v: list[torch.Tensor]
+    write_slots: torch.Tensor  # (B*T,) slot of each new token, in (B, T) order
+    key_slots: torch.Tensor  # (B*S,) slot of each key position of each row
+    run: tuple[int, int] | None = None  # the key slots, when they are one run [start, end) (batch 1)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this pass's k, v (B, H, T, D); return this layer's keys/values (B, H, S, D),
+        gathered from the rows' pages."""
+        b, h, t, d = k.shape
+        pk, pv = self.k[layer], self.v[layer]
+        new_k, new_v = (x.transpose(1, 2).reshape(b * t, h, d) for x in (k, v))
+        pk.index_copy_(0, self.write_slots, new_k)
+        pv.index_copy_(0, self.write_slots, new_v)
+        if self.run is not None:
+            start, end = self.run
+            return pk[start:end].transpose(0, 1)[None], pv[start:end].transpose(0, 1)[None]
+        # index_select over the flat (B*S,) slots: ~6x faster on CPU than indexing with the (B, S) map.
+        shape = (b, self.key_slots.numel() // b, h, d)
+        keys = pk.index_select(0, self.key_slots).view(shape)
+        values = pv.index_select(0, self.key_slots).view(shape)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+
 class KVCache:
     """One batch's rows over a `KVPool`: page tables and prefix lengths (host), positions and the
     attention pattern of each pass."""
@@ -154,9 +186,7 @@ class KVCache:
         self.pages: list[list[int]] = [[] for _ in range(rows)]
         self.lengths: list[int] = [0] * rows
         self._pending: int | None = None  # T of the last forward, until it is committed or discarded
-        self._write_slots: torch.Tensor | None = None  # (B*T,) pool slots of the pending pass
-        self._key_slots: torch.Tensor | None = None  # (B*S,) pool slots the pending pass reads
-        self._run: tuple[int, int] | None = None  # those slots, when they are one run [start, end)
+        self.view: KVView | None = None  # what the pending pass reads and writes
         self._pass_lengths: torch.Tensor | None = None  # (B,) `lengths` of the pending pass, on the device
 
     @property
@@ -185,10 +215,13 @@ class KVCache:
         a stop string may lie beyond `context`), to later requests (prefix caching)."""
         self.pool.register(context[: self.lengths[row]], self.pages[row])
 
-    def begin(self, num_tokens: int, num_fed: list[int] | None = None) -> tuple[torch.Tensor, int]:
-        """Prepare a forward of `num_tokens` new tokens per row: allocate the pages it writes.
-        `num_fed`: per row, how many of them are real (a right-padded prefill); pad positions
-        write to the pool's trash page, so a short row beside a long one takes only its own pages.
+    def begin(
+        self, num_tokens: int, num_fed: list[int] | None = None, gather: bool = False
+    ) -> tuple[torch.Tensor, int]:
+        """Prepare a forward of `num_tokens` new tokens per row: allocate the pages it writes and
+        set `view`. `num_fed`: per row, how many of them are real (a right-padded prefill); pad
+        positions write to the pool's trash page, so a short row beside a long one takes only its
+        own pages. `gather`: always gather the keys (a compiled graph cannot take `run`'s ints).
 
         Returns (positions (B, T), number of key slots S the pass attends over)."""
         p, trash = self.pool.page_size, self.pool.trash
@@ -210,27 +243,27 @@ class KVCache:
         # (B,) on the device, once per pass: positions here, the attention mask next.
         self._pass_lengths = torch.tensor(self.lengths, dtype=torch.long, device=device)
         positions = self._pass_lengths[:, None] + torch.arange(num_tokens, device=device)
-        self._write_slots = key_slots.gather(1, positions).flatten()
-        self._key_slots = key_slots.flatten()
         # One row on consecutive pages (batch 1, a chunked prefill on a fresh pool): its keys are a
         # slice of the pool, read in place instead of gathered.
         first = self.pages[0][0]
         consecutive = self.batch_size == 1 and self.pages[0][:width] == list(range(first, first + width))
-        self._run = (first * p, first * p + span) if consecutive else None
+        run = (first * p, first * p + span) if consecutive and not gather else None
+        write_slots = key_slots.gather(1, positions).flatten()
+        self.view = KVView(self.pool.k, self.pool.v, write_slots, key_slots.flatten(), run)
         self._pending = num_tokens
         return positions, span
 
     def attention_mask(
-        self, num_tokens: int, span: int, causal: torch.Tensor | bool
+        self, num_tokens: int, span: int, causal: torch.Tensor | bool, dense: bool = False
     ) -> torch.Tensor | CausalBias | None:
         """What SDPA's attn_mask gets. Key j is visible to query i of row b iff
         j < lengths[b] + (i + 1 if causal else T): the whole clean prefix, plus the new tokens
         causally or bidirectionally (`causal`: one value, or one per row (B,)). Scratch slots past
         that are never visible. Rows of one length with one pattern need no materialised mask (none
-        at all, or lower-right causal); otherwise a (B, 1, T, S) bool mask, True = attend. Called
-        after `begin`, whose lengths it reads."""
+        at all, or lower-right causal); otherwise, or when `dense`, a (B, 1, T, S) bool mask, True =
+        attend. Called after `begin`, whose lengths it reads."""
         device = self.pool.device
-        if isinstance(causal, bool) and len(set(self.lengths)) == 1:
+        if isinstance(causal, bool) and len(set(self.lengths)) == 1 and not dense:
             if not causal or num_tokens == 1:
                 return None
             if device.type == "cpu":
@@ -247,22 +280,6 @@ class KVCache:
         else:
             limit = lengths[:, None] + (steps if causal else num_tokens)
         return (keys[None, None, :] < limit[:, :, None])[:, None]
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the pending pass's k, v (B, H, T, D); return this layer's keys/values (B, H, S, D),
-        gathered from the rows' pages."""
-        b, h, t, d = k.shape
-        pk, pv = self.pool.k[layer], self.pool.v[layer]  # (slots, H, D)
-        pk.index_copy_(0, self._write_slots, k.transpose(1, 2).reshape(b * t, h, d))
-        pv.index_copy_(0, self._write_slots, v.transpose(1, 2).reshape(b * t, h, d))
-        if self._run is not None:
-            start, end = self._run
-            return pk[start:end].transpose(0, 1)[None], pv[start:end].transpose(0, 1)[None]
-        # index_select over the flat (B*S,) slots: ~6x faster on CPU than indexing with the (B, S) map.
-        shape = (b, self._key_slots.numel() // b, h, d)
-        keys = pk.index_select(0, self._key_slots).view(shape)
-        values = pv.index_select(0, self._key_slots).view(shape)
-        return keys.transpose(1, 2), values.transpose(1, 2)
 
     def commit(self, counts: list[int] | None = None) -> None:
         """Make the last pass's first `counts[b]` tokens (all T when None) part of row b's prefix."""
@@ -290,7 +307,7 @@ class KVCache:
 
     def _trim(self, scratch: int) -> None:
         """Return pages past each row's prefix plus `scratch` slots (the next pass of this width)."""
-        self._pending = self._write_slots = self._key_slots = None
+        self._pending, self.view = None, None
         p = self.pool.page_size
         for row, n in enumerate(self.lengths):
             keep = num_pages(n + scratch, p)
@@ -330,4 +347,4 @@ class KVCache:
     def release(self) -> None:
         """Return every row's pages (the batch is done or abandoned)."""
         self.select_rows([])
-        self._pending = self._write_slots = self._key_slots = None
+        self._pending, self.view = None, None

@@ -53,7 +53,9 @@ class LLM:
         device: str = "auto",
         max_model_len: int | None = None,
         load_draft_lora: bool = True,
+        compile: bool = False,
     ) -> None:
+        """`compile`: run each one-batch forward as a compiled graph (`engine/compiled.py`)."""
         if model is None and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
             raise ValueError(
                 f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "
@@ -67,7 +69,7 @@ class LLM:
         self.tokenizer.check_special_ids(
             {"bos_token_id": self.config.bos_token_id, "mask_token_id": self.config.mask_token_id}
         )
-        self.runner = ModelRunner(self.model)
+        self.runner = ModelRunner(self.model, compile)
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.eos_token_ids = set(self.config.eos_token_id)
         gen_cfg = path / "generation_config.json"

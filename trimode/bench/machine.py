@@ -41,6 +41,7 @@ def machine_card(llm: LLM) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "compiled": llm.runner.compiled is not None,
         "parameters": params,
         "weight_bytes": weight_bytes,
     }

@@ -8,13 +8,16 @@ import time
 import torch
 
 from trimode.decoding.base import DecodeBatch, Forward
+from trimode.engine.compiled import CompiledForward
 from trimode.kv_cache import PAGE_SIZE, KVCache, KVPool, num_pages
 from trimode.model.transformer import ForwardContext, Part, Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, compile: bool = False) -> None:
         self.model = model
+        # One-part forwards run as a compiled graph (engine/compiled.py); several parts stay eager.
+        self.compiled = CompiledForward(model) if compile else None
         self.config = model.config
         self.device = model.diffusion_head.weight.device
         self.dtype = model.diffusion_head.weight.dtype
@@ -58,12 +61,17 @@ class ModelRunner:
     def forward_parts(self, parts: list[tuple[KVCache, Forward]]) -> list[torch.Tensor]:
         """Several batches' forwards as one model forward (`Transformer.forward_parts`): each gets
         the logits `forward` would give it alone."""
+        compiled = self.compiled is not None and len(parts) == 1
         model_parts = []
         for kv, fwd in parts:
             t = fwd.tokens.shape[1]
-            positions, span = kv.begin(t, fwd.num_fed)
-            ctx = ForwardContext(positions, kv.attention_mask(t, span, fwd.causal), kv, fwd.use_draft_lora)
-            model_parts.append(Part(fwd.tokens, ctx, fwd.logit_index))
+            positions, span = kv.begin(t, fwd.num_fed, gather=compiled)
+            mask = kv.attention_mask(t, span, fwd.causal, dense=compiled)
+            model_parts.append(
+                Part(fwd.tokens, ForwardContext(positions, mask, kv.view, fwd.use_draft_lora), fwd.logit_index)
+            )
+        if compiled:
+            return [self.compiled(model_parts[0])]
         return self.model.forward_parts(model_parts)
 
     def execute(self, parts: list[tuple[DecodeBatch, Forward]]) -> tuple[list[torch.Tensor], float]:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.attention.bias import CausalBias
 
 from trimode.config import ModelConfig
-from trimode.kv_cache import KVCache
+from trimode.kv_cache import KVView
 from trimode.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -30,12 +30,12 @@ class ForwardContext:
     """Everything a forward needs besides the tokens.
 
     With `kv` set, new K/V are written to the cache's scratch slots and the keys are the rows'
-    cached prefixes plus them (S slots, `KVCache.begin`); without it (training, slow references)
+    cached prefixes plus them (S slots, `KVCache.begin`'s view); without it (training, slow references)
     the keys are the tokens themselves and `mask` is given explicitly, shape (B, 1, T, T)."""
 
     positions: torch.Tensor  # (B, T) absolute positions
     mask: torch.Tensor | CausalBias | None  # (B, 1, T, S) bool, True = attend; or a pattern SDPA knows
-    kv: KVCache | None = None
+    kv: KVView | None = None
     use_draft_lora: torch.Tensor | bool = False  # (B,) per row, (B, T) per position, or one value
 
 
