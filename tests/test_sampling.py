@@ -90,3 +90,23 @@ def test_sampled_sequences_follow_the_ar_distribution(llm, mode, block_length):
     if mode == "selfspec":
         cycles = [c for o in outs for c in o.mode_stats["tokens_per_cycle"]]
         assert 1 in cycles and max(cycles) > 1  # both rejections and acceptances happened
+
+
+def test_counter_based_streams_are_per_row_uniform_and_batch_independent():
+    from trimode.sampler import RandomStream, Sampler, counter_uniform
+
+    u = counter_uniform(torch.tensor([0, 1, -5, 2**62]), torch.tensor([0, 0, 3, 7]), 20000)
+    assert 0 <= u.min() and u.max() < 1
+    assert torch.allclose(u.mean(1), torch.full((4,), 0.5), atol=0.01)
+    assert torch.allclose(u.std(1), torch.full((4,), 12**-0.5), atol=0.01)
+    assert not torch.equal(u[0], u[1])  # another seed, another stream
+    # A row's numbers depend on its seed and draw count alone: alone, batched, or drawing while a
+    # neighbour sits out (`rows`), the same; a row that sits out does not advance.
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (3, 2**64 - 1)]
+    alone = Sampler(params[1:], torch.device("cpu"))
+    batched = Sampler(params, torch.device("cpu"))
+    first = batched.uniform(5, rows=[1])
+    assert torch.equal(first[1], alone.uniform(5)[0]) and torch.equal(first[0], torch.full((5,), 0.5))
+    assert [s.draws for s in batched.streams] == [0, 1]
+    assert torch.equal(batched.uniform(5)[1], alone.uniform(5)[0])
+    assert batched.streams[1] == RandomStream(2**64 - 1, 2)

@@ -13,7 +13,7 @@ from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward
 from trimode.engine.model_runner import ModelRunner
 from trimode.kv_cache import KVCache, KVPool
 from trimode.outputs import GenerationOutput
-from trimode.sampler import Sampler, new_generator
+from trimode.sampler import RandomStream, Sampler, new_stream
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import DecodeStream, Tokenizer
 
@@ -33,7 +33,7 @@ class Request:
     num_forwards: int = 0
     stats: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
-    generator: torch.Generator | None = field(default=None, repr=False)  # its random stream, kept across preemption
+    stream: RandomStream | None = field(default=None, repr=False)  # its random numbers, kept across preemption
     # After a preemption: how many output tokens its next prefill feeds after the prompt, the seed it
     # then feeds (None: the prefill picks the next token), and the forwards it had taken before.
     num_resumed: int = 0
@@ -50,7 +50,7 @@ class Request:
         self.token_ids, self.text, self.finish_reason, self.num_forwards = [], "", None, 0
         self.stats.clear()
         self.token_times, self._stream, self._ends = [], None, []
-        self.generator, self.num_resumed, self.resume_seed, self.num_forwards_before = None, 0, None, 0
+        self.stream, self.num_resumed, self.resume_seed, self.num_forwards_before = None, 0, None, 0
 
     @property
     def context_ids(self) -> list[int]:
@@ -125,10 +125,10 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
     kv = KVCache(pool)
     for r in requests:
         kv.add_row(r.context_ids)
-        r.generator = r.generator or new_generator(r.params, device)
+        r.stream = r.stream or new_stream(r.params)
     batch = DecodeBatch(
         kv=kv,
-        sampler=Sampler(params, device, [r.generator for r in requests]),
+        sampler=Sampler(params, device, [r.stream for r in requests]),
         seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
         remaining=torch.zeros(len(requests), dtype=torch.long, device=device),  # set_remaining, below
         eos_ids=torch.tensor(sorted(eos_ids), device=device),
