@@ -125,3 +125,20 @@ def test_an_aa_control_of_too_few_batches_is_flagged_not_trusted(clocked):
     sw = sweep(fake, PROMPTS[:2], with_control([BenchConfig("ar", 1)]), 6, 0, show_progress=False, repeats=2)
     (warning,) = sw.warnings
     assert "has 4 timed units, too few" in warning and "--repeats" in warning
+
+
+def test_more_forwards_than_ar_are_bounded_by_one_not_by_the_prediction(clocked):
+    """Self-spec taking more forwards than AR (a draft that is never accepted) over a prefill that is
+    most of the time: its speed-up is near 1 while its tokens-per-forward ratio is far below. That
+    is no error; a speed-up above 1 with more forwards than AR is."""
+    fake = clocked({"ar": 1e-3, "selfspec": 1e-3})
+    sw = sweep(fake, PROMPTS, [BenchConfig("ar", 1), BenchConfig("selfspec", 1, 8)], 6, 0, False, repeats=2)
+    spec = sw.results[1]
+    for r in sw.results:  # pretend self-spec took 3x AR's forwards
+        r["tokens_per_forward"] = 1.0 if r["mode"] == "ar" else 1 / 3
+    assert spec["speedup_vs_ar_ci"]["lo"] > 1 / 3
+    assert add_intervals(sw.results, list(sw.units.values()), reference_key) == []
+    for u in sw.units[BenchConfig("selfspec", 1, 8)]:
+        u.seconds /= 1.5
+    (warning,) = add_intervals(sw.results, list(sw.units.values()), reference_key)
+    assert "exceeds what its tokens per forward allow (1.00)" in warning
