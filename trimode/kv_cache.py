@@ -1,7 +1,7 @@
 """The one owner of KV memory and of position arithmetic: a paged pool and per-batch page tables.
 
-`KVPool` is allocated once, from a token budget: K and V of every layer as (layers, slots, H_kv, D),
-slots = pages x page_size (one tensor per layer), with a free list, per-page reference counts and a prefix cache. A
+`KVPool` is allocated once, from a token budget: K and V as one (slots, H_kv, D) tensor per layer,
+slots = pages x page_size, with a free list, per-page reference counts and a prefix cache. A
 `KVCache` is one decode batch's view of it: per row, a page table (host list of page ids) and the
 length of its clean, causally computed prefix (host ints: the engine knows them, nothing is read
 back from the device to plan a pass). Rows joining or leaving a batch move page ids, never K/V.
