@@ -30,13 +30,13 @@ CODE = ["class Stack:", "def read_lines(path):", "import os\n", "def walk(top):"
 def test_seeded_sampling_is_the_same_alone_and_batched(embedded, mode):
     """Pins: a diffusion row whose block was done kept drawing random numbers while its neighbours
     denoised, so the same seed gave different text beside different neighbours. At threshold 0.9
-    and temperature 0.8 the target's first block takes 13 passes, its neighbours' 14-15."""
+    and temperature 0.8 the target's first block takes 12 passes, its neighbours' 15."""
 
     def params(seed: int) -> SamplingParams:
         return SamplingParams(mode=mode, temperature=0.8, seed=seed, max_tokens=48, block_length=16, ignore_eos=True)
 
-    alone = embedded.generate(CODE[0], params(1234))[0]
-    batched = embedded.generate(CODE, [params(1234)] + [params(s) for s in range(len(CODE) - 1)])
+    alone = embedded.generate(CODE[0], params(7))[0]
+    batched = embedded.generate(CODE, [params(7)] + [params(s) for s in range(len(CODE) - 1)])
     assert batched[0].token_ids == alone.token_ids
     assert batched[0].mode_stats == alone.mode_stats
     if mode == "diffusion":  # the case that failed: the target's block ends before its neighbours'
@@ -90,8 +90,8 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(embedded):
     jobs = [(f"r{i}", c, SamplingParams(mode=MODES[i % 3], max_tokens=16)) for i, c in enumerate(convs)]
     engine.add_request(*jobs[0])
     engine.step()  # r0 is running when the poison arrives
-    poison = SamplingParams(mode="diffusion", temperature=1.0, seed=1)
-    poison.seed = 2**70  # past validation: torch.Generator.manual_seed overflows in the prefill
+    poison = SamplingParams(mode="diffusion", temperature=1.0, seed=1, top_k=5)
+    poison.top_k = 2**70  # past validation: the sampler's int64 tensor of top_k overflows in the prefill
     engine.add_request("poison", "import os", poison)
     for job in jobs[1:]:
         engine.add_request(*job)

@@ -159,8 +159,8 @@ def test_a_row_on_consecutive_pages_is_read_in_place_and_equals_a_gather():
         kv = KVCache(shared, rows=1)
         kv.pages = [list(pages)]
         kv.begin(5)
-        assert (kv._run is not None) == (pages == [2, 3, 4])
-        reads.append(kv.write(0, k, v))
+        assert (kv.view.run is not None) == (pages == [2, 3, 4])
+        reads.append(kv.view.write(0, k, v))
     assert torch.equal(reads[0][0], reads[1][0]) and torch.equal(reads[0][1], reads[1][1])
     assert torch.equal(reads[0][0], k)
 
@@ -172,6 +172,6 @@ def test_a_right_padded_prefill_takes_only_each_rows_own_pages():
     kv.begin(12, num_fed=[12, 2])  # 3 pages + 1 page: the pool's 4; pad positions go to the trash page
     assert [len(p) for p in kv.pages] == [3, 1] and kv.pool.num_free_pages == 0
     k = torch.randn(2, 1, 12, 4)
-    kv.write(0, k, k)
+    kv.view.write(0, k, k)
     kv.set_lengths([12, 2])
     assert kv.pool.k[0][:16].abs().sum() > 0 and kv.pool.trash not in kv.pages[0] + kv.pages[1]
