@@ -233,7 +233,7 @@ def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_pa
                 "--concurrency",
                 "1,4",
                 "--num-prompts",
-                "6",
+                "3",
                 "--max-tokens",
                 "16",
                 "--warmup",
@@ -254,7 +254,7 @@ def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_pa
     assert {len(v) for v in doc["samples"].values()} == {2}  # one slice per round
     (control,) = [r for r in doc["results"] if r["control"]]
     assert control["label"] == "ar c1 (A/A)" and "speedup_vs_ar_ci" in control
-    prompts = task_suite(6)
+    prompts = task_suite(3)
     ids = encode(offline, prompts)
 
     def offline_figures(modes: list[str]) -> tuple[int, int, float]:
@@ -267,10 +267,10 @@ def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_pa
         )
 
     for r in doc["results"]:
-        # Every prompt once; mixed gives request k the mode k % 3, whatever the concurrency.
-        modes = [MODES[k % 3] for k in range(6)] if r["mode"] == "mixed" else [r["mode"]] * 6
+        # Every prompt once a round; mixed gives request k the mode k % 3, whatever the concurrency.
+        modes = [MODES[k % 3] for k in range(3)] if r["mode"] == "mixed" else [r["mode"]] * 3
         tokens, forwards, accuracy = offline_figures(modes)
-        assert (r["num_requests"], r["num_failed"]) == (2 * 6, 0)
+        assert (r["num_requests"], r["num_failed"]) == (2 * 3, 0)
         assert r["num_generated_tokens"] == 2 * tokens and r["tokens_per_forward"] == round(tokens / forwards, 4)
         assert r["accuracy"] == round(accuracy, 4)
         assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and r["itl_ms"]["p50"] > 0
