@@ -257,11 +257,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--baseline must be 'hf' or 'hf:PATH' (a Hugging Face model directory); got {args.baseline!r}"
         )
-    lengths = (
-        [parse_length(x) for x in (args.context_lengths or "1k,4k,16k,32k").split(",")]
-        if args.suite == "long"
-        else [None]
-    )
+    long = args.suite == "long"
+    lengths = [parse_length(x) for x in (args.context_lengths or "1k,4k,16k,32k").split(",")] if long else [None]
     configs = expand_configs(
         modes,
         _int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
@@ -270,7 +267,7 @@ def _bench(args: argparse.Namespace) -> int:
         lengths,
     )
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, compile=args.compile)
-    if args.suite == "long":
+    if long:
         longest = max(lengths) + args.max_tokens
         if longest > llm.max_model_len:
             raise ValueError(
@@ -283,7 +280,7 @@ def _bench(args: argparse.Namespace) -> int:
     versions = {"trimode": __version__, "torch": torch.__version__}
     configs, baselines = with_control(configs), {}
     # The baseline runs beside trimode AR at batch 1 (and the shortest context, where there are several).
-    ar1 = BenchConfig("ar", 1, context_length=lengths[0] if args.suite == "long" else None)
+    ar1 = BenchConfig("ar", 1, context_length=min(lengths) if long else None)
     hf1 = dataclasses.replace(ar1, engine=args.baseline or "hf")
     if args.baseline:
         import transformers
@@ -315,7 +312,7 @@ def _bench(args: argparse.Namespace) -> int:
         "versions": versions,
         "machine": machine_card(llm),
         "suite": args.suite,
-        **({"context_lengths": lengths, "depth": args.depth} if args.suite == "long" else {}),
+        **({"context_lengths": lengths, "depth": args.depth} if long else {}),
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "warmup": args.warmup,

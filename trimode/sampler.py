@@ -70,11 +70,17 @@ class Sampler:
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         # A request may bring its stream (a preempted request keeps its random numbers).
         self.streams = streams or [new_stream(p) for p in params]
+        # The seeds as int64 bit patterns, on the device once (the draw counts change every call).
+        self.seeds = torch.tensor(
+            [s.seed - (1 << 64) if s.seed >= 1 << 63 else s.seed for s in self.streams], device=device
+        )
         self._update_flags()
 
     def select_rows(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.temperature, self.top_k, self.top_p = (t[index] for t in (self.temperature, self.top_k, self.top_p))
+        self.temperature, self.top_k, self.top_p, self.seeds = (
+            t[index] for t in (self.temperature, self.top_k, self.top_p, self.seeds)
+        )
         self.streams = [self.streams[i] for i in rows]
         self.params = [self.params[i] for i in rows]
         self._update_flags()
@@ -83,6 +89,7 @@ class Sampler:
         self.temperature = torch.cat([self.temperature, other.temperature])
         self.top_k = torch.cat([self.top_k, other.top_k])
         self.top_p = torch.cat([self.top_p, other.top_p])
+        self.seeds = torch.cat([self.seeds, other.seeds])
         self.streams += other.streams
         self.params += other.params
         self._update_flags()
@@ -97,12 +104,10 @@ class Sampler:
         draw (the others get 0.5 and their streams do not advance), so a row's random numbers depend
         on its own progress alone, never on how long its neighbours keep the batch busy."""
         drawing = range(len(self.streams)) if rows is None else rows
-        # Host ints to the device (no sync): the seeds as int64 bit patterns.
-        seeds = torch.tensor([s.seed - (1 << 64) if s.seed >= 1 << 63 else s.seed for s in self.streams])
-        draws = torch.tensor([s.draws for s in self.streams])
+        draws = torch.tensor([s.draws for s in self.streams], device=self.device)  # host ints: no sync
         for i in drawing:
             self.streams[i].draws += 1
-        u = counter_uniform(seeds.to(self.device), draws.to(self.device), num)
+        u = counter_uniform(self.seeds, draws, num)
         if rows is None:
             return u
         mask = torch.zeros(len(self.streams), 1, dtype=torch.bool)
