@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,11 @@ from trimode import LLM, SamplingParams
 from trimode.checkpoint import make_checkpoint, preset_config
 from trimode.config import RopeConfig
 from trimode.outputs import GenerationOutput
+
+# Compiled programs of the test models (tests/test_compiled.py) persist between runs of this checkout;
+# every other test runs eager whatever the user's own cache holds (its LLMs say compile=False, and
+# LLM()'s "auto" looks only here, where the embedded model is never compiled).
+os.environ["TRIMODE_CACHE_DIR"] = str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "trimode-compiled")
 
 # Small original context so positions past it exercise YaRN interpolation and Llama-4 query scaling.
 PARITY_ROPE = RopeConfig(factor=4.0, original_max_position_embeddings=32, rope_theta=10000.0)
@@ -31,7 +38,9 @@ def tiny_dir(tmp_path_factory):
     mask token that token's embedding makes drafts agree once generation settles into the repeat, so
     cycles accept 0, some, or all drafts."""
     path = make_checkpoint(tiny_config(), tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32", draft_lora_rank=8)
-    ar = LLM(path, dtype="float32", device="cpu").generate(PROMPTS, SamplingParams(max_tokens=45, ignore_eos=True))
+    ar = LLM(path, dtype="float32", device="cpu", compile=False).generate(
+        PROMPTS, SamplingParams(max_tokens=45, ignore_eos=True)
+    )
     repeated = collections.Counter(t for o in ar for t in o.token_ids).most_common(1)[0][0]
     weights = load_file(path / "model.safetensors")
     embed = weights["encoder.embed_tokens.weight"]
@@ -49,12 +58,12 @@ def parity_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llm(tiny_dir):
     torch.manual_seed(0)
-    return LLM(tiny_dir, dtype="float32", device="cpu")
+    return LLM(tiny_dir, dtype="float32", device="cpu", compile=False)
 
 
 @pytest.fixture(scope="session")
 def llm_nolora(tiny_dir):
-    return LLM(tiny_dir, dtype="float32", device="cpu", load_draft_lora=False)
+    return LLM(tiny_dir, dtype="float32", device="cpu", load_draft_lora=False, compile=False)
 
 
 MASK_ID = 100

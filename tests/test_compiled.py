@@ -1,14 +1,20 @@
 """Compiled forwards (engine/compiled.py) against the eager path, token for token, float32 on CPU:
 every mode, with and without the draft LoRA, at batch 1 and at a batch between powers of two, and
-a mixed-mode batch (whose several-part steps stay eager beside the compiled one-part ones). The
-default suite runs AR and self-spec at batch 3; the rest is marked `slow` (graphs compile cold)."""
+a mixed-mode batch (whose several-part steps stay eager beside the compiled one-part ones).
+
+A program compiles once (some 35 s each for the tiny model on 2 cores) into the session's cache
+(conftest: .pytest_cache/trimode-compiled, kept between runs): the default suite compiles only the
+`last` program (prefills, AR steps); the `all` and `draft` programs are exercised by `slow` tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from trimode.decoding.base import Forward
+from trimode.engine.compiled import CompiledForward, _model_key
 from trimode.engine.model_runner import ModelRunner
+from trimode.model.transformer import ForwardContext, Part
 from trimode.sampling_params import SamplingParams
 
 PROMPTS = ["def main():\n    return", "import os", "class Foo(object):"]
@@ -32,15 +38,43 @@ def _same_tokens(llm, runner, prompts, mode):
     assert _generate(llm, runner, prompts, params) == [o.token_ids for o in llm.generate(prompts, params)]
 
 
-def test_compiled_forwards_give_the_eager_tokens(llm, compiled_runner):
-    """Self-spec at batch 3 (between powers of two): its prefill, drafts (LoRA on) and verifies.
-    Each graph compiles the first time (some 10 s each on a cold cache): the rest is `slow`."""
-    _same_tokens(llm, compiled_runner, PROMPTS, "selfspec")
+def test_compiled_ar_gives_the_eager_tokens_at_batch_1_and_3(llm, compiled_runner):
+    """Prefills (T > 1, last position) and AR steps (T = 1) through one program, at a batch size
+    the program was not traced at (it was traced at 2)."""
+    for prompts in (PROMPTS[:1], PROMPTS):
+        _same_tokens(llm, compiled_runner, prompts, "ar")
+    assert set(compiled_runner.compiled.seconds) == {"last"}
+
+
+def test_auto_runs_only_cached_programs(llm, compiled_runner, tmp_path):
+    """`compile="auto"` loads what the cache holds and never compiles: a cold cache runs eager."""
+    ar = Forward("ar", torch.zeros(1, 1, dtype=torch.long), True)
+    verify = Forward("verify", torch.zeros(1, 4, dtype=torch.long), True)
+    cold = CompiledForward(llm.model, cache_dir=tmp_path, build=False)
+    assert not cold.takes(ar) and not list(tmp_path.iterdir())
+    compiled_runner.compiled.takes(ar)  # compiled by the test above, or now
+    warm = CompiledForward(llm.model, cache_dir=compiled_runner.compiled.cache_dir, build=False)
+    assert warm.takes(ar) and warm.kind(verify) == "all"
+
+
+def test_a_program_is_keyed_by_its_weights(llm, llm_nolora):
+    """Weights are frozen into a program, so other weights (here: no draft LoRA) get another."""
+    assert _model_key(llm.model) != _model_key(llm_nolora.model)
+    assert _model_key(llm.model) == _model_key(llm.model)
+
+
+def test_a_compiled_forward_refuses_a_view_it_cannot_take(llm, compiled_runner):
+    kv = llm.runner.new_cache(1, 32)
+    positions, span = kv.begin(3)  # batch 1 on fresh pages: a `run` view, not gathered
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    part = Part(tokens, ForwardContext(positions, None, kv.view), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="gather=True"):
+        compiled_runner.compiled(part, Forward("prefill", tokens, True, logit_index=part.logit_index))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
-def test_compiled_forwards_give_the_eager_tokens_at_batch_1_and_in_diffusion(llm, compiled_runner, mode):
+@pytest.mark.parametrize("mode", ["diffusion", "selfspec"])
+def test_compiled_block_modes_give_the_eager_tokens_at_batch_1_and_3(llm, compiled_runner, mode):
     for prompts in (PROMPTS[:1], PROMPTS):
         _same_tokens(llm, compiled_runner, prompts, mode)
 
@@ -56,13 +90,3 @@ def test_compiled_without_the_draft_lora_and_mixed_modes(llm, llm_nolora):
     assert _generate(llm, ModelRunner(llm.model, compile=True), PROMPTS, mixed) == [
         o.token_ids for o in llm.generate(PROMPTS, mixed)
     ]
-
-
-def test_a_compiled_forward_refuses_a_view_it_cannot_take(llm, compiled_runner):
-    kv = llm.runner.new_cache(1, 32)
-    positions, span = kv.begin(3)  # batch 1 on fresh pages: a `run` view, not gathered
-    from trimode.model.transformer import ForwardContext, Part
-
-    part = Part(torch.zeros(1, 3, dtype=torch.long), ForwardContext(positions, None, kv.view))
-    with pytest.raises(ValueError, match="gather=True"):
-        compiled_runner.compiled(part)

@@ -184,15 +184,22 @@ def _mode_list(text: str, allowed: Sequence[str] = MODES) -> list[str]:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --device, --compile: how every command that runs a model loads it."""
+    """--model, --dtype, --device, --compile / --enforce-eager: how every command that runs a model loads it."""
     p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument(
+    # Default "auto": on a CPU, forwards whose compiled program is in the cache run it, the rest eager.
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument(
         "--compile",
-        action="store_true",
-        help="run each forward as one compiled graph (torch.compile): the first pass of each kind compiles "
-        "(tens of seconds, then cached on disk)",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="compile the forward programs the run needs and are not yet cached (about 90 s each on 2 cores, "
+        "once: later runs load them by default)",
+    )
+    speed.add_argument(
+        "--enforce-eager", dest="compile", action="store_const", const=False, help="never run compiled programs"
     )
 
 

@@ -53,9 +53,10 @@ class LLM:
         device: str = "auto",
         max_model_len: int | None = None,
         load_draft_lora: bool = True,
-        compile: bool = False,
+        compile: str | bool = "auto",
     ) -> None:
-        """`compile`: run each one-batch forward as a compiled graph (`engine/compiled.py`)."""
+        """`compile`: one-batch forwards as compiled programs (`engine/compiled.py`): "auto" runs
+        those in the cache, True also compiles the missing ones (once), False runs eager."""
         if model is None and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
             raise ValueError(
                 f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "

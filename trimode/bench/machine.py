@@ -41,7 +41,10 @@ def machine_card(llm: LLM) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "compiled": llm.runner.compiled is not None,
+        # Per program the run used: seconds to compile it, or to load it from the cache.
+        "compiled": {k: round(t, 2) for k, t in sorted(llm.runner.compiled.seconds.items())}
+        if llm.runner.compiled is not None
+        else {},
         "parameters": params,
         "weight_bytes": weight_bytes,
     }

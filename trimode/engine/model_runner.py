@@ -14,10 +14,15 @@ from trimode.model.transformer import ForwardContext, Part, Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, compile: bool = False) -> None:
+    def __init__(self, model: Transformer, compile: str | bool = False) -> None:
+        """`compile`: one-batch forwards run as compiled programs (engine/compiled.py) - "auto" those
+        already in the cache, True also compiling the missing ones, False none (eager)."""
         self.model = model
-        # One-part forwards run as a compiled graph (engine/compiled.py); several parts stay eager.
-        self.compiled = CompiledForward(model) if compile else None
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}")
+        on_cpu = model.diffusion_head.weight.device.type == "cpu"
+        use = compile is True or (compile == "auto" and on_cpu)
+        self.compiled = CompiledForward(model, build=compile is True) if use else None
         self.config = model.config
         self.device = model.diffusion_head.weight.device
         self.dtype = model.diffusion_head.weight.dtype
@@ -61,7 +66,8 @@ class ModelRunner:
     def forward_parts(self, parts: list[tuple[KVCache, Forward]]) -> list[torch.Tensor]:
         """Several batches' forwards as one model forward (`Transformer.forward_parts`): each gets
         the logits `forward` would give it alone."""
-        compiled = self.compiled is not None and len(parts) == 1
+        # Several parts stay eager: the compiled programs take one.
+        compiled = self.compiled is not None and len(parts) == 1 and self.compiled.takes(parts[0][1])
         model_parts = []
         for kv, fwd in parts:
             t = fwd.tokens.shape[1]
@@ -71,7 +77,7 @@ class ModelRunner:
                 Part(fwd.tokens, ForwardContext(positions, mask, kv.view, fwd.use_draft_lora), fwd.logit_index)
             )
         if compiled:
-            return [self.compiled(model_parts[0])]
+            return [self.compiled(model_parts[0], parts[0][1])]
         return self.model.forward_parts(model_parts)
 
     def execute(self, parts: list[tuple[DecodeBatch, Forward]]) -> tuple[list[torch.Tensor], float]:
