@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trimode import LLM
 from trimode.decoding.base import Forward
 from trimode.engine.compiled import CompiledForward, _model_key
 from trimode.engine.model_runner import ModelRunner
@@ -90,3 +91,18 @@ def test_compiled_without_the_draft_lora_and_mixed_modes(llm, llm_nolora):
     assert _generate(llm, ModelRunner(llm.model, compile=True), PROMPTS, mixed) == [
         o.token_ids for o in llm.generate(PROMPTS, mixed)
     ]
+
+
+@pytest.mark.slow
+def test_llm_compile_prepares_every_program_at_start(tiny_dir, capsys):
+    llm = LLM(tiny_dir, dtype="float32", device="cpu", compile=True)
+    assert set(llm.runner.compiled.seconds) == {"last", "all", "draft"}
+    assert "compiled forwards ready" in capsys.readouterr().err
+
+
+def test_an_unreadable_cached_program_runs_eager(llm, tmp_path, capsys):
+    ar = Forward("ar", torch.zeros(1, 1, dtype=torch.long), True)
+    compiled = CompiledForward(llm.model, cache_dir=tmp_path, build=False)
+    compiled.path("last").write_bytes(b"not a program")
+    assert not compiled.takes(ar)
+    assert "cannot load" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,14 @@ class LLM:
             {"bos_token_id": self.config.bos_token_id, "mask_token_id": self.config.mask_token_id}
         )
         self.runner = ModelRunner(self.model, compile)
+        if compile is True:
+            seconds = self.runner.compiled.prepare()
+            print(
+                "trimode: compiled forwards ready ("
+                + ", ".join(f"{kind} {t:.1f} s" for kind, t in seconds.items())
+                + f"; cached in {self.runner.compiled.cache_dir})",
+                file=sys.stderr,
+            )
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.eos_token_ids = set(self.config.eos_token_id)
         gen_cfg = path / "generation_config.json"

@@ -119,6 +119,14 @@ class CompiledForward:
         self._missing: set[str] = set()  # kinds neither cached nor to be built: run eager
         self.seconds: dict[str, float] = {}  # per kind: time to compile it (or to load it from the cache)
 
+    def prepare(self) -> dict[str, float]:
+        """Load or compile every program this model's passes need now (`LLM(compile=True)` does, so
+        a server compiles at start-up, not on its first requests). Returns seconds per program."""
+        for kind in KINDS if self.model.has_draft_lora else ("last", "all"):
+            if kind not in self._programs:
+                self._load(kind)
+        return self.seconds
+
     def kind(self, fwd: Forward) -> str:
         if fwd.logit_index is not None or fwd.tokens.shape[1] == 1:
             return "last"
@@ -143,15 +151,23 @@ class CompiledForward:
     def _load(self, kind: str) -> bool:
         path = self.path(kind)
         began = time.perf_counter()
-        if not path.is_file():
+        if path.is_file():
+            try:
+                self._programs[kind] = _load_program(path)
+            except (RuntimeError, OSError, ValueError) as e:
+                # A torn or foreign file must not fail forwards: rebuild it, or run this kind eager.
+                then = "recompiling" if self.build else "running eager"
+                print(f"trimode: cannot load {path} ({e}); {then}", file=sys.stderr)
+        if kind not in self._programs:
             if not self.build:
                 self._missing.add(kind)
                 return False
-            print(f"trimode: compiling the {kind!r} forward once (about 90 s on 2 cores), into {path}", file=sys.stderr)
+            print(
+                f"trimode: compiling the {kind!r} forward once (about a minute on 2 cores), into {path}",
+                file=sys.stderr,
+            )
             self._compile(kind, path)
-        # The loader's flat entry point: the package's own __call__ re-parses its input spec (JSON)
-        # and walks the pytree on every call, 0.2 ms of a 1.7 ms AR step; ours is flat already.
-        self._programs[kind] = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
+            self._programs[kind] = _load_program(path)
         self.seconds[kind] = time.perf_counter() - began
         return True
 
@@ -165,6 +181,12 @@ class CompiledForward:
             options = dict(INDUCTOR_OPTIONS)
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
         os.replace(partial, path)  # whole or absent: a concurrent or killed compile leaves no torn file
+
+
+def _load_program(path: Path) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    # The loader's flat entry point: the package's own __call__ re-parses its input spec (JSON)
+    # and walks the pytree on every call, 0.2 ms of a 1.7 ms AR step; ours is flat already.
+    return torch._inductor.aoti_load_package(str(path)).loader.boxed_run
 
 
 def _example(model: Transformer, kind: str) -> tuple[tuple, tuple]:
