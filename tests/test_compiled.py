@@ -106,3 +106,12 @@ def test_an_unreadable_cached_program_runs_eager(llm, tmp_path, capsys):
     compiled.path("last").write_bytes(b"not a program")
     assert not compiled.takes(ar)
     assert "cannot load" in capsys.readouterr().err
+
+
+def test_a_pass_no_program_fits_runs_eager(llm, tmp_path):
+    """Logits at one position with the draft LoRA on: no program has both, so it stays eager."""
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    odd = Forward("draft", tokens, False, True, logit_index=torch.zeros(2, dtype=torch.long))
+    compiled = CompiledForward(llm.model, cache_dir=tmp_path, build=True)
+    assert compiled.kind(odd) is None and not compiled.takes(odd) and not list(tmp_path.iterdir())
+    assert compiled.kind(Forward("draft", tokens, False, True)) == "draft"

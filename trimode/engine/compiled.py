@@ -127,15 +127,18 @@ class CompiledForward:
                 self._load(kind)
         return self.seconds
 
-    def kind(self, fwd: Forward) -> str:
-        if fwd.logit_index is not None or fwd.tokens.shape[1] == 1:
-            return "last"
-        draft = fwd.use_draft_lora if isinstance(fwd.use_draft_lora, bool) else True
-        return "draft" if draft and self.model.has_draft_lora else "all"
+    def kind(self, fwd: Forward) -> str | None:
+        """The program that runs `fwd`, or None (no program does: it runs eager)."""
+        lora = fwd.use_draft_lora if isinstance(fwd.use_draft_lora, bool) else True
+        if lora and self.model.has_draft_lora:
+            return "draft" if fwd.logit_index is None else None
+        return "last" if fwd.logit_index is not None or fwd.tokens.shape[1] == 1 else "all"
 
     def takes(self, fwd: Forward) -> bool:
         """Whether `fwd` runs compiled (its program is loaded, cached, or will be built now)."""
         kind = self.kind(fwd)
+        if kind is None:
+            return False
         return kind in self._programs or (kind not in self._missing and self._load(kind))
 
     def __call__(self, part: Part, fwd: Forward) -> torch.Tensor:
