@@ -58,6 +58,20 @@ def test_auto_runs_only_cached_programs(llm, compiled_runner, tmp_path):
     assert warm.takes(ar) and warm.kind(verify) == "all"
 
 
+def test_compiled_forwards_run_alone(llm, compiled_runner):
+    """With programs loaded, AR rows do not ride beside another group's pass (that forward would
+    run eager); eager forwards keep riding. Same tokens either way."""
+    compiled_runner.compiled.takes(Forward("ar", torch.zeros(1, 1, dtype=torch.long), True))
+    auto = ModelRunner(llm.model, compile="auto")  # loads the cached `last` program
+    assert not auto.fuses_parts and llm.runner.fuses_parts
+    sizes = []
+    execute = auto.execute
+    auto.execute = lambda parts: (sizes.append(len(parts)), execute(parts))[1]
+    mixed = [SamplingParams(mode=m, max_tokens=8, block_length=4, ignore_eos=True) for m in ("ar", "selfspec")]
+    assert _generate(llm, auto, PROMPTS[:2], mixed) == [o.token_ids for o in llm.generate(PROMPTS[:2], mixed)]
+    assert sizes and max(sizes) == 1
+
+
 def test_a_program_is_keyed_by_its_weights(llm, llm_nolora):
     """Weights are frozen into a program, so other weights (here: no draft LoRA) get another."""
     assert _model_key(llm.model) != _model_key(llm_nolora.model)

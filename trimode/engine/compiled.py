@@ -119,9 +119,15 @@ class CompiledForward:
         self._missing: set[str] = set()  # kinds neither cached nor to be built: run eager
         self.seconds: dict[str, float] = {}  # per kind: time to compile it (or to load it from the cache)
 
+    @property
+    def loaded(self) -> bool:
+        """Whether any program is loaded (some forwards run compiled)."""
+        return bool(self._programs)
+
     def prepare(self) -> dict[str, float]:
-        """Load or compile every program this model's passes need now (`LLM(compile=True)` does, so
-        a server compiles at start-up, not on its first requests). Returns seconds per program."""
+        """Load every program this model's passes need now, compiling the missing ones if `build`
+        (`LLM(compile=True)`: a server compiles at start-up, not on its first requests). Returns
+        seconds per program."""
         for kind in KINDS if self.model.has_draft_lora else ("last", "all"):
             if kind not in self._programs:
                 self._load(kind)

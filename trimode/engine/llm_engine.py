@@ -198,9 +198,10 @@ class LLMEngine:
         decode (TTFT). A prefill feeds at most `max_num_batched_tokens` prompt tokens: newcomers
         whose prompts fit go together; a longer prompt is fed a chunk per prefill step, taking turns
         with newcomers, so it never stalls the other requests. Groups whose pass feeds one token per
-        row (AR) ride in every step's forward besides its lead (`_riders`); while only such groups
-        run, every step with prefill work prefills, since their rows advance in it anyway."""
-        if not self._prefilled_last or all(g.rides for g in self.groups.values()):
+        row (AR) ride in every step's forward besides its lead (`_riders`) when forwards run eager
+        (`ModelRunner.fuses_parts`); while only such groups run, every step with prefill work then
+        prefills, since their rows advance in it anyway."""
+        if not self._prefilled_last or (self.runner.fuses_parts and all(g.rides for g in self.groups.values())):
             planned = self._plan_prefill()
             if planned is not None:
                 self._prefilled_last = True
@@ -240,6 +241,11 @@ class LLMEngine:
         free. Their rows add a few percent to another pass's matrix products, where a forward of
         their own would cost mostly per-forward overhead on a CPU (and a weight read on a GPU), so
         an AR row beside block-mode rows gets a token every step instead of waiting for their passes."""
+        if not self.runner.fuses_parts:
+            # Compiled one-part forwards: riders would make the lead's forward eager, which is
+            # slower than the riders' own compiled step (a mixed AR + self-spec batch of 8 on this
+            # CPU: 2.3x the tokens/s without riders).
+            return []
         free = self.pool.num_free_pages - sum(p.pages for p in lead)
         taken = {p.group for p in lead}
         riders = []

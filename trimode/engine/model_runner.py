@@ -23,6 +23,8 @@ class ModelRunner:
         on_cpu = model.diffusion_head.weight.device.type == "cpu"
         use = compile is True or (compile == "auto" and on_cpu)
         self.compiled = CompiledForward(model, build=compile is True) if use else None
+        if compile == "auto" and self.compiled is not None:
+            self.compiled.prepare()  # loads what the cache holds (under a second each), compiles nothing
         self.config = model.config
         self.device = model.diffusion_head.weight.device
         self.dtype = model.diffusion_head.weight.dtype
@@ -43,6 +45,13 @@ class ModelRunner:
     def new_cache(self, batch_size: int, capacity: int, page_size: int = PAGE_SIZE) -> KVCache:
         """`batch_size` empty rows of up to `capacity` slots each, over a pool of their own."""
         return KVCache(self.new_pool(batch_size * num_pages(capacity, page_size) * page_size, page_size), batch_size)
+
+    @property
+    def fuses_parts(self) -> bool:
+        """Whether a part added to a forward costs only its tokens' share of it: so when forwards
+        run eager. A compiled program takes one part, so adding one would run the whole forward
+        eager; a forward of its own is then the cheaper choice."""
+        return self.compiled is None or not self.compiled.loaded
 
     @torch.inference_mode()
     def forward(
