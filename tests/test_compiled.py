@@ -13,6 +13,8 @@ import torch
 
 from trimode import LLM
 from trimode.decoding.base import Forward
+from trimode.engine import compiled as compiled_module
+from trimode.engine import model_runner
 from trimode.engine.compiled import CompiledForward, _model_key
 from trimode.engine.model_runner import ModelRunner
 from trimode.model.transformer import ForwardContext, Part
@@ -129,3 +131,11 @@ def test_a_pass_no_program_fits_runs_eager(llm, tmp_path):
     compiled = CompiledForward(llm.model, cache_dir=tmp_path, build=True)
     assert compiled.kind(odd) is None and not compiled.takes(odd) and not list(tmp_path.iterdir())
     assert compiled.kind(Forward("draft", tokens, False, True)) == "draft"
+
+
+def test_a_model_too_big_to_embed_is_refused_or_runs_eager(llm, monkeypatch):
+    monkeypatch.setattr(compiled_module, "MAX_WEIGHT_BYTES", 1024)
+    monkeypatch.setattr(model_runner, "MAX_WEIGHT_BYTES", 1024)
+    with pytest.raises(ValueError, match="embed the weights"):
+        ModelRunner(llm.model, compile=True)
+    assert ModelRunner(llm.model, compile="auto").compiled is None

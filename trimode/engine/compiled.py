@@ -45,6 +45,9 @@ from trimode.model import rope, transformer
 from trimode.model.transformer import ForwardContext, Part, Transformer
 
 KINDS = ("last", "all", "draft")
+# Each program embeds the weights, and its key hashes them at every start (~1 GB/s), so programs
+# are for small CPU models like the embedded one: a 7B model in fp32 would be 28 GB per program.
+MAX_WEIGHT_BYTES = 2 * 2**30
 # Inductor settings of every program: frozen weights, pre-packed for the C++ GEMM template (its
 # autotuning tables stay off stderr).
 INDUCTOR_OPTIONS = {
@@ -112,6 +115,11 @@ class CompiledForward:
     def __init__(self, model: Transformer, cache_dir: Path | None = None, build: bool = True) -> None:
         if model.diffusion_head.weight.device.type != "cpu":
             raise ValueError("compiled forwards are built for the CPU; on a GPU run eager (leave out --compile)")
+        if weight_bytes(model) > MAX_WEIGHT_BYTES:
+            raise ValueError(
+                f"compiled forwards embed the weights, and this model has {weight_bytes(model) / 2**30:.1f} GiB "
+                f"(at most {MAX_WEIGHT_BYTES / 2**30:.0f} GiB): run it eager (leave out --compile)"
+            )
         self.model, self.build = model, build
         self.cache_dir = cache_dir or default_cache_dir()
         self._key = _model_key(model)
@@ -190,6 +198,10 @@ class CompiledForward:
             options = dict(INDUCTOR_OPTIONS)
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
         os.replace(partial, path)  # whole or absent: a concurrent or killed compile leaves no torn file
+
+
+def weight_bytes(model: Transformer) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _load_program(path: Path) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:

@@ -8,7 +8,7 @@ import time
 import torch
 
 from trimode.decoding.base import DecodeBatch, Forward
-from trimode.engine.compiled import CompiledForward
+from trimode.engine.compiled import MAX_WEIGHT_BYTES, CompiledForward, weight_bytes
 from trimode.kv_cache import PAGE_SIZE, KVCache, KVPool, num_pages
 from trimode.model.transformer import ForwardContext, Part, Transformer
 
@@ -20,8 +20,8 @@ class ModelRunner:
         self.model = model
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}")
-        on_cpu = model.diffusion_head.weight.device.type == "cpu"
-        use = compile is True or (compile == "auto" and on_cpu)
+        small_cpu = model.diffusion_head.weight.device.type == "cpu" and weight_bytes(model) <= MAX_WEIGHT_BYTES
+        use = compile is True or (compile == "auto" and small_cpu)
         self.compiled = CompiledForward(model, build=compile is True) if use else None
         if compile == "auto" and self.compiled is not None:
             self.compiled.prepare()  # loads what the cache holds (under a second each), compiles nothing
