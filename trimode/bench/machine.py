@@ -33,7 +33,7 @@ def cpu_name() -> str:
 
 def machine_card(llm: LLM) -> dict[str, Any]:
     params = sum(p.numel() for p in llm.model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    weight_bytes = llm.model.weight_bytes
     card: dict[str, Any] = {
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else cpu_name(),
         "device_type": llm.device.type,

@@ -115,9 +115,9 @@ class CompiledForward:
     def __init__(self, model: Transformer, cache_dir: Path | None = None, build: bool = True) -> None:
         if model.diffusion_head.weight.device.type != "cpu":
             raise ValueError("compiled forwards are built for the CPU; on a GPU run eager (leave out --compile)")
-        if weight_bytes(model) > MAX_WEIGHT_BYTES:
+        if model.weight_bytes > MAX_WEIGHT_BYTES:
             raise ValueError(
-                f"compiled forwards embed the weights, and this model has {weight_bytes(model) / 2**30:.1f} GiB "
+                f"compiled forwards embed the weights, and this model has {model.weight_bytes / 2**30:.1f} GiB "
                 f"(at most {MAX_WEIGHT_BYTES / 2**30:.0f} GiB): run it eager (leave out --compile)"
             )
         self.model, self.build = model, build
@@ -198,10 +198,6 @@ class CompiledForward:
             options = dict(INDUCTOR_OPTIONS)
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
         os.replace(partial, path)  # whole or absent: a concurrent or killed compile leaves no torn file
-
-
-def weight_bytes(model: Transformer) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _load_program(path: Path) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:

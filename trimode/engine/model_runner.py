@@ -8,7 +8,7 @@ import time
 import torch
 
 from trimode.decoding.base import DecodeBatch, Forward
-from trimode.engine.compiled import MAX_WEIGHT_BYTES, CompiledForward, weight_bytes
+from trimode.engine.compiled import MAX_WEIGHT_BYTES, CompiledForward
 from trimode.kv_cache import PAGE_SIZE, KVCache, KVPool, num_pages
 from trimode.model.transformer import ForwardContext, Part, Transformer
 
@@ -20,7 +20,7 @@ class ModelRunner:
         self.model = model
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}")
-        small_cpu = model.diffusion_head.weight.device.type == "cpu" and weight_bytes(model) <= MAX_WEIGHT_BYTES
+        small_cpu = model.diffusion_head.weight.device.type == "cpu" and model.weight_bytes <= MAX_WEIGHT_BYTES
         use = compile is True or (compile == "auto" and small_cpu)
         self.compiled = CompiledForward(model, build=compile is True) if use else None
         if compile == "auto" and self.compiled is not None:

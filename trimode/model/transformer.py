@@ -232,5 +232,10 @@ class Transformer(nn.Module):
             )
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight (the parameters; the model has no persistent buffers)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    @property
     def has_draft_lora(self) -> bool:
         return self.encoder.layers[0].self_attn.draft_lora is not None
