@@ -85,8 +85,10 @@ def test_a_compiled_forward_refuses_a_view_it_cannot_take(llm, compiled_runner):
     positions, span = kv.begin(3)  # batch 1 on fresh pages: a `run` view, not gathered
     tokens = torch.zeros(1, 3, dtype=torch.long)
     part = Part(tokens, ForwardContext(positions, None, kv.view), torch.zeros(1, dtype=torch.long))
+    fwd = Forward("prefill", tokens, True, logit_index=part.logit_index)
+    assert compiled_runner.compiled.takes(fwd)
     with pytest.raises(ValueError, match="gather=True"):
-        compiled_runner.compiled(part, Forward("prefill", tokens, True, logit_index=part.logit_index))
+        compiled_runner.compiled(part, fwd)
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ def _arguments(part: Part, kind: str) -> tuple:
         extra = [part.logit_index if part.logit_index is not None else part.input_ids.new_zeros(b)]
     elif kind == "draft":
         lora = torch.as_tensor(ctx.use_draft_lora, device=part.input_ids.device)
-        extra = [lora.expand(b).contiguous() if lora.dim() == 0 else lora]
+        extra = [lora.expand(b)]
     else:
         extra = []
     # A program reads its inputs by the traced sizes and strides and checks neither: every input
@@ -156,9 +156,10 @@ class CompiledForward:
         return kind in self._programs or (kind not in self._missing and self._load(kind))
 
     def __call__(self, part: Part, fwd: Forward) -> torch.Tensor:
+        """Run `fwd`'s program (`takes(fwd)` has loaded it) on `part`, its begun view."""
         kind = self.kind(fwd)
-        if not self.takes(fwd):
-            raise RuntimeError(f"the {kind!r} program is not compiled; check takes() first")
+        if kind not in self._programs:
+            raise RuntimeError("this pass has no loaded compiled program; check takes() first")
         *tensors, k, v, extra = _arguments(part, kind)
         return self._programs[kind]([*tensors, *k, *v, *extra])[0]
 
@@ -221,10 +222,9 @@ def _example(model: Transformer, kind: str) -> tuple[tuple, tuple]:
     mask = kv.attention_mask(3, span, True, dense=True)
     tokens = torch.full((2, 3), cfg.bos_token_id, dtype=torch.long, device=device)
     lora = torch.tensor([True, False], device=device)
-    part = Part(tokens, ForwardContext(positions, mask, kv.view, lora if kind == "draft" else False), None)
+    logit_index = torch.tensor([2, 1], device=device) if kind == "last" else None
+    part = Part(tokens, ForwardContext(positions, mask, kv.view, lora if kind == "draft" else False), logit_index)
     example = _arguments(part, kind)
-    if kind == "last":
-        example[-1][0] = torch.tensor([2, 1], device=device)
     a = Dim.AUTO
     layers = [{0: a}] * cfg.num_hidden_layers
     dims = ({0: a, 1: a}, {0: a, 1: a}, {0: a, 2: a, 3: a}, {0: a}, {0: a}, layers, layers, [{0: a}] * len(example[-1]))
