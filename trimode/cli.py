@@ -195,8 +195,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         action="store_const",
         const=True,
         default="auto",
-        help="compile the forward programs the run needs and are not yet cached (about 90 s each on 2 cores, "
-        "once: later runs load them by default)",
+        help="load every compiled forward program at start-up, compiling those not yet cached (about a minute "
+        "each on 2 cores, once: later runs load them by default)",
     )
     speed.add_argument(
         "--enforce-eager", dest="compile", action="store_const", const=False, help="never run compiled programs"

@@ -11,7 +11,7 @@ pass to 4.3 ms.
 
 Freezing puts the weights into the program, so the program is written once to disk, keyed by the
 weights, the config, the code that traces it and the torch version, and a later process loads it in
-under a second instead of compiling (about 90 s per program on 2 cores; inductor cannot cache frozen
+under a second instead of compiling (about a minute per program on 2 cores; inductor cannot cache frozen
 graphs itself because their packed weights do not pickle).
 
 The program takes only tensors (the tokens, positions, a dense (B, 1, T, S) mask, the pool's
