@@ -15,7 +15,7 @@ from trimode import LLM
 from trimode.decoding.base import Forward
 from trimode.engine import compiled as compiled_module
 from trimode.engine import model_runner
-from trimode.engine.compiled import CompiledForward, _model_key
+from trimode.engine.compiled import CompiledForward, _model_key, pass_kind
 from trimode.engine.model_runner import ModelRunner
 from trimode.model.transformer import ForwardContext, Part
 from trimode.sampling_params import SamplingParams
@@ -57,7 +57,7 @@ def test_auto_runs_only_cached_programs(llm, compiled_runner, tmp_path):
     assert not cold.takes(ar) and not list(tmp_path.iterdir())
     compiled_runner.compiled.takes(ar)  # compiled by the test above, or now
     warm = CompiledForward(llm.model, cache_dir=compiled_runner.compiled.cache_dir, build=False)
-    assert warm.takes(ar) and warm.kind(verify) == "all"
+    assert warm.takes(ar) and pass_kind(verify, True) == "all"
 
 
 def test_compiled_forwards_run_alone(llm, compiled_runner):
@@ -131,8 +131,8 @@ def test_a_pass_no_program_fits_runs_eager(llm, tmp_path):
     tokens = torch.zeros(2, 3, dtype=torch.long)
     odd = Forward("draft", tokens, False, True, logit_index=torch.zeros(2, dtype=torch.long))
     compiled = CompiledForward(llm.model, cache_dir=tmp_path, build=True)
-    assert compiled.kind(odd) is None and not compiled.takes(odd) and not list(tmp_path.iterdir())
-    assert compiled.kind(Forward("draft", tokens, False, True)) == "draft"
+    assert pass_kind(odd, True) is None and not compiled.takes(odd) and not list(tmp_path.iterdir())
+    assert pass_kind(Forward("draft", tokens, False, True), True) == "draft"
 
 
 def test_a_model_too_big_to_embed_is_refused_or_runs_eager(llm, monkeypatch):

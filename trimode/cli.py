@@ -188,18 +188,23 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    # Default "auto": on a CPU, forwards whose compiled program is in the cache run it, the rest eager.
+    # Default "auto": on a CPU, forwards whose compiled program is in the cache run it, the rest
+    # eager; on a GPU, decode passes run as CUDA graphs.
     speed = p.add_mutually_exclusive_group()
     speed.add_argument(
         "--compile",
         action="store_const",
         const=True,
         default="auto",
-        help="load every compiled forward program at start-up, compiling those not yet cached (about a minute "
-        "each on 2 cores, once: later runs load them by default)",
+        help="CPU: load every compiled forward program at start-up, compiling those not yet cached (about a "
+        "minute each on 2 cores, once: later runs load them by default). GPU: CUDA graphs, as by default",
     )
     speed.add_argument(
-        "--enforce-eager", dest="compile", action="store_const", const=False, help="never run compiled programs"
+        "--enforce-eager",
+        dest="compile",
+        action="store_const",
+        const=False,
+        help="never run compiled programs or CUDA graphs",
     )
 
 

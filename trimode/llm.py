@@ -56,8 +56,9 @@ class LLM:
         load_draft_lora: bool = True,
         compile: str | bool = "auto",
     ) -> None:
-        """`compile`: one-batch forwards as compiled programs (`engine/compiled.py`): "auto" runs
-        those in the cache, True also compiles the missing ones (once), False runs eager."""
+        """`compile`: on a CPU, one-batch forwards as compiled programs (`engine/compiled.py`):
+        "auto" runs those in the cache, True also compiles the missing ones (once). On a GPU,
+        "auto" and True run decode passes as CUDA graphs (`engine/cuda_graphs.py`). False: eager."""
         if model is None and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
             raise ValueError(
                 f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "
@@ -72,7 +73,7 @@ class LLM:
             {"bos_token_id": self.config.bos_token_id, "mask_token_id": self.config.mask_token_id}
         )
         self.runner = ModelRunner(self.model, compile)
-        if compile is True:
+        if compile is True and self.runner.compiled is not None:
             seconds = self.runner.compiled.prepare()
             print(
                 "trimode: compiled forwards ready ("

@@ -48,6 +48,10 @@ def machine_card(llm: LLM) -> dict[str, Any]:
         "parameters": params,
         "weight_bytes": weight_bytes,
     }
+    graphs = llm.runner.graphs
+    if graphs is not None:
+        # What the run's CUDA graphs cost: capture time and the GPU memory they reserved.
+        card["cuda_graphs"] = {"count": len(graphs.buckets), "seconds": round(graphs.seconds, 2), "bytes": graphs.bytes}
     if llm.device.type == "cuda":
         name = card["device"]
         peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)

@@ -64,13 +64,24 @@ def default_cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "trimode" / "compiled"
 
 
-class _Pass(nn.Module):
-    """The traced function: one part's forward over the pool. `extra` is [] (`all`), [logit_index]
-    (`last`) or [draft LoRA flag per row] (`draft`)."""
+def pass_kind(fwd: Forward, has_draft_lora: bool) -> str | None:
+    """Which kind of one-part program runs `fwd` (`last`, `all`, `draft`), or None: a one-position
+    pass with the draft LoRA on, which no decoder plans, runs eager."""
+    lora = fwd.use_draft_lora if isinstance(fwd.use_draft_lora, bool) else True
+    if lora and has_draft_lora:
+        return "draft" if fwd.logit_index is None else None
+    return "last" if fwd.logit_index is not None or fwd.tokens.shape[1] == 1 else "all"
 
-    def __init__(self, model: Transformer, kind: str) -> None:
+
+class PassFunction(nn.Module):
+    """One part's forward over the pool, as a function of tensors only: what a compiled program
+    traces and a CUDA graph captures. `extra` is [] (`all`), [logit_index] (`last`) or [draft LoRA
+    flag per row] (`draft`). Returns the logits, or with `head=False` the final-normed hidden
+    states they come from (`Transformer.logits`)."""
+
+    def __init__(self, model: Transformer, kind: str, head: bool = True) -> None:
         super().__init__()
-        self.model, self.kind = model, kind
+        self.model, self.kind, self.head = model, kind, head
 
     def forward(
         self,
@@ -85,10 +96,12 @@ class _Pass(nn.Module):
     ) -> torch.Tensor:
         lora = extra[0] if self.kind == "draft" else False
         ctx = ForwardContext(positions, mask, KVView(k, v, write_slots, key_slots), lora)
-        return self.model.forward_parts([Part(input_ids, ctx, extra[0] if self.kind == "last" else None)])[0]
+        part = Part(input_ids, ctx, extra[0] if self.kind == "last" else None)
+        return self.model.forward_parts([part], head=self.head)[0]
 
 
-def _arguments(part: Part, kind: str) -> tuple:
+def flat_inputs(part: Part, kind: str) -> tuple:
+    """A begun part as `PassFunction`'s arguments, every tensor contiguous at its full size."""
     ctx, view = part.ctx, part.ctx.kv
     if view is None or view.run is not None or not isinstance(ctx.mask, torch.Tensor):
         raise ValueError("a compiled forward needs a gathered KV view and a dense mask (KVCache.begin(gather=True))")
@@ -141,26 +154,19 @@ class CompiledForward:
                 self._load(kind)
         return self.seconds
 
-    def kind(self, fwd: Forward) -> str | None:
-        """The program that runs `fwd`, or None (no program does: it runs eager)."""
-        lora = fwd.use_draft_lora if isinstance(fwd.use_draft_lora, bool) else True
-        if lora and self.model.has_draft_lora:
-            return "draft" if fwd.logit_index is None else None
-        return "last" if fwd.logit_index is not None or fwd.tokens.shape[1] == 1 else "all"
-
     def takes(self, fwd: Forward) -> bool:
         """Whether `fwd` runs compiled (its program is loaded, cached, or will be built now)."""
-        kind = self.kind(fwd)
+        kind = pass_kind(fwd, self.model.has_draft_lora)
         if kind is None:
             return False
         return kind in self._programs or (kind not in self._missing and self._load(kind))
 
     def __call__(self, part: Part, fwd: Forward) -> torch.Tensor:
         """Run `fwd`'s program (`takes(fwd)` has loaded it) on `part`, its begun view."""
-        kind = self.kind(fwd)
+        kind = pass_kind(fwd, self.model.has_draft_lora)
         if kind not in self._programs:
             raise RuntimeError("this pass has no loaded compiled program; check takes() first")
-        *tensors, k, v, extra = _arguments(part, kind)
+        *tensors, k, v, extra = flat_inputs(part, kind)
         return self._programs[kind]([*tensors, *k, *v, *extra])[0]
 
     def path(self, kind: str) -> Path:
@@ -193,7 +199,7 @@ class CompiledForward:
         path.parent.mkdir(parents=True, exist_ok=True)
         example, dims = _example(self.model, kind)
         with torch.no_grad():
-            program = torch.export.export(_Pass(self.model, kind), example, dynamic_shapes=dims, strict=False)
+            program = torch.export.export(PassFunction(self.model, kind), example, dynamic_shapes=dims, strict=False)
             partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
             # A copy: AOTInductor adds its own settings to the dict it is given (and so to our key).
             options = dict(INDUCTOR_OPTIONS)
@@ -224,7 +230,7 @@ def _example(model: Transformer, kind: str) -> tuple[tuple, tuple]:
     lora = torch.tensor([True, False], device=device)
     logit_index = torch.tensor([2, 1], device=device) if kind == "last" else None
     part = Part(tokens, ForwardContext(positions, mask, kv.view, lora if kind == "draft" else False), logit_index)
-    example = _arguments(part, kind)
+    example = flat_inputs(part, kind)
     a = Dim.AUTO
     layers = [{0: a}] * cfg.num_hidden_layers
     dims = ({0: a, 1: a}, {0: a, 1: a}, {0: a, 2: a, 3: a}, {0: a}, {0: a}, layers, layers, [{0: a}] * len(example[-1]))
@@ -238,7 +244,7 @@ def _model_key(model: Transformer) -> str:
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    for code in (transformer, rope, KVView, _Pass, _example):
+    for code in (transformer, rope, KVView, PassFunction, _example):
         digest.update(inspect.getsource(code).encode())
     digest.update(json.dumps([repr(model.config), INDUCTOR_OPTIONS, torch.__version__], sort_keys=True).encode())
     return digest.hexdigest()[:20]

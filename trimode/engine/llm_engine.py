@@ -92,6 +92,7 @@ class LLMEngine:
             self.pool.num_tokens,
             self.pool.num_bytes / 2**20,
         )
+        runner.capture_graphs(max_batch, min(max_model_len, self.pool.num_tokens))
         self.runner, self.tokenizer, self.eos_token_ids = runner, tokenizer, eos_token_ids
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step

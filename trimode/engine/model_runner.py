@@ -3,36 +3,48 @@ attention pattern, and, for a decoder's planned forward, counts and times it."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
 
 from trimode.decoding.base import DecodeBatch, Forward
 from trimode.engine.compiled import MAX_WEIGHT_BYTES, CompiledForward
+from trimode.engine.cuda_graphs import CudaGraphs
 from trimode.kv_cache import PAGE_SIZE, KVCache, KVPool, num_pages
 from trimode.model.transformer import ForwardContext, Part, Transformer
 
 
 class ModelRunner:
     def __init__(self, model: Transformer, compile: str | bool = False) -> None:
-        """`compile`: one-batch forwards run as compiled programs (engine/compiled.py) - "auto" those
-        already in the cache, True also compiling the missing ones, False none (eager)."""
+        """`compile`: how one-batch forwards run fast. On a CPU, as compiled programs
+        (engine/compiled.py): "auto" those already in the cache, True also compiling the missing
+        ones. On a GPU, decode passes as CUDA graphs (engine/cuda_graphs.py), "auto" or True. False:
+        every forward eager."""
         self.model = model
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}")
-        small_cpu = model.diffusion_head.weight.device.type == "cpu" and model.weight_bytes <= MAX_WEIGHT_BYTES
-        use = compile is True or (compile == "auto" and small_cpu)
-        self.compiled = CompiledForward(model, build=compile is True) if use else None
-        if compile == "auto" and self.compiled is not None:
-            self.compiled.prepare()  # loads what the cache holds (under a second each), compiles nothing
         self.config = model.config
         self.device = model.diffusion_head.weight.device
         self.dtype = model.diffusion_head.weight.dtype
+        cuda = self.device.type == "cuda"
+        self.graphs = CudaGraphs(model) if cuda and compile is not False else None
+        small = not cuda and model.weight_bytes <= MAX_WEIGHT_BYTES
+        use = (compile is True and not cuda) or (compile == "auto" and small)
+        self.compiled = CompiledForward(model, build=compile is True) if use else None
+        if compile == "auto" and self.compiled is not None:
+            self.compiled.prepare()  # loads what the cache holds (under a second each), compiles nothing
 
     def new_pool(self, num_tokens: int, page_size: int) -> KVPool:
-        """The KV pool for `num_tokens` slots (rounded up to whole pages of `page_size`)."""
+        """The KV pool for `num_tokens` slots (rounded up to whole pages of `page_size`). With CUDA
+        graphs, which write one pool in place, the graphs' pool when no row holds a page of it and
+        it is large enough (so offline `generate` calls, an engine each, replay the same graphs)."""
         cfg = self.config
-        return KVPool(
+        held = self.graphs.pool if self.graphs is not None else None
+        if held is not None and held.page_size == page_size and held.num_tokens >= num_tokens:
+            if held.num_used_pages == 0:
+                return held
+        pool = KVPool(
             cfg.num_hidden_layers,
             num_pages(num_tokens, page_size),
             page_size,
@@ -41,6 +53,24 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
+        if self.graphs is not None:
+            self.graphs.bind(pool)
+        return pool
+
+    def capture_graphs(self, max_batch: int, max_span: int) -> None:
+        """With CUDA graphs: capture the AR step's over the pool now (`CudaGraphs.prepare`), saying
+        what they took; the other decode passes are captured on first use."""
+        if self.graphs is None:
+            return
+        began, reserved = time.perf_counter(), self.graphs.bytes
+        captured = self.graphs.prepare(max_batch, max_span)
+        if captured:
+            print(
+                f"trimode: captured {captured} CUDA graphs of the AR step (batch <= {max_batch}, key span <= "
+                f"{max_span}) in {time.perf_counter() - began:.1f} s, holding "
+                f"{(self.graphs.bytes - reserved) / 2**20:.0f} MiB; --enforce-eager turns them off",
+                file=sys.stderr,
+            )
 
     def new_cache(self, batch_size: int, capacity: int, page_size: int = PAGE_SIZE) -> KVCache:
         """`batch_size` empty rows of up to `capacity` slots each, over a pool of their own."""
@@ -51,7 +81,7 @@ class ModelRunner:
         """Whether a part added to a forward costs only its tokens' share of it: so when forwards
         run eager. A compiled program takes one part, so adding one would run the whole forward
         eager; a forward of its own is then the cheaper choice."""
-        return self.compiled is None or not self.compiled.loaded
+        return self.graphs is None and (self.compiled is None or not self.compiled.loaded)
 
     @torch.inference_mode()
     def forward(
@@ -75,18 +105,22 @@ class ModelRunner:
     def forward_parts(self, parts: list[tuple[KVCache, Forward]]) -> list[torch.Tensor]:
         """Several batches' forwards as one model forward (`Transformer.forward_parts`): each gets
         the logits `forward` would give it alone."""
-        # Several parts stay eager: the compiled programs take one.
-        compiled = self.compiled is not None and len(parts) == 1 and self.compiled.takes(parts[0][1])
+        # Several parts stay eager: compiled programs and CUDA graphs take one.
+        (kv0, fwd0), one = parts[0], len(parts) == 1
+        graphed = one and self.graphs is not None and self.graphs.takes(kv0, fwd0)
+        compiled = one and self.compiled is not None and self.compiled.takes(fwd0)
         model_parts = []
         for kv, fwd in parts:
             t = fwd.tokens.shape[1]
-            positions, span = kv.begin(t, fwd.num_fed, gather=compiled)
-            mask = kv.attention_mask(t, span, fwd.causal, dense=compiled)
+            positions, span = kv.begin(t, fwd.num_fed, gather=graphed or compiled)
+            mask = kv.attention_mask(t, span, fwd.causal, dense=graphed or compiled)
             model_parts.append(
                 Part(fwd.tokens, ForwardContext(positions, mask, kv.view, fwd.use_draft_lora), fwd.logit_index)
             )
+        if graphed:
+            return [self.graphs(kv0, model_parts[0], fwd0)]
         if compiled:
-            return [self.compiled(model_parts[0], parts[0][1])]
+            return [self.compiled(model_parts[0], fwd0)]
         return self.model.forward_parts(model_parts)
 
     def execute(self, parts: list[tuple[DecodeBatch, Forward]]) -> tuple[list[torch.Tensor], float]:

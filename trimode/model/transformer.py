@@ -194,8 +194,9 @@ class Transformer(nn.Module):
         """input_ids (B, T) -> logits (B, T, V) in fp32, or (B, 1, V) at `logit_index` (B,) per row."""
         return self.forward_parts([Part(input_ids, ctx, logit_index)])[0]
 
-    def forward_parts(self, parts: list[Part]) -> list[torch.Tensor]:
-        """Several batches in one forward: each part's logits, as `forward` would give them alone."""
+    def forward_parts(self, parts: list[Part], head: bool = True) -> list[torch.Tensor]:
+        """Several batches in one forward: each part's logits, as `forward` would give them alone.
+        Without `head`, the final-normed hidden states (B, T', hidden) they come from (`logits`)."""
         spans, start = [], 0
         for p in parts:
             b, t = p.input_ids.shape
@@ -215,13 +216,18 @@ class Transformer(nn.Module):
             if p.logit_index is not None:
                 rows = rows.view(b, t, -1)[torch.arange(b, device=h.device), p.logit_index]
             wanted.append(rows)
-        logits = self.diffusion_head(self.encoder.norm(torch.cat(wanted) if len(wanted) > 1 else wanted[0])).float()
+        h = self.encoder.norm(torch.cat(wanted) if len(wanted) > 1 else wanted[0])
+        flat = self.logits(h) if head else h
         out, at = [], 0
         for p, (_, b, t) in zip(parts, spans):
             t = 1 if p.logit_index is not None else t
-            out.append(logits[at : at + b * t].view(b, t, -1))
+            out.append(flat[at : at + b * t].view(b, t, -1))
             at += b * t
         return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., hidden) -> fp32 logits (..., V)."""
+        return self.diffusion_head(hidden).float()
 
     def attach_draft_lora(self, rank: int, scale: float) -> None:
         """Create (zero-initialised B) draft LoRA modules on every o_proj; the loader fills them."""
