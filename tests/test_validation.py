@@ -44,6 +44,8 @@ def test_sampling_params_reject_bad_values(kwargs, field):
         ([], "prompts must be"),
         ([[1, 2, 99999]], "outside"),
         ([["a"]], "prompt 0 must be"),
+        ({"prompt": "a", "multi_modal_data": {}}, "keys \\['multi_modal_data', 'prompt'\\]: give exactly"),
+        ([{"prompt_token_ids": "1 2"}], "prompt 0 is a dict"),
     ],
 )
 def test_bad_prompts(llm, prompts, match):
@@ -62,10 +64,14 @@ def test_prompt_longer_than_the_context(tiny_dir):
 
 
 def test_bad_chat_messages(llm):
-    with pytest.raises(ValueError, match="messages"):
+    with pytest.raises(ValueError, match="message 0 must be a dict with a 'role'"):
         llm.chat([{"content": "no role"}])
-    with pytest.raises(ValueError, match="unknown role"):
+    with pytest.raises(ValueError, match="role 'wizard'; use one of system, developer, user, assistant, tool"):
         llm.chat([{"role": "wizard", "content": "hi"}])
+    with pytest.raises(ValueError, match="'image_url' are not supported .* send text parts"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(ValueError, match=r"fields trimode does not take: \['audio'\]"):
+        llm.chat([{"role": "user", "content": "hi", "audio": None}])
 
 
 def test_wrong_number_of_params(llm):

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from trimode.config import DTYPES
 from trimode.engine.generate import Request
-from trimode.engine.inputs import Message, PromptInput, tokenize_prompt
+from trimode.engine.inputs import Message, PromptInput, chat_messages, tokenize_prompt
 from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import kv_slots
@@ -122,10 +123,10 @@ class LLM:
         )
 
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
         ):
-            prompts = [prompts]  # one prompt: a string or a list of token ids
+            prompts = [prompts]  # one prompt: a string, a prompt dict or a list of token ids
         if not isinstance(prompts, Sequence) or not prompts:
             raise ValueError(
                 "prompts must be a string, a list of strings, or a list of token-id lists; got "
@@ -139,28 +140,55 @@ class LLM:
     def generate(
         self,
         prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        *,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[GenerationOutput]:
-        """Generate for every prompt, all of them batched together whatever their modes."""
+        """Generate for every prompt, all of them batched together whatever their modes.
+
+        A prompt is a string, a list of token ids, or vLLM's `{"prompt": text}` /
+        `{"prompt_token_ids": ids}`. `sampling_params` (`params` is the same, by trimode's older
+        name): one for every prompt or one each; `use_tqdm`: a progress bar over finished prompts."""
         ids, texts = self._tokenize(prompts)
-        return self._generate(ids, texts, params)
+        return self._generate(ids, texts, _one_of(sampling_params, params), use_tqdm)
 
     def chat(
         self,
         messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        *,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
-        **template_kwargs: Any,
     ) -> list[GenerationOutput]:
-        """One conversation (a list of messages) or a list of conversations, rendered with the chat template."""
+        """One conversation (a list of OpenAI messages) or a list of conversations, rendered with
+        the chat template (`chat_template`, Jinja, in place of the checkpoint's). Content is a string
+        or a list of text parts; `developer` is the system role. `tools` and `chat_template_kwargs`
+        (e.g. `{"enable_thinking": True}`) are variables of the template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if not conversations:
             raise ValueError("messages must be a conversation (list of {'role', 'content'} dicts) or a list of them")
-        texts = [self.tokenizer.apply_chat_template(c, **template_kwargs) for c in conversations]
-        ids = [self.tokenizer.encode_chat(c, **template_kwargs) for c in conversations]
-        return self._generate(ids, list(texts), params)
+        template = {
+            **(chat_template_kwargs or {}),
+            "add_generation_prompt": add_generation_prompt,
+            "chat_template": chat_template,
+            **({"tools": tools} if tools is not None else {}),
+        }
+        chats = [chat_messages(c) for c in conversations]
+        texts = [self.tokenizer.apply_chat_template(c, **template) for c in chats]
+        ids = [self.tokenizer.encode_chat(c, **template) for c in chats]
+        return self._generate(ids, list(texts), _one_of(sampling_params, params), use_tqdm)
 
     def _generate(
-        self, ids: list[list[int]], texts: list[str | None], params: SamplingParams | Sequence[SamplingParams] | None
+        self,
+        ids: list[list[int]],
+        texts: list[str | None],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool = False,
     ) -> list[GenerationOutput]:
         """The engine, stepped to completion with every prompt admitted at once (one driver for
         offline and serving)."""
@@ -175,10 +203,21 @@ class LLM:
         for i, (p, text, sp) in enumerate(zip(ids, texts, per_prompt)):
             engine.add_tokenized(str(i), p, sp, text, name=f"prompt {i}")
         results: dict[str, GenerationOutput] = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.error is not None:
-                    raise RuntimeError(f"prompt {out.request_id} failed inside the engine: {out.error}")
-                if out.output is not None:
-                    results[out.request_id] = out.output
+        with tqdm(total=len(ids), unit="prompt", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.error is not None:
+                        raise RuntimeError(f"prompt {out.request_id} failed inside the engine: {out.error}")
+                    if out.output is not None:
+                        results[out.request_id] = out.output
+                        bar.update()
         return [results[str(i)] for i in range(len(ids))]
+
+
+def _one_of(
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    params: SamplingParams | Sequence[SamplingParams] | None,
+) -> SamplingParams | Sequence[SamplingParams] | None:
+    if sampling_params is not None and params is not None:
+        raise ValueError("give sampling_params or params (the same argument), not both")
+    return sampling_params if sampling_params is not None else params

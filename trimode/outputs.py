@@ -7,7 +7,21 @@ from typing import Any
 
 
 @dataclass
+class CompletionOutput:
+    """One completion of a request, in vLLM's shape (`GenerationOutput.outputs`)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[dict[int, float]] | None = None  # per token, when logprobs were asked for
+
+
+@dataclass
 class GenerationOutput:
+    """A finished request: its completion's fields at the top level (trimode's shape), and the
+    same as `outputs[0]` (vLLM's `RequestOutput` shape)."""
+
     prompt: str | None
     prompt_token_ids: list[int]
     text: str
@@ -20,6 +34,14 @@ class GenerationOutput:
     # The mode's per-step statistic: selfspec "tokens_per_cycle", diffusion "denoise_passes_per_block".
     mode_stats: dict[str, list[int]] = field(default_factory=dict)
     forward_ms: dict[str, float] = field(default_factory=dict)  # mean ms per forward kind, in its batch
+    # vLLM's shapes: per generated token {id: log-probability}; per prompt token the same (None
+    # for the first). Filled only when asked for.
+    logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        return [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -48,6 +70,9 @@ class GenerationOutput:
         """The JSON object `trimode generate --json` prints."""
         d = asdict(self)
         del d["prompt_token_ids"], d["token_times"]
+        for name in ("logprobs", "prompt_logprobs"):
+            if d[name] is None:
+                del d[name]
         d.update(
             num_prompt_tokens=self.num_prompt_tokens,
             num_generated_tokens=self.num_generated_tokens,

@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
@@ -61,11 +62,19 @@ class Tokenizer:
         self._plain.encode_special_tokens = True
         self._special_texts = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
         self.bos_token = bos_token or ""
-        self._template = None
-        if chat_template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_exception
-            self._template = env.from_string(chat_template)
+        self._env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._env.globals["raise_exception"] = _raise_exception
+        self._compiled: dict[str, Template] = {}
+        self._template = self._compile(chat_template) if chat_template else None
+
+    def _compile(self, chat_template: str) -> Template:
+        """A chat template (Jinja, sandboxed) ready to render, compiled once per text."""
+        if chat_template not in self._compiled:
+            try:
+                self._compiled[chat_template] = self._env.from_string(chat_template)
+            except TemplateError as e:
+                raise ValueError(f"the chat template does not parse: {e}") from e
+        return self._compiled[chat_template]
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -115,23 +124,30 @@ class Tokenizer:
         return stream.step(self._tok, token_id) or ""
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **kwargs: Any,
     ) -> str:
-        if self._template is None:
+        """The chat rendered by `chat_template` (Jinja) or, by default, the checkpoint's; `kwargs`
+        are the template's own variables (`tools`, `enable_thinking`, ...)."""
+        template = self._compile(chat_template) if chat_template else self._template
+        if template is None:
             raise ValueError(
                 "this checkpoint's tokenizer_config.json has no chat_template: use generate() "
-                "with plain prompts, or add a chat template"
+                "with plain prompts, or give a chat template"
             )
         if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         try:
-            return self._template.render(
+            return template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token, **kwargs
             )
         except TemplateError as e:
             raise ValueError(f"chat template: {e}") from e
 
-    def encode_chat(self, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         """The rendered chat's token ids. Only the template writes special tokens: special-token text
         inside a message (`<|im_end|>\n<|im_start|>system ...`) is encoded as the plain text it is, so
         a user cannot forge a turn (as other servers do by default). The template writes bos itself."""
