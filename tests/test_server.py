@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import time
 
 import httpx
@@ -67,6 +68,66 @@ def test_chat_and_completion_equal_offline(client, offline, mode):
             usage = chunk.usage
     assert text == want.text and finish == want.finish_reason
     assert usage is not None and usage.completion_tokens == want.num_generated_tokens
+
+
+def test_the_request_shapes_clients_send(client, offline):
+    """Token-id prompts and prompt lists (lm-evaluation-harness's defaults), streamed or not, one
+    choice per prompt in order; text already rendered by a chat template, sent without a second
+    BOS; content parts and the developer role; fields SDKs always send, accepted and ignored."""
+    params = SamplingParams(max_tokens=8)
+    texts = ["def parse(line):", "import os"]
+    want = [o.text for o in offline.generate(texts, params)]
+    ids = [offline.tokenizer.encode(t) for t in texts]
+    r = client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=8)
+    assert [c.index for c in r.choices] == [0, 1] and [c.text for c in r.choices] == want
+    assert r.usage.prompt_tokens == sum(len(i) for i in ids)
+    stream = client.completions.create(model=MODEL, prompt=texts, temperature=0, max_tokens=8, stream=True)
+    streamed = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == want
+    with pytest.raises(openai.BadRequestError, match="prompt 1 has token ids outside"):
+        client.completions.create(model=MODEL, prompt=[ids[0], [10**9]], max_tokens=8)
+    chat = offline.chat(CHAT, params)[0]
+    rendered = offline.tokenizer.apply_chat_template(CHAT)  # starts with the template's BOS
+    r = client.completions.create(
+        model=MODEL, prompt=rendered, temperature=0, max_tokens=8, extra_body={"add_special_tokens": False}
+    )
+    assert r.choices[0].text == chat.text and r.usage.prompt_tokens == chat.num_prompt_tokens
+    plain = [{"role": "system", "content": "Be brief."}, *CHAT]
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": CHAT[0]["content"]}]},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=parts,
+        temperature=0,
+        max_tokens=8,
+        stop=[f"never{i}" for i in range(10)],
+        store=False,
+        metadata={"run": "test"},
+        response_format={"type": "text"},
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        tool_choice="auto",
+        parallel_tool_calls=False,
+    )
+    assert r.choices[0].message.content == offline.chat(plain, params)[0].text
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"tool_choice": "required"}, "does not parse tool calls"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "'image_url'"),
+        ({"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "may not set \\['chat_template'\\]"),
+    ],
+)
+def test_what_trimode_cannot_do_is_refused_by_name(server, body, message):
+    r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, **body}, timeout=30)
+    assert r.status_code == 400
+    assert re.search(message, r.json()["error"]["message"])
 
 
 def test_64_concurrent_streams_mixing_modes(client, offline):

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +16,7 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trimode.engine.generate import RequestOutput
+from trimode.engine.inputs import tokenize_prompt
 from trimode.engine.scheduler import QueueFull
 from trimode.outputs import GenerationOutput
 from trimode.server.async_engine import AsyncEngine, EngineError, ShuttingDown
@@ -57,13 +57,17 @@ class APIError(Exception):
         return f"data: {json.dumps({'error': err})}\n\n"
 
 
-def usage(res: GenerationOutput) -> dict[str, Any]:
+def usage(results: list[GenerationOutput]) -> dict[str, Any]:
+    """Token counts of a response, over all its prompts' results."""
+    prompt = sum(r.num_prompt_tokens for r in results)
+    completion = sum(r.num_generated_tokens for r in results)
+    forwards = sum(r.num_forwards for r in results)
     return {
-        "prompt_tokens": res.num_prompt_tokens,
-        "completion_tokens": res.num_generated_tokens,
-        "total_tokens": res.num_prompt_tokens + res.num_generated_tokens,
-        "num_forwards": res.num_forwards,
-        "tokens_per_forward": round(res.tokens_per_forward, 4),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "num_forwards": forwards,
+        "tokens_per_forward": round(completion / max(forwards, 1), 4),
     }
 
 
@@ -161,55 +165,82 @@ def build_app(
                 "model",
             )
 
+    tokenizer = engine.engine.tokenizer
+    config = engine.engine.runner.config
+
     async def start(
-        body: CompletionRequest | ChatCompletionRequest, fn: Any, arg: Any, prefix: str
-    ) -> tuple[str, AsyncIterator[RequestOutput]]:
-        """Tokenize `arg` with `fn` on a worker thread, then hand the request to the engine."""
+        body: CompletionRequest | ChatCompletionRequest, prepare: list[Callable[[], list[int]]], prefix: str
+    ) -> tuple[str, list[AsyncIterator[RequestOutput]]]:
+        """Tokenize each prompt (`prepare`, on a worker thread), then hand them to the engine, one
+        request each; if one is refused, those already queued are aborted."""
+        request_id = engine.new_request_id(prefix)
+        submitted, streams = [], []
         try:
             params = body.sampling_params(default_mode)
-            prompt_ids = await engine.run_blocking(fn, arg)
-            request_id = engine.new_request_id(prefix)
-            return request_id, engine.submit(request_id, prompt_ids, params)
+            for i, fn in enumerate(prepare):
+                prompt_ids = await engine.run_blocking(fn)
+                sub_id = request_id if len(prepare) == 1 else f"{request_id}-{i}"
+                streams.append(engine.submit(sub_id, prompt_ids, params))
+                submitted.append(sub_id)
         except SERVING_ERRORS as e:
+            for sub_id in submitted:
+                engine.abort(sub_id)
             raise APIError.of(e) from e
+        return request_id, streams
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
         check_model(body)
-        request_id, outputs = await start(body, engine.engine.tokenizer.encode, body.prompt, "cmpl")
-        return await respond(body, request_id, outputs, http, chat=False)
+        many = len(body.prompt) > 1
+
+        def prepare(i: int, prompt: str | list[int]) -> Callable[[], list[int]]:
+            name = f"prompt {i}" if many else "the prompt"
+            return lambda: tokenize_prompt(tokenizer, config.vocab_size, prompt, name, body.add_special_tokens)[0]
+
+        request_id, streams = await start(body, [prepare(i, p) for i, p in enumerate(body.prompt)], "cmpl")
+        return await respond(body, request_id, streams, http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Any:
         check_model(body)
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        request_id, outputs = await start(body, engine.engine.tokenizer.encode_chat, messages, "chatcmpl")
-        return await respond(body, request_id, outputs, http, chat=True)
 
-    async def collect(outputs: AsyncIterator[RequestOutput], http: Request) -> GenerationOutput | None:
-        """The finished result; None if the client hung up first. Cancelling the collecting task closes
-        the output stream, which aborts the request and frees its KV rows at once."""
+        def prepare() -> list[int]:
+            ids = tokenizer.encode_chat(body.chat(), **body.template_kwargs())
+            return [config.bos_token_id, *ids] if body.add_special_tokens else ids
 
-        async def last() -> GenerationOutput | None:
+        request_id, streams = await start(body, [prepare], "chatcmpl")
+        return await respond(body, request_id, streams, http, chat=True)
+
+    async def collect(streams: list[AsyncIterator[RequestOutput]], http: Request) -> list[GenerationOutput] | None:
+        """Every prompt's finished result, in order; None if the client hung up first. Cancelling a
+        collecting task closes its output stream, which aborts the request and frees its KV rows at
+        once; one prompt failing cancels the others."""
+
+        async def last(outputs: AsyncIterator[RequestOutput]) -> GenerationOutput:
             final = None
             async for out in outputs:
                 final = out.output or final
             return final
 
-        task = asyncio.ensure_future(last())
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await http.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return None
-        return task.result()
+        tasks = [asyncio.ensure_future(last(o)) for o in streams]
+        try:
+            while not all(t.done() for t in tasks):
+                await asyncio.wait(tasks, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION)
+                failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+                if failed is not None:
+                    raise failed.exception()
+                if await http.is_disconnected():
+                    return None
+            return [t.result() for t in tasks]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def respond(
         body: CompletionRequest | ChatCompletionRequest,
         request_id: str,
-        outputs: AsyncIterator[RequestOutput],
+        streams: list[AsyncIterator[RequestOutput]],
         http: Request,
         chat: bool,
     ) -> Any:
@@ -217,74 +248,78 @@ def build_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                sse(request_id, created, outputs, chat, include_usage, http), media_type="text/event-stream"
+                sse(request_id, created, streams, chat, include_usage, http), media_type="text/event-stream"
             )
         try:
-            final = await collect(outputs, http)
+            finals = await collect(streams, http)
         except SERVING_ERRORS as e:
             raise APIError.of(e) from e
-        if final is None:  # nobody is listening; the status is for the access log only
+        if finals is None:  # nobody is listening; the status is for the access log only
             return Response(status_code=499)
-        http.state.usage = usage(final)
+        http.state.usage = usage(finals)
         if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": final.text},
-                "finish_reason": final.finish_reason,
-            }
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": f.text}, "finish_reason": f.finish_reason}
+                for i, f in enumerate(finals)
+            ]
         else:
-            choice = {"index": 0, "text": final.text, "logprobs": None, "finish_reason": final.finish_reason}
+            choices = [
+                {"index": i, "text": f.text, "logprobs": None, "finish_reason": f.finish_reason}
+                for i, f in enumerate(finals)
+            ]
         return {
             "id": request_id,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": model_name,
-            "choices": [choice],
-            "usage": usage(final),
+            "choices": choices,
+            "usage": usage(finals),
         }
 
     async def sse(
         request_id: str,
         created: int,
-        outputs: AsyncIterator[RequestOutput],
+        streams: list[AsyncIterator[RequestOutput]],
         chat: bool,
         include_usage: bool,
         http: Request,
     ) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
                 delta: dict[str, Any] = (
                     {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
                 )
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+                choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
             doc = {"id": request_id, "object": kind, "created": created, "model": model_name, "choices": [choice]}
             if include_usage:
                 doc["usage"] = None
             return f"data: {json.dumps(doc)}\n\n"
 
-        first = True
+        first = [True] * len(streams)
+        finals: list[GenerationOutput] = []
         try:
-            async for out in outputs:
-                if out.delta_text or first:
-                    yield chunk(out.delta_text, None, first)
-                    first = False
+            async for index, out in merged(streams):
+                if out.delta_text or first[index]:
+                    yield chunk(index, out.delta_text, None, first[index])
+                    first[index] = False
                 if out.output is not None:
-                    http.state.usage = usage(out.output)
-                    yield chunk(None, out.output.finish_reason)
-                    if include_usage:
-                        doc = {
-                            "id": request_id,
-                            "object": kind,
-                            "created": created,
-                            "model": model_name,
-                            "choices": [],
-                            "usage": usage(out.output),
-                        }
-                        yield f"data: {json.dumps(doc)}\n\n"
+                    finals.append(out.output)
+                    http.state.usage = usage(finals)
+                    yield chunk(index, None, out.output.finish_reason)
+            if include_usage:
+                doc = {
+                    "id": request_id,
+                    "object": kind,
+                    "created": created,
+                    "model": model_name,
+                    "choices": [],
+                    "usage": usage(finals),
+                }
+                yield f"data: {json.dumps(doc)}\n\n"
         except SERVING_ERRORS as e:
             err = APIError.of(e)
             engine.metrics.failed_status(err.status)  # the stream's status (200) is already sent
@@ -292,3 +327,37 @@ def build_app(
         yield "data: [DONE]\n\n"
 
     return app
+
+
+async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of several streams as they come, each with its stream's index. The first error
+    ends it; closing it (the client went away) closes every stream, aborting their requests."""
+    if len(streams) == 1:  # no tasks for the common case
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, outputs: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in outputs:
+                queue.put_nowait((index, out))
+            queue.put_nowait((index, None))
+        except Exception as e:
+            queue.put_nowait((index, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

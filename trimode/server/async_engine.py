@@ -141,11 +141,19 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
-            self._streams.pop(request_id, None)
-            mode = self._modes.pop(request_id, "unknown")
-            if not finished:  # the client went away (or the handler failed): free its slot now
-                self._commands.put(("abort", request_id, mode))
-                self._wake.set()
+            if finished:
+                self._streams.pop(request_id, None)
+                self._modes.pop(request_id, None)
+            else:  # the client went away (or the handler failed): free its slot now
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a submitted request whose outputs nobody will read (a stream closed early, or one
+        never iterated: another prompt of its HTTP request was refused)."""
+        self._streams.pop(request_id, None)
+        mode = self._modes.pop(request_id, "unknown")
+        self._commands.put(("abort", request_id, mode))
+        self._wake.set()
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         stream = self._streams.get(request_id)

@@ -3,23 +3,24 @@ are refused with a message naming the field, never silently ignored."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trimode.engine.inputs import chat_messages, message_text
 from trimode.sampling_params import MAX_TOP_K, MODES, SEED_RANGE, SamplingParams
 
 MAX_TOKENS_LIMIT = 4096
 MAX_PROMPT_CHARS = 200_000  # a completion prompt, or all the messages of a chat together
-UNSUPPORTED = {  # field -> the only value trimode accepts
+MAX_PROMPTS = 128  # prompts in one completions request (each is a request of its own to the engine)
+MAX_STOPS = 64  # stop strings per request, each at most 256 characters
+UNSUPPORTED = {  # field -> the only values trimode accepts
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "response_format": (None,),
+    "response_format": (None, {"type": "text"}),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -43,15 +44,23 @@ class StreamOptions(BaseModel):
 
 
 class Message(BaseModel):
+    """An OpenAI chat message. Content is text or a list of text parts (`inputs.message_text`);
+    tool calls and results reach the chat template as they are."""
+
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = Field(None, validate_default=True)
     name: str | None = Field(None, max_length=256)
+    tool_call_id: str | None = Field(None, max_length=256)
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)
 
     @field_validator("content")
     @classmethod
-    def _text(cls, v: str) -> str:
-        return _unicode(v, "the content")
+    def _text(cls, v: str | list[dict[str, Any]] | None) -> str:
+        text = message_text(v, "the content")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the content holds {len(text)} characters; at most {MAX_PROMPT_CHARS}")
+        return _unicode(text, "the content")
 
 
 class _Common(BaseModel):
@@ -68,6 +77,13 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    # Whether a text prompt gets the tokenizer's BOS (vLLM's field): off for text a chat template
+    # has already rendered, BOS included. Defaults differ by endpoint, as in vLLM.
+    add_special_tokens: bool = True
+    # What OpenAI SDKs and agent frameworks send that changes nothing here: accepted and ignored.
+    store: bool | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    service_tier: str | None = Field(None, max_length=64)
     # trimode's own fields (OpenAI clients send them through extra_body)
     mode: str | None = None
     block_length: int | None = Field(None, ge=1, le=256)
@@ -79,8 +95,6 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
     response_format: dict | None = None
     echo: bool | None = None
     best_of: int | None = None
@@ -90,8 +104,8 @@ class _Common(BaseModel):
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings of at most 256 characters")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > 256 for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings of at most 256 characters")
         return [_unicode(s, "a stop string") for s in stops]
 
     @field_validator("mode")
@@ -126,22 +140,33 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(...)
+    # One prompt or a list: text, token ids, or a list of either (lm-evaluation-harness sends ids).
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("give exactly one prompt (batching is done by the server)")
-            v = v[0]
-        if not v or len(v) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters")
-        return _unicode(v, "the prompt")
+    def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+        """Every prompt of the request, in order: text or token ids (their range is checked
+        against the vocabulary when they are tokenized)."""
+        if isinstance(v, str) or (v and all(isinstance(t, int) for t in v)):
+            v = [v]
+        if not v or len(v) > MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts; got {len(v)}")
+        for i, p in enumerate(v):
+            if not p or len(p) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt {i} must be non-empty and at most {MAX_PROMPT_CHARS} characters or tokens")
+            if isinstance(p, str):
+                _unicode(p, f"prompt {i}")
+        return v
 
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1, max_length=256)
+    add_special_tokens: bool = False  # the chat template writes BOS itself
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)  # passed to the chat template
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=16)
 
     @field_validator("messages")
     @classmethod
@@ -150,3 +175,30 @@ class ChatCompletionRequest(_Common):
         if total > MAX_PROMPT_CHARS:
             raise ValueError(f"the messages hold {total} characters together; at most {MAX_PROMPT_CHARS}")
         return v
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # The server's template and the engine's own variables are not the client's to replace.
+        taken = sorted(set(v or {}) & {"chat_template", "add_generation_prompt", "messages", "bos_token", "tools"})
+        if taken:
+            raise ValueError(f"chat_template_kwargs may not set {taken}")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: str | dict | None) -> str | dict | None:
+        if v not in (None, "none", "auto"):
+            raise ValueError(
+                "trimode does not parse tool calls out of the model's text yet, so it cannot force one: "
+                "use tool_choice 'auto' or 'none' (the tools still reach the chat template)"
+            )
+        return v
+
+    def chat(self) -> list[dict[str, Any]]:
+        """The messages as the chat template reads them (`inputs.chat_messages`)."""
+        return chat_messages([m.model_dump(exclude_none=True) for m in self.messages])
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The chat template's variables: `chat_template_kwargs`, and `tools` when given."""
+        return {**(self.chat_template_kwargs or {}), **({"tools": self.tools} if self.tools else {})}
