@@ -12,13 +12,16 @@ import pytest
 from live import MODEL, metric, start_server
 
 from trimode import LLM, SamplingParams
+from trimode.llm import EMBEDDED_MODEL_DIR
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
 def server():
-    proc, url = start_server("--max-batch", "32")
+    # The model as `vllm serve` takes it (positional), under two names, seeding unseeded requests.
+    flags = (str(EMBEDDED_MODEL_DIR), "--served-model-name", MODEL, "alias", "--seed", "0")
+    proc, url = start_server(*flags, "--max-batch", "32")
     yield url
     proc.terminate()
     proc.wait(timeout=10)
@@ -114,6 +117,8 @@ def test_the_request_shapes_clients_send(client, offline):
         parallel_tool_calls=False,
     )
     assert r.choices[0].message.content == offline.chat(plain, params)[0].text
+    r = client.completions.create(model="alias", prompt=texts[0], temperature=0, max_tokens=8)
+    assert r.choices[0].text == want[0] and r.model == MODEL
 
 
 @pytest.mark.parametrize(

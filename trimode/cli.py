@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from trimode.kv_cache import PAGE_SIZE
 from trimode.sampling_params import MODES
@@ -477,10 +478,16 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("trimode.access").disabled = not args.access_log
     if args.max_model_len is not None and args.max_model_len < 1:
         raise ValueError(f"--max-model-len must be >= 1; got {args.max_model_len}")
+    if args.model_path is not None and args.model not in (None, args.model_path):
+        raise ValueError(f"give the model once: as MODEL ({args.model_path}) or --model ({args.model}), not both")
+    args.model = args.model or args.model_path
+    defaults = _generation_defaults(args.generation_config, args.model)
     llm = LLM(
         model=args.model, dtype=args.dtype, device=args.device, compile=args.compile, max_model_len=args.max_model_len
     )
-    name = args.served_model_name or (Path(args.model).name if args.model else "trimode-embedded")
+    if args.chat_template is not None:
+        llm.tokenizer.set_chat_template(_chat_template(args.chat_template))
+    names = args.served_model_name or [Path(args.model).name if args.model else "trimode-embedded"]
     engine = AsyncEngine(
         llm.engine(
             max_batch=args.max_batch,
@@ -493,8 +500,16 @@ def _serve(args: argparse.Namespace) -> int:
     )
     engine.start()
     app = build_app(
-        engine, name, api_key=api_key, default_mode=args.default_mode, access_log=args.access_log, docs=args.docs
+        engine,
+        names,
+        api_key=api_key,
+        default_mode=args.default_mode,
+        access_log=args.access_log,
+        docs=args.docs,
+        seed=args.seed,
+        generation_defaults=defaults,
     )
+    name = names[0]
     banner = f"serving {name} on http://{args.host}:{{port}}/v1 (default mode {args.default_mode})"
     try:
         serve(
@@ -511,6 +526,45 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _chat_template(value: str) -> str:
+    """--chat-template: a file holding the template, or the template itself (as vllm serve takes it)."""
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value}: no such file, and not a Jinja template either")
+
+
+# generation_config.json's sampling fields -> SamplingParams' names.
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens"}
+
+
+def _generation_defaults(value: str, model: str | None) -> dict[str, Any] | None:
+    """--generation-config: "auto" takes the sampling defaults of the model's generation_config.json,
+    "vllm" none (OpenAI's), or a directory holding a generation_config.json."""
+    from trimode.llm import EMBEDDED_MODEL_DIR
+    from trimode.sampling_params import SamplingParams
+
+    if value == "vllm":
+        return None
+    folder = Path(model) if model else EMBEDDED_MODEL_DIR
+    if value != "auto":
+        folder = Path(value)
+        if not (folder / "generation_config.json").is_file():
+            raise ValueError(f"--generation-config {value}: no generation_config.json there (or give auto or vllm)")
+    file = folder / "generation_config.json"
+    if not file.is_file():
+        return None
+    config = json.loads(file.read_text())
+    defaults = {ours: config[theirs] for theirs, ours in GENERATION_FIELDS.items() if config.get(theirs) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
+    return defaults
 
 
 def _add_model_shape_flags(p: argparse.ArgumentParser, preset_required: bool) -> None:
@@ -677,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     v = sub.add_parser("serve", help="OpenAI-compatible server: every request picks its mode")
+    v.add_argument("model_path", nargs="?", metavar="MODEL", help="checkpoint directory (the same as --model)")
     _add_model_flags(v)
     v.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     v.add_argument("--port", type=int, default=8000)
@@ -706,7 +761,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-model-len", type=int, help="longest prompt + max_tokens a request may ask for (default: the model's)"
     )
     v.add_argument("--default-mode", default="ar", help=f"mode of requests that name none: {', '.join(MODES)}")
-    v.add_argument("--served-model-name", help="the `model` clients must send (default: the directory name)")
+    v.add_argument(
+        "--served-model-name",
+        nargs="+",
+        help="the names clients may send as `model`; responses carry the first (default: the directory name)",
+    )
+    v.add_argument("--chat-template", help="a chat template (Jinja) file, or the template itself, to use instead")
+    v.add_argument(
+        "--generation-config",
+        default="auto",
+        help="sampling defaults for what requests leave unset: auto (the model's generation_config.json), vllm "
+        "(none: temperature 1, top_p 1, max_tokens 128) or a directory holding a generation_config.json",
+    )
+    v.add_argument("--seed", type=int, help="seed the seeds of requests that give none: a rerun samples the same")
     v.add_argument(
         "--shutdown-timeout",
         type=float,

@@ -67,6 +67,10 @@ class Tokenizer:
         self._compiled: dict[str, Template] = {}
         self._template = self._compile(chat_template) if chat_template else None
 
+    def set_chat_template(self, chat_template: str) -> None:
+        """Render chats with `chat_template` (Jinja) from now on, in place of the checkpoint's."""
+        self._template = self._compile(chat_template)
+
     def _compile(self, chat_template: str) -> Template:
         """A chat template (Jinja, sandboxed) ready to render, compiled once per text."""
         if chat_template not in self._compiled:

@@ -1,10 +1,13 @@
-"""The OpenAI-compatible HTTP adapter: /v1/models, /v1/completions, /v1/chat/completions, /health,
-/metrics. Thin: validation, streaming and error shapes here; generation is the engine's."""
+"""The OpenAI-compatible HTTP adapter: /v1/models, /v1/completions, /v1/chat/completions, and
+vLLM's /tokenize, /detokenize, /version, with /health and /metrics. Thin: validation, streaming
+and error shapes here; generation is the engine's."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,13 +18,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from trimode import __version__
 from trimode.engine.generate import RequestOutput
-from trimode.engine.inputs import tokenize_prompt
+from trimode.engine.inputs import chat_messages, tokenize_prompt
 from trimode.engine.scheduler import QueueFull
 from trimode.outputs import GenerationOutput
 from trimode.server.async_engine import AsyncEngine, EngineError, ShuttingDown
 from trimode.server.guard import Guard, error_response
-from trimode.server.protocol import ChatCompletionRequest, CompletionRequest
+from trimode.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 MAX_BODY_BYTES = 1_000_000
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -73,14 +77,22 @@ def usage(results: list[GenerationOutput]) -> dict[str, Any]:
 
 def build_app(
     engine: AsyncEngine,
-    model_name: str,
+    model_name: str | list[str],
     api_key: str | None = None,
     default_mode: str = "ar",
     max_body_bytes: int = MAX_BODY_BYTES,
     access_log: bool = False,
     docs: bool = False,
     stall_s: float = STALL_S,
+    seed: int | None = None,
+    generation_defaults: dict[str, Any] | None = None,
 ) -> FastAPI:
+    """The app over a running `engine`. `model_name`: the name, or names, clients may send (the
+    first is the one responses carry); `seed`: where requests without one get theirs (reproducible
+    runs); `generation_defaults`: sampling defaults for fields requests leave unset."""
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
+    model_name = names[0]
+    seeds = random.Random(seed) if seed is not None else None
     # No automatic trailing-slash redirect: Starlette builds its Location from the client's Host
     # header. The OpenAPI schema and docs pages are off unless asked for.
     app = FastAPI(
@@ -91,6 +103,8 @@ def build_app(
         redoc_url=None,
     )
     app.state.engine = engine
+    tokenizer = engine.engine.tokenizer
+    config = engine.engine.runner.config
 
     app.add_middleware(
         Guard, max_body_bytes=max_body_bytes, api_key=api_key, metrics=engine.metrics, access_log=access_log
@@ -152,21 +166,60 @@ def build_app(
             generate_latest(engine.metrics.registry).decode(), media_type="text/plain; version=0.0.4"
         )
 
+    def card(name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "trimode",
+            "max_model_len": engine.engine.max_model_len,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "trimode"}]}
+        return {"object": "list", "data": [card(n) for n in names]}
 
-    def check_model(body: CompletionRequest | ChatCompletionRequest) -> None:
-        if body.model != model_name:
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return card(name)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in names:
+            served = ", ".join(f"`{n}`" for n in names)
             raise APIError(
-                404,
-                f"model `{body.model}` does not exist; this server serves `{model_name}`",
-                "invalid_request_error",
-                "model",
+                404, f"model `{name}` does not exist; this server serves {served}", "invalid_request_error", "model"
             )
 
-    tokenizer = engine.engine.tokenizer
-    config = engine.engine.runner.config
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+
+        def ids() -> list[int]:
+            if body.messages is not None:
+                chat = chat_messages([m.model_dump(exclude_none=True) for m in body.messages])
+                out = tokenizer.encode_chat(chat, add_generation_prompt=body.add_generation_prompt)
+                return [config.bos_token_id, *out] if body.add_special_tokens else out
+            special = body.add_special_tokens is not False
+            return tokenize_prompt(tokenizer, config.vocab_size, body.prompt, add_special_tokens=special)[0]
+
+        try:
+            tokens = await engine.run_blocking(ids)
+        except ValueError as e:
+            raise APIError.of(e) from e
+        return {"count": len(tokens), "max_model_len": engine.engine.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < config.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens outside [0, {config.vocab_size}): {bad[:5]}", "invalid_request_error")
+        return {"prompt": await engine.run_blocking(tokenizer.decode, body.tokens)}
 
     async def start(
         body: CompletionRequest | ChatCompletionRequest, prepare: list[Callable[[], list[int]]], prefix: str
@@ -176,7 +229,9 @@ def build_app(
         request_id = engine.new_request_id(prefix)
         submitted, streams = [], []
         try:
-            params = body.sampling_params(default_mode)
+            params = body.sampling_params(default_mode, generation_defaults)
+            if params.seed is None and seeds is not None:
+                params = dataclasses.replace(params, seed=seeds.getrandbits(63))
             for i, fn in enumerate(prepare):
                 prompt_ids = await engine.run_blocking(fn)
                 sub_id = request_id if len(prepare) == 1 else f"{request_id}-{i}"
@@ -190,7 +245,7 @@ def build_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
-        check_model(body)
+        check_model(body.model)
         many = len(body.prompt) > 1
 
         def prepare(i: int, prompt: str | list[int]) -> Callable[[], list[int]]:
@@ -202,7 +257,7 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Any:
-        check_model(body)
+        check_model(body.model)
 
         def prepare() -> list[int]:
             ids = tokenizer.encode_chat(body.chat(), **body.template_kwargs())

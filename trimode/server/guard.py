@@ -71,7 +71,7 @@ class Guard:
         headers = Headers(scope=scope)
         if (
             self.api_key is not None
-            and scope["path"].startswith("/v1/")
+            and (scope["path"].startswith("/v1/") or scope["path"] in ("/tokenize", "/detokenize"))
             and not authorized(headers.get("authorization", ""), self.api_key)
         ):
             response = error_response(

@@ -124,13 +124,20 @@ class _Common(BaseModel):
             raise ValueError("`stream_options` needs stream=true")
         return self
 
-    def sampling_params(self, default_mode: str) -> SamplingParams:
+    def sampling_params(self, default_mode: str, defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """The request's SamplingParams; `defaults` (the server's `--generation-config`: temperature,
+        top_p, top_k, max_tokens) stand in for the fields the request leaves unset."""
+        d = defaults or {}
+
+        def unset_or(name: str) -> Any:
+            return getattr(self, name) if name in self.model_fields_set else d.get(name, getattr(self, name))
+
         return SamplingParams(
             mode=self.mode or default_mode,
-            max_tokens=self.max_completion_tokens or self.max_tokens or 128,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
+            max_tokens=self.max_completion_tokens or self.max_tokens or d.get("max_tokens", 128),
+            temperature=unset_or("temperature"),
+            top_p=unset_or("top_p"),
+            top_k=unset_or("top_k"),
             seed=self.seed,
             stop=self.stop,
             ignore_eos=self.ignore_eos,
@@ -202,3 +209,26 @@ class ChatCompletionRequest(_Common):
     def template_kwargs(self) -> dict[str, Any]:
         """The chat template's variables: `chat_template_kwargs`, and `tools` when given."""
         return {**(self.chat_template_kwargs or {}), **({"tools": self.tools} if self.tools else {})}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text prompt, or chat messages rendered by the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    messages: list[Message] | None = Field(None, min_length=1, max_length=256)
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give `prompt` or `messages`, one of them")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_PROMPT_CHARS)
