@@ -94,7 +94,7 @@ def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[l
         assert fwd.kind == "denoise"
         batch.kv.begin(fwd.tokens.shape[1])  # what the model runner does before each forward
         emission = decoder.accept(batch, torch.tensor([logits]))
-        emitted = emission.read(transfer([emission])[0])[0]
+        emitted = emission.read(transfer([emission])[0].values)[0]
         if emitted:
             return emitted, batch.stats[0]
     raise AssertionError("the block was not finished by the given passes")

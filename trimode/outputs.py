@@ -7,6 +7,19 @@ from typing import Any
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability at one position, and its rank there (1 = most likely): vLLM's."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+# Per position: the chosen token's entry first, then the most likely tokens (vLLM's shape).
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     """One completion of a request, in vLLM's shape (`GenerationOutput.outputs`)."""
 
@@ -14,7 +27,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str
-    logprobs: list[dict[int, float]] | None = None  # per token, when logprobs were asked for
+    logprobs: list[PositionLogprobs] | None = None  # per token, when logprobs were asked for
 
 
 @dataclass
@@ -34,10 +47,10 @@ class GenerationOutput:
     # The mode's per-step statistic: selfspec "tokens_per_cycle", diffusion "denoise_passes_per_block".
     mode_stats: dict[str, list[int]] = field(default_factory=dict)
     forward_ms: dict[str, float] = field(default_factory=dict)  # mean ms per forward kind, in its batch
-    # vLLM's shapes: per generated token {id: log-probability}; per prompt token the same (None
-    # for the first). Filled only when asked for.
-    logprobs: list[dict[int, float]] | None = None
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # Filled when asked for (SamplingParams.logprobs / prompt_logprobs), in vLLM's shapes: per
+    # generated token, and per prompt token (None for the first, which nothing predicts).
+    logprobs: list[PositionLogprobs] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     @property
     def outputs(self) -> list[CompletionOutput]:

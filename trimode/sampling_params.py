@@ -21,6 +21,7 @@ GREEDY_TEMPERATURE = 1e-5
 # What torch.Generator.manual_seed accepts; top_k is a torch.long, and no vocabulary comes near 2**31.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 MAX_TOP_K = 2**31 - 1
+MAX_LOGPROBS = 20  # most likely tokens reported per position, as OpenAI's top_logprobs allows
 
 
 @dataclass
@@ -36,14 +37,31 @@ class SamplingParams:
     block_length: int = 32  # diffusion block / self-spec draft length, seed position included
     # diffusion: also reveal every masked position at least this confident; None = one per pass
     threshold: float | None = 0.9
+    # Log-probabilities (see README, "Logprobs"): None = off; k = each generated token's and the k
+    # most likely at its position (0 <= k <= MAX_LOGPROBS). `prompt_logprobs`: the same for every
+    # prompt token but the first, from one causal pass over the prompt (then max_tokens may be 0).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str) and not isinstance(self.mode, Mode):
             if self.mode not in MODES:
                 raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
             self.mode = Mode(self.mode)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(
+                value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                name,
+                f"None or an integer in [0, {MAX_LOGPROBS}]",
+                value,
+            )
+        least = 0 if self.prompt_logprobs is not None else 1  # scoring a prompt needs no new token
         _check(
-            isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens
+            _is_int(self.max_tokens) and self.max_tokens >= least,
+            "max_tokens",
+            f"an integer >= {least}" + (" (0 only with prompt_logprobs)" if least else ""),
+            self.max_tokens,
         )
         _check(
             _is_number(self.temperature) and self.temperature >= 0,

@@ -117,6 +117,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def decode_token(self, token_id: int) -> str:
+        """One token's own text, special tokens included (what logprobs report it as)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
     @staticmethod
     def decode_stream() -> DecodeStream:
         """State for `decode_step`: one per output being detokenised."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -22,6 +23,7 @@ import torch
 
 from trimode.kv_cache import KVCache
 from trimode.sampler import Sampler
+from trimode.sampling_params import MAX_LOGPROBS
 from trimode.timing import ForwardTimes
 
 
@@ -41,28 +43,71 @@ class Forward:
 class Emission:
     """What an accept leaves for the host: `values` (B, W) integers on the device, and `read`, which
     turns their host copy (one list of W per row) into the tokens each row emitted, finishing the
-    accept's host-side work (KV commits of data-dependent length, statistics, host phases)."""
+    accept's host-side work (KV commits of data-dependent length, statistics, host phases).
+
+    With log-probabilities asked for, `logprobs` (B, L, E) holds `logprob_table` entries whose
+    first n per row belong to the n tokens the row emitted, in order; `prompt_logprobs` (B, T, E)
+    those of a prefill's fed positions (position j predicts context token j + 1)."""
 
     values: torch.Tensor
     read: Callable[[list[list[int]]], list[list[int]]]
+    logprobs: torch.Tensor | None = None
+    prompt_logprobs: torch.Tensor | None = None
 
     @classmethod
-    def seeds(cls, seeds: torch.Tensor) -> Emission:
-        """Each row emitted one token, its new seed (B,)."""
-        return cls(seeds[:, None], lambda rows: rows)
+    def seeds(cls, seeds: torch.Tensor, logprobs: torch.Tensor | None = None) -> Emission:
+        """Each row emitted one token, its new seed (B,) (and its logprob entry (B, 1, E))."""
+        return cls(seeds[:, None], lambda rows: rows, logprobs)
 
 
-def transfer(emissions: list[Emission]) -> list[list[list[int]]]:
+@dataclass
+class HostEmission:
+    """One emission's host copy: `values` per row, and its logprob entries per row (lists of E floats)."""
+
+    values: list[list[int]]
+    logprobs: list[list[list[float]]] | None
+    prompt_logprobs: list[list[list[float]]] | None
+
+
+def transfer(emissions: list[Emission]) -> list[HostEmission]:
     """Every part of an engine step copied to the host in one transfer (one sync on a GPU; none when
-    no part has values): per emission, its values as one list per row, for its `read`."""
-    flat = [e.values.reshape(-1).long() for e in emissions]
-    host = torch.cat(flat).tolist() if sum(f.numel() for f in flat) else []
-    out, at = [], 0
+    no part has values): the integers and the logprob floats as the bytes of one buffer."""
+    ints = [e.values.reshape(-1).long() for e in emissions]
+    floats = [x.reshape(-1).float() for e in emissions for x in (e.logprobs, e.prompt_logprobs) if x is not None]
+    num_ints = sum(x.numel() for x in ints)
+    flat: list[int] = []
+    rest: list[float] = []
+    if floats:  # the integers' and the floats' bytes as one buffer, read once
+        raw = bytes(torch.cat([torch.cat(ints).view(torch.uint8), *(x.view(torch.uint8) for x in floats)]).tolist())
+        flat, rest = array("q", raw[: 8 * num_ints]).tolist(), array("f", raw[8 * num_ints :]).tolist()
+    elif num_ints:
+        flat = torch.cat(ints).tolist()
+    out, at, fat = [], 0, 0
     for e in emissions:
         b, w = e.values.shape
-        out.append([host[at + i * w : at + (i + 1) * w] for i in range(b)])
+        tables = []
+        for x in (e.logprobs, e.prompt_logprobs):
+            tables.append(None if x is None else _nest(rest[fat : fat + x.numel()], x.shape))
+            fat += 0 if x is None else x.numel()
+        out.append(HostEmission([flat[at + i * w : at + (i + 1) * w] for i in range(b)], *tables))
         at += b * w
     return out
+
+
+def _nest(flat: list[float], shape: torch.Size) -> list[list[list[float]]]:
+    """A flat (B * L * E) list as B rows of L entries of E values."""
+    b, length, e = shape
+    return [[flat[(i * length + j) * e : (i * length + j + 1) * e] for j in range(length)] for i in range(b)]
+
+
+def logprob_table(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Log-probabilities (B, T, V) and the tokens chosen at each position (B, T) -> (B, T, 2 + 2k)
+    float32 entries: [the token's log-probability, its rank (1 = most likely), the k most likely
+    token ids (exact in float32 below 2**24), their log-probabilities]."""
+    chosen = logprobs.gather(-1, tokens[..., None])  # (B, T, 1)
+    rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
+    top = logprobs.topk(k, -1)
+    return torch.cat([chosen, rank.float(), top.indices.float(), top.values], -1).float()
 
 
 def mixed(flags: list[bool], kinds: tuple[str, str], device: torch.device) -> tuple[str, torch.Tensor | bool]:
@@ -93,13 +138,21 @@ class DecodeBatch:
     stats: list[list[int]] = field(default_factory=list)  # per row: the mode's per-step statistic
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # the decoder's per-row state, dim 0 = rows
     # The decoder's per-row host state (e.g. which rows draft): what it plans from without reading
-    # the device; updated from the one transfer its accept makes.
+    # the device; updated from the one transfer its accept makes. "logprobs": each row's request's
+    # `SamplingParams.logprobs` (set by the engine).
     host: dict[str, list] = field(default_factory=dict)
     timings: ForwardTimes = field(default_factory=ForwardTimes)
 
     @property
     def size(self) -> int:
         return self.seeds.shape[0]
+
+    def logprobs_of(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """`logprob_table` of the model's own (untempered) distributions at `logits` (B, T, V) for
+        the chosen `tokens` (B, T), when a row asked for logprobs (`host["logprobs"]`); else None."""
+        if all(k is None for k in self.host.get("logprobs", [])):
+            return None
+        return logprob_table(logits.float().log_softmax(-1), tokens, MAX_LOGPROBS)
 
     def bidirectional_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """A masked position predicts its own token, which is never the mask token itself."""

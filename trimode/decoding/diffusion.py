@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, mixed, rows_where
+from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, logprob_table, mixed, rows_where
+from trimode.sampling_params import MAX_LOGPROBS
 
 
 class DiffusionDecoder(Decoder):
@@ -82,6 +83,7 @@ class DiffusionDecoder(Decoder):
         batch.kv.commit([b if c else 0 for c in was_committing])
         commit_rows = None if greedy else rows_where(was_committing)
         next_seed = sampler.pick(logits[:, -1:], rows=commit_rows)[:, 0]
+        seed_logprobs = batch.logprobs_of(logits[:, -1:], next_seed[:, None])  # before the mask edit
         # Denoising rows: one pass. Only they draw random numbers, so a seeded row samples the same
         # alone or beside rows at other stages.
         normalizer = logits.float().logsumexp(-1)  # (B, b): the full softmax's, [MASK] included
@@ -98,6 +100,12 @@ class DiffusionDecoder(Decoder):
             reveal = (confidence >= self.threshold) & open_slots
         reveal.scatter_(1, confidence.argmax(1, keepdim=True), True)  # the most confident, always
         reveal &= open_slots
+        if seed_logprobs is not None:
+            # A revealed token's log-probability is the one its reveal pass gave it (the full
+            # softmax's, as its confidence), kept with the block until the block is emitted.
+            table = logprob_table(logits.float() - normalizer[..., None], candidates, MAX_LOGPROBS)
+            kept = s.get("logprobs", table.new_zeros(table.shape))
+            s["logprobs"] = torch.where(reveal[..., None], table, kept)
         s["block"] = torch.where(reveal, candidates, s["block"])
         s["masked"] = s["masked"] & ~reveal
         s["passes"] = s["passes"] + denoising.long()
@@ -119,4 +127,19 @@ class DiffusionDecoder(Decoder):
             batch.host["committing"] = [bool(r[1]) or (c and b == 1) for r, c in zip(rows, was_committing)]
             return [r[5:] if r[0] else [r[3]] if c else [] for r, c in zip(rows, was_committing)]
 
-        return Emission(torch.cat([flags, s["block"]], 1), read)
+        return Emission(
+            torch.cat([flags, s["block"]], 1), read, self._emitted_logprobs(batch, committing, seed_logprobs)
+        )
+
+    def _emitted_logprobs(
+        self, batch: DecodeBatch, committing: torch.Tensor, seed: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Per row, the entries of what it emits: a committing row its next seed's, a finished
+        block its revealed positions' (1 .. b-1)."""
+        if seed is None:
+            return None
+        if self.block_length == 1:
+            return seed
+        blocks = batch.state["logprobs"][:, 1:]
+        seeds = torch.cat([seed, blocks[:, 1:]], 1)
+        return torch.where(committing[:, None, None], seeds, blocks)

@@ -50,7 +50,7 @@ class SelfSpecDecoder(Decoder):
             batch.kv.commit()
             batch.seeds = batch.sampler.pick(logits)[:, 0]
             batch.record([1] * batch.size)
-            return Emission.seeds(batch.seeds)
+            return Emission.seeds(batch.seeds, batch.logprobs_of(logits, batch.seeds[:, None]))
         was_drafting = batch.host["drafting"]
         verifying = [not d for d in was_drafting]
         batch.host["drafting"] = verifying
@@ -59,6 +59,10 @@ class SelfSpecDecoder(Decoder):
             self._draft(batch, logits, was_drafting)
             return Emission(batch.seeds.new_zeros(batch.size, 0), lambda rows: [[] for _ in rows])  # no transfer
         packed, bonus = self._verify(batch, logits, verifying)  # first: the draft step edits the logits
+        # The verifier's (AR) log-probability of each emitted token: the accepted drafts, then the
+        # bonus at position `accepted` (packed[:, 0]). Drafting rows emit nothing.
+        emitted = torch.cat([batch.state["drafts"], bonus[:, None]], 1).scatter(1, packed[:, :1], bonus[:, None])
+        logprobs = batch.logprobs_of(logits, emitted)
         batch.seeds = torch.where(torch.tensor(verifying, device=bonus.device), bonus, batch.seeds)
         self._draft(batch, logits, was_drafting)
 
@@ -70,7 +74,7 @@ class SelfSpecDecoder(Decoder):
             batch.record(counts, rows=verifying)
             return emitted
 
-        return Emission(packed, read)
+        return Emission(packed, read, logprobs)
 
     def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> None:
         """Fill the masks of `rows` from their bidirectional pass over [seed, MASK...]."""

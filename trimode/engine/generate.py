@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward
+from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, HostEmission, logprob_table
 from trimode.engine.model_runner import ModelRunner
 from trimode.kv_cache import KVCache, KVPool
-from trimode.outputs import GenerationOutput
+from trimode.outputs import GenerationOutput, Logprob, PositionLogprobs
 from trimode.sampler import RandomStream, Sampler, new_stream
-from trimode.sampling_params import SamplingParams
+from trimode.sampling_params import MAX_LOGPROBS, SamplingParams
 from trimode.tokenizer import DecodeStream, Tokenizer
 
 
@@ -44,9 +44,22 @@ class Request:
     # decode of the whole output every step.
     _stream: DecodeStream | None = field(default=None, repr=False)
     _ends: list[int] = field(default_factory=list, repr=False)
+    # When asked for (params.logprobs / prompt_logprobs): per output token, and per prompt token.
+    logprobs: list[PositionLogprobs] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+    def __post_init__(self) -> None:
+        self.logprobs = [] if self.params.logprobs is not None else None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether its next prefill must score the prompt: asked, and not done before a preemption."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
 
     def reset(self) -> None:
         """Back to the state before its prefill (to run that prefill again)."""
+        self.logprobs = [] if self.params.logprobs is not None else None
+        self.prompt_logprobs = None
         self.token_ids, self.text, self.finish_reason, self.num_forwards = [], "", None, 0
         self.stats.clear()
         self.token_times, self._stream, self._ends = [], None, []
@@ -66,12 +79,25 @@ class Request:
         else:
             self.num_resumed, self.resume_seed = len(self.token_ids) - 1, self.token_ids[-1]
 
-    def emit(self, tokens: list[int], eos_ids: set[int], tokenizer: Tokenizer, now: float) -> None:
-        """Append tokens (emitted at `now`); finish on EOS, a stop string or max_tokens, whichever first."""
+    def emit(
+        self,
+        tokens: list[int],
+        eos_ids: set[int],
+        tokenizer: Tokenizer,
+        now: float,
+        entries: list[list[float]] | None = None,
+    ) -> None:
+        """Append tokens (emitted at `now`, with their `logprob_table` entries when asked for);
+        finish on EOS, a stop string or max_tokens, whichever first."""
         if self._stream is None:
             self._stream = tokenizer.decode_stream()
+        if self.params.max_tokens == 0:  # it only scored its prompt
+            self.finish_reason = "length"
+            return
         searched = len(self.text)
-        for t in tokens:
+        for i, t in enumerate(tokens):
+            if self.logprobs is not None and entries is not None:
+                self.logprobs.append(position_logprobs(entries[i], t, self.params.logprobs, tokenizer))
             self.token_ids.append(t)
             self.token_times.append(now)
             self.text += tokenizer.decode_step(self._stream, t)
@@ -98,6 +124,8 @@ class Request:
         # Keep the shortest token prefix whose text holds the whole stop string; the text ends before it.
         n = next(i for i, e in enumerate(self._ends) if e >= end) + 1
         self.token_ids, self.token_times, self._ends = self.token_ids[:n], self.token_times[:n], self._ends[:n]
+        if self.logprobs is not None:
+            self.logprobs = self.logprobs[:n]
         self.text = self.text[:cut]
         self.finish_reason = "stop"
         return True
@@ -115,7 +143,36 @@ class Request:
             token_times=self.token_times,
             mode_stats={decoder.stat_name: self.stats} if decoder.stat_name else {},
             forward_ms=forward_ms,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
+
+
+def position_logprobs(entry: list[float], token: int, k: int, tokenizer: Tokenizer) -> PositionLogprobs:
+    """A `logprob_table` entry as vLLM reports a position: the chosen token first, then the `k`
+    most likely (those not already listed)."""
+    out = {token: Logprob(entry[0], int(entry[1]), tokenizer.decode_token(token))}
+    top = MAX_LOGPROBS
+    for rank, (tid, lp) in enumerate(zip(entry[2 : 2 + k], entry[2 + top : 2 + top + k]), 1):
+        out.setdefault(int(tid), Logprob(lp, rank, tokenizer.decode_token(int(tid))))
+    return out
+
+
+def record_prompt_logprobs(
+    requests: list[Request], tables: list[list[list[float]]], starts: list[int], tokenizer: Tokenizer
+) -> None:
+    """File a prefill's (or a prefill chunk's) prompt entries: row i fed context positions from
+    `starts[i]`, and its entry j scores the prompt token at starts[i] + j + 1."""
+    for req, table, start in zip(requests, tables, starts):
+        k, prompt = req.params.prompt_logprobs, req.prompt_ids
+        if k is None or (req.prompt_logprobs is not None and len(req.prompt_logprobs) == len(prompt)):
+            continue  # not asked, or scored before a preemption
+        if start == 0:
+            req.prompt_logprobs = [None]
+        for j, entry in enumerate(table):
+            at = start + j + 1
+            if at < len(prompt) and at == len(req.prompt_logprobs):
+                req.prompt_logprobs.append(position_logprobs(entry, prompt[at], k, tokenizer))
 
 
 def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_ids: set[int]) -> DecodeBatch:
@@ -124,7 +181,8 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
     params = [r.params for r in requests]
     kv = KVCache(pool)
     for r in requests:
-        kv.add_row(r.context_ids)
+        # A prompt to score is fed whole: cached prefix pages would skip its positions.
+        kv.add_row([] if r.wants_prompt_logprobs else r.context_ids)
         r.stream = r.stream or new_stream(r.params)
     batch = DecodeBatch(
         kv=kv,
@@ -136,6 +194,7 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
         mask_id=runner.config.mask_token_id,
         num_forwards=[0] * len(requests),
         stats=[r.stats for r in requests],
+        host={"logprobs": [r.params.logprobs for r in requests]},
     )
     set_remaining(batch, requests)
     return batch
@@ -154,54 +213,103 @@ def plan_prefill(
     for i, (r, n) in enumerate(zip(requests, starts)):
         padded[i, : todo[i]] = torch.tensor(r.context_ids[n:])
     last = torch.tensor(todo, device=runner.device) - 1
-    return batch, Forward("prefill", padded.to(runner.device), True, logit_index=last, num_fed=todo)
+    # Scoring a prompt wants the logits of every fed position; otherwise only the last one's.
+    logit_index = None if any(r.wants_prompt_logprobs for r in requests) else last
+    return batch, Forward("prefill", padded.to(runner.device), True, logit_index=logit_index, num_fed=todo)
 
 
-def accept_prefill(batch: DecodeBatch, requests: list[Request], logits: torch.Tensor) -> Emission:
+def accept_prefill(batch: DecodeBatch, requests: list[Request], fwd: Forward, logits: torch.Tensor) -> Emission:
     """The prefill's K/V become the rows' prefixes (offered to later requests); each row's first token."""
     contexts = [r.context_ids for r in requests]
+    starts = list(batch.kv.lengths)
     batch.kv.set_lengths([len(c) for c in contexts])
     for row, c in enumerate(contexts):
         batch.kv.register_prefix(row, c)
-    return first_tokens(batch, requests, batch.sampler.pick(logits)[:, 0])
+    if fwd.logit_index is not None:
+        return first_tokens(batch, requests, logits)
+    last = torch.tensor(fwd.num_fed, device=logits.device) - 1
+    rows = torch.arange(len(requests), device=logits.device)
+    targets = [c[n + 1 : n + 1 + t] for c, n, t in zip(contexts, starts, fwd.num_fed)]
+    return first_tokens(batch, requests, logits[rows, last][:, None], logits, targets)
 
 
 def plan_chunk(runner: ModelRunner, batch: DecodeBatch, request: Request, max_tokens: int) -> Forward:
     """The forward that feeds the next (at most `max_tokens`) context tokens of a one-row batch."""
     done = batch.kv.lengths[0]
     chunk = request.context_ids[done : done + max_tokens]
-    logit_index = torch.tensor([len(chunk) - 1], device=runner.device)
+    logit_index = None if request.wants_prompt_logprobs else torch.tensor([len(chunk) - 1], device=runner.device)
     return Forward("prefill", torch.tensor([chunk], device=runner.device), True, logit_index=logit_index)
 
 
 def accept_chunk(batch: DecodeBatch, request: Request, logits: torch.Tensor) -> Emission | None:
-    """The chunk joins the prefix; once the whole context is in, the row's first token (else None)."""
+    """The chunk joins the prefix; once the whole context is in, the row's first token (else None,
+    or only the chunk's prompt entries when the prompt is scored)."""
+    start = batch.kv.lengths[0]
     batch.kv.commit()
     context = request.context_ids
+    scored = request.wants_prompt_logprobs  # then `plan_chunk` asked for every position's logits
+    targets = [context[start + 1 : start + 1 + logits.shape[1]]] if scored else None
     if batch.kv.lengths[0] < len(context):
-        return None
+        if targets is None:
+            return None
+        table = prompt_table(logits, targets)
+        return Emission(logits.new_zeros(1, 0, dtype=torch.long), lambda rows: [], prompt_logprobs=table)
     batch.kv.register_prefix(0, context)
-    return first_tokens(batch, [request], batch.sampler.pick(logits)[:, 0])
+    return first_tokens(batch, [request], logits[:, -1:], logits if scored else None, targets)
 
 
-def first_tokens(batch: DecodeBatch, requests: list[Request], picked: torch.Tensor) -> Emission:
-    """After a prefill: each row's seed is what it picked, emitted as its first token, or for a
-    resumed request the seed it had (already emitted before its preemption)."""
+def prompt_table(logits: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    """`logprob_table` of every fed position (B, T, V) for the context token it predicts (rows'
+    `targets`, right-padded: a row's last position predicts no context token)."""
+    b, t, _ = logits.shape
+    ids = torch.zeros(b, t, dtype=torch.long)
+    for i, row in enumerate(targets):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return logprob_table(logits.float().log_softmax(-1), ids.to(logits.device), MAX_LOGPROBS)
+
+
+def first_tokens(
+    batch: DecodeBatch,
+    requests: list[Request],
+    logits: torch.Tensor,
+    every: torch.Tensor | None = None,
+    targets: list[list[int]] | None = None,
+) -> Emission:
+    """After a prefill: each row's seed is what it picked from its last position's `logits`
+    (B, 1, V), emitted as its first token, or for a resumed request the seed it had (already emitted
+    before its preemption). `every` (B, T, V): the logits of every fed position, when a prompt is
+    scored against `targets`."""
+    picked = batch.sampler.pick(logits)[:, 0]
     known = [r.resume_seed for r in requests]
     if any(s is not None for s in known):
         fill = torch.tensor([-1 if s is None else s for s in known], device=picked.device)
         picked = torch.where(fill >= 0, fill, picked)
     batch.seeds = picked
-    return Emission(picked[:, None], lambda rows: [row if s is None else [] for row, s in zip(rows, known)])
+    return Emission(
+        picked[:, None],
+        lambda rows: [row if s is None else [] for row, s in zip(rows, known)],
+        batch.logprobs_of(logits, picked[:, None]),
+        None if every is None else prompt_table(every, targets),
+    )
 
 
 def apply_step(
-    batch: DecodeBatch, active: list[Request], emitted: list[list[int]], eos_ids: set[int], tokenizer: Tokenizer
+    batch: DecodeBatch,
+    active: list[Request],
+    emitted: list[list[int]],
+    eos_ids: set[int],
+    tokenizer: Tokenizer,
+    host: HostEmission | None = None,
+    rows: list[int] | None = None,
 ) -> list[Request]:
-    """Give each row its emitted tokens, drop finished rows from the batch; returns the rows left."""
+    """Give each row its emitted tokens (and their logprob entries: row `rows[i]` of the step's
+    `host` copy for request i, when the batch was split from the one that ran), drop finished rows
+    from the batch; returns the rows left."""
     now = time.perf_counter()
-    for req, tokens, n in zip(active, emitted, batch.num_forwards):
-        req.emit(tokens, eos_ids, tokenizer, now - req.arrival)
+    tables = host.logprobs if host is not None else None
+    for i, (req, tokens, n) in enumerate(zip(active, emitted, batch.num_forwards)):
+        entries = None if tables is None else tables[rows[i] if rows is not None else i]
+        req.emit(tokens, eos_ids, tokenizer, now - req.arrival, entries)
         req.num_forwards = req.num_forwards_before + n
     keep = [i for i, r in enumerate(active) if r.finish_reason is None]
     if len(keep) < len(active):

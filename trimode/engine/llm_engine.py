@@ -35,7 +35,7 @@ from functools import partial
 import torch
 
 from trimode.decoding import Decoder, batch_key, make_decoder
-from trimode.decoding.base import DecodeBatch
+from trimode.decoding.base import DecodeBatch, HostEmission
 from trimode.engine.generate import (
     Request,
     RequestOutput,
@@ -45,6 +45,7 @@ from trimode.engine.generate import (
     new_batch,
     plan_chunk,
     plan_prefill,
+    record_prompt_logprobs,
     streamable_text,
 )
 from trimode.engine.groups import Groups
@@ -264,8 +265,8 @@ class LLMEngine:
         group = self.groups[key]
         before = list(group.requests)
 
-        def finish(emitted: list[list[int]] | None) -> list[RequestOutput]:
-            group.requests = apply_step(group.batch, before, emitted or [], self.eos_token_ids, self.tokenizer)
+        def finish(emitted: list[list[int]] | None, host: HostEmission | None) -> list[RequestOutput]:
+            group.requests = apply_step(group.batch, before, emitted or [], self.eos_token_ids, self.tokenizer, host)
             if not group.requests:
                 del self.groups[key]
             return [self._output(r, group.decoder, group.batch) for r in before]
@@ -315,11 +316,13 @@ class LLMEngine:
         if job not in self._chunked:
             return [], []
 
-        def finish(first: list[list[int]] | None) -> list[RequestOutput]:
-            if first is None:
+        def finish(first: list[list[int]] | None, host: HostEmission | None) -> list[RequestOutput]:
+            if host is not None and host.prompt_logprobs is not None:
+                record_prompt_logprobs([job.request], host.prompt_logprobs, [chunk_start], self.tokenizer)
+            if not first:  # None, or no row: the context is not all in yet
                 return []
             self._chunked.remove(job)
-            return self._join([job.request], job.batch, first)
+            return self._join([job.request], job.batch, first, host)
 
         def fail(error: Exception) -> list[RequestOutput]:
             if job in self._chunked:
@@ -327,6 +330,7 @@ class LLMEngine:
             job.batch.release()
             return [self._fail(job.request, error)]
 
+        chunk_start = job.batch.kv.lengths[0]
         fwd = plan_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
         accept = partial(accept_chunk, job.batch, job.request)
         return [StepPart(job.batch, fwd, accept, finish, fail, job.batch.kv.pages_needed(todo))], []
@@ -336,6 +340,12 @@ class LLMEngine:
         joins its mode's group. Running groups change only once everything else has succeeded; if
         it fails, each newcomer is tried alone and only those that fail alone fail."""
         batch, fwd = plan_prefill(self.runner, self.pool, admitted, self.eos_token_ids)
+        starts = list(batch.kv.lengths)  # where each row's fed positions begin (past its cached prefix)
+
+        def finish(first: list[list[int]] | None, host: HostEmission | None) -> list[RequestOutput]:
+            if host is not None and host.prompt_logprobs is not None:
+                record_prompt_logprobs(admitted, host.prompt_logprobs, starts, self.tokenizer)
+            return self._join(admitted, batch, first, host) if first is not None else []
 
         def fail(error: Exception) -> list[RequestOutput]:
             batch.release()
@@ -344,8 +354,8 @@ class LLMEngine:
         return StepPart(
             batch,
             fwd,
-            partial(accept_prefill, batch, admitted),
-            lambda first: self._join(admitted, batch, first),
+            partial(accept_prefill, batch, admitted, fwd),
+            finish,
             fail,
             batch.kv.pages_needed(fwd.num_fed),
         )
@@ -366,7 +376,9 @@ class LLMEngine:
             outputs += self._run([part], ride=False)
         return outputs
 
-    def _join(self, admitted: list[Request], batch: DecodeBatch, first: list[list[int]]) -> list[RequestOutput]:
+    def _join(
+        self, admitted: list[Request], batch: DecodeBatch, first: list[list[int]], host: HostEmission | None
+    ) -> list[RequestOutput]:
         """Prefilled requests emit their first token and join their mode's group."""
         by_key: dict[tuple, list[int]] = {}
         for i, req in enumerate(admitted):
@@ -375,7 +387,7 @@ class LLMEngine:
         joining: list[tuple[tuple, Decoder, DecodeBatch, list[Request]]] = []
         for (key, rows), part in zip(by_key.items(), batch.split(list(by_key.values()))):
             reqs = [admitted[i] for i in rows]
-            left = apply_step(part, reqs, [first[i] for i in rows], self.eos_token_ids, self.tokenizer)
+            left = apply_step(part, reqs, [first[i] for i in rows], self.eos_token_ids, self.tokenizer, host, rows)
             decoder = make_decoder(reqs[0].params)
             touched += [(r, decoder, part) for r in reqs]
             if left:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Emission, Forward, transfer
+from trimode.decoding.base import DecodeBatch, Emission, Forward, HostEmission, transfer
 from trimode.engine.generate import RequestOutput
 from trimode.engine.model_runner import ModelRunner
 
@@ -22,7 +22,9 @@ class StepPart:
     batch: DecodeBatch
     forward: Forward
     accept: Callable[[torch.Tensor], Emission | None]
-    finish: Callable[[list[list[int]] | None], list[RequestOutput]]
+    # The tokens each row emitted (None: the accept left nothing), and the host copy they were
+    # read from, whose logprob entries go with them.
+    finish: Callable[[list[list[int]] | None, HostEmission | None], list[RequestOutput]]
     fail: Callable[[Exception], list[RequestOutput]]
     pages: int  # KV pages its forward allocates
     group: tuple | None = None  # the running group it decodes, if any
@@ -41,10 +43,10 @@ def run_parts(runner: ModelRunner, parts: list[StepPart]) -> tuple[list[RequestO
         except Exception as e:
             outputs += p.fail(e)
     host = iter(transfer([em for _, em in accepted if em is not None]))
-    values = [None if em is None else next(host) for _, em in accepted]
-    for (p, em), v in reversed(list(zip(accepted, values))):
+    copies = [None if em is None else next(host) for _, em in accepted]
+    for (p, em), h in reversed(list(zip(accepted, copies))):
         try:
-            outputs += p.finish(None if em is None else em.read(v))
+            outputs += p.finish(None, None) if em is None else p.finish(em.read(h.values), h)
         except Exception as e:
             outputs += p.fail(e)
     return outputs, seconds
