@@ -26,17 +26,21 @@ def full_forward(
 
 def diffusion_greedy(
     model: Transformer, prompt: list[int], max_tokens: int, block_length: int, threshold: float | None, mask_id: int
-) -> tuple[list[int], list[int]]:
-    """Block diffusion at temperature 0, batch 1, ignoring EOS. Returns (tokens, passes per block).
-    NVIDIA's rule: confidence is the full softmax's probability ([MASK] included) and a position is
-    revealed when it is the most confident or its confidence >= threshold; [MASK] is no candidate."""
+) -> tuple[list[int], list[int], list[float]]:
+    """Block diffusion at temperature 0, batch 1, ignoring EOS. Returns (tokens, passes per block,
+    each token's log-probability: a seed's from its causal pass, a revealed token's from the pass
+    that revealed it). NVIDIA's rule: confidence is the full softmax's probability ([MASK]
+    included) and a position is revealed when it is the most confident or its confidence >=
+    threshold; [MASK] is no candidate."""
     seq = list(prompt)
-    seed = int(full_forward(model, seq)[-1].argmax())
-    out, passes = [seed], []
+    last = full_forward(model, seq)[-1].log_softmax(-1)
+    seed = int(last.argmax())
+    out, passes, logprobs = [seed], [], [last[seed].item()]
     while len(out) < max_tokens:
         budget = max_tokens - len(out)
         block = [seed] + [mask_id] * (block_length - 1)
         masked = [False] + [True] * (block_length - 1)
+        revealed_at = [0.0] * block_length
         n = 0
         while any(masked[1 : budget + 1]):
             probs = torch.softmax(full_forward(model, seq + block, bidirectional_tail=block_length)[-block_length:], -1)
@@ -45,15 +49,18 @@ def diffusion_greedy(
             best = max((i for i in range(block_length) if masked[i]), key=lambda i: conf[i].item())
             for i in range(block_length):
                 if masked[i] and (i == best or (threshold is not None and conf[i].item() >= threshold)):
-                    block[i], masked[i] = int(cand[i]), False
+                    block[i], masked[i], revealed_at[i] = int(cand[i]), False, conf[i].log().item()
             n += 1
         passes.append(n)
         out += block[1:]
+        logprobs += revealed_at[1:]
         seq += block
         if len(out) < max_tokens:
-            seed = int(full_forward(model, seq)[-1].argmax())
+            last = full_forward(model, seq)[-1].log_softmax(-1)
+            seed = int(last.argmax())
             out.append(seed)
-    return out[:max_tokens], passes
+            logprobs.append(last[seed].item())
+    return out[:max_tokens], passes, logprobs[:max_tokens]
 
 
 def ar_greedy(model: Transformer, prompt: list[int], max_tokens: int) -> list[int]:

@@ -17,16 +17,24 @@ from trimode import SamplingParams
     "block_length,threshold,max_tokens", [(8, 0.9, 30), (4, 0.3, 13), (32, 0.5, 40), (8, None, 20)]
 )
 def test_cached_diffusion_equals_recompute_everything_reference(llm, block_length, threshold, max_tokens):
+    """Tokens, passes, and each token's logprob: a seed's from its commit (or prefill) pass, a
+    revealed token's from the pass that revealed it."""
     params = SamplingParams(
-        mode="diffusion", max_tokens=max_tokens, block_length=block_length, threshold=threshold, ignore_eos=True
+        mode="diffusion",
+        max_tokens=max_tokens,
+        block_length=block_length,
+        threshold=threshold,
+        ignore_eos=True,
+        logprobs=0,
     )
     for prompt in PROMPTS[:2]:
         out = llm.generate(prompt, params)[0]
-        tokens, passes = diffusion_greedy(
+        tokens, passes, logprobs = diffusion_greedy(
             llm.model, llm.tokenizer.encode(prompt), max_tokens, block_length, threshold, llm.config.mask_token_id
         )
         assert out.token_ids == tokens
         assert out.mode_stats["denoise_passes_per_block"] == passes
+        assert [p[t].logprob for p, t in zip(out.logprobs, out.token_ids)] == pytest.approx(logprobs, abs=1e-4)
 
 
 def test_threshold_one_reveals_one_token_per_pass(llm):

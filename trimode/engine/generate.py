@@ -53,8 +53,10 @@ class Request:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        """Whether its next prefill must score the prompt: asked, and not done before a preemption."""
-        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
+        """Whether its prefill must score the prompt: asked, and not all scored (by earlier chunks,
+        or before a preemption)."""
+        scored = self.prompt_logprobs is not None and len(self.prompt_logprobs) == len(self.prompt_ids)
+        return self.params.prompt_logprobs is not None and not scored
 
     def reset(self) -> None:
         """Back to the state before its prefill (to run that prefill again)."""
@@ -165,8 +167,8 @@ def record_prompt_logprobs(
     `starts[i]`, and its entry j scores the prompt token at starts[i] + j + 1."""
     for req, table, start in zip(requests, tables, starts):
         k, prompt = req.params.prompt_logprobs, req.prompt_ids
-        if k is None or (req.prompt_logprobs is not None and len(req.prompt_logprobs) == len(prompt)):
-            continue  # not asked, or scored before a preemption
+        if not req.wants_prompt_logprobs:
+            continue
         if start == 0:
             req.prompt_logprobs = [None]
         for j, entry in enumerate(table):
