@@ -121,6 +121,41 @@ def test_the_request_shapes_clients_send(client, offline):
     assert r.choices[0].text == want[0] and r.model == MODEL
 
 
+def test_logprobs_in_both_shapes_and_lm_eval_scoring(client, offline):
+    """Completions: tokens, token_logprobs, top_logprobs, text_offset, streamed or not; echo with
+    max_tokens 0 over token-id prompts, as lm-evaluation-harness scores a continuation; chat's
+    content list. Every number is the offline engine's."""
+    want = offline.generate("def parse(line):", SamplingParams(max_tokens=6, logprobs=2))[0]
+    r = client.completions.create(model=MODEL, prompt="def parse(line):", temperature=0, max_tokens=6, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [offline.tokenizer.decode_token(t) for t in want.token_ids]
+    assert lp.token_logprobs == pytest.approx([p[t].logprob for p, t in zip(want.logprobs, want.token_ids)])
+    assert all(len(top) == 2 for top in lp.top_logprobs) and lp.text_offset == sorted(lp.text_offset)
+    stream = client.completions.create(
+        model=MODEL, prompt="def parse(line):", temperature=0, max_tokens=6, logprobs=2, stream=True
+    )
+    streamed = [x for chunk in stream for c in chunk.choices if c.logprobs for x in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs)
+    ids = [offline.tokenizer.encode(t) for t in ("import os", "class Foo:")]
+    scored = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    for choice, prompt in zip(scored.choices, ids):
+        offline_lp = offline.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=1))[0].prompt_logprobs
+        assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.token_logprobs) == len(prompt)
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+            [p[t].logprob for p, t in zip(offline_lp[1:], prompt[1:])]
+        )
+        assert choice.text == offline.tokenizer.decode(prompt)
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0 only scores a prompt"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    chat = offline.chat(CHAT, SamplingParams(max_tokens=6, logprobs=3))[0]
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([p[t].logprob for p, t in zip(chat.logprobs, chat.token_ids)])
+    assert all(len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode()) for c in content)
+
+
 @pytest.mark.parametrize(
     "body,message",
     [

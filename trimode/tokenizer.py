@@ -117,6 +117,15 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def offsets(self, ids: list[int], start: int = 0) -> list[int]:
+        """Where each token's text begins in `decode(ids)` (plus `start`), by incremental decoding:
+        a token that only completes another's UTF-8 sequence begins where that one did."""
+        stream, at, out = self.decode_stream(), start, []
+        for t in ids:
+            out.append(at)
+            at += len(self.decode_step(stream, t))
+        return out
+
     def decode_token(self, token_id: int) -> str:
         """One token's own text, special tokens included (what logprobs report it as)."""
         return self._tok.decode([token_id], skip_special_tokens=False)

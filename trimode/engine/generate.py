@@ -337,6 +337,10 @@ class RequestOutput:
     finished: bool
     output: GenerationOutput | None = None  # the whole result, once finished
     error: str | None = None  # set when serving the request failed (an engine bug, not the request's input)
+    new_logprobs: list[PositionLogprobs] | None = None  # new_token_ids' logprobs, when asked for
+    # In its first output: its prompt's ids, and their logprobs when asked for.
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 def streamable_text(req: Request) -> str:

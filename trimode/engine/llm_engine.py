@@ -407,8 +407,14 @@ class LLMEngine:
         sent_tokens, sent_chars = self._sent[req.request_id]
         safe = streamable_text(req)
         out = RequestOutput(
-            req.request_id, safe[sent_chars:], req.token_ids[sent_tokens:], req.finish_reason is not None
+            req.request_id,
+            safe[sent_chars:],
+            req.token_ids[sent_tokens:],
+            req.finish_reason is not None,
+            new_logprobs=None if req.logprobs is None else req.logprobs[sent_tokens:],
         )
+        if (sent_tokens, sent_chars) == (0, 0):
+            out.prompt_token_ids, out.prompt_logprobs = req.prompt_ids, req.prompt_logprobs
         self._sent[req.request_id] = (len(req.token_ids), max(sent_chars, len(safe)))
         if out.finished:
             out.output = req.output(decoder, batch.timings.mean_ms(), time.perf_counter() - req.arrival)

@@ -25,6 +25,7 @@ from trimode.engine.scheduler import QueueFull
 from trimode.outputs import GenerationOutput
 from trimode.server.async_engine import AsyncEngine, EngineError, ShuttingDown
 from trimode.server.guard import Guard, error_response
+from trimode.server.logprobs import chat_logprobs, completion_logprobs
 from trimode.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 MAX_BODY_BYTES = 1_000_000
@@ -253,7 +254,8 @@ def build_app(
             return lambda: tokenize_prompt(tokenizer, config.vocab_size, prompt, name, body.add_special_tokens)[0]
 
         request_id, streams = await start(body, [prepare(i, p) for i, p in enumerate(body.prompt)], "cmpl")
-        return await respond(body, request_id, streams, http, chat=False)
+        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompt] if body.echo else None
+        return await respond(body, request_id, streams, http, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Any:
@@ -292,18 +294,44 @@ def build_app(
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def completion_choice(
+        body: CompletionRequest,
+        index: int,
+        text: str,
+        ids: list[int],
+        positions: list | None,
+        finish: str | None,
+        echo: tuple[str, list[int], list] | None = None,
+        start: int = 0,
+    ) -> dict[str, Any]:
+        """A completions choice (or a stream chunk's), with its logprobs when asked for; `echo`:
+        (the prompt's text, ids and logprobs) to put first, `start`: where `text` begins in the
+        choice's whole text."""
+        logprobs = None
+        if echo is not None:
+            text, start = echo[0] + text, 0
+            ids, positions = echo[1] + ids, (echo[2] or [None] * len(echo[1])) + (positions or [])
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(tokenizer, ids, positions or [], body.logprobs, start)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def chat_choice_logprobs(body: ChatCompletionRequest, ids: list[int], positions: list | None) -> Any:
+        return chat_logprobs(tokenizer, ids, positions or [], body.top_logprobs or 0) if body.logprobs else None
+
     async def respond(
         body: CompletionRequest | ChatCompletionRequest,
         request_id: str,
         streams: list[AsyncIterator[RequestOutput]],
         http: Request,
         chat: bool,
+        echo: list[str] | None = None,
     ) -> Any:
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                sse(request_id, created, streams, chat, include_usage, http), media_type="text/event-stream"
+                sse(body, request_id, created, streams, chat, include_usage, http, echo),
+                media_type="text/event-stream",
             )
         try:
             finals = await collect(streams, http)
@@ -314,12 +342,25 @@ def build_app(
         http.state.usage = usage(finals)
         if chat:
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": f.text}, "finish_reason": f.finish_reason}
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": f.text},
+                    "logprobs": chat_choice_logprobs(body, f.token_ids, f.logprobs),
+                    "finish_reason": f.finish_reason,
+                }
                 for i, f in enumerate(finals)
             ]
         else:
             choices = [
-                {"index": i, "text": f.text, "logprobs": None, "finish_reason": f.finish_reason}
+                completion_choice(
+                    body,
+                    i,
+                    f.text,
+                    f.token_ids,
+                    f.logprobs,
+                    f.finish_reason,
+                    None if echo is None else (echo[i], f.prompt_token_ids, f.prompt_logprobs),
+                )
                 for i, f in enumerate(finals)
             ]
         return {
@@ -332,23 +373,34 @@ def build_app(
         }
 
     async def sse(
+        body: CompletionRequest | ChatCompletionRequest,
         request_id: str,
         created: int,
         streams: list[AsyncIterator[RequestOutput]],
         chat: bool,
         include_usage: bool,
         http: Request,
+        echo: list[str] | None,
     ) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
+        sent = [0] * len(streams)  # characters of each choice's text streamed so far
 
-        def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(index: int, out: RequestOutput | None, finish: str | None, first: bool = False) -> str:
+            text, ids = (out.delta_text, out.new_token_ids) if out is not None else ("", [])
+            positions = out.new_logprobs if out is not None else None
             if chat:
                 delta: dict[str, Any] = (
                     {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
                 )
                 choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
+                if ids and body.logprobs:
+                    choice["logprobs"] = chat_choice_logprobs(body, ids, positions)
             else:
-                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+                prompt = None
+                if first and echo is not None and out is not None:
+                    prompt = (echo[index], out.prompt_token_ids or [], out.prompt_logprobs)
+                choice = completion_choice(body, index, text, ids, positions, finish, prompt, sent[index])
+                sent[index] += len(choice["text"])
             doc = {"id": request_id, "object": kind, "created": created, "model": model_name, "choices": [choice]}
             if include_usage:
                 doc["usage"] = None
@@ -358,8 +410,8 @@ def build_app(
         finals: list[GenerationOutput] = []
         try:
             async for index, out in merged(streams):
-                if out.delta_text or first[index]:
-                    yield chunk(index, out.delta_text, None, first[index])
+                if out.delta_text or out.new_token_ids or first[index]:
+                    yield chunk(index, out, None, first[index])
                     first[index] = False
                 if out.output is not None:
                     finals.append(out.output)

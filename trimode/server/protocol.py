@@ -8,20 +8,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trimode.engine.inputs import chat_messages, message_text
-from trimode.sampling_params import MAX_TOP_K, MODES, SEED_RANGE, SamplingParams
+from trimode.sampling_params import MAX_LOGPROBS, MAX_TOP_K, MODES, SEED_RANGE, SamplingParams
 
 MAX_TOKENS_LIMIT = 4096
 MAX_PROMPT_CHARS = 200_000  # a completion prompt, or all the messages of a chat together
 MAX_PROMPTS = 128  # prompts in one completions request (each is a request of its own to the engine)
 MAX_STOPS = 64  # stop strings per request, each at most 256 characters
 UNSUPPORTED = {  # field -> the only values trimode accepts
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
@@ -66,7 +63,7 @@ class Message(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)  # 0: score the prompt only (echo)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -90,13 +87,10 @@ class _Common(BaseModel):
     threshold: float | None = Field(None, ge=0, le=1)
     ignore_eos: bool = False
     # OpenAI fields trimode does not implement: accepted only at their no-op values
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     response_format: dict | None = None
-    echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
 
@@ -132,9 +126,15 @@ class _Common(BaseModel):
         def unset_or(name: str) -> Any:
             return getattr(self, name) if name in self.model_fields_set else d.get(name, getattr(self, name))
 
+        logprobs, prompt_logprobs = self.logprob_counts()
+        asked = next((n for n in (self.max_completion_tokens, self.max_tokens) if n is not None), None)
+        if asked == 0 and prompt_logprobs is None:
+            raise ValueError("max_tokens 0 only scores a prompt: it needs echo=true and logprobs (completions)")
         return SamplingParams(
             mode=self.mode or default_mode,
-            max_tokens=self.max_completion_tokens or self.max_tokens or d.get("max_tokens", 128),
+            max_tokens=d.get("max_tokens", 128) if asked is None else asked,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             temperature=unset_or("temperature"),
             top_p=unset_or("top_p"),
             top_k=unset_or("top_k"),
@@ -145,10 +145,19 @@ class _Common(BaseModel):
             threshold=0.9 if self.threshold is None else self.threshold,
         )
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(SamplingParams.logprobs, .prompt_logprobs) the request asks for."""
+        return None, None
+
 
 class CompletionRequest(_Common):
     # One prompt or a list: text, token ids, or a list of either (lm-evaluation-harness sends ids).
     prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the top k at each position, with the chosen
+    echo: bool = False  # the prompt first in the text (and its logprobs, with `logprobs`)
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
 
     @field_validator("prompt")
     @classmethod
@@ -174,6 +183,13 @@ class ChatCompletionRequest(_Common):
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=16)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
     @field_validator("messages")
     @classmethod
