@@ -247,7 +247,7 @@ def bad_requests():
         json.dumps({**ok, "top_p": 0}).encode(),
         json.dumps({**ok, "mode": "fast"}).encode(),
         json.dumps({**ok, "n": 3}).encode(),
-        json.dumps({**ok, "logprobs": True}).encode(),
+        json.dumps({**ok, "logprobs": 99}).encode(),
         json.dumps({**ok, "block_length": 0}).encode(),
         json.dumps({**ok, "threshold": 2}).encode(),
         json.dumps({**ok, "stop": [""]}).encode(),
