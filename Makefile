@@ -25,5 +25,6 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[dev,test]'
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
