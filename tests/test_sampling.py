@@ -51,14 +51,20 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     assert freq[1] == 0 and (freq - probs).abs().max() < 0.015
 
 
-def exact_joint(llm, prompt_ids, params, length):
-    """P(t1..t_length) under the AR model with `params`' temperature/top-k/top-p, by tree expansion."""
+def exact_joint(llm, prompt_ids, params, length, penalised=False):
+    """P(t1..t_length) under the AR model with `params`' temperature/top-k/top-p (and with
+    `penalised`, its presence penalty on the tokens generated before each position), by tree
+    expansion."""
     sampler = Sampler([params], torch.device("cpu"))
     dist = {(): 1.0}
     for _ in range(length):
         grown = {}
         for seq, prob in dist.items():
-            p = sampler.probs(full_forward(llm.model, list(prompt_ids) + list(seq))[None, -1:])[0, 0]
+            logits = full_forward(llm.model, list(prompt_ids) + list(seq))[-1]
+            if penalised and seq:
+                logits = logits.clone()
+                logits[list(set(seq))] -= params.presence_penalty
+            p = sampler.probs(logits[None, None])[0, 0]
             for t in torch.nonzero(p).flatten().tolist():
                 grown[seq + (t,)] = prob * p[t].item()
         dist = grown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from trimode.engine.scheduler import kv_slots
 from trimode.kv_cache import PAGE_SIZE, num_pages
 from trimode.model.loader import load_model
 from trimode.model.transformer import Transformer
-from trimode.outputs import GenerationOutput
+from trimode.outputs import CompletionOutput, GenerationOutput
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
 
@@ -198,12 +199,19 @@ class LLM:
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(ids)} prompts: give one, or one each")
         # A pool that holds every request at its largest (rounded to pages, plus the page of
         # headroom per row the scheduler keeps), so offline generation never preempts.
-        need = sum(num_pages(kv_slots(Request(None, p, sp)), PAGE_SIZE) + 1 for p, sp in zip(ids, per_prompt))
-        engine = self.engine(max_batch=len(ids), max_queue=len(ids), kv_cache_tokens=need * PAGE_SIZE)
-        for i, (p, text, sp) in enumerate(zip(ids, texts, per_prompt)):
-            engine.add_tokenized(str(i), p, sp, text, name=f"prompt {i}")
+        # n samples of a prompt are n requests (`SamplingParams.samples`), sharing its cached pages.
+        samples = [sp.samples() for sp in per_prompt]
+        rows = [
+            (i, j, p, text, sample)
+            for i, (p, text) in enumerate(zip(ids, texts))
+            for j, sample in enumerate(samples[i])
+        ]
+        need = sum(num_pages(kv_slots(Request(None, p, sp)), PAGE_SIZE) + 1 for _, _, p, _, sp in rows)
+        engine = self.engine(max_batch=len(rows), max_queue=len(rows), kv_cache_tokens=need * PAGE_SIZE)
+        for i, j, p, text, sp in rows:
+            engine.add_tokenized(f"{i}.{j}", p, sp, text, name=f"prompt {i}")
         results: dict[str, GenerationOutput] = {}
-        with tqdm(total=len(ids), unit="prompt", disable=not use_tqdm) as bar:
+        with tqdm(total=len(rows), unit="sample", disable=not use_tqdm) as bar:
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.error is not None:
@@ -211,7 +219,19 @@ class LLM:
                     if out.output is not None:
                         results[out.request_id] = out.output
                         bar.update()
-        return [results[str(i)] for i in range(len(ids))]
+        return [_with_samples([results[f"{i}.{j}"] for j in range(len(s))]) for i, s in enumerate(samples)]
+
+
+def _with_samples(outs: list[GenerationOutput]) -> GenerationOutput:
+    """One prompt's result: its first sample's, with every sample in `outputs` (vLLM's n)."""
+    if len(outs) == 1:
+        return outs[0]
+    first = dataclasses.replace(outs[0])
+    first.completions = [
+        CompletionOutput(j, o.text, o.token_ids, o.finish_reason, o.logprobs) for j, o in enumerate(outs)
+    ]
+    first.num_forwards = sum(o.num_forwards for o in outs)
+    return first
 
 
 def _one_of(

@@ -51,10 +51,13 @@ class GenerationOutput:
     # generated token, and per prompt token (None for the first, which nothing predicts).
     logprobs: list[PositionLogprobs] | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # With n > 1: every sample (the fields above are the first's; num_forwards counts all of them).
+    completions: list[CompletionOutput] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[CompletionOutput]:
-        return [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
+        """Every sample (n > 1), or this one."""
+        return self.completions or [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -83,8 +86,8 @@ class GenerationOutput:
         """The JSON object `trimode generate --json` prints."""
         d = asdict(self)
         del d["prompt_token_ids"], d["token_times"]
-        for name in ("logprobs", "prompt_logprobs"):
-            if d[name] is None:
+        for name in ("logprobs", "prompt_logprobs", "completions"):
+            if d[name] is None or d[name] == []:
                 del d[name]
         d.update(
             num_prompt_tokens=self.num_prompt_tokens,

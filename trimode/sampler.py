@@ -1,4 +1,4 @@
-"""Per-row token selection: temperature, top-k, top-p, and seeded sampling, vectorised over the batch.
+"""Per-row token selection: temperature, top-k, top-p, min-p, and seeded sampling, vectorised over the batch.
 
 Every row has its own random stream keyed by its request's seed, so a request's samples do not
 depend on what else is in the batch. The streams are counter-based (as Philox is: Salmon et al.,
@@ -68,6 +68,7 @@ class Sampler:
         )
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        self.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
         # A request may bring its stream (a preempted request keeps its random numbers).
         self.streams = streams or [new_stream(p) for p in params]
         # The seeds as int64 bit patterns, on the device once (the draw counts change every call).
@@ -78,8 +79,8 @@ class Sampler:
 
     def select_rows(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.temperature, self.top_k, self.top_p, self.seeds = (
-            t[index] for t in (self.temperature, self.top_k, self.top_p, self.seeds)
+        self.temperature, self.top_k, self.top_p, self.min_p, self.seeds = (
+            t[index] for t in (self.temperature, self.top_k, self.top_p, self.min_p, self.seeds)
         )
         self.streams = [self.streams[i] for i in rows]
         self.params = [self.params[i] for i in rows]
@@ -89,6 +90,7 @@ class Sampler:
         self.temperature = torch.cat([self.temperature, other.temperature])
         self.top_k = torch.cat([self.top_k, other.top_k])
         self.top_p = torch.cat([self.top_p, other.top_p])
+        self.min_p = torch.cat([self.min_p, other.min_p])
         self.seeds = torch.cat([self.seeds, other.seeds])
         self.streams += other.streams
         self.params += other.params
@@ -98,6 +100,7 @@ class Sampler:
         self.all_greedy = all(p.is_greedy for p in self.params)
         self.any_greedy = any(p.is_greedy for p in self.params)
         self._needs_filter = any(p.top_k > 0 or p.top_p < 1 for p in self.params if not p.is_greedy)
+        self._needs_min_p = any(p.min_p > 0 for p in self.params if not p.is_greedy)
 
     def uniform(self, num: int, rows: list[int] | None = None) -> torch.Tensor:
         """(B, num) uniforms in [0, 1), each row from its own stream. With `rows`, only those rows
@@ -122,6 +125,12 @@ class Sampler:
         if self._needs_filter:
             scaled = self._top_k_top_p(scaled)
         p = torch.softmax(scaled, dim=-1)
+        if self._needs_min_p:
+            # min-p sampling (Nguyen et al. 2024): drop tokens below min_p x the most likely one's
+            # probability, then renormalise (the verifier's p must stay a distribution).
+            floor = self.min_p[:, None, None] * p.amax(-1, keepdim=True)
+            p = torch.where(p < floor, 0.0, p)
+            p = p / p.sum(-1, keepdim=True)
         if self.any_greedy:
             one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(p.dtype)
             p = torch.where(greedy[:, None, None], one_hot, p)

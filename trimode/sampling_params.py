@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -21,6 +22,7 @@ GREEDY_TEMPERATURE = 1e-5
 # What torch.Generator.manual_seed accepts; top_k is a torch.long, and no vocabulary comes near 2**31.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 MAX_TOP_K = 2**31 - 1
+MAX_N = 64  # samples per prompt
 MAX_LOGPROBS = 20  # most likely tokens reported per position, as OpenAI's top_logprobs allows
 
 
@@ -42,6 +44,19 @@ class SamplingParams:
     # prompt token but the first, from one causal pass over the prompt (then max_tokens may be 0).
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Logit controls (trimode/logit_controls.py), in every mode. OpenAI's penalties subtract
+    # `presence` once and `frequency` per occurrence of a token already generated; the repetition
+    # penalty divides (multiplies, if negative) the logits of tokens in the prompt or output.
+    n: int = 1  # samples of the prompt (LLM and the server run them as n requests sharing its pages)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end a row before this many tokens
+    min_p: float = 0.0  # sampling: drop tokens less likely than min_p x the most likely one's
+    stop_token_ids: list[int] = field(default_factory=list)  # end a row like EOS does
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # in the text (token_ids keep them)
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str) and not isinstance(self.mode, Mode):
@@ -94,14 +109,64 @@ class SamplingParams:
             "None (one position per pass) or a number in [0, 1]",
             self.threshold,
         )
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"an integer in [1, {MAX_N}]", self.n)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -2 <= value <= 2, name, "a number in [-2, 2] (0 = off)", value)
+        _check(
+            _is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+            "repetition_penalty",
+            "a number in (0, 10] (1 = off)",
+            self.repetition_penalty,
+        )
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1] (0 = off)", self.min_p)
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0", self.min_tokens)
+        _check(
+            self.logit_bias is None
+            or (
+                isinstance(self.logit_bias, dict)
+                and all(
+                    _is_int(k) and k >= 0 and _is_number(v) and -100 <= v <= 100 for k, v in self.logit_bias.items()
+                )
+            ),
+            "logit_bias",
+            "None or a dict of token id -> bias in [-100, 100]",
+            self.logit_bias,
+        )
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "token ids (integers >= 0)",
+            self.stop_token_ids,
+        )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
 
+    def samples(self) -> list[SamplingParams]:
+        """The n one-sample params of the n samples: seeds seed, seed + 1, ... when seeded, so the
+        samples differ and each is reproducible."""
+        return [
+            dataclasses.replace(self, n=1, seed=None if self.seed is None else (self.seed + j) % 2**64)
+            for j in range(self.n)
+        ]
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def has_logit_controls(self) -> bool:
+        """Whether any control that reads the tokens so far (or biases logits) is on."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1
+            or self.logit_bias
+            or self.min_tokens
+        )
 
 
 def _is_int(x: object) -> bool:

@@ -114,8 +114,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return _encode(self._tok, text, add_special_tokens)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def offsets(self, ids: list[int], start: int = 0) -> list[int]:
         """Where each token's text begins in `decode(ids)` (plus `start`), by incremental decoding:
@@ -131,9 +131,9 @@ class Tokenizer:
         return self._tok.decode([token_id], skip_special_tokens=False)
 
     @staticmethod
-    def decode_stream() -> DecodeStream:
+    def decode_stream(skip_special_tokens: bool = True) -> DecodeStream:
         """State for `decode_step`: one per output being detokenised."""
-        return DecodeStream(skip_special_tokens=True)
+        return DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def decode_step(self, stream: DecodeStream, token_id: int) -> str:
         """The characters `token_id` adds to the stream's text ("" while a UTF-8 sequence is

@@ -15,5 +15,5 @@ class AutoregressiveDecoder(Decoder):
 
     def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
         batch.kv.commit()
-        batch.seeds = batch.sampler.pick(logits)[:, 0]
+        batch.seeds = batch.sampler.pick(batch.controlled(logits))[:, 0]
         return Emission.seeds(batch.seeds, batch.logprobs_of(logits, batch.seeds[:, None]))

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import torch
 
+from trimode import logit_controls
 from trimode.kv_cache import KVCache
 from trimode.sampler import Sampler
 from trimode.sampling_params import MAX_LOGPROBS
@@ -146,6 +147,15 @@ class DecodeBatch:
     @property
     def size(self) -> int:
         return self.seeds.shape[0]
+
+    def controlled(
+        self, logits: torch.Tensor, offsets: torch.Tensor | None = None, within: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The logits picks read: reshaped by the rows' logit controls (`logit_controls.apply`;
+        `offsets` (B, T) default 0: one position per row), or `logits` itself when none has any."""
+        if offsets is None:
+            offsets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+        return logit_controls.apply(self.state, logits, offsets, within)
 
     def logprobs_of(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """`logprob_table` of the model's own (untempered) distributions at `logits` (B, T, V) for

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from trimode import logit_controls
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, logprob_table, mixed, rows_where
 from trimode.sampling_params import MAX_LOGPROBS
 
@@ -82,11 +83,13 @@ class DiffusionDecoder(Decoder):
         # Committing rows: their block's KV joins the prefix; the last position gives the next seed.
         batch.kv.commit([b if c else 0 for c in was_committing])
         commit_rows = None if greedy else rows_where(was_committing)
+        raw, logits = logits, self._controlled(batch, logits, committing)
         next_seed = sampler.pick(logits[:, -1:], rows=commit_rows)[:, 0]
-        seed_logprobs = batch.logprobs_of(logits[:, -1:], next_seed[:, None])  # before the mask edit
+        seed_logprobs = batch.logprobs_of(raw[:, -1:], next_seed[:, None])  # before the mask edit
         # Denoising rows: one pass. Only they draw random numbers, so a seeded row samples the same
         # alone or beside rows at other stages.
         normalizer = logits.float().logsumexp(-1)  # (B, b): the full softmax's, [MASK] included
+        raw_normalizer = normalizer if raw is logits else raw.float().logsumexp(-1)
         logits = batch.bidirectional_logits(logits)
         candidates = sampler.pick(logits, rows=None if greedy else rows_where([not c for c in was_committing]))
         # The candidate's untempered probability, whether picked greedily or sampled (as LLaDA
@@ -103,7 +106,8 @@ class DiffusionDecoder(Decoder):
         if seed_logprobs is not None:
             # A revealed token's log-probability is the one its reveal pass gave it (the full
             # softmax's, as its confidence), kept with the block until the block is emitted.
-            table = logprob_table(logits.float() - normalizer[..., None], candidates, MAX_LOGPROBS)
+            raw = batch.bidirectional_logits(raw)  # a no-op when it is `logits`, edited above
+            table = logprob_table(raw.float() - raw_normalizer[..., None], candidates, MAX_LOGPROBS)
             kept = s.get("logprobs", table.new_zeros(table.shape))
             s["logprobs"] = torch.where(reveal[..., None], table, kept)
         s["block"] = torch.where(reveal, candidates, s["block"])
@@ -130,6 +134,21 @@ class DiffusionDecoder(Decoder):
         return Emission(
             torch.cat([flags, s["block"]], 1), read, self._emitted_logprobs(batch, committing, seed_logprobs)
         )
+
+    def _controlled(self, batch: DecodeBatch, logits: torch.Tensor, committing: torch.Tensor) -> torch.Tensor:
+        """The pass's logits under the rows' logit controls. A denoising row's position p predicts
+        its block's token p, output token `generated + p - 1`, after the block's tokens revealed so
+        far; a committing row's last position predicts its next seed, its whole block counted."""
+        if not logit_controls.active(batch.state):
+            return logits
+        s, b = batch.state, self.block_length
+        positions = torch.arange(b, device=logits.device)
+        offsets = torch.where(committing[:, None], positions - (b - 1), positions - 1)
+        revealed = (~s["masked"] & ~committing[:, None]).float()
+        revealed[:, 0] = 0  # the seed: emitted, so counted already
+        within = torch.zeros(logits.shape[0], logits.shape[-1], device=logits.device)
+        within.scatter_add_(1, s["block"], revealed)
+        return batch.controlled(logits, offsets, within[:, None])
 
     def _emitted_logprobs(
         self, batch: DecodeBatch, committing: torch.Tensor, seed: torch.Tensor | None

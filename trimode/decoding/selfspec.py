@@ -16,7 +16,9 @@ joined drafts while its neighbours verify, in the same forward (per-row causal f
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from trimode import logit_controls
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, mixed, rows_where
 
 
@@ -48,12 +50,13 @@ class SelfSpecDecoder(Decoder):
     def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
         if self.block_length == 1:
             batch.kv.commit()
-            batch.seeds = batch.sampler.pick(logits)[:, 0]
+            batch.seeds = batch.sampler.pick(batch.controlled(logits))[:, 0]
             batch.record([1] * batch.size)
             return Emission.seeds(batch.seeds, batch.logprobs_of(logits, batch.seeds[:, None]))
         was_drafting = batch.host["drafting"]
         verifying = [not d for d in was_drafting]
         batch.host["drafting"] = verifying
+        raw, logits = logits, self._controlled(batch, logits, verifying)
         if not any(verifying):
             batch.kv.commit([0] * batch.size)
             self._draft(batch, logits, was_drafting)
@@ -62,7 +65,7 @@ class SelfSpecDecoder(Decoder):
         # The verifier's (AR) log-probability of each emitted token: the accepted drafts, then the
         # bonus at position `accepted` (packed[:, 0]). Drafting rows emit nothing.
         emitted = torch.cat([batch.state["drafts"], bonus[:, None]], 1).scatter(1, packed[:, :1], bonus[:, None])
-        logprobs = batch.logprobs_of(logits, emitted)
+        logprobs = batch.logprobs_of(raw, emitted)
         batch.seeds = torch.where(torch.tensor(verifying, device=bonus.device), bonus, batch.seeds)
         self._draft(batch, logits, was_drafting)
 
@@ -75,6 +78,21 @@ class SelfSpecDecoder(Decoder):
             return emitted
 
         return Emission(packed, read, logprobs)
+
+    def _controlled(self, batch: DecodeBatch, logits: torch.Tensor, verifying: list[bool]) -> torch.Tensor:
+        """The pass's logits under the rows' logit controls. A verifying row's position i picks
+        its output token `generated + i` after drafts 1..i, so it sees their counts: each position
+        exactly as the AR step there would (so self-spec == AR under penalties). A drafting row's
+        position p proposes output token `generated + p - 1`, from the counts so far."""
+        if not logit_controls.active(batch.state):
+            return logits
+        b, drafts = self.block_length, batch.state["drafts"]
+        positions = torch.arange(b, device=logits.device)
+        ver = torch.tensor(verifying, device=logits.device)
+        offsets = torch.where(ver[:, None], positions, positions - 1)
+        before = F.one_hot(drafts, logits.shape[-1]).float().cumsum(1)  # (B, b-1, V)
+        within = torch.cat([torch.zeros_like(before[:, :1]), before], 1) * ver[:, None, None]
+        return batch.controlled(logits, offsets, within)
 
     def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> None:
         """Fill the masks of `rows` from their bidirectional pass over [seed, MASK...]."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trimode import logit_controls
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, HostEmission, logprob_table
 from trimode.engine.model_runner import ModelRunner
 from trimode.kv_cache import KVCache, KVPool
@@ -44,6 +45,8 @@ class Request:
     # decode of the whole output every step.
     _stream: DecodeStream | None = field(default=None, repr=False)
     _ends: list[int] = field(default_factory=list, repr=False)
+    # A waiting request with the same context, admitted before it (`Scheduler.add`).
+    after: Request | None = field(default=None, repr=False)
     # When asked for (params.logprobs / prompt_logprobs): per output token, and per prompt token.
     logprobs: list[PositionLogprobs] | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
@@ -92,7 +95,7 @@ class Request:
         """Append tokens (emitted at `now`, with their `logprob_table` entries when asked for);
         finish on EOS, a stop string or max_tokens, whichever first."""
         if self._stream is None:
-            self._stream = tokenizer.decode_stream()
+            self._stream = tokenizer.decode_stream(self.params.skip_special_tokens)
         if self.params.max_tokens == 0:  # it only scored its prompt
             self.finish_reason = "length"
             return
@@ -104,7 +107,7 @@ class Request:
             self.token_times.append(now)
             self.text += tokenizer.decode_step(self._stream, t)
             self._ends.append(len(self.text))
-            if t in eos_ids and not self.params.ignore_eos:
+            if (t in eos_ids and not self.params.ignore_eos) or t in self.params.stop_token_ids:
                 self.finish_reason = "stop"
                 break
             if len(self.token_ids) >= self.params.max_tokens:
@@ -112,7 +115,7 @@ class Request:
                 break
         if not self._apply_stop_strings(searched) and self.finish_reason is not None:
             # The stream holds back an incomplete UTF-8 tail; the final text is the full decode.
-            self.text = tokenizer.decode(self.token_ids)
+            self.text = tokenizer.decode(self.token_ids, self.params.skip_special_tokens)
 
     def _apply_stop_strings(self, searched: int) -> bool:
         """Cut at the first stop string that ends in the new text; True if one did."""
@@ -128,7 +131,7 @@ class Request:
         self.token_ids, self.token_times, self._ends = self.token_ids[:n], self.token_times[:n], self._ends[:n]
         if self.logprobs is not None:
             self.logprobs = self.logprobs[:n]
-        self.text = self.text[:cut]
+        self.text = self.text[: end if self.params.include_stop_str_in_output else cut]
         self.finish_reason = "stop"
         return True
 
@@ -197,6 +200,15 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
         num_forwards=[0] * len(requests),
         stats=[r.stats for r in requests],
         host={"logprobs": [r.params.logprobs for r in requests]},
+    )
+    logit_controls.start(
+        batch.state,
+        params,
+        [r.prompt_ids for r in requests],
+        [r.token_ids for r in requests],
+        eos_ids,
+        runner.config.vocab_size,
+        device,
     )
     set_remaining(batch, requests)
     return batch
@@ -281,7 +293,7 @@ def first_tokens(
     (B, 1, V), emitted as its first token, or for a resumed request the seed it had (already emitted
     before its preemption). `every` (B, T, V): the logits of every fed position, when a prompt is
     scored against `targets`."""
-    picked = batch.sampler.pick(logits)[:, 0]
+    picked = batch.sampler.pick(batch.controlled(logits))[:, 0]
     known = [r.resume_seed for r in requests]
     if any(s is not None for s in known):
         fill = torch.tensor([-1 if s is None else s for s in known], device=picked.device)
@@ -313,6 +325,7 @@ def apply_step(
         entries = None if tables is None else tables[rows[i] if rows is not None else i]
         req.emit(tokens, eos_ids, tokenizer, now - req.arrival, entries)
         req.num_forwards = req.num_forwards_before + n
+    logit_controls.record(batch.state, emitted)
     keep = [i for i, r in enumerate(active) if r.finish_reason is None]
     if len(keep) < len(active):
         for i, req in enumerate(active):

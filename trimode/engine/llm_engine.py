@@ -135,6 +135,10 @@ class LLMEngine:
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_fits(ids, params, name)
+        if params.n != 1:
+            raise ValueError(
+                "the engine takes one sample per request: give n samples as n requests (LLM and the server do)"
+            )
         self.scheduler.add(Request(text, ids, params, request_id=request_id, arrival=time.perf_counter()))
         self._ids.add(request_id)
         self._sent[request_id] = (0, 0)

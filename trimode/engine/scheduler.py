@@ -43,9 +43,15 @@ class Scheduler:
             )
 
     def add(self, req: Request) -> None:
-        """Queue a request the engine has checked (`check_fits`)."""
+        """Queue a request the engine has checked (`check_fits`). A request whose context is that
+        of one already waiting (n samples of a prompt, the choices of a multiple-choice question
+        after one context) is admitted after that one, whose prefill will have cached the
+        context's full pages for it to share."""
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue}); retry later")
+        if not req.wants_prompt_logprobs:  # a scored prompt is fed whole anyway
+            # The first such request: its siblings then go in together, one step after it.
+            req.after = next((w for w in self.waiting if w.context_ids == req.context_ids), None)
         self.waiting.append(req)
 
     def add_preempted(self, req: Request) -> None:
@@ -75,6 +81,8 @@ class Scheduler:
         admitted: list[Request] = []
         while self.waiting and rows < self.max_batch:
             req = self.waiting[0]
+            if req.after is not None and any(w is req.after for w in (*admitted, *self.waiting)):
+                break  # it shares the pages that request's prefill is about to cache
             need = self.pages_to_start(req)
             if need + rows > free:
                 break

@@ -233,11 +233,14 @@ def build_app(
             params = body.sampling_params(default_mode, generation_defaults)
             if params.seed is None and seeds is not None:
                 params = dataclasses.replace(params, seed=seeds.getrandbits(63))
-            for i, fn in enumerate(prepare):
+            samples = params.samples()  # n samples of a prompt: n requests, sharing its pages
+            for fn in prepare:
                 prompt_ids = await engine.run_blocking(fn)
-                sub_id = request_id if len(prepare) == 1 else f"{request_id}-{i}"
-                streams.append(engine.submit(sub_id, prompt_ids, params))
-                submitted.append(sub_id)
+                for sample in samples:
+                    index = len(streams)  # the choice's index: i * n + j
+                    sub_id = request_id if len(prepare) * len(samples) == 1 else f"{request_id}-{index}"
+                    streams.append(engine.submit(sub_id, prompt_ids, sample))
+                    submitted.append(sub_id)
         except SERVING_ERRORS as e:
             for sub_id in submitted:
                 engine.abort(sub_id)
@@ -254,7 +257,8 @@ def build_app(
             return lambda: tokenize_prompt(tokenizer, config.vocab_size, prompt, name, body.add_special_tokens)[0]
 
         request_id, streams = await start(body, [prepare(i, p) for i, p in enumerate(body.prompt)], "cmpl")
-        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompt] if body.echo else None
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompt]
+        echo = [t for t in texts for _ in range(body.n)] if body.echo else None
         return await respond(body, request_id, streams, http, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")

@@ -8,16 +8,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trimode.engine.inputs import chat_messages, message_text
-from trimode.sampling_params import MAX_LOGPROBS, MAX_TOP_K, MODES, SEED_RANGE, SamplingParams
+from trimode.sampling_params import MAX_LOGPROBS, MAX_N, MAX_TOP_K, MODES, SEED_RANGE, SamplingParams
 
 MAX_TOKENS_LIMIT = 4096
 MAX_PROMPT_CHARS = 200_000  # a completion prompt, or all the messages of a chat together
 MAX_PROMPTS = 128  # prompts in one completions request (each is a request of its own to the engine)
 MAX_STOPS = 64  # stop strings per request, each at most 256 characters
 UNSUPPORTED = {  # field -> the only values trimode accepts
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -70,7 +67,17 @@ class _Common(BaseModel):
     top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(1, ge=1, le=MAX_N)  # samples per prompt: choices i * n .. i * n + n - 1 for prompt i
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)  # token id (as a string) -> bias
+    # vLLM's sampling extras (clients send them through extra_body)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    min_p: float = Field(0.0, ge=0, le=1)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOPS)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
@@ -87,9 +94,6 @@ class _Common(BaseModel):
     threshold: float | None = Field(None, ge=0, le=1)
     ignore_eos: bool = False
     # OpenAI fields trimode does not implement: accepted only at their no-op values
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
     response_format: dict | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -143,7 +147,26 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos,
             block_length=self.block_length or 32,
             threshold=0.9 if self.threshold is None else self.threshold,
+            n=self.n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=self._logit_bias(),
+            min_tokens=self.min_tokens,
+            min_p=self.min_p,
+            stop_token_ids=self.stop_token_ids or [],
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's logit_bias (token ids as JSON object keys) with integer keys."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError('logit_bias keys must be token ids, e.g. {"42": -100}') from None
 
     def logprob_counts(self) -> tuple[int | None, int | None]:
         """(SamplingParams.logprobs, .prompt_logprobs) the request asks for."""
