@@ -156,6 +156,36 @@ def test_logprobs_in_both_shapes_and_lm_eval_scoring(client, offline):
     assert all(len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode()) for c in content)
 
 
+def test_n_and_penalties_through_the_client(client, offline):
+    """n=3 seeded samples are the offline engine's; every control reaches the engine (the offline
+    engine's text under it), and self-spec still emits what AR does under it at temperature 0. The
+    trained model copies too surely for a presence penalty of 2 to change this answer; the others do."""
+    r = client.completions.create(model=MODEL, prompt="def parse(line):", max_tokens=8, n=3, seed=4, temperature=1.0)
+    want = offline.generate("def parse(line):", SamplingParams(max_tokens=8, n=3, seed=4, temperature=1.0))[0]
+    assert [c.index for c in r.choices] == [0, 1, 2] and [c.text for c in r.choices] == [o.text for o in want.outputs]
+    repeat = [{"role": "user", "content": "Copy: 7 7 7 7 7 7 7 7"}]  # penalties fight the copy
+    plain = client.chat.completions.create(model=MODEL, messages=repeat, temperature=0, max_tokens=24)
+    seven = offline.tokenizer.encode("7", add_special_tokens=False)[0]
+    controls = [
+        ({"presence_penalty": 2.0}, {"presence_penalty": 2.0}),
+        ({"frequency_penalty": 2.0}, {"frequency_penalty": 2.0}),
+        ({"logit_bias": {str(seven): -100}}, {"logit_bias": {seven: -100}}),
+        ({"extra_body": {"repetition_penalty": 3.0}}, {"repetition_penalty": 3.0}),
+    ]
+    for control, offline_control in controls:
+        texts = {}
+        for mode in ("ar", "selfspec"):
+            extra = {**control.get("extra_body", {}), "mode": mode}
+            fields = {k: v for k, v in control.items() if k != "extra_body"}
+            r = client.chat.completions.create(
+                model=MODEL, messages=repeat, temperature=0, max_tokens=24, extra_body=extra, **fields
+            )
+            texts[mode] = r.choices[0].message.content
+        want = offline.chat(repeat, SamplingParams(max_tokens=24, **offline_control))[0].text
+        assert texts["ar"] == texts["selfspec"] == want, control
+        assert "presence_penalty" in control or want != plain.choices[0].message.content
+
+
 @pytest.mark.parametrize(
     "body,message",
     [
