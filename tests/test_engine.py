@@ -117,9 +117,9 @@ class CountingTokenizer:
     def __init__(self, tok) -> None:
         self.tok, self.decodes = tok, 0
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=True):
         self.decodes += 1
-        return self.tok.decode(ids)
+        return self.tok.decode(ids, skip_special_tokens)
 
     def __getattr__(self, name):
         return getattr(self.tok, name)

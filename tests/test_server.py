@@ -142,8 +142,8 @@ def test_logprobs_in_both_shapes_and_lm_eval_scoring(client, offline):
         offline_lp = offline.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=1))[0].prompt_logprobs
         assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.token_logprobs) == len(prompt)
         assert choice.logprobs.token_logprobs[1:] == pytest.approx(
-            [p[t].logprob for p, t in zip(offline_lp[1:], prompt[1:])]
-        )
+            [p[t].logprob for p, t in zip(offline_lp[1:], prompt[1:])], abs=1e-4
+        )  # batched beside the other prompt on the server, alone offline: float rounding
         assert choice.text == offline.tokenizer.decode(prompt)
     with pytest.raises(openai.BadRequestError, match="max_tokens 0 only scores a prompt"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=0)
@@ -321,7 +321,7 @@ def test_api_key_and_full_queue():
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         auth = {"Authorization": "Bearer s3cret"}
         assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
-        body = {"model": MODEL, "prompt": "import os\n", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+        body = {"model": MODEL, "prompt": "import os\n", "max_tokens": 150, "ignore_eos": True, "temperature": 0}
 
         def post(_: int) -> httpx.Response:
             return httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=120)
