@@ -278,6 +278,7 @@ def _bench(args: argparse.Namespace) -> int:
         _int_list("--block-lengths", args.block_lengths or "8,32"),
         _float_list("--thresholds", args.thresholds or "0.9"),
         lengths,
+        _int_list("--logprobs", args.logprobs) if args.logprobs else None,
     )
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, compile=args.compile)
     if long:
@@ -377,6 +378,8 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
         raise ValueError("--baseline and --batch-sizes are for the offline bench; over HTTP use --concurrency")
     if args.min_seconds != MIN_SECONDS:
         raise ValueError("--min-seconds is for the offline bench; over HTTP use --duration and --repeats")
+    if args.logprobs:
+        raise ValueError("--logprobs measures the offline engine: leave it out with --endpoint")
     if not args.endpoint.startswith(("http://", "https://")):
         raise ValueError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1; got {args.endpoint!r}")
     if args.duration is not None and args.duration <= 0:
@@ -688,6 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", help="offline only (default 1,4,16)")
     b.add_argument("--max-tokens", type=int, default=48)
     b.add_argument("--block-lengths", help="default 8,32 offline; the server's default over HTTP")
+    b.add_argument(
+        "--logprobs",
+        help="offline: also run every configuration asking for this many logprobs per token (comma-separated), "
+        "interleaved with the plain runs, to measure what reporting them costs",
+    )
     b.add_argument("--thresholds", help="default 0.9 offline; the server's default over HTTP")
     b.add_argument("--num-prompts", type=int, default=50)
     b.add_argument(

@@ -61,8 +61,9 @@ def summarize(
 
 
 def is_ar(r: dict[str, Any]) -> bool:
-    """Whether a result is the AR reference of its load."""
-    return r["mode"] == "ar" and not r.get("control") and r.get("engine", "trimode") == "trimode"
+    """Whether a result is the AR reference of its load (plain: no A/A copy, baseline or logprobs)."""
+    plain = not r.get("control") and r.get("logprobs") is None
+    return r["mode"] == "ar" and plain and r.get("engine", "trimode") == "trimode"
 
 
 def add_speedup_vs_ar(results: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]) -> None:

@@ -46,6 +46,7 @@ class BenchConfig:
     control: bool = False  # the A/A control: a second measurement of the same configuration
     engine: str = "trimode"  # or a baseline's name ("hf"), whose generator runs this configuration
     context_length: int | None = None  # the long suite: runs the prompts of this length
+    logprobs: int | None = None  # SamplingParams.logprobs: what reporting them costs, beside the plain run
 
     @property
     def load(self) -> tuple[int, int]:
@@ -63,6 +64,8 @@ class BenchConfig:
             parts.append(f"t{self.threshold:g}")
         if self.context_length is not None:
             parts.append(f"ctx{short_length(self.context_length)}")
+        if self.logprobs is not None:
+            parts.append(f"lp{self.logprobs}")
         if self.control:
             parts.append("(A/A)")
         return " ".join(parts)
@@ -74,7 +77,9 @@ def expand_configs(
     block_lengths: list[int],
     thresholds: list[float],
     context_lengths: list[int | None] | None = None,
+    logprobs: list[int] | None = None,
 ) -> list[BenchConfig]:
+    """Every configuration; with `logprobs`, each once more per count, asking for that many."""
     configs = []
     for length in context_lengths or [None]:
         for bs in batch_sizes:
@@ -82,7 +87,7 @@ def expand_configs(
                 blocks = block_lengths if uses(mode, "block_length") else [None]
                 ts = thresholds if uses(mode, "threshold") else [None]
                 configs += [BenchConfig(mode, bs, b, t, context_length=length) for b in blocks for t in ts]
-    return configs
+    return configs + [replace(c, logprobs=k) for k in logprobs or [] for c in configs]
 
 
 def encode(llm: Generator, prompts: list[BenchPrompt]) -> list[list[int]]:
@@ -113,6 +118,7 @@ def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int) -> li
             seed=0,
             block_length=cfg.block_length or 32,
             threshold=0.9 if cfg.threshold is None else cfg.threshold,
+            logprobs=cfg.logprobs,
         )
         for p in prompts
     ]
