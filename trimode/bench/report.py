@@ -71,9 +71,13 @@ def _long(doc: dict[str, Any]) -> str:
 
 
 def measured(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """trimode's results, without the A/A control or a baseline (which plots and the crossover
-    leave out)."""
-    return [r for r in results if not r.get("control") and r.get("engine", "trimode") == "trimode"]
+    """trimode's plain results, without the A/A control, a baseline or the runs asking for
+    logprobs (which plots and the crossover leave out)."""
+    return [
+        r
+        for r in results
+        if not r.get("control") and r.get("logprobs") is None and r.get("engine", "trimode") == "trimode"
+    ]
 
 
 def table(results: list[dict[str, Any]]) -> str:
