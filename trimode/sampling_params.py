@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from trimode.structured import check_spec
+
 
 class Mode(str, Enum):
     AR = "ar"
@@ -57,6 +59,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # end a row like EOS does
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # in the text (token_ids keep them)
+    # Structured output (trimode/structured.py): {"json": schema}, {"json_object": True},
+    # {"regex": pattern}, {"choice": [strings]} or {"grammar": lark}; AR and self-spec.
+    structured: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str) and not isinstance(self.mode, Mode):
@@ -140,6 +145,13 @@ class SamplingParams:
             "token ids (integers >= 0)",
             self.stop_token_ids,
         )
+        if self.structured is not None:
+            check_spec(self.structured)
+            if self.mode == Mode.DIFFUSION:
+                raise ValueError(
+                    "structured output needs mode ar or selfspec: diffusion reveals a block's positions in any "
+                    "order, which a left-to-right grammar cannot check"
+                )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -126,6 +126,10 @@ class Tokenizer:
             at += len(self.decode_step(stream, t))
         return out
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (what grammar engines build their view from)."""
+        return self._tok.to_str()
+
     def decode_token(self, token_id: int) -> str:
         """One token's own text, special tokens included (what logprobs report it as)."""
         return self._tok.decode([token_id], skip_special_tokens=False)

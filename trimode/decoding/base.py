@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from trimode import logit_controls
+from trimode import logit_controls, structured
 from trimode.kv_cache import KVCache
 from trimode.sampler import Sampler
 from trimode.sampling_params import MAX_LOGPROBS
@@ -149,13 +149,29 @@ class DecodeBatch:
         return self.seeds.shape[0]
 
     def controlled(
-        self, logits: torch.Tensor, offsets: torch.Tensor | None = None, within: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        within: torch.Tensor | None = None,
+        paths: list[list[list[int] | None]] | None = None,
     ) -> torch.Tensor:
         """The logits picks read: reshaped by the rows' logit controls (`logit_controls.apply`;
-        `offsets` (B, T) default 0: one position per row), or `logits` itself when none has any."""
+        `offsets` (B, T) default 0: one position per row) and masked by their structured-output
+        grammars (`structured.masks`; `paths` default: every position after the tokens so far), or
+        `logits` itself when no row has either."""
         if offsets is None:
             offsets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
-        return logit_controls.apply(self.state, logits, offsets, within)
+        logits = logit_controls.apply(self.state, logits, offsets, within)
+        if self.constrained:
+            paths = paths or [[[]] * logits.shape[1]] * logits.shape[0]
+            allowed = structured.masks(self.host["grammar"], paths, logits.shape[-1], logits.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return logits
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a row has a structured-output grammar."""
+        return any(m is not None for m in self.host.get("grammar", []))
 
     def logprobs_of(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """`logprob_table` of the model's own (untempered) distributions at `logits` (B, T, V) for

@@ -34,6 +34,9 @@ class SelfSpecDecoder(Decoder):
             batch.size, max(self.block_length - 1, 0), dtype=torch.long, device=batch.seeds.device
         )
         batch.host["drafting"] = [True] * batch.size  # host: which rows draft next (the rest verify)
+        # Host: each row's drafts, read back only when a row has a structured-output grammar (the
+        # verify pass then masks each position after the drafts before it).
+        batch.host["drafts"] = [[] for _ in range(batch.size)]
 
     def plan(self, batch: DecodeBatch) -> Forward:
         if self.block_length == 1:  # nothing to draft: a plain causal step
@@ -57,10 +60,18 @@ class SelfSpecDecoder(Decoder):
         verifying = [not d for d in was_drafting]
         batch.host["drafting"] = verifying
         raw, logits = logits, self._controlled(batch, logits, verifying)
+        constrained = batch.constrained
         if not any(verifying):
             batch.kv.commit([0] * batch.size)
             self._draft(batch, logits, was_drafting)
-            return Emission(batch.seeds.new_zeros(batch.size, 0), lambda rows: [[] for _ in rows])  # no transfer
+            if not constrained:
+                return Emission(batch.seeds.new_zeros(batch.size, 0), lambda rows: [[] for _ in rows])  # no transfer
+
+            def keep(rows: list[list[int]]) -> list[list[int]]:
+                batch.host["drafts"] = rows
+                return [[] for _ in rows]
+
+            return Emission(batch.state["drafts"], keep)
         packed, bonus = self._verify(batch, logits, verifying)  # first: the draft step edits the logits
         # The verifier's (AR) log-probability of each emitted token: the accepted drafts, then the
         # bonus at position `accepted` (packed[:, 0]). Drafting rows emit nothing.
@@ -69,8 +80,15 @@ class SelfSpecDecoder(Decoder):
         batch.seeds = torch.where(torch.tensor(verifying, device=bonus.device), bonus, batch.seeds)
         self._draft(batch, logits, was_drafting)
 
+        if constrained:  # the new drafts too, for the next verify's masks
+            packed = torch.cat([packed, batch.state["drafts"]], 1)
+
         def read(rows: list[list[int]]) -> list[list[int]]:
             # Per verifying row: its accepted drafts and the bonus; drafting rows emit nothing.
+            if constrained:
+                old = batch.host["drafts"]
+                width = self.block_length + 1  # the new drafts follow [accepted, bonus, drafts]
+                batch.host["drafts"] = [r[width:] if d else o for r, d, o in zip(rows, was_drafting, old)]
             emitted = [r[2 : 2 + r[0]] + [r[1]] if v else [] for r, v in zip(rows, verifying)]
             counts = [len(e) for e in emitted]
             batch.kv.commit(counts)
@@ -80,19 +98,24 @@ class SelfSpecDecoder(Decoder):
         return Emission(packed, read, logprobs)
 
     def _controlled(self, batch: DecodeBatch, logits: torch.Tensor, verifying: list[bool]) -> torch.Tensor:
-        """The pass's logits under the rows' logit controls. A verifying row's position i picks
+        """The pass's logits under the rows' logit controls and grammars. A verifying row's position i picks
         its output token `generated + i` after drafts 1..i, so it sees their counts: each position
         exactly as the AR step there would (so self-spec == AR under penalties). A drafting row's
         position p proposes output token `generated + p - 1`, from the counts so far."""
-        if not logit_controls.active(batch.state):
-            return logits
-        b, drafts = self.block_length, batch.state["drafts"]
-        positions = torch.arange(b, device=logits.device)
-        ver = torch.tensor(verifying, device=logits.device)
-        offsets = torch.where(ver[:, None], positions, positions - 1)
-        before = F.one_hot(drafts, logits.shape[-1]).float().cumsum(1)  # (B, b-1, V)
-        within = torch.cat([torch.zeros_like(before[:, :1]), before], 1) * ver[:, None, None]
-        return batch.controlled(logits, offsets, within)
+        b = self.block_length
+        offsets = within = paths = None
+        if logit_controls.active(batch.state):
+            positions = torch.arange(b, device=logits.device)
+            ver = torch.tensor(verifying, device=logits.device)
+            offsets = torch.where(ver[:, None], positions, positions - 1)
+            before = F.one_hot(batch.state["drafts"], logits.shape[-1]).float().cumsum(1)  # (B, b-1, V)
+            within = torch.cat([torch.zeros_like(before[:, :1]), before], 1) * ver[:, None, None]
+        if batch.constrained:
+            # Verify position i: after drafts 1..i. A draft pass masks only its first draft (after
+            # the tokens so far); the later ones are proposals the verify checks.
+            drafting = [None, [], *[None] * (b - 2)]
+            paths = [[d[:i] for i in range(b)] if v else drafting for d, v in zip(batch.host["drafts"], verifying)]
+        return batch.controlled(logits, offsets, within, paths)
 
     def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> None:
         """Fill the masks of `rows` from their bidirectional pass over [seed, MASK...]."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,8 @@ class Request:
     # decode of the whole output every step.
     _stream: DecodeStream | None = field(default=None, repr=False)
     _ends: list[int] = field(default_factory=list, repr=False)
+    # Its structured output's grammar state (llguidance), following its emitted tokens.
+    grammar: Any = field(default=None, repr=False)
     # A waiting request with the same context, admitted before it (`Scheduler.add`).
     after: Request | None = field(default=None, repr=False)
     # When asked for (params.logprobs / prompt_logprobs): per output token, and per prompt token.
@@ -103,6 +106,8 @@ class Request:
         for i, t in enumerate(tokens):
             if self.logprobs is not None and entries is not None:
                 self.logprobs.append(position_logprobs(entries[i], t, self.params.logprobs, tokenizer))
+            if self.grammar is not None:
+                self.grammar.consume_token(t)
             self.token_ids.append(t)
             self.token_times.append(now)
             self.text += tokenizer.decode_step(self._stream, t)
@@ -199,7 +204,7 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
         mask_id=runner.config.mask_token_id,
         num_forwards=[0] * len(requests),
         stats=[r.stats for r in requests],
-        host={"logprobs": [r.params.logprobs for r in requests]},
+        host={"logprobs": [r.params.logprobs for r in requests], "grammar": [r.grammar for r in requests]},
     )
     logit_controls.start(
         batch.state,

@@ -55,6 +55,7 @@ from trimode.engine.scheduler import Scheduler
 from trimode.engine.step import StepPart, run_parts
 from trimode.kv_cache import PAGE_SIZE, KVPoolExhausted
 from trimode.sampling_params import SamplingParams
+from trimode.structured import Grammars
 from trimode.tokenizer import Tokenizer
 
 logger = logging.getLogger("trimode.engine")
@@ -94,6 +95,7 @@ class LLMEngine:
             self.pool.num_bytes / 2**20,
         )
         runner.capture_graphs(max_batch, min(max_model_len, self.pool.num_tokens))
+        self._grammars = Grammars(tokenizer, runner.config.vocab_size, eos_token_ids)
         self.runner, self.tokenizer, self.eos_token_ids = runner, tokenizer, eos_token_ids
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
@@ -139,7 +141,10 @@ class LLMEngine:
             raise ValueError(
                 "the engine takes one sample per request: give n samples as n requests (LLM and the server do)"
             )
-        self.scheduler.add(Request(text, ids, params, request_id=request_id, arrival=time.perf_counter()))
+        req = Request(text, ids, params, request_id=request_id, arrival=time.perf_counter())
+        if params.structured is not None:
+            req.grammar = self._grammars.matcher(params.structured)
+        self.scheduler.add(req)
         self._ids.add(request_id)
         self._sent[request_id] = (0, 0)
 

@@ -15,7 +15,6 @@ MAX_PROMPT_CHARS = 200_000  # a completion prompt, or all the messages of a chat
 MAX_PROMPTS = 128  # prompts in one completions request (each is a request of its own to the engine)
 MAX_STOPS = 64  # stop strings per request, each at most 256 characters
 UNSUPPORTED = {  # field -> the only values trimode accepts
-    "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
@@ -93,8 +92,15 @@ class _Common(BaseModel):
     block_length: int | None = Field(None, ge=1, le=256)
     threshold: float | None = Field(None, ge=0, le=1)
     ignore_eos: bool = False
+    # Structured output: OpenAI's response_format ({"type": "text" | "json_object" | "json_schema",
+    # "json_schema": {"schema": ...}}), or vLLM's guided_* fields / structured_outputs in extra_body.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, max_length=10_000)
+    guided_choice: list[str] | None = Field(None, max_length=1024)
+    guided_grammar: str | None = Field(None, max_length=100_000)
+    structured_outputs: dict[str, Any] | None = None
     # OpenAI fields trimode does not implement: accepted only at their no-op values
-    response_format: dict | None = None
     best_of: int | None = None
     suffix: str | None = None
 
@@ -157,7 +163,33 @@ class _Common(BaseModel):
             stop_token_ids=self.stop_token_ids or [],
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            structured=self._structured(),
         )
+
+    def _structured(self) -> dict[str, Any] | None:
+        """SamplingParams.structured from whichever way the request asks (at most one)."""
+        asked = []
+        fmt = self.response_format or {"type": "text"}
+        kind = fmt.get("type")
+        if kind == "json_object":
+            asked.append({"json_object": True})
+        elif kind == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+            asked.append({"json": schema})
+        elif kind != "text":
+            raise ValueError("response_format type must be text, json_object or json_schema")
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+            if getattr(self, name) is not None:
+                asked.append({key: getattr(self, name)})
+        if self.guided_grammar is not None:
+            asked.append({"grammar": self.guided_grammar})
+        if self.structured_outputs:
+            asked.append(dict(self.structured_outputs))
+        if len(asked) > 1:
+            raise ValueError("ask for one structured output: response_format, a guided_* field or structured_outputs")
+        return asked[0] if asked else None
 
     def _logit_bias(self) -> dict[int, float] | None:
         """OpenAI's logit_bias (token ids as JSON object keys) with integer keys."""

@@ -1,0 +1,110 @@
+"""Structured output: a grammar every generated token must keep valid (a JSON schema, any JSON
+object, a regular expression, a choice of strings, or a Lark grammar), by masking the logits of
+every pick that emits text, in AR and self-spec. Diffusion reveals a block's positions in any order,
+which a left-to-right grammar cannot check, so it is refused (SamplingParams).
+
+The grammar engine is llguidance (Microsoft's, also behind vLLM's `guidance` backend and
+llama.cpp): a wheel with no dependencies whose masks are computed lazily per step. xgrammar needs
+torch, transformers and triton at install (a CUDA build on this CPU machine); outlines-core compiles
+a regex's index over the whole vocabulary up front, per schema.
+
+A request's matcher lives on the host and follows its emitted tokens. A pass whose positions emit
+tokens in sequence (self-spec verify) asks for each position's mask after the drafts before it
+(`paths`): the matcher consumes them, computes, and rolls back. Positions past a draft the grammar
+rejects get the mask of the last valid one; their drafts are rejected by the verify anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import llguidance
+import torch
+
+from trimode.tokenizer import Tokenizer
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def check_spec(spec: object) -> None:
+    """ValueError unless `spec` is {kind: value} with one of KINDS."""
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+        raise ValueError(
+            f"SamplingParams.structured must be one of {{'json': schema}}, {{'json_object': True}}, "
+            f"{{'regex': pattern}}, {{'choice': [strings]}}, {{'grammar': lark}}; got {spec!r:.80}"
+        )
+
+
+def grammar_text(spec: dict[str, Any]) -> str:
+    """llguidance's grammar for a spec (`check_spec`)."""
+    kind, value = next(iter(spec.items()))
+    if kind in ("json", "json_object"):
+        schema = {"type": "object"} if kind == "json_object" else json.loads(value) if isinstance(value, str) else value
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON schema must be an object")
+        # Compact JSON, one space after ',' and ':' (as json.dumps writes it): a model free to put
+        # any whitespace between tokens can fill its budget with newlines.
+        layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        return llguidance.grammar_from("json_schema", json.dumps({**schema, "x-guidance": layout}))
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise ValueError("a choice must be a non-empty list of non-empty strings")
+        return llguidance.grammar_from("choice", json.dumps(value))
+    if not isinstance(value, str):
+        raise ValueError(f"a {kind} must be a string")
+    return llguidance.grammar_from("regex" if kind == "regex" else "lark", value)
+
+
+class Grammars:
+    """Matchers for one tokenizer (its llguidance form is built once, on first use: ~1 s)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: set[int]) -> None:
+        self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, sorted(eos_ids)
+        self._ll: llguidance.LLTokenizer | None = None
+
+    def matcher(self, spec: dict[str, Any]) -> llguidance.LLMatcher:
+        """A fresh matcher for `spec`; ValueError naming the problem if the grammar is invalid."""
+        if self._ll is None:
+            self._ll = llguidance.LLTokenizer(self._tokenizer.to_json(), n_vocab=self.vocab_size, eos_token=self._eos)
+        try:
+            text = grammar_text(spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"structured output: {e}") from e
+        matcher = llguidance.LLMatcher(self._ll, text, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"structured output: {matcher.get_error()}")
+        return matcher
+
+
+def masks(
+    matchers: list[llguidance.LLMatcher | None],
+    paths: list[list[list[int] | None]],
+    vocab: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, T, V) bool, True = allowed: row b's position t after its matcher consumes paths[b][t]
+    (a None path, and every position of a row without a matcher, is free)."""
+    width = max(len(p) for p in paths)
+    words = -(-vocab // 32)
+    packed = torch.full((len(matchers), width, words), -1, dtype=torch.int32)
+    for b, (matcher, row) in enumerate(zip(matchers, paths)):
+        if matcher is None:
+            continue
+        last = None
+        for t, path in enumerate(row):
+            if path is None:
+                continue
+            valid = matcher.validate_tokens(path) if path else 0
+            if valid < len(path):  # past a rejected draft: its position never emits
+                packed[b, t] = packed[b, last] if last is not None else -1
+                continue
+            if path:
+                matcher.consume_tokens(path)
+            packed[b, t] = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)[:words]
+            if path:
+                matcher.rollback(len(path))
+            last = t
+    bits = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = (packed.to(device)[..., None] >> bits) & 1  # (B, T, words, 32): bit j of word w is token 32w + j
+    return allowed.flatten(-2)[..., :vocab].bool()
