@@ -279,6 +279,7 @@ def _bench(args: argparse.Namespace) -> int:
         _float_list("--thresholds", args.thresholds or "0.9"),
         lengths,
         _int_list("--logprobs", args.logprobs) if args.logprobs else None,
+        _structured_flag(args.structured),
     )
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, compile=args.compile)
     if long:
@@ -378,8 +379,8 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
         raise ValueError("--baseline and --batch-sizes are for the offline bench; over HTTP use --concurrency")
     if args.min_seconds != MIN_SECONDS:
         raise ValueError("--min-seconds is for the offline bench; over HTTP use --duration and --repeats")
-    if args.logprobs:
-        raise ValueError("--logprobs measures the offline engine: leave it out with --endpoint")
+    if args.logprobs or args.structured:
+        raise ValueError("--logprobs and --structured measure the offline engine: leave them out with --endpoint")
     if not args.endpoint.startswith(("http://", "https://")):
         raise ValueError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1; got {args.endpoint!r}")
     if args.duration is not None and args.duration <= 0:
@@ -529,6 +530,19 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _structured_flag(value: str | None) -> str | None:
+    """--structured: SamplingParams.structured as JSON, checked here (bad input is one line, exit 2)."""
+    if value is None:
+        return None
+    from trimode.structured import check_spec
+
+    try:
+        check_spec(json.loads(value))
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--structured must be JSON such as \'{{"regex": "[0-9 ]+"}}\'; got {value!r}: {e}') from e
+    return value
 
 
 def _chat_template(value: str) -> str:
@@ -691,6 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", help="offline only (default 1,4,16)")
     b.add_argument("--max-tokens", type=int, default=48)
     b.add_argument("--block-lengths", help="default 8,32 offline; the server's default over HTTP")
+    b.add_argument(
+        "--structured",
+        help="offline: also run every AR and self-spec configuration under this grammar, given as "
+        'SamplingParams.structured in JSON, e.g. \'{"regex": "[0-9 ]+"}\'',
+    )
     b.add_argument(
         "--logprobs",
         help="offline: also run every configuration asking for this many logprobs per token (comma-separated), "

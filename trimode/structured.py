@@ -16,6 +16,7 @@ rejects get the mask of the last valid one; their drafts are rejected by the ver
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -56,22 +57,27 @@ def grammar_text(spec: dict[str, Any]) -> str:
     return llguidance.grammar_from("regex" if kind == "regex" else "lark", value)
 
 
+@functools.lru_cache(maxsize=4)
+def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_ids: tuple[int, ...]) -> llguidance.LLTokenizer:
+    """A tokenizer's llguidance form, built once per tokenizer (it indexes the vocabulary's bytes),
+    not once per engine: offline `generate` makes an engine per call."""
+    return llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=list(eos_ids))
+
+
 class Grammars:
-    """Matchers for one tokenizer (its llguidance form is built once, on first use: ~1 s)."""
+    """Matchers for one tokenizer, vocabulary and set of EOS ids."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: set[int]) -> None:
-        self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, sorted(eos_ids)
-        self._ll: llguidance.LLTokenizer | None = None
+        self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, tuple(sorted(eos_ids))
 
     def matcher(self, spec: dict[str, Any]) -> llguidance.LLMatcher:
         """A fresh matcher for `spec`; ValueError naming the problem if the grammar is invalid."""
-        if self._ll is None:
-            self._ll = llguidance.LLTokenizer(self._tokenizer.to_json(), n_vocab=self.vocab_size, eos_token=self._eos)
+        ll = _ll_tokenizer(self._tokenizer, self.vocab_size, self._eos)
         try:
             text = grammar_text(spec)
         except (ValueError, TypeError) as e:
             raise ValueError(f"structured output: {e}") from e
-        matcher = llguidance.LLMatcher(self._ll, text, log_level=0)
+        matcher = llguidance.LLMatcher(ll, text, log_level=0)
         if matcher.is_error():
             raise ValueError(f"structured output: {matcher.get_error()}")
         return matcher

@@ -62,7 +62,7 @@ def summarize(
 
 def is_ar(r: dict[str, Any]) -> bool:
     """Whether a result is the AR reference of its load (plain: no A/A copy, baseline or logprobs)."""
-    plain = not r.get("control") and r.get("logprobs") is None
+    plain = not r.get("control") and r.get("logprobs") is None and r.get("structured") is None
     return r["mode"] == "ar" and plain and r.get("engine", "trimode") == "trimode"
 
 

@@ -72,11 +72,14 @@ def _long(doc: dict[str, Any]) -> str:
 
 def measured(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """trimode's plain results, without the A/A control, a baseline or the runs asking for
-    logprobs (which plots and the crossover leave out)."""
+    logprobs or a grammar (which plots and the crossover leave out)."""
     return [
         r
         for r in results
-        if not r.get("control") and r.get("logprobs") is None and r.get("engine", "trimode") == "trimode"
+        if not r.get("control")
+        and r.get("logprobs") is None
+        and r.get("structured") is None
+        and r.get("engine", "trimode") == "trimode"
     ]
 
 

@@ -11,6 +11,7 @@ configuration measured twice) and a tokens-per-forward bound make the sweep chec
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Hashable
@@ -47,6 +48,7 @@ class BenchConfig:
     engine: str = "trimode"  # or a baseline's name ("hf"), whose generator runs this configuration
     context_length: int | None = None  # the long suite: runs the prompts of this length
     logprobs: int | None = None  # SamplingParams.logprobs: what reporting them costs, beside the plain run
+    structured: str | None = None  # SamplingParams.structured as JSON: what the grammar's masks cost
 
     @property
     def load(self) -> tuple[int, int]:
@@ -66,6 +68,8 @@ class BenchConfig:
             parts.append(f"ctx{short_length(self.context_length)}")
         if self.logprobs is not None:
             parts.append(f"lp{self.logprobs}")
+        if self.structured is not None:
+            parts.append("structured")
         if self.control:
             parts.append("(A/A)")
         return " ".join(parts)
@@ -78,8 +82,11 @@ def expand_configs(
     thresholds: list[float],
     context_lengths: list[int | None] | None = None,
     logprobs: list[int] | None = None,
+    structured: str | None = None,
 ) -> list[BenchConfig]:
-    """Every configuration; with `logprobs`, each once more per count, asking for that many."""
+    """Every configuration; with `logprobs`, each once more per count, asking for that many; with
+    `structured` (SamplingParams.structured as JSON), each once more under that grammar (diffusion,
+    which takes none, excepted)."""
     configs = []
     for length in context_lengths or [None]:
         for bs in batch_sizes:
@@ -87,7 +94,10 @@ def expand_configs(
                 blocks = block_lengths if uses(mode, "block_length") else [None]
                 ts = thresholds if uses(mode, "threshold") else [None]
                 configs += [BenchConfig(mode, bs, b, t, context_length=length) for b in blocks for t in ts]
-    return configs + [replace(c, logprobs=k) for k in logprobs or [] for c in configs]
+    extra = [replace(c, logprobs=k) for k in logprobs or [] for c in configs]
+    if structured is not None:
+        extra += [replace(c, structured=structured) for c in configs if c.mode != "diffusion"]
+    return configs + extra
 
 
 def encode(llm: Generator, prompts: list[BenchPrompt]) -> list[list[int]]:
@@ -119,6 +129,7 @@ def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int) -> li
             block_length=cfg.block_length or 32,
             threshold=0.9 if cfg.threshold is None else cfg.threshold,
             logprobs=cfg.logprobs,
+            structured=None if cfg.structured is None else json.loads(cfg.structured),
         )
         for p in prompts
     ]
