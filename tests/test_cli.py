@@ -1,14 +1,21 @@
-"""The CLI end to end: make-checkpoint, then generate in each mode with --json."""
+"""The CLI end to end: make-checkpoint, then generate in each mode with --json, in process
+(`trimode.cli.main`: no interpreter and torch import per command), and once through the installed
+console script."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from trimode.cli import main
 
 FIELDS = {
     "text",
@@ -23,8 +30,13 @@ FIELDS = {
 }
 
 
-def trimode(*args):
-    return subprocess.run([sys.executable, "-m", "trimode", *args], capture_output=True, text=True, check=True)
+def trimode(*args: str) -> SimpleNamespace:
+    """`trimode ARGS` in this process: its exit status must be 0; returns what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(list(args))
+    assert status == 0, (args, status)
+    return SimpleNamespace(stdout=out.getvalue())
 
 
 def test_make_checkpoint_writes_the_release_layout(tmp_path):

@@ -50,6 +50,7 @@ def test_each_control_does_what_it_says(llm):
         assert len(held) > 6 and first not in held[:6]
 
 
+@pytest.mark.slow  # 2,000 samples: some 6 s
 def test_selfspec_samples_the_ar_distribution_under_penalties(llm):
     """At temperature > 0 the emitted sequences follow AR's penalised distribution (total variation
     against the exact joint, by tree expansion with the penalties applied per prefix)."""

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from run_cli import run_cli
 
@@ -96,13 +93,12 @@ def test_cli_bad_input_exits_2_without_traceback(tiny_dir, args, message, capsys
     assert message in err and "Traceback" not in err
 
 
-def test_cli_missing_model_dir(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "trimode", "generate", "--model", str(tmp_path / "nope"), "hi"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_missing_model_dir(tmp_path, capsys):
+    from trimode.cli import main
+
+    assert main(["generate", "--model", str(tmp_path / "nope"), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("flag", ["--kv-cache-tokens", "--kv-page-size", "--max-connections"])
