@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 from conftest import fake_output
@@ -137,11 +135,10 @@ def test_speedup_is_measured_against_ar_in_the_same_run(llm):
 
 def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run(
+    from trimode.cli import main
+
+    status = main(
         [
-            sys.executable,
-            "-m",
-            "trimode",
             "bench",
             "--model",
             str(tiny_dir),
@@ -161,11 +158,9 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
             "float32",
             "--repeats",
             "2",
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert proc.returncode == 0, proc.stderr
+    assert status == 0
     doc = json.loads((out / "results.json").read_text())
     assert {"command", "versions", "machine", "suite", "num_prompts", "results", "baseline", "plots"} <= doc.keys()
     assert {"device", "dtype", "threads", "parameters", "weight_bytes"} <= doc["machine"].keys()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from trimode import LLM, SamplingParams
@@ -38,11 +35,8 @@ def test_modes_on_held_out_tasks(embedded):
     assert tpf(spec) > 1.5 and tpf(diff) > 1.5
 
 
-def test_cli_without_model_uses_it():
-    proc = subprocess.run(
-        [sys.executable, "-m", "trimode", "generate", "--chat", "--mode", "selfspec", "Copy: 4 8 15 16 23 42"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert proc.stdout.strip() == "4 8 15 16 23 42"
+def test_cli_without_model_uses_it(capsys):
+    from trimode.cli import main
+
+    assert main(["generate", "--chat", "--mode", "selfspec", "Copy: 4 8 15 16 23 42"]) == 0
+    assert capsys.readouterr().out.strip() == "4 8 15 16 23 42"
