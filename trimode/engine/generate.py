@@ -68,6 +68,8 @@ class Request:
         """Back to the state before its prefill (to run that prefill again)."""
         self.logprobs = [] if self.params.logprobs is not None else None
         self.prompt_logprobs = None
+        if self.grammar is not None:
+            self.grammar.reset()
         self.token_ids, self.text, self.finish_reason, self.num_forwards = [], "", None, 0
         self.stats.clear()
         self.token_times, self._stream, self._ends = [], None, []
