@@ -54,7 +54,7 @@ def drive(engine, jobs, rng=None, abort_rate=0.0, per_step=1):
     return results, aborted
 
 
-@pytest.mark.parametrize("num_requests", [240, pytest.param(3000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("num_requests", [150, pytest.param(3000, marks=pytest.mark.slow)])
 def test_pages_balance_through_mixed_requests_aborts_and_preemptions(llm, num_requests):
     """Pins the invariant of the pool: after hundreds (thousands, in the slow run) of requests of
     every mode in a pool too small for them all (preempting), with aborts at random, every page is
@@ -68,7 +68,7 @@ def test_pages_balance_through_mixed_requests_aborts_and_preemptions(llm, num_re
         jobs.append((f"r{i}", prompt, params))
     engine = llm.engine(max_batch=12, max_queue=num_requests, kv_cache_tokens=24 * 4, page_size=4)
     results, aborted = drive(engine, jobs, rng, abort_rate=0.05, per_step=3)
-    assert engine.num_preemptions >= 5 and aborted  # ~20-27 for 240 requests (pacing follows the clock)
+    assert engine.num_preemptions >= 5 and aborted  # ~10-27 for 150-240 requests (pacing follows the clock)
     assert set(results) | aborted == {j[0] for j in jobs}
     assert engine.pool.refs == [0] * engine.pool.num_pages
     assert engine.pool.num_free_pages == engine.pool.num_pages
