@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -130,10 +131,17 @@ class LLMEngine:
         self.add_tokenized(request_id, ids, params, text)
 
     def add_tokenized(
-        self, request_id: str, ids: list[int], params: SamplingParams, text: str | None = None, name: str = "the prompt"
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        text: str | None = None,
+        name: str = "the prompt",
+        grammar: Any = None,
     ) -> None:
         """`add_request` for a prompt already tokenized (`text`: what it reads, if known; `name`: what
-        errors call it)."""
+        errors call it; `grammar`: its structured output's fresh matcher, `compile_grammar`'s, when
+        the caller compiled it off the engine's thread)."""
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_fits(ids, params, name)
@@ -142,11 +150,15 @@ class LLMEngine:
                 "the engine takes one sample per request: give n samples as n requests (LLM and the server do)"
             )
         req = Request(text, ids, params, request_id=request_id, arrival=time.perf_counter())
-        if params.structured is not None:
-            req.grammar = self._grammars.matcher(params.structured)
+        req.grammar = grammar if grammar is not None else self.compile_grammar(params)
         self.scheduler.add(req)
         self._ids.add(request_id)
         self._sent[request_id] = (0, 0)
+
+    def compile_grammar(self, params: SamplingParams) -> Any:
+        """A fresh llguidance matcher for `params.structured` (None without one); ValueError naming
+        what is wrong with the grammar. Thread-safe: the server compiles on its worker threads."""
+        return None if params.structured is None else self._grammars.matcher(params.structured)
 
     def check_fits(self, ids: list[int], params: SamplingParams, name: str = "the prompt") -> None:
         """ValueError when the prompt plus max_tokens exceeds the context, or the request would not

@@ -234,12 +234,16 @@ def build_app(
             if params.seed is None and seeds is not None:
                 params = dataclasses.replace(params, seed=seeds.getrandbits(63))
             samples = params.samples()  # n samples of a prompt: n requests, sharing its pages
+            # A grammar compiles here, on a worker thread (up to a second for a large schema), not on
+            # the engine's; each request gets its own copy of the matcher.
+            grammar = await engine.run_blocking(engine.engine.compile_grammar, params)
             for fn in prepare:
                 prompt_ids = await engine.run_blocking(fn)
                 for sample in samples:
                     index = len(streams)  # the choice's index: i * n + j
                     sub_id = request_id if len(prepare) * len(samples) == 1 else f"{request_id}-{index}"
-                    streams.append(engine.submit(sub_id, prompt_ids, sample))
+                    matcher = None if grammar is None else grammar.deep_copy()
+                    streams.append(engine.submit(sub_id, prompt_ids, sample, matcher))
                     submitted.append(sub_id)
         except SERVING_ERRORS as e:
             for sub_id in submitted:

@@ -111,8 +111,11 @@ class AsyncEngine:
             self._counter += 1
             return f"{prefix}-{self._counter}"
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Validate (ValueError), check the queue (QueueFull, ShuttingDown), then stream the outputs."""
+    def submit(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, grammar: Any = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate (ValueError), check the queue (QueueFull, ShuttingDown), then stream the outputs.
+        `grammar`: the request's structured-output matcher, compiled off the engine thread."""
         if self.is_draining:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         self.engine.check_fits(prompt_ids, params)
@@ -124,7 +127,7 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._modes[request_id] = params.mode.value
-        self._commands.put(("add", request_id, prompt_ids, params))
+        self._commands.put(("add", request_id, prompt_ids, params, grammar))
         self._wake.set()
         return self._iterate(request_id, stream)
 
@@ -167,11 +170,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, request_id, prompt_ids, params = cmd
+                _, request_id, prompt_ids, params, grammar = cmd
                 with self._lock:
                     self._pending -= 1
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params)
+                    self.engine.add_tokenized(request_id, prompt_ids, params, grammar=grammar)
                 except (ValueError, QueueFull) as e:
                     self._deliver(request_id, e)
                 except Exception as e:
