@@ -21,7 +21,7 @@ from trimode.engine.scheduler import kv_slots
 from trimode.kv_cache import PAGE_SIZE, num_pages
 from trimode.model.loader import load_model
 from trimode.model.transformer import Transformer
-from trimode.outputs import CompletionOutput, GenerationOutput
+from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
 
@@ -227,9 +227,7 @@ def _with_samples(outs: list[GenerationOutput]) -> GenerationOutput:
     if len(outs) == 1:
         return outs[0]
     first = dataclasses.replace(outs[0])
-    first.completions = [
-        CompletionOutput(j, o.text, o.token_ids, o.finish_reason, o.logprobs) for j, o in enumerate(outs)
-    ]
+    first.completions = [dataclasses.replace(o.outputs[0], index=j) for j, o in enumerate(outs)]
     first.num_forwards = sum(o.num_forwards for o in outs)
     return first
 

@@ -82,13 +82,19 @@ def record(state: dict[str, torch.Tensor], emitted: list[list[int]]) -> None:
 
 
 def apply(
-    state: dict[str, torch.Tensor], logits: torch.Tensor, offsets: torch.Tensor, within: torch.Tensor | None = None
+    state: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    within: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, T, V) as the controls reshape them (the same tensor when no row has any).
     `offsets` (B, T): how many tokens the row will have emitted before the one position t picks
-    (for min_tokens); `within` (B, T, V): counts of tokens emitted earlier in this pass."""
+    (for min_tokens; default 0: one position per row); `within` (B, T, V): counts of tokens emitted
+    earlier in this pass."""
     if not active(state):
         return logits
+    if offsets is None:
+        offsets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
     counts = state["ctl_counts"][:, None]
     if within is not None:
         counts = counts + within

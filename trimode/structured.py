@@ -90,27 +90,30 @@ def masks(
     device: torch.device,
 ) -> torch.Tensor:
     """(B, T, V) bool, True = allowed: row b's position t after its matcher consumes paths[b][t]
-    (a None path, and every position of a row without a matcher, is free)."""
+    (a None path, and every position of a row without a matcher, is free). A row's paths are
+    prefixes of one sequence (nothing, then the drafts one by one), consumed once, in order, and
+    rolled back at the end."""
     width = max(len(p) for p in paths)
     words = -(-vocab // 32)
     packed = torch.full((len(matchers), width, words), -1, dtype=torch.int32)
     for b, (matcher, row) in enumerate(zip(matchers, paths)):
         if matcher is None:
             continue
+        consumed: list[int] = []
         last = None
         for t, path in enumerate(row):
             if path is None:
                 continue
-            valid = matcher.validate_tokens(path) if path else 0
-            if valid < len(path):  # past a rejected draft: its position never emits
+            new = path[len(consumed) :]
+            taken = matcher.try_consume_tokens(new) if new else 0
+            consumed += new[:taken]
+            if len(consumed) < len(path):  # past a rejected draft: its position never emits
                 packed[b, t] = packed[b, last] if last is not None else -1
                 continue
-            if path:
-                matcher.consume_tokens(path)
             packed[b, t] = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)[:words]
-            if path:
-                matcher.rollback(len(path))
             last = t
+        if consumed:
+            matcher.rollback(len(consumed))
     bits = torch.arange(32, dtype=torch.int32, device=device)
     allowed = (packed.to(device)[..., None] >> bits) & 1  # (B, T, words, 32): bit j of word w is token 32w + j
     return allowed.flatten(-2)[..., :vocab].bool()

@@ -155,12 +155,9 @@ class DecodeBatch:
         within: torch.Tensor | None = None,
         paths: list[list[list[int] | None]] | None = None,
     ) -> torch.Tensor:
-        """The logits picks read: reshaped by the rows' logit controls (`logit_controls.apply`;
-        `offsets` (B, T) default 0: one position per row) and masked by their structured-output
-        grammars (`structured.masks`; `paths` default: every position after the tokens so far), or
-        `logits` itself when no row has either."""
-        if offsets is None:
-            offsets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+        """The logits picks read: reshaped by the rows' logit controls (`logit_controls.apply`) and
+        masked by their structured-output grammars (`structured.masks`; `paths` default: every
+        position after the tokens so far), or `logits` itself when no row has either."""
         logits = logit_controls.apply(self.state, logits, offsets, within)
         if self.constrained:
             paths = paths or [[[]] * logits.shape[1]] * logits.shape[0]
