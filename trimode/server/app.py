@@ -20,13 +20,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trimode import __version__
 from trimode.engine.generate import RequestOutput
-from trimode.engine.inputs import chat_messages, tokenize_prompt
+from trimode.engine.inputs import tokenize_prompt
 from trimode.engine.scheduler import QueueFull
 from trimode.outputs import GenerationOutput
 from trimode.server.async_engine import AsyncEngine, EngineError, ShuttingDown
 from trimode.server.guard import Guard, error_response
 from trimode.server.logprobs import chat_logprobs, completion_logprobs
-from trimode.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from trimode.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    template_messages,
+)
 
 MAX_BODY_BYTES = 1_000_000
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -196,15 +202,20 @@ def build_app(
                 404, f"model `{name}` does not exist; this server serves {served}", "invalid_request_error", "model"
             )
 
+    def chat_ids(chat: list[dict[str, Any]], add_bos: bool, **template: Any) -> list[int]:
+        """A rendered chat's ids; `add_bos`: a BOS before what the template writes (vLLM's
+        add_special_tokens for chats)."""
+        ids = tokenizer.encode_chat(chat, **template)
+        return [config.bos_token_id, *ids] if add_bos else ids
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         check_model(body.model)
 
         def ids() -> list[int]:
             if body.messages is not None:
-                chat = chat_messages([m.model_dump(exclude_none=True) for m in body.messages])
-                out = tokenizer.encode_chat(chat, add_generation_prompt=body.add_generation_prompt)
-                return [config.bos_token_id, *out] if body.add_special_tokens else out
+                chat = template_messages(body.messages)
+                return chat_ids(chat, bool(body.add_special_tokens), add_generation_prompt=body.add_generation_prompt)
             special = body.add_special_tokens is not False
             return tokenize_prompt(tokenizer, config.vocab_size, body.prompt, add_special_tokens=special)[0]
 
@@ -261,8 +272,10 @@ def build_app(
             return lambda: tokenize_prompt(tokenizer, config.vocab_size, prompt, name, body.add_special_tokens)[0]
 
         request_id, streams = await start(body, [prepare(i, p) for i, p in enumerate(body.prompt)], "cmpl")
-        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompt]
-        echo = [t for t in texts for _ in range(body.n)] if body.echo else None
+        echo = None
+        if body.echo:  # each choice's text begins with its prompt's
+            texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompt]
+            echo = [t for t in texts for _ in range(body.n)]
         return await respond(body, request_id, streams, http, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
@@ -270,8 +283,7 @@ def build_app(
         check_model(body.model)
 
         def prepare() -> list[int]:
-            ids = tokenizer.encode_chat(body.chat(), **body.template_kwargs())
-            return [config.bos_token_id, *ids] if body.add_special_tokens else ids
+            return chat_ids(body.chat(), body.add_special_tokens, **body.template_kwargs())
 
         request_id, streams = await start(body, [prepare], "chatcmpl")
         return await respond(body, request_id, streams, http, chat=True)

@@ -36,6 +36,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Request messages as the chat template reads them (`inputs.chat_messages`)."""
+    return chat_messages([m.model_dump(exclude_none=True) for m in messages])
+
+
 class Message(BaseModel):
     """An OpenAI chat message. Content is text or a list of text parts (`inputs.message_text`);
     tool calls and results reach the chat template as they are."""
@@ -274,8 +279,7 @@ class ChatCompletionRequest(_Common):
         return v
 
     def chat(self) -> list[dict[str, Any]]:
-        """The messages as the chat template reads them (`inputs.chat_messages`)."""
-        return chat_messages([m.model_dump(exclude_none=True) for m in self.messages])
+        return template_messages(self.messages)
 
     def template_kwargs(self) -> dict[str, Any]:
         """The chat template's variables: `chat_template_kwargs`, and `tools` when given."""
