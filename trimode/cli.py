@@ -10,10 +10,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trimode.kv_cache import PAGE_SIZE
 from trimode.sampling_params import MODES
+
+if TYPE_CHECKING:
+    from trimode.llm import LLM
 
 MIN_SECONDS = 3.0  # `trimode bench` offline, --repeats 0: timed seconds per configuration by default
 HTTP_REPEATS = 3  # `trimode bench --endpoint`, --repeats 0: rounds, each a slice of every configuration
@@ -22,7 +25,6 @@ API_KEY_ENV = "TRIMODE_API_KEY"
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from trimode.llm import LLM
     from trimode.sampling_params import SamplingParams
 
     params = SamplingParams(
@@ -37,7 +39,7 @@ def _generate(args: argparse.Namespace) -> int:
         block_length=args.block_length,
         threshold=args.threshold,
     )
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, compile=args.compile)
+    llm = _load_llm(args)
     start = time.perf_counter()
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
@@ -145,14 +147,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from trimode.evaluate import heldout_text_loss, task_accuracy
-    from trimode.llm import LLM
     from trimode.tasks import TASKS
     from trimode.train.data import stdlib_texts
 
     modes = _mode_list(args.modes)
     if args.suite != "tasks":
         raise ValueError(f"--suite must be 'tasks' (the held-out synthetic tasks); got {args.suite!r}")
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, compile=args.compile)
+    llm = _load_llm(args)
     report = task_accuracy(llm, modes, n=args.num_examples, block_length=args.block_length, threshold=args.threshold)
     docs = stdlib_texts(held_out=True)
     result = {
@@ -184,11 +185,34 @@ def _mode_list(text: str, allowed: Sequence[str] = MODES) -> list[str]:
     return modes
 
 
+def _load_llm(args: argparse.Namespace, **kwargs: Any) -> LLM:
+    """The model of a command's `_add_model_flags`."""
+    from trimode.llm import LLM
+
+    return LLM(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        compile=args.compile,
+        tensor_parallel_size=args.tensor_parallel_size,
+        **kwargs,
+    )
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --device, --compile / --enforce-eager: how every command that runs a model loads it."""
+    """--model, --dtype, --device, --tensor-parallel-size, --compile / --enforce-eager: how every
+    command that runs a model loads it."""
     p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="split the weights and KV heads over N processes: under torchrun, the N it launched; "
+        "otherwise N - 1 workers this command spawns (GPUs 0..N-1, or the CPU)",
+    )
     # Default "auto": on a CPU, forwards whose compiled program is in the cache run it, the rest
     # eager; on a GPU, decode passes run as CUDA graphs.
     speed = p.add_mutually_exclusive_group()
@@ -263,7 +287,6 @@ def _bench(args: argparse.Namespace) -> int:
     from trimode.bench.report import crossover, table, write
     from trimode.bench.runner import BenchConfig, expand_configs, sweep, with_control
     from trimode.bench.suites import load_suite, long_suite, parse_length
-    from trimode.llm import LLM
 
     modes = _mode_list(args.modes)
     if args.baseline is not None and args.baseline != "hf" and not args.baseline.startswith("hf:"):
@@ -281,7 +304,7 @@ def _bench(args: argparse.Namespace) -> int:
         _int_list("--logprobs", args.logprobs) if args.logprobs else None,
         _structured_flag(args.structured),
     )
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, compile=args.compile)
+    llm = _load_llm(args)
     if long:
         longest = max(lengths) + args.max_tokens
         if longest > llm.max_model_len:
@@ -461,7 +484,6 @@ def _api_key(args: argparse.Namespace) -> str | None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from trimode.llm import LLM
     from trimode.sampling_params import SamplingParams
     from trimode.server.app import build_app
     from trimode.server.async_engine import AsyncEngine
@@ -486,9 +508,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"give the model once: as MODEL ({args.model_path}) or --model ({args.model}), not both")
     args.model = args.model or args.model_path
     defaults = _generation_defaults(args.generation_config, args.model)
-    llm = LLM(
-        model=args.model, dtype=args.dtype, device=args.device, compile=args.compile, max_model_len=args.max_model_len
-    )
+    llm = _load_llm(args, max_model_len=args.max_model_len)
     if args.chat_template is not None:
         llm.tokenizer.set_chat_template(_chat_template(args.chat_template))
     names = args.served_model_name or [Path(args.model).name if args.model else "trimode-embedded"]

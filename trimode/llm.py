@@ -18,8 +18,17 @@ from trimode.engine.inputs import Message, PromptInput, chat_messages, tokenize_
 from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import kv_slots
+from trimode.engine.tp_workers import (
+    TensorParallelDriver,
+    control_group,
+    join_torchrun,
+    launched_by_torchrun,
+    run_worker,
+    spawn_workers,
+)
 from trimode.kv_cache import PAGE_SIZE, num_pages
-from trimode.model.loader import load_model
+from trimode.model.loader import load_config, load_model
+from trimode.model.tensor_parallel import check_tp
 from trimode.model.transformer import Transformer
 from trimode.outputs import GenerationOutput
 from trimode.sampling_params import SamplingParams
@@ -57,10 +66,16 @@ class LLM:
         max_model_len: int | None = None,
         load_draft_lora: bool = True,
         compile: str | bool = "auto",
+        tensor_parallel_size: int = 1,
     ) -> None:
         """`compile`: on a CPU, one-batch forwards as compiled programs (`engine/compiled.py`):
         "auto" runs those in the cache, True also compiles the missing ones (once). On a GPU,
-        "auto" and True run decode passes as CUDA graphs (`engine/cuda_graphs.py`). False: eager."""
+        "auto" and True run decode passes as CUDA graphs (`engine/cuda_graphs.py`). False: eager.
+
+        `tensor_parallel_size` N > 1 splits the weights and the KV heads over N processes
+        (`engine/tp_workers.py`): under torchrun, the N ranks it launched (ranks > 0 serve
+        forwards inside this call and exit with rank 0); otherwise N - 1 worker processes it
+        spawns, on cuda:1.. or the CPU. `close()` stops them."""
         if model is None and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
             raise ValueError(
                 f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "
@@ -68,13 +83,17 @@ class LLM:
             )
         path = Path(model) if model is not None else EMBEDDED_MODEL_DIR
         self.device = resolve_device(device)
-        self.model = load_model(path, resolve_dtype(dtype, self.device), self.device, load_draft_lora)
+        dtype = resolve_dtype(dtype, self.device)
+        driver = None
+        if tensor_parallel_size != 1:
+            self.device, driver = self._join_tensor_parallel(path, dtype, load_draft_lora, tensor_parallel_size)
+        self.model = load_model(path, dtype, self.device, load_draft_lora, tp=driver.tp if driver else None)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_dir(path)
         self.tokenizer.check_special_ids(
             {"bos_token_id": self.config.bos_token_id, "mask_token_id": self.config.mask_token_id}
         )
-        self.runner = ModelRunner(self.model, compile)
+        self.runner = ModelRunner(self.model, compile, driver)
         if compile is True and self.runner.compiled is not None:
             seconds = self.runner.compiled.prepare()
             print(
@@ -89,6 +108,26 @@ class LLM:
         if gen_cfg.is_file():
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
             self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def _join_tensor_parallel(
+        self, path: Path, dtype: torch.dtype, load_draft_lora: bool, world: int
+    ) -> tuple[torch.device, TensorParallelDriver]:
+        """Rank 0's device and driver; on any other rank, serve forwards, then exit the process."""
+        check_tp(load_config(path), world)
+        if launched_by_torchrun():
+            tp, device = join_torchrun(world, self.device)
+        else:
+            tp, device = spawn_workers(world, self.device, path, dtype, load_draft_lora), self.device
+        control = control_group()
+        if tp.rank > 0:
+            run_worker(load_model(path, dtype, device, load_draft_lora, tp=tp), control)
+            raise SystemExit(0)
+        return device, TensorParallelDriver(tp, control)
+
+    def close(self) -> None:
+        """Stop this LLM's tensor-parallel workers, if it has any (also done at exit)."""
+        if self.runner.tp_driver is not None:
+            self.runner.tp_driver.close()
 
     @classmethod
     def from_parts(cls, model: Transformer, tokenizer: Tokenizer, eos_token_ids: set[int] | None = None) -> LLM:

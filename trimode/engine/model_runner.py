@@ -11,19 +11,25 @@ import torch
 from trimode.decoding.base import DecodeBatch, Forward
 from trimode.engine.compiled import MAX_WEIGHT_BYTES, CompiledForward
 from trimode.engine.cuda_graphs import CudaGraphs
+from trimode.engine.tp_workers import TensorParallelDriver
 from trimode.kv_cache import PAGE_SIZE, KVCache, KVPool, num_pages
 from trimode.model.transformer import ForwardContext, Part, Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, compile: str | bool = False) -> None:
+    def __init__(
+        self, model: Transformer, compile: str | bool = False, tp_driver: TensorParallelDriver | None = None
+    ) -> None:
         """`compile`: how one-batch forwards run fast. On a CPU, as compiled programs
         (engine/compiled.py): "auto" those already in the cache, True also compiling the missing
         ones. On a GPU, decode passes as CUDA graphs (engine/cuda_graphs.py), "auto" or True. False:
-        every forward eager."""
+        every forward eager. `tp_driver`: rank 0 of a tensor-parallel group, whose workers run
+        every forward with it (eager: programs and graphs hold whole weights and no collectives)."""
         self.model = model
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}")
+        self.tp_driver = tp_driver
+        compile = False if tp_driver is not None else compile
         self.config = model.config
         self.device = model.diffusion_head.weight.device
         self.dtype = model.diffusion_head.weight.dtype
@@ -48,11 +54,13 @@ class ModelRunner:
             cfg.num_hidden_layers,
             num_pages(num_tokens, page_size),
             page_size,
-            cfg.num_key_value_heads,
+            self.model.num_local_kv_heads,
             cfg.head_dim,
             self.dtype,
             self.device,
         )
+        if self.tp_driver is not None:
+            self.tp_driver.add_pool(pool)
         if self.graphs is not None:
             self.graphs.bind(pool)
         return pool
@@ -121,6 +129,8 @@ class ModelRunner:
             return [self.graphs(kv0, model_parts[0], fwd0)]
         if compiled:
             return [self.compiled(model_parts[0], fwd0)]
+        if self.tp_driver is not None:
+            self.tp_driver.announce(model_parts, [kv.pool for kv, _ in parts])
         return self.model.forward_parts(model_parts)
 
     def execute(self, parts: list[tuple[DecodeBatch, Forward]]) -> tuple[list[torch.Tensor], float]:

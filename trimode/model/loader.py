@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from trimode.config import ModelConfig
 from trimode.model.rope import RotaryEmbedding
+from trimode.model.tensor_parallel import TensorParallel, shard_model, shard_range
 from trimode.model.transformer import Transformer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -59,9 +60,14 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 def _read_tensors(
-    files: dict[str, Path], wanted: dict[str, tuple[torch.Size, str]], dtype: torch.dtype, device: torch.device
+    files: dict[str, Path],
+    wanted: dict[str, tuple[torch.Size, str]],
+    dtype: torch.dtype,
+    device: torch.device,
+    cuts: dict[str, tuple[int, int, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read `wanted` (our name -> (shape, checkpoint name)) from `files` (checkpoint name -> file)."""
+    """Read `wanted` (our name -> (full shape, checkpoint name)) from `files` (checkpoint name ->
+    file); a name in `cuts` reads only its (dim, start, length) slice, from disk."""
     by_file: dict[Path, list[str]] = {}
     for name, (_, ckpt_name) in wanted.items():
         if ckpt_name not in files:
@@ -74,12 +80,18 @@ def _read_tensors(
         with safe_open(file, framework="pt") as f:
             for name in names:
                 shape, ckpt_name = wanted[name]
-                t = f.get_tensor(ckpt_name)
-                if t.shape != shape:
+                stored = f.get_slice(ckpt_name)
+                if tuple(stored.get_shape()) != tuple(shape):
                     raise ValueError(
-                        f"tensor `{ckpt_name}` in {file.name} has shape {tuple(t.shape)}; "
+                        f"tensor `{ckpt_name}` in {file.name} has shape {tuple(stored.get_shape())}; "
                         f"config.json implies {tuple(shape)}"
                     )
+                cut = (cuts or {}).get(name)
+                if cut is None:
+                    t = stored[:]
+                else:
+                    dim, start, length = cut
+                    t = stored[(slice(None),) * dim + (slice(start, start + length),)]
                 out[name] = t.to(device=device, dtype=dtype)
     return out
 
@@ -105,7 +117,9 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     load_draft_lora: bool = True,
+    tp: TensorParallel | None = None,
 ) -> Transformer:
+    """`tp`: load only this rank's tensor-parallel slices (`shard_model`), read from disk as slices."""
     path, device = Path(path), torch.device(device)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -117,7 +131,11 @@ def load_model(
         rank, scale = _lora_settings(lora_dir, cfg)
         with torch.device("meta"):
             model.attach_draft_lora(rank, scale)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict().items()}  # full shapes: what the files hold
+    cuts = {}
+    if tp is not None:
+        cuts = {k: c for k in expected if (c := shard_range(k, cfg, tp.rank, tp.world)) is not None}
+        shard_model(model, cfg, tp)
     base = {k: (s, k) for k, s in expected.items() if ".draft_lora." not in k}
     files = _weight_files(path)
     unexpected = sorted(set(files) - set(base))
@@ -125,7 +143,7 @@ def load_model(
         warnings.warn(
             f"{path}: ignoring {len(unexpected)} tensors the model does not use, e.g. {unexpected[:3]}", stacklevel=2
         )
-    tensors = _read_tensors(files, base, dtype, device)
+    tensors = _read_tensors(files, base, dtype, device, cuts)
     lora = {
         k: (s, PEFT_PREFIX + k.replace(".draft_lora.", ".o_proj.")) for k, s in expected.items() if ".draft_lora." in k
     }
@@ -142,6 +160,7 @@ def load_model(
                 {k: (s, lora_names.get(c, c)) for k, (s, c) in lora.items()},
                 dtype,
                 device,
+                cuts,
             )
         )
     model.load_state_dict(tensors, strict=True, assign=True)

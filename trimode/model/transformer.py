@@ -13,6 +13,7 @@ overhead, so a part added to another forward costs its tokens' share of the matr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from torch.nn.attention.bias import CausalBias
 from trimode.config import ModelConfig
 from trimode.kv_cache import KVView
 from trimode.model.rope import RotaryEmbedding, apply_rotary
+from trimode.model.tensor_parallel import TensorParallel
 
 
 @dataclass
@@ -58,6 +60,11 @@ class _Packed:
     ctxs: list[ForwardContext]
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos, sin (N, 1, D); query scale (N, 1, 1)
     lora: torch.Tensor | bool  # draft LoRA on every token (bool) or per token (N, 1)
+    reduce: Callable[[torch.Tensor], torch.Tensor]  # sums a row-parallel layer's partial outputs over ranks
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _lora_per_token(parts: list[Part]) -> torch.Tensor | bool:
@@ -103,25 +110,23 @@ class LoRA(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.layer_index = layer_index
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.layer_index, self.head_dim = layer_index, cfg.head_dim
+        q_width, kv_width = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
+        self.o_proj = nn.Linear(q_width, cfg.hidden_size, bias=False)
         self.draft_lora: LoRA | None = None  # applied to o_proj in self-spec draft passes only
 
     def forward(self, x: torch.Tensor, packed: _Packed) -> torch.Tensor:
-        """x (N, hidden), every part's tokens -> (N, hidden)."""
-        n = x.shape[0]
+        """x (N, hidden), every part's tokens -> (N, hidden). Head counts come from the projections'
+        outputs: under tensor parallelism they are this rank's share of the heads, and the output a
+        partial sum the caller reduces."""
+        n, d = x.shape[0], self.head_dim
         cos, sin, q_scale = packed.rope
-        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin) * q_scale
-        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(self.q_proj(x).view(n, -1, d), cos, sin) * q_scale
+        k = apply_rotary(self.k_proj(x).view(n, -1, d), cos, sin)
+        v = self.v_proj(x).view(n, -1, d)
         outs = [self._attend(q, k, v, span, ctx) for span, ctx in zip(packed.spans, packed.ctxs)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         y = self.o_proj(out)
@@ -140,10 +145,8 @@ class Attention(nn.Module):
         if ctx.kv is not None:
             k, v = ctx.kv.write(self.layer_index, k, v)
         # GQA: each KV head serves num_heads / num_kv_heads query heads; scale 1/sqrt(head_dim).
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
-        return out.transpose(1, 2).reshape(b * t, self.num_heads * self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2).reshape(b * t, -1)
 
 
 class MLP(nn.Module):
@@ -166,8 +169,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, h: torch.Tensor, packed: _Packed) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), packed)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # Under inference tensor parallelism o_proj and down_proj give partial sums: one all-reduce each.
+        h = h + packed.reduce(self.self_attn(self.input_layernorm(h), packed))
+        return h + packed.reduce(self.mlp(self.post_attention_layernorm(h)))
 
 
 class Encoder(nn.Module):
@@ -187,6 +191,8 @@ class Transformer(nn.Module):
         self.encoder = Encoder(cfg)
         self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
+        # Inference tensor parallelism (`shard_model`): this rank's weight slices and their group.
+        self.tp: TensorParallel | None = None
 
     def forward(
         self, input_ids: torch.Tensor, ctx: ForwardContext, logit_index: torch.Tensor | None = None
@@ -204,10 +210,11 @@ class Transformer(nn.Module):
             start += b * t
         ids = torch.cat([p.input_ids.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0].input_ids.reshape(-1)
         positions = torch.cat([p.ctx.positions.expand(p.input_ids.shape).reshape(-1) for p in parts])
-        h = self.encoder.embed_tokens(ids)  # (N, hidden)
+        h = self.tp.embed(self.encoder.embed_tokens, ids) if self.tp else self.encoder.embed_tokens(ids)  # (N, hidden)
         cos, sin, q_scale = self.rotary(positions[None], h.dtype)  # (1, 1, N, D), (1, 1, N, 1)
         rope = cos[0, 0, :, None], sin[0, 0, :, None], q_scale[0, 0, :, None]
-        packed = _Packed(spans, [p.ctx for p in parts], rope, _lora_per_token(parts))
+        reduce = self.tp.all_reduce if self.tp else _identity
+        packed = _Packed(spans, [p.ctx for p in parts], rope, _lora_per_token(parts), reduce)
         for layer in self.encoder.layers:
             h = layer(h, packed)
         wanted = []  # per part: its rows of h whose logits are wanted, (B*T', hidden)
@@ -227,7 +234,8 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., hidden) -> fp32 logits (..., V)."""
-        return self.diffusion_head(hidden).float()
+        logits = self.diffusion_head(hidden).float()
+        return self.tp.gather_vocab(logits) if self.tp else logits
 
     def attach_draft_lora(self, rank: int, scale: float) -> None:
         """Create (zero-initialised B) draft LoRA modules on every o_proj; the loader fills them."""
@@ -241,6 +249,12 @@ class Transformer(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of every weight (the parameters; the model has no persistent buffers)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this rank's cache holds (all of them without tensor parallelism)."""
+        attn = self.encoder.layers[0].self_attn
+        return attn.k_proj.weight.shape[0] // attn.head_dim
 
     @property
     def has_draft_lora(self) -> bool:

@@ -1,0 +1,223 @@
+"""Tensor-parallel workers: the engine (scheduler, decoders, page tables) runs on rank 0 only; every
+rank runs each model forward over its own weight slices (`model/tensor_parallel.py`) and its own KV
+pool, which holds that rank's KV heads in the same pages as rank 0's.
+
+Before each forward rank 0 broadcasts what the forward reads: per part, the tokens, positions, mask
+and slot maps `KVCache.begin` made, and which pool it runs over. The workers build the same parts
+over their pools and run the same forward, so every collective inside it (an all-reduce per
+o_proj and down_proj, the embedding's, the head's all-gather) pairs up, and all ranks hold the same
+logits. Only rank 0 uses them. Messages travel on a gloo group (vLLM's "CPU group") whatever the
+device, so a GPU forward's collectives stay on NCCL and the messages never touch the GPU.
+
+Two launches: under torchrun every rank runs the same command and ranks > 0 turn into workers
+inside `LLM(...)` (they exit when rank 0 does); otherwise `spawn_workers` starts them, so the server
+stays the one process a user starts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+from trimode.kv_cache import KVPool, KVView
+from trimode.model.tensor_parallel import TensorParallel
+from trimode.model.transformer import ForwardContext, Part, Transformer
+
+
+@dataclass
+class _PartMessage:
+    """One part of a forward, as host tensors (the pool by its id; a lower-right causal mask, which
+    is a tensor subclass, by its sizes)."""
+
+    pool: int
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor | tuple[int, int] | None
+    write_slots: torch.Tensor
+    key_slots: torch.Tensor
+    run: tuple[int, int] | None
+    use_draft_lora: torch.Tensor | bool
+    logit_index: torch.Tensor | None
+
+
+def _host(x: torch.Tensor | bool | None) -> torch.Tensor | bool | None:
+    return x.cpu() if isinstance(x, torch.Tensor) else x
+
+
+class TensorParallelDriver:
+    """Rank 0's side: names pools to the workers and broadcasts each forward before running it."""
+
+    def __init__(self, tp: TensorParallel, control: dist.ProcessGroup) -> None:
+        self.tp, self.control = tp, control
+        self._ids = itertools.count()
+        self._pool_ids: weakref.WeakKeyDictionary[KVPool, int] = weakref.WeakKeyDictionary()
+        self._dropped: list[int] = []  # pools rank 0 let go of, for the workers to free
+        self.closed = False
+        atexit.register(self.close)
+
+    def _send(self, message: tuple) -> None:
+        dist.broadcast_object_list([message], src=0, group=self.control)
+
+    def add_pool(self, pool: KVPool) -> None:
+        """Every worker allocates the same pages, for its own KV heads."""
+        pool_id = next(self._ids)
+        self._pool_ids[pool] = pool_id
+        weakref.finalize(pool, self._dropped.append, pool_id)
+        self._send(("pool", pool_id, pool.num_pages, pool.page_size))
+
+    def announce(self, parts: list[Part], pools: list[KVPool]) -> None:
+        """Send a forward over `parts` (each begun on its pool) to the workers, which run it at once."""
+        messages = []
+        for part, pool in zip(parts, pools):
+            ctx, view = part.ctx, part.ctx.kv
+            mask = ctx.mask
+            if isinstance(mask, CausalBias):
+                mask = (mask.seq_len_q, mask.seq_len_kv)
+            messages.append(
+                _PartMessage(
+                    self._pool_ids[pool],
+                    part.input_ids.cpu(),
+                    ctx.positions.cpu(),
+                    _host(mask) if not isinstance(mask, tuple) else mask,
+                    view.write_slots.cpu(),
+                    view.key_slots.cpu(),
+                    view.run,
+                    _host(ctx.use_draft_lora),
+                    _host(part.logit_index),
+                )
+            )
+        dropped, self._dropped = self._dropped, []
+        self._send(("forward", dropped, messages))
+
+    def close(self) -> None:
+        """Stop the workers (they leave their loop and exit); safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self.close)
+        self._send(("stop",))
+        dist.destroy_process_group()
+
+
+def serve_forwards(model: Transformer, control: dist.ProcessGroup) -> None:
+    """A worker's loop: run every forward rank 0 announces, until it says stop."""
+    device, dtype = model.diffusion_head.weight.device, model.diffusion_head.weight.dtype
+    cfg = model.config
+    pools: dict[int, KVPool] = {}
+    while True:
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        message = box[0]
+        if message[0] == "stop":
+            return
+        if message[0] == "pool":
+            _, pool_id, pages, page_size = message
+            pools[pool_id] = KVPool(
+                cfg.num_hidden_layers, pages, page_size, model.num_local_kv_heads, cfg.head_dim, dtype, device
+            )
+            continue
+        _, dropped, messages = message
+        for pool_id in dropped:
+            pools.pop(pool_id, None)
+        parts = []
+        for m in messages:
+            pool = pools[m.pool]
+            if isinstance(m.mask, tuple):
+                mask = causal_lower_right(*m.mask)
+            else:
+                mask = m.mask.to(device) if m.mask is not None else None
+            view = KVView(pool.k, pool.v, m.write_slots.to(device), m.key_slots.to(device), m.run)
+            lora = m.use_draft_lora.to(device) if isinstance(m.use_draft_lora, torch.Tensor) else m.use_draft_lora
+            index = m.logit_index.to(device) if m.logit_index is not None else None
+            parts.append(Part(m.input_ids.to(device), ForwardContext(m.positions.to(device), mask, view, lora), index))
+        with torch.inference_mode():
+            model.forward_parts(parts)
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
+
+
+def join_torchrun(world: int, device: torch.device) -> tuple[TensorParallel, torch.device]:
+    """Under torchrun: this process's rank in a tensor-parallel group of every launched rank (the
+    launch must start exactly `world` of them), and the device it runs on."""
+    launched = int(os.environ["WORLD_SIZE"])
+    if launched != world:
+        raise ValueError(
+            f"tensor_parallel_size is {world} but torchrun started {launched} processes; launch with "
+            f"--nproc-per-node {world} (one process per tensor-parallel rank)"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(_backend(device))
+    return TensorParallel(dist.get_rank(), world), device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_workers(
+    world: int, device: torch.device, path: Path, dtype: torch.dtype, load_draft_lora: bool
+) -> TensorParallel:
+    """Start ranks 1..world-1 as processes of their own (a fresh interpreter running `worker_main`, so
+    the caller's script is never re-imported), each loading its slices of `path`; this process
+    becomes rank 0 of their group, on 127.0.0.1. A worker exits when rank 0 stops or dies."""
+    if dist.is_initialized():
+        raise RuntimeError(
+            "this process already belongs to a torch.distributed group: one tensor-parallel LLM per "
+            "process (close() the other first, or launch with torchrun)"
+        )
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    for rank in range(1, world):
+        args = [str(rank), str(world), address, device.type, str(path), dtype_name, str(int(load_draft_lora))]
+        code = f"from trimode.engine.tp_workers import worker_main; worker_main({args!r})"
+        subprocess.Popen([sys.executable, "-c", code])
+    dist.init_process_group(_backend(device), init_method=address, rank=0, world_size=world)
+    return TensorParallel(0, world)
+
+
+def control_group() -> dist.ProcessGroup:
+    """The gloo group rank 0's messages travel on (every rank must call this, in the same order)."""
+    return dist.new_group(backend="gloo")
+
+
+def worker_main(argv: list[str]) -> None:
+    """A spawned rank: join rank 0's group, load this rank's slices, serve forwards."""
+    from trimode.model.loader import load_model
+
+    rank, world, address, device_type, path, dtype, lora = argv
+    rank, world = int(rank), int(world)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(_backend(device), init_method=address, rank=rank, world_size=world)
+    control = control_group()
+    model = load_model(path, getattr(torch, dtype), device, bool(int(lora)), tp=TensorParallel(rank, world))
+    run_worker(model, control)
+
+
+def run_worker(model: Transformer, control: dist.ProcessGroup) -> None:
+    """Serve forwards until rank 0 stops, then leave the group."""
+    serve_forwards(model, control)
+    dist.destroy_process_group()
