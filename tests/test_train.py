@@ -159,7 +159,7 @@ def test_short_run_on_one_task_lowers_both_losses(tmp_path, tok_dir):
 
 def test_only_assistant_tokens_are_trained_on(tok_dir):
     tok = Tokenizer.from_dir(tok_dir)
-    x0, eligible = Batcher("tasks.copy", tok, 11, 3, 96, seed=0).get(0, 0, 2)
+    x0, eligible = Batcher("tasks.copy", tok, 11, 3, 96, seed=0).get(0, range(2))
     im_end = tok.token_to_id("<|im_end|>")
     for row, ok in zip(x0.tolist(), eligible.tolist()):
         text_ok = tok.decode([t for t, e in zip(row, ok) if e])

@@ -106,21 +106,27 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from trimode.llm import resolve_device
     from trimode.tokenizer import SPECIAL_TOKEN_IDS, Tokenizer
     from trimode.tokenizer_build import build_tokenizer, write_tokenizer_files
     from trimode.train.data import corpus_texts
     from trimode.train.init import initial_model
+    from trimode.train.parallel import init_ranks
     from trimode.train.trainer import TrainConfig, train
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     out = Path(args.out)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else Path(args.init) if args.init else out / "tokenizer"
+    ranks = init_ranks(resolve_device(cfg.device), cfg.tp)  # under torchrun, joins the other ranks
     if not (tokenizer_dir / "tokenizer.json").is_file():
         if args.tokenizer or args.init:
             raise FileNotFoundError(f"{tokenizer_dir / 'tokenizer.json'} is missing")
-        vocab = args.vocab or 4096
-        write_tokenizer_files(build_tokenizer(vocab, corpus_texts(cfg.data), split_digits=True), tokenizer_dir, 262144)
+        if ranks.is_main:
+            vocab = args.vocab or 4096
+            tokenizer = build_tokenizer(vocab, corpus_texts(cfg.data), split_digits=True)
+            write_tokenizer_files(tokenizer, tokenizer_dir, 262144)
+    ranks.barrier()
     vocab = Tokenizer.from_dir(tokenizer_dir).vocab_size
     model_cfg = None if args.init else _model_config_from_args(args, vocab)
     if model_cfg is not None:
@@ -140,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
         "data_sources": cfg.data,
     }
     log = train(cfg, model, tokenizer_dir, resume=args.resume, extra_args=extra, stop_at=args.stop_at)
-    if log:
+    if log and ranks.is_main:
         print(json.dumps(log[-1]))
     return 0
 
@@ -686,8 +692,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("device", str),
         ("autocast", str),
         ("save-dtype", str),
+        ("tp", int),
     ):
         t.add_argument(f"--{name}", type=kind)
+    t.add_argument(
+        "--activation-checkpointing",
+        action="store_const",
+        const=True,
+        help="recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)",
+    )
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="task accuracy per mode, tokens per forward, held-out stdlib loss")

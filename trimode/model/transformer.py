@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias
+from torch.utils.checkpoint import checkpoint
 
 from trimode.config import ModelConfig
 from trimode.kv_cache import KVView
@@ -193,6 +194,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
         # Inference tensor parallelism (`shard_model`): this rank's weight slices and their group.
         self.tp: TensorParallel | None = None
+        self.activation_checkpointing = False  # training: recompute each layer in the backward pass
 
     def forward(
         self, input_ids: torch.Tensor, ctx: ForwardContext, logit_index: torch.Tensor | None = None
@@ -216,7 +218,10 @@ class Transformer(nn.Module):
         reduce = self.tp.all_reduce if self.tp else _identity
         packed = _Packed(spans, [p.ctx for p in parts], rope, _lora_per_token(parts), reduce)
         for layer in self.encoder.layers:
-            h = layer(h, packed)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, packed, use_reentrant=False)
+            else:
+                h = layer(h, packed)
         wanted = []  # per part: its rows of h whose logits are wanted, (B*T', hidden)
         for p, (s, b, t) in zip(parts, spans):
             rows = h[s : s + b * t]

@@ -1,7 +1,7 @@
 """Training data: text corpora and chat examples packed into fixed-length rows with loss masks.
 
-Every batch is a pure function of (seed, step, micro-batch index), so the data position needs no
-state of its own: resuming at step s reproduces exactly the batches an uninterrupted run would see.
+Every row is a pure function of (seed, step, row index in the step's global batch), so the data
+position needs no state of its own: resuming at step s reproduces exactly the batches an uninterrupted run would see.
 
 Sources (`--data`, comma-separated NAME[:WEIGHT]):
 - `stdlib`: the running interpreter's standard library source (PSF-2.0), held-out modules excluded;
@@ -194,12 +194,15 @@ class Batcher:
             self.sources.append(source)
             self.weights.append(weight)
 
-    def get(self, step: int, micro: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0 (N, L) long, eligible (N, L) bool) for micro-batch `micro` of step `step`."""
-        rng = random.Random(f"{self.seed}:{step}:{micro}")
-        x0 = torch.full((batch_size, self.seq_len), self.pad_id, dtype=torch.long)
-        eligible = torch.zeros(batch_size, self.seq_len, dtype=torch.bool)
-        for i in range(batch_size):
+    def get(self, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 (N, L) long, eligible (N, L) bool) for rows `rows` of step `step`'s global batch.
+
+        Each row is a function of (seed, step, row) alone, so the global batch is the same however
+        it is split over ranks and micro-batches, and a resumed run reads what it would have."""
+        x0 = torch.full((len(rows), self.seq_len), self.pad_id, dtype=torch.long)
+        eligible = torch.zeros(len(rows), self.seq_len, dtype=torch.bool)
+        for i, index in enumerate(rows):
+            rng = random.Random(f"{self.seed}:{step}:{index}")
             row = rng.choices(self.sources, self.weights)[0].row(rng, self.seq_len)
             x0[i, : len(row.tokens)] = torch.tensor(row.tokens)
             eligible[i, : len(row.eligible)] = torch.tensor(row.eligible)

@@ -2,9 +2,13 @@
 
 Stage one (optional, `ar_steps`): AR loss only, a plain causal pass. Stage two: the joint objective
 L = L_AR + alpha * L_diff on the doubled [x_t | x_0] sequence. Both losses are averaged over the
-global token counts of the whole accumulated batch. The model is a plain nn.Module in one process;
-wrapping it in DistributedDataParallel and giving each rank its own micro-batch indices is the only
-change multi-GPU needs.
+global token counts of the whole accumulated batch, summed over every rank's rows.
+
+One process trains the plain module. Under torchrun (`train/parallel.py`) the model is sharded with
+FSDP2 (and DTensor TP inside a node with `tp` > 1); each data-parallel rank reads its own rows of the
+step's global batch (`batch_size` rows per rank and micro-batch), and the masking noise of a row is
+a function of (seed, step, row), so N ranks compute the same loss, to rounding, as one process
+reading the whole batch.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ import torch
 from tqdm import tqdm
 
 from trimode.llm import LLM, resolve_device
+from trimode.model.rope import RotaryEmbedding
 from trimode.model.transformer import Transformer
 from trimode.sampling_params import MODES
 from trimode.tokenizer import Tokenizer
 from trimode.train.data import Batcher, TextSource, stdlib_texts
 from trimode.train.masking import position_dependent_masking, uniform_masking
 from trimode.train.objective import LossSums, ar_loss_sums, joint_loss_sums
-from trimode.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
+from trimode.train.parallel import Ranks, clip_grad_norm, init_ranks, memory_per_rank, parallelize
+from trimode.train.state import full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -58,9 +64,11 @@ class TrainConfig:
     device: str = "auto"
     autocast: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16" or "off"
     save_dtype: str = "float32"
+    tp: int = 1  # tensor-parallel ranks per model replica (under torchrun)
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "block_size", "save_every", "keep")
+        positive = ("steps", "batch_size", "grad_accum", "seq_len", "block_size", "save_every", "keep", "tp")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"train: {name} must be an integer >= 1; got {getattr(self, name)!r}")
@@ -91,36 +99,50 @@ class TrainConfig:
         return self.lr * (1.0 if progress < 0.8 else floor + (1 - floor) * (1 - progress) / 0.2)
 
 
+def _noise(cfg: TrainConfig, eligible: torch.Tensor, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masking of rows `rows` of step `step`: each row's from a generator of its own, so a row is
+    masked the same on any rank and in any micro-batch. (is_masked, p_mask) (N, L) on the CPU."""
+    mask_fn = position_dependent_masking if cfg.masking == "position" else uniform_masking
+    kwargs = {"half_life_ratio": cfg.half_life_ratio} if cfg.masking == "position" else {}
+    pieces = []
+    for i, row in enumerate(rows):
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_000_033 + row)
+        pieces.append(mask_fn(eligible[i : i + 1], cfg.block_size, gen, **kwargs))
+    return torch.cat([m for m, _ in pieces]), torch.cat([p for _, p in pieces])
+
+
 def _step_losses(
     model: Transformer,
     cfg: TrainConfig,
-    micro: list[tuple[torch.Tensor, torch.Tensor]],
+    micro: list[tuple[range, torch.Tensor, torch.Tensor]],
     step: int,
-    device: torch.device,
+    ranks: Ranks,
     autocast: bool,
 ) -> tuple[float, float]:
-    """Forward + backward over the micro-batches of one step; returns (L_AR, L_diff) for logging."""
+    """Forward + backward over this rank's micro-batches of one step; returns the step's (L_AR,
+    L_diff) over the global batch, for logging."""
     joint = step >= cfg.ar_steps
-    num_ar = sum(int(e[:, 1:].sum()) for _, e in micro)
-    num_diff = sum(int(e.sum()) for _, e in micro)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)  # masking noise of this step
+    num_ar, num_diff = ranks.sum_over_dp(
+        [sum(float(e[:, 1:].sum()) for _, _, e in micro), sum(float(e.sum()) for _, _, e in micro)]
+    )
+    device = ranks.device
     ar_total, diff_total = 0.0, 0.0
-    for x0, eligible in micro:
+    for rows, x0, eligible in micro:
+        noise = _noise(cfg, eligible, step, rows) if joint else None
         x0, eligible = x0.to(device), eligible.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            if joint:
-                mask_fn = position_dependent_masking if cfg.masking == "position" else uniform_masking
-                kwargs = {"half_life_ratio": cfg.half_life_ratio} if cfg.masking == "position" else {}
-                is_masked, p_mask = mask_fn(eligible, cfg.block_size, gen, **kwargs)
+            if noise is not None:
+                is_masked, p_mask = (t.to(device) for t in noise)
                 sums: LossSums = joint_loss_sums(
                     model, x0, eligible, is_masked, p_mask, model.config.mask_token_id, cfg.block_size
                 )
             else:
                 sums = ar_loss_sums(model, x0, eligible)
         loss = sums.ar / max(num_ar, 1) + (cfg.alpha * sums.diff / max(num_diff, 1) if joint else 0.0)
-        loss.backward()
+        (loss * ranks.grad_scale).backward()
         ar_total += sums.ar.item() / max(num_ar, 1)
         diff_total += sums.diff.item() / max(num_diff, 1)
+    ar_total, diff_total = ranks.sum_over_dp([ar_total, diff_total])
     return ar_total, diff_total
 
 
@@ -160,13 +182,15 @@ def train(
     extra_args: dict[str, Any] | None = None,
     show_progress: bool = True,
     stop_at: int | None = None,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Train `model` in place; checkpoints go to cfg.out. Returns the per-step log of this run.
+    Under torchrun every rank calls this with the same (identically initialised) model.
 
     stop_at: end this run after that step, with a checkpoint there (a long run split across
-    sessions; `resume` continues it exactly)."""
-    device = resolve_device(cfg.device)
-    autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    sessions; `resume` continues it exactly, on any number of ranks)."""
+    ranks = init_ranks(resolve_device(cfg.device), cfg.tp)
+    device = ranks.device
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
@@ -175,6 +199,9 @@ def train(
         cfg.data, tokenizer, model_cfg.eos_token_id[0], model_cfg.pad_token_id or 0, cfg.seq_len, cfg.seed
     )
     model.to(device).train()
+    # Sharded, bf16 lives in FSDP2's parameter gathers; one process autocasts.
+    parallelize(model, ranks, bf16, cfg.activation_checkpointing)
+    autocast = bf16 and ranks.mesh is None
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -187,27 +214,34 @@ def train(
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {out} (it has no `latest` file)")
-        from trimode.model.loader import load_model
-
-        model.load_state_dict(load_model(ckpt, torch.float32, device).state_dict())
-        start = load_trainer_state(ckpt, optimizer)
-    args = {**dataclasses.asdict(cfg), **(extra_args or {}), "model": model_cfg.to_hf()}
+        start = load_checkpoint(ckpt, model, optimizer)
+    args = {**dataclasses.asdict(cfg), **(extra_args or {}), "model": model_cfg.to_hf(), "world_size": ranks.world}
     held_out = TextSource(stdlib_texts(held_out=True), tokenizer, model_cfg.eos_token_id[0])
-    log: list[dict[str, float]] = []
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    log: list[dict[str, Any]] = []
+    per_micro = cfg.batch_size * ranks.dp_world  # rows of one micro-batch over all ranks
+    tokens_per_step = per_micro * cfg.grad_accum * cfg.seq_len
     bar = tqdm(
-        total=cfg.steps, initial=start, disable=not show_progress, unit="step", dynamic_ncols=True, mininterval=2.0
+        total=cfg.steps,
+        initial=start,
+        disable=not (show_progress and ranks.is_main),
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=2.0,
     )
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
-        micro = [batcher.get(step, m, cfg.batch_size) for m in range(cfg.grad_accum)]
-        ar, diff = _step_losses(model, cfg, micro, step, device, autocast)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        micro = []
+        for m in range(cfg.grad_accum):
+            first = m * per_micro + ranks.dp_rank * cfg.batch_size
+            rows = range(first, first + cfg.batch_size)
+            micro.append((rows, *batcher.get(step, rows)))
+        ar, diff = _step_losses(model, cfg, micro, step, ranks, autocast)
+        grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip, ranks)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        entry = {
+        entry: dict[str, Any] = {
             "step": step + 1,
             "loss_ar": ar,
             "loss_diff": diff,
@@ -221,13 +255,36 @@ def train(
         done = step + 1 == cfg.steps
         paused = step + 1 == stop_at
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done:
-            entry["eval"] = quick_eval(model, tokenizer, cfg, held_out)
-            bar.write(json.dumps({"step": step + 1, **entry["eval"]}))
+            report = _eval_on_main(model, tokenizer, cfg, held_out, ranks)
+            if report is not None:
+                entry["eval"] = report
+                bar.write(json.dumps({"step": step + 1, **report}))
         if (step + 1) % cfg.save_every == 0 or done or paused:
-            save_checkpoint(out, step + 1, model, tokenizer_dir, optimizer, args, cfg.save_dtype, cfg.keep)
-        with (out / "log.jsonl").open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+            save_checkpoint(out, step + 1, model, tokenizer_dir, optimizer, args, cfg.save_dtype, cfg.keep, ranks)
+        if done or paused:
+            entry["memory"] = memory_per_rank(model, optimizer, ranks)
+        if ranks.is_main:
+            with (out / "log.jsonl").open("a") as f:
+                f.write(json.dumps(entry) + "\n")
         if paused:
             break
     bar.close()
     return log
+
+
+def _eval_on_main(
+    model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, held_out: TextSource, ranks: Ranks
+) -> dict | None:
+    """`quick_eval` on rank 0; a sharded model is first gathered into a plain copy there."""
+    if ranks.mesh is None:
+        return quick_eval(model, tokenizer, cfg, held_out)
+    state = full_state_dict(model, ranks)
+    report = None
+    if ranks.is_main:
+        with torch.device("meta"):
+            plain = Transformer(model.config)
+        plain.load_state_dict(state, assign=True)
+        plain.rotary = RotaryEmbedding(model.config.rope, model.config.head_dim)
+        report = quick_eval(plain.to(ranks.device), tokenizer, cfg, held_out)
+    ranks.barrier()
+    return report
