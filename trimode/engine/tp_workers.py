@@ -117,7 +117,13 @@ def serve_forwards(model: Transformer, control: dist.ProcessGroup) -> None:
     pools: dict[int, KVPool] = {}
     while True:
         box: list = [None]
-        dist.broadcast_object_list(box, src=0, group=control)
+        try:
+            dist.broadcast_object_list(box, src=0, group=control)
+        except RuntimeError as e:
+            # Rank 0 ended without a stop: killed, or by a signal that skips exit handlers (uvicorn
+            # re-raises SIGTERM after its graceful shutdown). A worker never outlives it.
+            print(f"trimode: tensor-parallel rank {dist.get_rank()}: rank 0 is gone ({e}); exiting", file=sys.stderr)
+            return
         message = box[0]
         if message[0] == "stop":
             return

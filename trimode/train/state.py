@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
@@ -97,7 +98,7 @@ def save_checkpoint(
         tmp.mkdir()
     ranks.barrier()
     writer = HuggingFaceStorageWriter(str(tmp / TRAINER_DIR), save_distributed=ranks.mesh is not None)
-    dcp.save(_flat_state(model, optimizer), storage_writer=writer)
+    dcp.save(_flat_state(model, optimizer), storage_writer=writer, no_dist=ranks.mesh is None)
     state = full_state_dict(model, ranks)
     if ranks.is_main:
         save_model_dir(state, model.config, tokenizer_dir, tmp, save_dtype)
@@ -131,7 +132,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             "several ranks?); start a new run, e.g. with --init from its model files"
         )
     flat = _flat_state(model, optimizer)
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / TRAINER_DIR)))
+    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / TRAINER_DIR)), no_dist=not dist.is_initialized())
     model_state, optim_state = get_state_dict(model, optimizer)
     model_state = {k: flat[f"model.{k}"] for k in model_state}
     for name, entries in optim_state["state"].items():
