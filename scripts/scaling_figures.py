@@ -3,7 +3,7 @@ ranks (gloo, FSDP2), and `trimode bench` with tensor parallelism 1 vs 2, interle
 
 Training tokens/s is the median of each run's per-step `tokens_per_s` (log.jsonl) past the first
 `--skip` steps; memory per rank is what the run's last log entry records. Usage:
-    python scripts/scaling_figures.py --repeats 3 [--steps 30] [--out docs/bench/scaling-cpu]
+    python scripts/scaling_figures.py --repeats 3 [--steps 12] [--rows 16] [--out docs/bench/scaling-cpu]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from trimode.llm import EMBEDDED_MODEL_DIR
 
-# The embedded model's shape, 64 rows of 256 tokens per step (its recipe's batch).
+# The embedded model's shape; 16 rows of 256 tokens per step (its recipe took 64).
 SHAPE = "--preset tiny --hidden 256 --layers 8 --heads 4 --kv-heads 2 --head-dim 64 --intermediate 512".split()
 
 
@@ -40,8 +40,8 @@ def train_run(ranks: int, steps: int, rows: int, out: Path) -> list[dict]:
 
 def bench_run(tp: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "trimode", "bench", "--modes", "ar,diffusion,selfspec", "--batch-sizes", "1,8"]
-    cmd += ["--num-prompts", "8", "--max-tokens", "64", "--enforce-eager", "--tensor-parallel-size", str(tp)]
-    cmd += ["--out", str(out)]
+    cmd += ["--block-lengths", "32", "--num-prompts", "8", "--max-tokens", "32", "--repeats", "1"]
+    cmd += ["--enforce-eager", "--tensor-parallel-size", str(tp), "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((out / "results.json").read_text())
 
@@ -49,8 +49,8 @@ def bench_run(tp: int, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the median")
     parser.add_argument("--out", default="docs/bench/scaling-cpu")
     args = parser.parse_args()

@@ -190,3 +190,16 @@ def test_bad_tensor_parallel_sizes_are_clear(tiny_dir):
         LLM(tiny_dir, device="cpu", tensor_parallel_size=3)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         LLM(tiny_dir, device="cpu", tensor_parallel_size=0)
+
+
+@pytest.mark.slow
+def test_more_ranks_than_kv_heads_replicate_them(llm, tiny_dir):
+    """TP=4 over a model with 2 KV heads: each KV head lives on the 2 ranks whose query heads read it."""
+    assert llm.config.num_key_value_heads == 2
+    reference = _tokens(llm)
+    tp = LLM(tiny_dir, dtype="float32", device="cpu", compile=False, tensor_parallel_size=4)
+    try:
+        assert tp.model.num_local_kv_heads == 1
+        assert _tokens(tp) == reference
+    finally:
+        tp.close()

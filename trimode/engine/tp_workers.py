@@ -200,7 +200,15 @@ def spawn_workers(
         code = f"from trimode.engine.tp_workers import worker_main; worker_main({args!r})"
         subprocess.Popen([sys.executable, "-c", code])
     dist.init_process_group(_backend(device), init_method=address, rank=0, world_size=world)
+    _share_cores(device, world)
     return TensorParallel(0, world)
+
+
+def _share_cores(device: torch.device, world: int) -> None:
+    """On a CPU, ranks split the cores (as torchrun's OMP_NUM_THREADS=1 does): more threads than
+    cores, each rank's spinning on the others', slow every product several times over."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
 
 def control_group() -> dist.ProcessGroup:
@@ -218,6 +226,7 @@ def worker_main(argv: list[str]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(_backend(device), init_method=address, rank=rank, world_size=world)
+    _share_cores(device, world)
     control = control_group()
     model = load_model(path, getattr(torch, dtype), device, bool(int(lora)), tp=TensorParallel(rank, world))
     run_worker(model, control)

@@ -12,6 +12,7 @@ would say it directly, but it reduces with PREMUL_SUM, which gloo lacks.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import resource
@@ -64,9 +65,11 @@ class Ranks:
         return t.tolist()
 
 
+@functools.cache
 def init_ranks(device: torch.device, tp: int) -> Ranks:
-    """This process's `Ranks`: under torchrun, joins (or reuses) the default process group (NCCL on
-    GPUs, gloo on CPUs) and builds the (dp, tp) mesh; otherwise one plain process."""
+    """This process's `Ranks`: under torchrun, joins the default process group (NCCL on GPUs, gloo
+    on CPUs) and builds the (dp, tp) mesh; otherwise one plain process. Once per process and
+    layout: later runs in the same process reuse the mesh."""
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         if tp != 1:
             raise ValueError(f"--tp {tp} needs torchrun: torchrun --nproc-per-node {tp} -m trimode train ... --tp {tp}")
