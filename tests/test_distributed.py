@@ -203,3 +203,17 @@ def test_more_ranks_than_kv_heads_replicate_them(llm, tiny_dir):
         assert _tokens(tp) == reference
     finally:
         tp.close()
+
+
+@pytest.mark.slow
+def test_generate_under_torchrun_matches_one_process(llm, tiny_dir):
+    """`torchrun --nproc-per-node 2 -m trimode generate -tp 2`: rank 1 becomes the worker inside
+    LLM(...) and exits with rank 0; rank 0 prints TP=1's tokens."""
+    params = SamplingParams(mode="selfspec", max_tokens=16, ignore_eos=True, block_length=8)
+    expected = llm.generate(PROMPTS[0], params)[0].outputs[0].token_ids
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "trimode", "generate", PROMPTS[0], "-tp", "2"]
+    cmd += ["--model", str(tiny_dir), "--dtype", "float32", "--device", "cpu", "--mode", "selfspec", "--json"]
+    cmd += ["--max-tokens", "16", "--ignore-eos", "--block-length", "8"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["token_ids"] == expected

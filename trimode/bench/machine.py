@@ -45,6 +45,9 @@ def machine_card(llm: LLM) -> dict[str, Any]:
         "compiled": {k: round(t, 2) for k, t in sorted(llm.runner.compiled.seconds.items())}
         if llm.runner.compiled is not None
         else {},
+        # With tensor parallelism, `parameters` and `weight_bytes` are one rank's share: what each
+        # device reads per step, so the speed of light below stays per device.
+        "tensor_parallel_size": llm.runner.tp_driver.tp.world if llm.runner.tp_driver is not None else 1,
         "parameters": params,
         "weight_bytes": weight_bytes,
     }

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,9 @@ class TensorParallelDriver:
         self.tp, self.control = tp, control
         self._ids = itertools.count()
         self._pool_ids: weakref.WeakKeyDictionary[KVPool, int] = weakref.WeakKeyDictionary()
-        self._dropped: list[int] = []  # pools rank 0 let go of, for the workers to free
+        # Pools rank 0 let go of, for the workers to free (appended by the garbage collector, from
+        # any thread: a deque's append and popleft are atomic).
+        self._dropped: deque[int] = deque()
         self.closed = False
         atexit.register(self.close)
 
@@ -81,15 +84,13 @@ class TensorParallelDriver:
         messages = []
         for part, pool in zip(parts, pools):
             ctx, view = part.ctx, part.ctx.kv
-            mask = ctx.mask
-            if isinstance(mask, CausalBias):
-                mask = (mask.seq_len_q, mask.seq_len_kv)
+            mask = (ctx.mask.seq_len_q, ctx.mask.seq_len_kv) if isinstance(ctx.mask, CausalBias) else _host(ctx.mask)
             messages.append(
                 _PartMessage(
                     self._pool_ids[pool],
                     part.input_ids.cpu(),
                     ctx.positions.cpu(),
-                    _host(mask) if not isinstance(mask, tuple) else mask,
+                    mask,
                     view.write_slots.cpu(),
                     view.key_slots.cpu(),
                     view.run,
@@ -97,7 +98,7 @@ class TensorParallelDriver:
                     _host(part.logit_index),
                 )
             )
-        dropped, self._dropped = self._dropped, []
+        dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
         self._send(("forward", dropped, messages))
 
     def close(self) -> None:
