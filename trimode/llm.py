@@ -114,7 +114,8 @@ class LLM:
     ) -> tuple[torch.device, TensorParallelDriver]:
         """Rank 0's device and driver; on any other rank, serve forwards, then exit the process."""
         check_tp(load_config(path), world)
-        if launched_by_torchrun():
+        torchrun = launched_by_torchrun()
+        if torchrun:
             tp, device = join_torchrun(world, self.device)
         else:
             tp, device = spawn_workers(world, self.device, path, dtype, load_draft_lora), self.device
@@ -122,7 +123,7 @@ class LLM:
         if tp.rank > 0:
             run_worker(load_model(path, dtype, device, load_draft_lora, tp=tp), control)
             raise SystemExit(0)
-        return device, TensorParallelDriver(tp, control)
+        return device, TensorParallelDriver(tp, control, spawned_on_cpu=not torchrun and device.type == "cpu")
 
     def close(self) -> None:
         """Stop this LLM's tensor-parallel workers, if it has any (also done at exit)."""

@@ -59,8 +59,10 @@ def _host(x: torch.Tensor | bool | None) -> torch.Tensor | bool | None:
 class TensorParallelDriver:
     """Rank 0's side: names pools to the workers and broadcasts each forward before running it."""
 
-    def __init__(self, tp: TensorParallel, control: dist.ProcessGroup) -> None:
+    def __init__(self, tp: TensorParallel, control: dist.ProcessGroup, spawned_on_cpu: bool = False) -> None:
+        """`spawned_on_cpu`: this process shares the cores with workers it spawned, until `close`."""
         self.tp, self.control = tp, control
+        self._threads = share_cores(tp.world) if spawned_on_cpu else None
         self._ids = itertools.count()
         self._pool_ids: weakref.WeakKeyDictionary[KVPool, int] = weakref.WeakKeyDictionary()
         # Pools rank 0 let go of, for the workers to free (appended by the garbage collector, from
@@ -109,6 +111,8 @@ class TensorParallelDriver:
         atexit.unregister(self.close)
         self._send(("stop",))
         dist.destroy_process_group()
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
 
 
 def serve_forwards(model: Transformer, control: dist.ProcessGroup) -> None:
@@ -201,15 +205,16 @@ def spawn_workers(
         code = f"from trimode.engine.tp_workers import worker_main; worker_main({args!r})"
         subprocess.Popen([sys.executable, "-c", code])
     dist.init_process_group(_backend(device), init_method=address, rank=0, world_size=world)
-    _share_cores(device, world)
     return TensorParallel(0, world)
 
 
-def _share_cores(device: torch.device, world: int) -> None:
-    """On a CPU, ranks split the cores (as torchrun's OMP_NUM_THREADS=1 does): more threads than
-    cores, each rank's spinning on the others', slow every product several times over."""
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def share_cores(world: int) -> int:
+    """On a CPU, the ranks split the cores (as torchrun's OMP_NUM_THREADS=1 does): more threads than
+    cores, each rank's spinning on the others', slow every product several times over. Returns the
+    thread count before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return before
 
 
 def control_group() -> dist.ProcessGroup:
@@ -227,7 +232,8 @@ def worker_main(argv: list[str]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(_backend(device), init_method=address, rank=rank, world_size=world)
-    _share_cores(device, world)
+    if device.type == "cpu":
+        share_cores(world)
     control = control_group()
     model = load_model(path, getattr(torch, dtype), device, bool(int(lora)), tp=TensorParallel(rank, world))
     run_worker(model, control)
