@@ -201,7 +201,7 @@ def test_a_non_loopback_address_without_a_key_warns(monkeypatch, capsys):
         ("::1", False, False),
         ("localhost", False, False),
     ):
-        http_server.serve(None, None, host, 0, "", 5, 8, 1, key)  # type: ignore[arg-type]
+        http_server.serve(None, None, host, 0, "", 5, 8, 1, key, lambda: None)  # type: ignore[arg-type]
         assert ("WARNING" in capsys.readouterr().err) == warns, host
     assert len(ran) == 6
 

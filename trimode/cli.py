@@ -540,6 +540,11 @@ def _serve(args: argparse.Namespace) -> int:
         generation_defaults=defaults,
     )
     name = names[0]
+
+    def stop() -> None:  # the engine thread, then the tensor-parallel workers; safe to call twice
+        engine.shutdown()
+        llm.close()
+
     banner = f"serving {name} on http://{args.host}:{{port}}/v1 (default mode {args.default_mode})"
     try:
         serve(
@@ -552,9 +557,10 @@ def _serve(args: argparse.Namespace) -> int:
             max_connections=args.max_connections,
             read_timeout=args.read_timeout,
             has_api_key=api_key is not None,
+            on_stopped=stop,
         )
     finally:
-        engine.shutdown()
+        stop()
     return 0
 
 

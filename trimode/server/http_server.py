@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import h11
@@ -64,10 +65,25 @@ def bounded_protocol(max_connections: int, read_timeout: float) -> type[H11Proto
 
 class Server(uvicorn.Server):
     def __init__(
-        self, config: uvicorn.Config, on_first_signal: Callable[[], None], on_bound: Callable[[int], None]
+        self,
+        config: uvicorn.Config,
+        on_first_signal: Callable[[], None],
+        on_bound: Callable[[int], None],
+        on_stopped: Callable[[], None],
     ) -> None:
         super().__init__(config)
-        self.on_first_signal, self.on_bound = on_first_signal, on_bound
+        self.on_first_signal, self.on_bound, self.on_stopped = on_first_signal, on_bound, on_stopped
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Once shut down, uvicorn raises the SIGTERM / SIGINT it caught again, which ends the process
+        # without its exit handlers: `on_stopped` releases what outlives the app first (the engine
+        # thread, tensor-parallel workers).
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.on_stopped()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
@@ -101,8 +117,10 @@ def serve(
     max_connections: int,
     read_timeout: float,
     has_api_key: bool,
+    on_stopped: Callable[[], None],
 ) -> None:
-    """Run `app` until a signal, then drain `engine` (see the module docstring)."""
+    """Run `app` until a signal, then drain `engine` (see the module docstring); `on_stopped` runs
+    once the server has stopped, however it stopped."""
     if not is_loopback(host) and not has_api_key:
         print(
             f"WARNING: serving on {host}, which is not a loopback address, with no API key: anyone who can "
@@ -123,5 +141,6 @@ def serve(
         config,
         on_first_signal=lambda: engine.drain(shutdown_timeout),
         on_bound=lambda bound: print(banner.format(port=bound), flush=True),
+        on_stopped=on_stopped,
     )
     server.run()
