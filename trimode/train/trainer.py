@@ -198,9 +198,11 @@ def train(
     batcher = Batcher(
         cfg.data, tokenizer, model_cfg.eos_token_id[0], model_cfg.pad_token_id or 0, cfg.seq_len, cfg.seed
     )
-    model.to(device).train()
+    # Shard before moving: FSDP2 and DTensor move each module's states to the mesh's device as they
+    # shard them, so a GPU never holds the whole model (the host still holds one copy per rank).
     # Sharded, bf16 lives in FSDP2's parameter gathers; one process autocasts.
     parallelize(model, ranks, bf16, cfg.activation_checkpointing)
+    model.to(device).train()
     autocast = bf16 and ranks.mesh is None
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
