@@ -198,6 +198,11 @@ def spawn_workers(
             "this process already belongs to a torch.distributed group: one tensor-parallel LLM per "
             "process (close() the other first, or launch with torchrun)"
         )
+    if device.type == "cuda" and world > torch.cuda.device_count():
+        raise ValueError(
+            f"tensor_parallel_size {world} needs {world} GPUs (one per rank); this machine has "
+            f"{torch.cuda.device_count()}"
+        )
     address = f"tcp://127.0.0.1:{_free_port()}"
     dtype_name = str(dtype).removeprefix("torch.")
     for rank in range(1, world):
