@@ -228,3 +228,22 @@ def test_generate_under_torchrun_matches_one_process(llm, tiny_dir):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["token_ids"] == expected
+
+
+@pytest.mark.slow
+def test_a_killed_rank_0_leaves_no_worker_behind(tiny_dir):
+    """SIGKILL skips every exit handler: the spawned worker dies with its parent (Linux's
+    parent-death signal) instead of waiting for messages, or a rendezvous, that never come."""
+    code = (
+        f"from trimode import LLM; import time; llm = LLM({str(tiny_dir)!r}, device='cpu', compile=False, "
+        "tensor_parallel_size=2); print('ready', flush=True); time.sleep(300)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    workers = _children(proc.pid)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert len(workers) == 1 and not any(_alive(w) for w in workers)

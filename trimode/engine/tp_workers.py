@@ -17,8 +17,11 @@ stays the one process a user starts.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import datetime
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -207,6 +210,7 @@ def spawn_workers(
     dtype_name = str(dtype).removeprefix("torch.")
     for rank in range(1, world):
         args = [str(rank), str(world), address, device.type, str(path), dtype_name, str(int(load_draft_lora))]
+        args.append(str(os.getpid()))
         code = f"from trimode.engine.tp_workers import worker_main; worker_main({args!r})"
         subprocess.Popen([sys.executable, "-c", code])
     dist.init_process_group(_backend(device), init_method=address, rank=0, world_size=world)
@@ -222,17 +226,23 @@ def share_cores(world: int) -> int:
     return before
 
 
+# Workers wait on the control group for rank 0's next forward for as long as it is idle (a server
+# with no requests for hours): gloo's default 30-minute timeout would end them.
+CONTROL_TIMEOUT = datetime.timedelta(days=365)
+
+
 def control_group() -> dist.ProcessGroup:
     """The gloo group rank 0's messages travel on (every rank must call this, in the same order)."""
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
 def worker_main(argv: list[str]) -> None:
     """A spawned rank: join rank 0's group, load this rank's slices, serve forwards."""
     from trimode.model.loader import load_model
 
-    rank, world, address, device_type, path, dtype, lora = argv
+    rank, world, address, device_type, path, dtype, lora, parent = argv
     rank, world = int(rank), int(world)
+    _die_with(int(parent))
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -242,6 +252,19 @@ def worker_main(argv: list[str]) -> None:
     control = control_group()
     model = load_model(path, getattr(torch, dtype), device, bool(int(lora)), tp=TensorParallel(rank, world))
     run_worker(model, control)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when the process that spawned it ends, however it ends: a rank 0 killed
+    before the group formed would otherwise leave it waiting for a rendezvous that never comes.
+    (Linux's parent-death signal, which follows the thread that spawned the worker: build a
+    tensor-parallel LLM on a thread that outlives it. Elsewhere a dead rank 0 is noticed at the
+    next message.)"""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before the signal was armed
+        raise SystemExit(f"trimode: tensor-parallel rank: the process that started it ({parent}) is gone")
 
 
 def run_worker(model: Transformer, control: dist.ProcessGroup) -> None:
