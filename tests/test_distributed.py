@@ -180,10 +180,7 @@ def test_tensor_parallel_server_matches_one_process(llm, tiny_dir):
     # Stopped, not orphaned: the server's shutdown tells its worker to stop before uvicorn re-raises
     # the SIGTERM (which would end the process without exit handlers).
     assert len(workers) == 1 and "Traceback" not in server_log(proc) and "rank 0 is gone" not in server_log(proc)
-    deadline = time.time() + 20
-    while time.time() < deadline and any(_alive(w) for w in workers):
-        time.sleep(0.2)
-    assert not any(_alive(w) for w in workers), server_log(proc)
+    assert _all_gone(workers), server_log(proc)
 
 
 def _children(pid: int) -> list[int]:
@@ -194,6 +191,14 @@ def _alive(pid: int) -> bool:
     """Running or sleeping (not gone, not a zombie nobody reaped)."""
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _all_gone(pids: list[int], seconds: float = 20) -> bool:
+    """Whether every process in `pids` has ended within `seconds`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    return not any(_alive(p) for p in pids)
 
 
 def test_bad_tensor_parallel_sizes_are_clear(tiny_dir):
@@ -243,7 +248,4 @@ def test_a_killed_rank_0_leaves_no_worker_behind(tiny_dir):
     workers = _children(proc.pid)
     proc.kill()
     proc.wait()
-    deadline = time.time() + 20
-    while time.time() < deadline and any(_alive(w) for w in workers):
-        time.sleep(0.2)
-    assert len(workers) == 1 and not any(_alive(w) for w in workers)
+    assert len(workers) == 1 and _all_gone(workers)

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from trimode.config import DTYPES
+from trimode.distributed import launched_by_torchrun
 from trimode.engine.generate import Request
 from trimode.engine.inputs import Message, PromptInput, chat_messages, tokenize_prompt
 from trimode.engine.llm_engine import LLMEngine
@@ -21,8 +22,7 @@ from trimode.engine.scheduler import kv_slots
 from trimode.engine.tp_workers import (
     TensorParallelDriver,
     control_group,
-    join_torchrun,
-    launched_by_torchrun,
+    join_torchrun_ranks,
     run_worker,
     spawn_workers,
 )
@@ -113,10 +113,10 @@ class LLM:
         self, path: Path, dtype: torch.dtype, load_draft_lora: bool, world: int
     ) -> tuple[torch.device, TensorParallelDriver]:
         """Rank 0's device and driver; on any other rank, serve forwards, then exit the process."""
-        check_tp(load_config(path), world)
+        check_tp(load_config(path), world)  # before any worker starts (the loader checks again, per rank)
         torchrun = launched_by_torchrun()
         if torchrun:
-            tp, device = join_torchrun(world, self.device)
+            tp, device = join_torchrun_ranks(world, self.device)
         else:
             tp, device = spawn_workers(world, self.device, path, dtype, load_draft_lora), self.device
         control = control_group()

@@ -218,9 +218,7 @@ def _example(model: Transformer, kind: str) -> tuple[tuple, tuple]:
     every other and from 0 and 1 (B=2, T=3, S=5, ...), so tracing ties none of them together."""
     cfg = model.config
     device = model.diffusion_head.weight.device
-    pool = kv_cache.KVPool(
-        cfg.num_hidden_layers, 9, 16, cfg.num_key_value_heads, cfg.head_dim, model.diffusion_head.weight.dtype, device
-    )
+    pool = model.new_kv_pool(9, 16)
     kv = kv_cache.KVCache(pool, 2)
     kv.begin(2)
     kv.commit()

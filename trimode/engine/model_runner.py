@@ -45,20 +45,11 @@ class ModelRunner:
         """The KV pool for `num_tokens` slots (rounded up to whole pages of `page_size`). With CUDA
         graphs, which write one pool in place, the graphs' pool when no row holds a page of it and
         it is large enough (so offline `generate` calls, an engine each, replay the same graphs)."""
-        cfg = self.config
         held = self.graphs.pool if self.graphs is not None else None
         if held is not None and held.page_size == page_size and held.num_tokens >= num_tokens:
             if held.num_used_pages == 0:
                 return held
-        pool = KVPool(
-            cfg.num_hidden_layers,
-            num_pages(num_tokens, page_size),
-            page_size,
-            self.model.num_local_kv_heads,
-            cfg.head_dim,
-            self.dtype,
-            self.device,
-        )
+        pool = self.model.new_kv_pool(num_pages(num_tokens, page_size), page_size)
         if self.tp_driver is not None:
             self.tp_driver.add_pool(pool)
         if self.graphs is not None:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from trimode.distributed import backend, join_torchrun
 from trimode.kv_cache import KVPool, KVView
 from trimode.model.tensor_parallel import TensorParallel
 from trimode.model.transformer import ForwardContext, Part, Transformer
@@ -120,8 +121,7 @@ class TensorParallelDriver:
 
 def serve_forwards(model: Transformer, control: dist.ProcessGroup) -> None:
     """A worker's loop: run every forward rank 0 announces, until it says stop."""
-    device, dtype = model.diffusion_head.weight.device, model.diffusion_head.weight.dtype
-    cfg = model.config
+    device = model.diffusion_head.weight.device
     pools: dict[int, KVPool] = {}
     while True:
         box: list = [None]
@@ -137,9 +137,7 @@ def serve_forwards(model: Transformer, control: dist.ProcessGroup) -> None:
             return
         if message[0] == "pool":
             _, pool_id, pages, page_size = message
-            pools[pool_id] = KVPool(
-                cfg.num_hidden_layers, pages, page_size, model.num_local_kv_heads, cfg.head_dim, dtype, device
-            )
+            pools[pool_id] = model.new_kv_pool(pages, page_size)
             continue
         _, dropped, messages = message
         for pool_id in dropped:
@@ -159,15 +157,7 @@ def serve_forwards(model: Transformer, control: dist.ProcessGroup) -> None:
             model.forward_parts(parts)
 
 
-def _backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
-
-
-def join_torchrun(world: int, device: torch.device) -> tuple[TensorParallel, torch.device]:
+def join_torchrun_ranks(world: int, device: torch.device) -> tuple[TensorParallel, torch.device]:
     """Under torchrun: this process's rank in a tensor-parallel group of every launched rank (the
     launch must start exactly `world` of them), and the device it runs on."""
     launched = int(os.environ["WORLD_SIZE"])
@@ -176,11 +166,7 @@ def join_torchrun(world: int, device: torch.device) -> tuple[TensorParallel, tor
             f"tensor_parallel_size is {world} but torchrun started {launched} processes; launch with "
             f"--nproc-per-node {world} (one process per tensor-parallel rank)"
         )
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(_backend(device))
+    device = join_torchrun(device)
     return TensorParallel(dist.get_rank(), world), device
 
 
@@ -213,7 +199,7 @@ def spawn_workers(
         args.append(str(os.getpid()))
         code = f"from trimode.engine.tp_workers import worker_main; worker_main({args!r})"
         subprocess.Popen([sys.executable, "-c", code])
-    dist.init_process_group(_backend(device), init_method=address, rank=0, world_size=world)
+    dist.init_process_group(backend(device), init_method=address, rank=0, world_size=world)
     return TensorParallel(0, world)
 
 
@@ -246,7 +232,7 @@ def worker_main(argv: list[str]) -> None:
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(_backend(device), init_method=address, rank=rank, world_size=world)
+    dist.init_process_group(backend(device), init_method=address, rank=rank, world_size=world)
     if device.type == "cpu":
         share_cores(world)
     control = control_group()

@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 
 from trimode.config import ModelConfig
-from trimode.model.rope import RotaryEmbedding
 from trimode.model.tensor_parallel import TensorParallel, shard_model, shard_range
 from trimode.model.transformer import Transformer
 
@@ -163,6 +162,5 @@ def load_model(
                 cuts,
             )
         )
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim).to(device)
+    model.assign_weights(tensors, device)
     return model.eval().requires_grad_(False)

@@ -28,9 +28,17 @@ from torch import nn
 
 from trimode.config import ModelConfig
 
-# Weight name suffix -> how it splits: "col" splits dim 0 (output features), "row" dim 1 (inputs).
-COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROWWISE = ("o_proj", "down_proj")
+# Each decoder layer's projections, by their path in the layer, and the dim of the weight that
+# splits: 0 (column-parallel: the output features) or 1 (row-parallel: the input features).
+LAYER_PLAN = {
+    "self_attn.q_proj": 0,
+    "self_attn.k_proj": 0,
+    "self_attn.v_proj": 0,
+    "self_attn.o_proj": 1,
+    "mlp.gate_proj": 0,
+    "mlp.up_proj": 0,
+    "mlp.down_proj": 1,
+}
 
 
 @dataclass
@@ -92,16 +100,17 @@ def shard_range(name: str, cfg: ModelConfig, rank: int, world: int) -> tuple[int
     if ".draft_lora." in name:
         return None
     module = name.rsplit(".", 2)[-2]
+    dim = LAYER_PLAN.get(".".join(name.split(".")[3:-1]))  # encoder.layers.N.<path>.weight
     if module in ("q_proj", "o_proj"):
-        return (0 if module == "q_proj" else 1), rank * heads * d, heads * d
+        return dim, rank * heads * d, heads * d
     if module in ("k_proj", "v_proj"):
         kv = cfg.num_key_value_heads
         if kv % world == 0:
-            return 0, rank * (kv // world) * d, (kv // world) * d
-        return 0, (rank // (world // kv)) * d, d  # one KV head, shared with world / kv ranks
+            return dim, rank * (kv // world) * d, (kv // world) * d
+        return dim, (rank // (world // kv)) * d, d  # one KV head, shared with world / kv ranks
     if module in ("gate_proj", "up_proj", "down_proj"):
         width = cfg.intermediate_size // world
-        return (1 if module == "down_proj" else 0), rank * width, width
+        return dim, rank * width, width
     if module in ("embed_tokens", "diffusion_head"):
         rows = cfg.vocab_size // world
         return 0, rank * rows, rows

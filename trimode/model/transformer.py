@@ -23,7 +23,7 @@ from torch.nn.attention.bias import CausalBias
 from torch.utils.checkpoint import checkpoint
 
 from trimode.config import ModelConfig
-from trimode.kv_cache import KVView
+from trimode.kv_cache import KVPool, KVView
 from trimode.model.rope import RotaryEmbedding, apply_rotary
 from trimode.model.tensor_parallel import TensorParallel
 
@@ -254,6 +254,26 @@ class Transformer(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of every weight (the parameters; the model has no persistent buffers)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def assign_weights(self, tensors: dict[str, torch.Tensor], device: torch.device | str) -> None:
+        """Take `tensors` (every weight, on `device`) as this model's own, as a model built on the
+        meta device needs, and build its RoPE tables there (buffers no checkpoint holds)."""
+        self.load_state_dict(tensors, strict=True, assign=True)
+        self.rotary = RotaryEmbedding(self.config.rope, self.config.head_dim).to(device)
+
+    def new_kv_pool(self, num_pages: int, page_size: int) -> KVPool:
+        """A KV pool shaped for this model: its layers, this rank's KV heads, its dtype and device."""
+        weight = self.diffusion_head.weight
+        cfg = self.config
+        return KVPool(
+            cfg.num_hidden_layers,
+            num_pages,
+            page_size,
+            self.num_local_kv_heads,
+            cfg.head_dim,
+            weight.dtype,
+            weight.device,
+        )
 
     @property
     def num_local_kv_heads(self) -> int:

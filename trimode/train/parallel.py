@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import resource
 import warnings
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from trimode.model.tensor_parallel import COLWISE, ROWWISE, check_tp
+from trimode.distributed import join_torchrun, launched_by_torchrun
+from trimode.model.tensor_parallel import LAYER_PLAN, check_tp
 from trimode.model.transformer import Transformer
 
 
@@ -70,15 +70,11 @@ def init_ranks(device: torch.device, tp: int) -> Ranks:
     """This process's `Ranks`: under torchrun, joins the default process group (NCCL on GPUs, gloo
     on CPUs) and builds the (dp, tp) mesh; otherwise one plain process. Once per process and
     layout: later runs in the same process reuse the mesh."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+    if not launched_by_torchrun():
         if tp != 1:
             raise ValueError(f"--tp {tp} needs torchrun: torchrun --nproc-per-node {tp} -m trimode train ... --tp {tp}")
         return Ranks(device=device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = join_torchrun(device)
     world, rank = dist.get_world_size(), dist.get_rank()
     if tp < 1 or world % tp:
         raise ValueError(f"--tp {tp} must divide the number of ranks ({world})")
@@ -97,9 +93,8 @@ def parallelize(model: Transformer, ranks: Ranks, bf16: bool, activation_checkpo
         check_tp(model.config, ranks.tp, replicate_kv=False)
         tp_mesh = ranks.mesh["tp"]
         for layer in model.encoder.layers:
-            styles = {**{m: ColwiseParallel() for m in COLWISE}, **{m: RowwiseParallel() for m in ROWWISE}}
-            parent = {m: "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn" for m in styles}
-            parallelize_module(layer, tp_mesh, {f"{parent[m]}.{m}": style for m, style in styles.items()})
+            plan = {path: ColwiseParallel() if dim == 0 else RowwiseParallel() for path, dim in LAYER_PLAN.items()}
+            parallelize_module(layer, tp_mesh, plan)
         parallelize_module(
             model,
             tp_mesh,

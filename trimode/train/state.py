@@ -68,14 +68,15 @@ def save_model_dir(
         shutil.copyfile(tokenizer_dir / name, out / name)
 
 
-def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Model and optimizer tensors by fully qualified name (the optimizer's state is created if the
-    optimizer has not stepped yet, so a fresh run has the shapes to load into)."""
+def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """The model's and the optimizer's state dicts, and their tensors flat by fully qualified name
+    (the same tensors). The optimizer's state is created if it has not stepped yet, so a fresh run
+    has the shapes to load into."""
     model_state, optim_state = get_state_dict(model, optimizer)
     flat = {f"model.{k}": v for k, v in model_state.items()}
     for name, entries in optim_state["state"].items():
         flat.update({f"optim.{name}.{key}": v for key, v in entries.items() if torch.is_tensor(v)})
-    return flat
+    return model_state, optim_state, flat
 
 
 def save_checkpoint(
@@ -98,7 +99,7 @@ def save_checkpoint(
         tmp.mkdir()
     ranks.barrier()
     writer = HuggingFaceStorageWriter(str(tmp / TRAINER_DIR), save_distributed=ranks.mesh is not None)
-    dcp.save(_flat_state(model, optimizer), storage_writer=writer, no_dist=ranks.mesh is None)
+    dcp.save(_states(model, optimizer)[2], storage_writer=writer, no_dist=ranks.mesh is None)
     state = full_state_dict(model, ranks)
     if ranks.is_main:
         save_model_dir(state, model.config, tokenizer_dir, tmp, save_dtype)
@@ -131,13 +132,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             f"{path} has no {TRAINER_DIR}/ distributed checkpoint (written by trimode before it trained on "
             "several ranks?); start a new run, e.g. with --init from its model files"
         )
-    flat = _flat_state(model, optimizer)
+    model_state, optim_state, flat = _states(model, optimizer)
     dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / TRAINER_DIR)), no_dist=not dist.is_initialized())
-    model_state, optim_state = get_state_dict(model, optimizer)
+    # DCP loads into the tensors in place where it can and replaces the dict's entry elsewhere.
     model_state = {k: flat[f"model.{k}"] for k in model_state}
     for name, entries in optim_state["state"].items():
-        for key in entries:
-            if f"optim.{name}.{key}" in flat:
-                entries[key] = flat[f"optim.{name}.{key}"]
+        entries.update({key: flat[f"optim.{name}.{key}"] for key in entries if f"optim.{name}.{key}" in flat})
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     return int(json.loads((path / "trainer_state.json").read_text())["step"])

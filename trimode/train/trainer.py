@@ -26,7 +26,6 @@ import torch
 from tqdm import tqdm
 
 from trimode.llm import LLM, resolve_device
-from trimode.model.rope import RotaryEmbedding
 from trimode.model.transformer import Transformer
 from trimode.sampling_params import MODES
 from trimode.tokenizer import Tokenizer
@@ -285,8 +284,7 @@ def _eval_on_main(
     if ranks.is_main:
         with torch.device("meta"):
             plain = Transformer(model.config)
-        plain.load_state_dict(state, assign=True)
-        plain.rotary = RotaryEmbedding(model.config.rope, model.config.head_dim)
+        plain.assign_weights(state, "cpu")
         report = quick_eval(plain.to(ranks.device), tokenizer, cfg, held_out)
     ranks.barrier()
     return report
