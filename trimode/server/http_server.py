@@ -4,7 +4,7 @@
   closed, so a few thousand idle or slow clients cannot exhaust file descriptors.
 - A client must send its whole request, head and body, within `read_timeout` seconds of connecting
   (or of its previous response), else the connection is closed: byte-per-second clients do not hold
-  slots. Responses (long streams) are not limited.
+  slots. Responses (long streams) are not limited, whether the connection is kept alive or not.
 - SIGTERM / SIGINT drains: no new connections or requests; running requests get `shutdown_timeout`
   seconds, then end with an error event (streams) or a 503; a second signal exits at once.
 - "serving on" is printed once the port is bound, with the port actually bound.
@@ -56,8 +56,10 @@ def bounded_protocol(max_connections: int, read_timeout: float) -> type[H11Proto
             self._read_timer = self.loop.call_later(read_timeout, self._read_timed_out)
 
         def _read_timed_out(self) -> None:
-            # h11's view of the client: DONE once the whole request (body included) has arrived.
-            if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+            # h11's view of the client: IDLE until its request's head is in, SEND_BODY until its body
+            # is. Once the request is in it is DONE, or MUST_CLOSE (HTTP/1.0, `Connection: close`):
+            # from then on the answer may take as long as it takes.
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
                 self.transport.close()
 
     return BoundedH11Protocol

@@ -1,0 +1,128 @@
+"""Server defects of the hostile run in issue 24 (items 3, 7, 9 and 11), each pinned by a test that
+reproduces it: the app in-process, and under uvicorn with the server's own HTTP protocol where the
+connection handling is what failed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from live import MODEL
+
+from trimode import LLM, SamplingParams
+
+pytest.importorskip("fastapi")
+
+CHAT = [{"role": "user", "content": "Reverse: 12 7 33 4"}]
+READ_TIMEOUT = 0.5  # the answers below take at least twice this long
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM()
+
+
+@pytest.fixture(scope="module")
+def served(offline):
+    from trimode.server.app import build_app
+    from trimode.server.async_engine import AsyncEngine
+
+    engine = AsyncEngine(offline.engine(max_batch=16), max_queue=64)
+    engine.start()
+    yield engine, build_app(engine, MODEL)
+    engine.shutdown()
+
+
+def run_client(app, fn):
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            return await fn(c)
+
+    return asyncio.run(main())
+
+
+def post(app, path: str, body: dict) -> httpx.Response:
+    return run_client(app, lambda c: c.post(path, json={"model": MODEL, **body}))
+
+
+# --- item 3: long answers to HTTP/1.0 and `Connection: close` clients ---------------------------
+
+
+@pytest.fixture()
+def slow_port(served, monkeypatch) -> Iterator[int]:
+    """The app under uvicorn with the server's HTTP protocol and a short read timeout, on an engine
+    whose steps each take 50 ms longer."""
+    import uvicorn
+
+    from trimode.server.http_server import bounded_protocol
+
+    engine, app = served
+    real_step = engine.engine.step
+
+    def slow_step():
+        time.sleep(0.05)
+        return real_step()
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=bounded_protocol(16, READ_TIMEOUT))  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield server.servers[0].sockets[0].getsockname()[1]
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    """Everything the server sends back until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        received = []
+        while data := s.recv(65536):
+            received.append(data)
+    return b"".join(received)
+
+
+@pytest.mark.parametrize(
+    "version, connection", [("HTTP/1.0", ""), ("HTTP/1.1", "Connection: close\r\n")], ids=["http1.0", "close"]
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_long_answer_reaches_a_client_that_asked_to_close(slow_port, offline, version, connection, stream):
+    """Pins: an answer taking longer than --read-timeout was cut when the client spoke HTTP/1.0 or
+    sent `Connection: close` (h11 marks such a client MUST_CLOSE, not DONE, once its request is in,
+    and the read timer closed anything not DONE): 0 bytes, or a stream without [DONE]."""
+    body = {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    content = json.dumps({**body, "stream": stream}).encode()
+    head = (
+        f"POST /v1/completions {version}\r\nHost: t\r\n{connection}"
+        f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n\r\n"
+    )
+    start = time.time()
+    raw = exchange(slow_port, head.encode() + content)
+    assert raw.startswith(b"HTTP/1.1 200 OK"), raw[:200]  # a server speaks its own version
+    assert time.time() - start > 2 * READ_TIMEOUT
+    payload = raw.split(b"\r\n\r\n", 1)[1]
+    want = offline.generate(body["prompt"], SamplingParams(max_tokens=24, ignore_eos=True))[0].text
+    if stream:
+        events = [line[6:] for line in payload.decode(errors="replace").splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want
+    else:
+        assert json.loads(payload)["choices"][0]["text"] == want
+
+
+def test_a_request_still_arriving_is_cut_at_the_read_timeout(slow_port):
+    """The read timeout still evicts a client that is slow to send its request, in HTTP/1.0 too."""
+    head = "POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    start = time.time()
+    assert exchange(slow_port, head.encode()) == b""
+    assert time.time() - start < READ_TIMEOUT + 2
