@@ -41,7 +41,9 @@ def served(offline):
 
 def run_client(app, fn):
     async def main():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+        # A handler's exception reaches the client as the server's 500, not as an error in the test.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
             return await fn(c)
 
     return asyncio.run(main())
@@ -126,3 +128,108 @@ def test_a_request_still_arriving_is_cut_at_the_read_timeout(slow_port):
     start = time.time()
     assert exchange(slow_port, head.encode()) == b""
     assert time.time() - start < READ_TIMEOUT + 2
+
+
+# --- items 9 and 11: malformed requests get a 400 naming the field --------------------------------
+
+
+REFUSED = {
+    # item 9: each was a 500
+    "json_schema not an object": (
+        "/v1/chat/completions",
+        {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": "x"}},
+        None,
+        "json_schema",
+    ),
+    "schema text nested 200k deep": (
+        "/v1/chat/completions",
+        {"messages": CHAT, "guided_json": "[" * 200_000 + "]" * 200_000},
+        None,
+        "nests too deeply",
+    ),
+    "schema text nested in structured_outputs": (
+        "/v1/chat/completions",
+        {"messages": CHAT, "structured_outputs": {"json": '{"a": ' * 100_000}},
+        None,
+        "nests too deeply",
+    ),
+    "template global shadowed": (
+        "/v1/chat/completions",
+        {
+            "messages": [*CHAT, {"role": "tool", "content": "4", "tool_call_id": "a"}],
+            "chat_template_kwargs": {"raise_exception": "x"},
+        },
+        "chat_template_kwargs",
+        "raise_exception",
+    ),
+    "jinja global shadowed": (
+        "/v1/chat/completions",
+        {"messages": CHAT, "chat_template_kwargs": {"range": 1}},
+        "chat_template_kwargs",
+        "range",
+    ),
+    # item 11: each was accepted, coerced
+    "bools as token ids": ("/v1/completions", {"prompt": [True, False]}, "prompt", "token ids"),
+    "strings as token ids": ("/v1/completions", {"prompt": [["1", "2"]]}, "prompt", "token ids"),
+    "floats as token ids": ("/v1/completions", {"prompt": [1.0, 2.0]}, "prompt", "token ids"),
+    "a bool as max_tokens": ("/v1/completions", {"prompt": "x", "max_tokens": True}, "max_tokens", "integer"),
+    "a string as temperature": ("/v1/completions", {"prompt": "x", "temperature": "0"}, "temperature", "number"),
+    "a spaced logit_bias key": ("/v1/completions", {"prompt": "x", "logit_bias": {" 5": 1}}, "logit_bias", "0-9"),
+    "an Arabic-Indic logit_bias key": (
+        "/v1/completions",
+        {"prompt": "x", "logit_bias": {"\u0665": 1}},
+        "logit_bias",
+        "0-9",
+    ),
+    "an underscored logit_bias key": (
+        "/v1/completions",
+        {"prompt": "x", "logit_bias": {"1_0": 1}},
+        "logit_bias",
+        "0-9",
+    ),
+    "null user content": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": None}]},
+        "messages.0.content",
+        "content",
+    ),
+    "missing user content": ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content", "content"),
+    "null assistant content without tool calls": (
+        "/v1/chat/completions",
+        {"messages": [*CHAT, {"role": "assistant", "content": None}, *CHAT]},
+        "messages.1.content",
+        "tool_calls",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_malformed_requests_get_a_400_naming_the_field(served, case):
+    """Pins issue 24's items 9 (a 500 where a 400 belongs: a json_schema that is not an object, a
+    schema string nested past the recursion limit, chat_template_kwargs shadowing a template global)
+    and 11 (lax coercion: booleans, floats and digit strings taken as token ids, `true` as
+    max_tokens, int() reading " 5", "\u0665" and "1_0" as logit_bias keys, a user turn without
+    content)."""
+    path, body, param, words = REFUSED[case]
+    r = post(served[1], path, {"max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and words in error["message"]
+    assert error["param"] == param
+
+
+def test_what_the_openai_api_accepts_still_works(served):
+    """Strict types refuse coercion, not the OpenAI API's own shapes."""
+    app = served[1]
+    tool_call = {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for path, body in [
+        ("/v1/completions", {"prompt": [1, 2, 3]}),
+        ("/v1/completions", {"prompt": [[1, 2], [3]]}),
+        ("/v1/completions", {"prompt": ["x", "y"], "logit_bias": {"5": 1, "07": -2.5}, "temperature": 1}),
+        ("/v1/chat/completions", {"messages": [*CHAT, {"role": "assistant", "tool_calls": [tool_call]}, *CHAT]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+        ("/v1/chat/completions", {"messages": CHAT, "guided_json": '{"type": "object"}'}),
+        ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": True}}),
+    ]:
+        r = post(app, path, {"max_tokens": 2, **body})
+        assert r.status_code == 200, (body, r.text)

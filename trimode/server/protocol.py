@@ -1,11 +1,14 @@
 """Request bodies of the OpenAI API as trimode accepts them. Unknown fields and unsupported values
-are refused with a message naming the field, never silently ignored."""
+are refused with a message naming the field, never silently ignored. Types are strict: `true`,
+`1.0` or `"1"` is not an integer, a number is not text."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from jinja2.defaults import DEFAULT_NAMESPACE
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from trimode.engine.inputs import chat_messages, message_text
 from trimode.sampling_params import MAX_LOGPROBS, MAX_N, MAX_TOP_K, MODES, SEED_RANGE, SamplingParams
@@ -18,6 +21,12 @@ UNSUPPORTED = {  # field -> the only values trimode accepts
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
+# Names a chat template reads that chat_template_kwargs may not set: the server's template, the
+# engine's own variables, and the globals of the template environment (jinja's defaults and
+# tokenizer.py's raise_exception), which a variable of the same name would shadow.
+RESERVED_TEMPLATE_NAMES = frozenset(
+    {"chat_template", "add_generation_prompt", "messages", "bos_token", "tools", "raise_exception", *DEFAULT_NAMESPACE}
+)
 
 
 def _unicode(text: str, what: str) -> str:
@@ -31,8 +40,23 @@ def _unicode(text: str, what: str) -> str:
     return text
 
 
+def _schema(text: str, what: str) -> Any:
+    """A JSON schema sent as JSON text, parsed here: nesting past Python's recursion limit is the
+    client's error (a 400), not the server's."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} nests too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not JSON: {e}") from None
+
+
+def _is_ids(v: object) -> bool:
+    return isinstance(v, list) and all(type(t) is int for t in v)  # bool is an int to isinstance
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
@@ -45,16 +69,22 @@ class Message(BaseModel):
     """An OpenAI chat message. Content is text or a list of text parts (`inputs.message_text`);
     tool calls and results reach the chat template as they are."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)  # before content, which reads it
     content: str | list[dict[str, Any]] | None = Field(None, validate_default=True)
     name: str | None = Field(None, max_length=256)
     tool_call_id: str | None = Field(None, max_length=256)
-    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)
 
     @field_validator("content")
     @classmethod
-    def _text(cls, v: str | list[dict[str, Any]] | None) -> str:
+    def _text(cls, v: str | list[dict[str, Any]] | None, info: ValidationInfo) -> str:
+        # As OpenAI: only an assistant turn that calls tools may leave its content null or out.
+        if v is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError(
+                "give the message's content: a string or a list of text parts (only an assistant "
+                "message with tool_calls may leave it null)"
+            )
         text = message_text(v, "the content")
         if len(text) > MAX_PROMPT_CHARS:
             raise ValueError(f"the content holds {len(text)} characters; at most {MAX_PROMPT_CHARS}")
@@ -62,7 +92,7 @@ class Message(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)  # 0: score the prompt only (echo)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -116,6 +146,15 @@ class _Common(BaseModel):
         if len(stops) > MAX_STOPS or any(not s or len(s) > 256 for s in stops):
             raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings of at most 256 characters")
         return [_unicode(s, "a stop string") for s in stops]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        # int() would also read " 5", "\u0665" (Arabic-Indic 5) and "1_0": a token id is ASCII digits.
+        bad = next((k for k in v or {} if not (k.isascii() and k.isdigit())), None)
+        if bad is not None:
+            raise ValueError(f'keys must be token ids written in the digits 0-9, e.g. {{"42": -100}}; got {bad!r}')
+        return v
 
     @field_validator("mode")
     @classmethod
@@ -179,7 +218,8 @@ class _Common(BaseModel):
         if kind == "json_object":
             asked.append({"json_object": True})
         elif kind == "json_schema":
-            schema = (fmt.get("json_schema") or {}).get("schema")
+            named = fmt.get("json_schema")
+            schema = named.get("schema") if isinstance(named, dict) else None
             if not isinstance(schema, dict):
                 raise ValueError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
             asked.append({"json": schema})
@@ -194,16 +234,13 @@ class _Common(BaseModel):
             asked.append(dict(self.structured_outputs))
         if len(asked) > 1:
             raise ValueError("ask for one structured output: response_format, a guided_* field or structured_outputs")
+        if asked and isinstance(asked[0].get("json"), str):  # a schema sent as JSON text
+            return {**asked[0], "json": _schema(asked[0]["json"], "the JSON schema")}
         return asked[0] if asked else None
 
     def _logit_bias(self) -> dict[int, float] | None:
         """OpenAI's logit_bias (token ids as JSON object keys) with integer keys."""
-        if not self.logit_bias:
-            return None
-        try:
-            return {int(k): v for k, v in self.logit_bias.items()}
-        except ValueError:
-            raise ValueError('logit_bias keys must be token ids, e.g. {"42": -100}') from None
+        return {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
 
     def logprob_counts(self) -> tuple[int | None, int | None]:
         """(SamplingParams.logprobs, .prompt_logprobs) the request asks for."""
@@ -218,6 +255,17 @@ class CompletionRequest(_Common):
 
     def logprob_counts(self) -> tuple[int | None, int | None]:
         return self.logprobs, self.logprobs if self.echo else None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _kinds(cls, v: object) -> object:
+        """One clear message for a prompt of the wrong type (pydantic's names a member of the union)."""
+        several = isinstance(v, list) and (all(isinstance(p, str) for p in v) or all(_is_ids(p) for p in v))
+        if not (isinstance(v, str) or _is_ids(v) or several):
+            raise ValueError(
+                "a prompt is a string or a list of token ids (integers); several prompts, a list of either"
+            )
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -262,8 +310,7 @@ class ChatCompletionRequest(_Common):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_variables(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        # The server's template and the engine's own variables are not the client's to replace.
-        taken = sorted(set(v or {}) & {"chat_template", "add_generation_prompt", "messages", "bos_token", "tools"})
+        taken = sorted(set(v or {}) & RESERVED_TEMPLATE_NAMES)
         if taken:
             raise ValueError(f"chat_template_kwargs may not set {taken}")
         return v
@@ -289,7 +336,7 @@ class ChatCompletionRequest(_Common):
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a text prompt, or chat messages rendered by the chat template."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     messages: list[Message] | None = Field(None, min_length=1, max_length=256)
@@ -304,6 +351,6 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     tokens: list[int] = Field(max_length=MAX_PROMPT_CHARS)
