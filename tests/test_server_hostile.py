@@ -130,6 +130,74 @@ def test_a_request_still_arriving_is_cut_at_the_read_timeout(slow_port):
     assert time.time() - start < READ_TIMEOUT + 2
 
 
+# --- item 7: scoring is bounded, and a large answer is built off the event loop -------------------
+
+
+def test_scoring_is_capped_per_request_with_a_400_that_says_how(served):
+    """Pins: `echo, logprobs 20, max_tokens 1, n 4` over 8 prompts of 4,000 characters asked for 2.7M
+    log-probabilities (60 s of engine time, a 64 MB answer) unrefused. Two prompts of 100 token ids,
+    echo, logprobs 4, max_tokens 1: (100 + 1) x 5 x 2 = 1,010 entries per sample."""
+    engine, default_app = served
+    from trimode.server.app import build_app
+
+    app = build_app(engine, MODEL, max_logprob_entries=1010)
+    body = {"prompt": [[7] * 100, [9] * 100], "echo": True, "logprobs": 4, "max_tokens": 1}
+    ok = post(app, "/v1/completions", body)
+    assert ok.status_code == 200, ok.text
+    assert [len(c["logprobs"]["tokens"]) for c in ok.json()["choices"]] == [101, 101]
+    for over in ({"n": 2}, {"max_tokens": 2}, {"logprobs": 5}, {"prompt": [[7] * 101, [9] * 100]}):
+        r = post(app, "/v1/completions", {**body, **over})
+        assert r.status_code == 400, (over, r.text)
+        assert "at most 1,010 per request" in r.json()["error"]["message"]
+    r = post(app, "/v1/completions", {**body, "n": 2})
+    assert "asks for 2,020 log-probabilities" in r.json()["error"]["message"]
+    chat = {"messages": CHAT, "logprobs": True, "top_logprobs": 20, "max_tokens": 49}  # 49 x 21 = 1,029
+    assert post(app, "/v1/chat/completions", chat).status_code == 400
+    assert post(app, "/v1/chat/completions", {**chat, "max_tokens": 48}).status_code == 200
+    hostile = {"prompt": ["1 2 3 4 " * 500] * 8, "echo": True, "logprobs": 20, "max_tokens": 1, "n": 4}
+    start = time.time()
+    r = post(default_app, "/v1/completions", hostile)  # the issue's request, under the default cap
+    assert r.status_code == 400 and "log-probabilities" in r.json()["error"]["message"]
+    assert time.time() - start < 5
+    assert engine.status.running == engine.status.waiting == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_large_answer_is_built_off_the_event_loop(served, monkeypatch, stream):
+    """Pins: a scored prompt's answer (64 MB in the hostile run) was built and serialised on the
+    event loop, and /health waited up to 1.4 s. Here building the logprobs takes 1.5 s; /health
+    must not wait for it."""
+    import trimode.server.app as app_module
+
+    engine, app = served
+    real, threads = app_module.completion_logprobs, []
+
+    def slow(*args, **kwargs):
+        threads.append(threading.current_thread())
+        if len(threads) == 1:  # the answer's first choice, or the stream's first (echo) chunk
+            time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "completion_logprobs", slow)
+    body = {"model": MODEL, "prompt": "def add(a, b):", "echo": True, "logprobs": 5, "max_tokens": 4, "stream": stream}
+
+    async def go(c):
+        answer = asyncio.ensure_future(c.post("/v1/completions", json=body))
+        slowest = 0.0  # the longest /health round while the answer is on its way
+        while not answer.done():
+            start = time.perf_counter()
+            assert (await c.get("/health")).status_code == 200
+            await asyncio.sleep(0.01)
+            slowest = max(slowest, time.perf_counter() - start)
+        return await answer, slowest
+
+    answer, slowest = run_client(app, go)
+    assert answer.status_code == 200
+    assert threads and slowest < 0.5, slowest
+    assert threads[0] is not threading.main_thread()
+    assert "data: [DONE]" in answer.text if stream else answer.json()["choices"][0]["logprobs"]["tokens"]
+
+
 # --- items 9 and 11: malformed requests get a 400 naming the field --------------------------------
 
 

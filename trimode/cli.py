@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from trimode.kv_cache import PAGE_SIZE
 from trimode.sampling_params import MODES
+from trimode.server.logprobs import MAX_LOGPROB_ENTRIES
 
 if TYPE_CHECKING:
     from trimode.llm import LLM
@@ -500,6 +501,7 @@ def _serve(args: argparse.Namespace) -> int:
         ("--shutdown-timeout", args.shutdown_timeout),
         ("--read-timeout", args.read_timeout),
         ("--max-connections", args.max_connections),
+        ("--max-logprob-entries", args.max_logprob_entries),
         ("--kv-cache-tokens", args.kv_cache_tokens),
         ("--kv-page-size", args.kv_page_size),
     ):
@@ -538,6 +540,7 @@ def _serve(args: argparse.Namespace) -> int:
         docs=args.docs,
         seed=args.seed,
         generation_defaults=defaults,
+        max_logprob_entries=args.max_logprob_entries,
     )
     name = names[0]
 
@@ -852,6 +855,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds a client has to send its whole request (head and body)",
+    )
+    v.add_argument(
+        "--max-logprob-entries",
+        type=int,
+        default=MAX_LOGPROB_ENTRIES,
+        help="log-probabilities one request may ask for: n x the sum over its prompts of (prompt tokens with "
+        f"echo + max_tokens) x (logprobs + 1); more is refused with 400 (default {MAX_LOGPROB_ENTRIES:,})",
     )
     v.add_argument("--access-log", action="store_true", help="log one line per request (never the prompt)")
     v.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")

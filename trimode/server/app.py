@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trimode import __version__
@@ -25,7 +26,12 @@ from trimode.engine.scheduler import QueueFull
 from trimode.outputs import GenerationOutput
 from trimode.server.async_engine import AsyncEngine, EngineError, ShuttingDown
 from trimode.server.guard import Guard, error_response
-from trimode.server.logprobs import chat_logprobs, completion_logprobs
+from trimode.server.logprobs import (
+    MAX_LOGPROB_ENTRIES,
+    chat_logprobs,
+    check_logprob_entries,
+    completion_logprobs,
+)
 from trimode.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -93,10 +99,12 @@ def build_app(
     stall_s: float = STALL_S,
     seed: int | None = None,
     generation_defaults: dict[str, Any] | None = None,
+    max_logprob_entries: int = MAX_LOGPROB_ENTRIES,
 ) -> FastAPI:
     """The app over a running `engine`. `model_name`: the name, or names, clients may send (the
     first is the one responses carry); `seed`: where requests without one get theirs (reproducible
-    runs); `generation_defaults`: sampling defaults for fields requests leave unset."""
+    runs); `generation_defaults`: sampling defaults for fields requests leave unset;
+    `max_logprob_entries`: the most log-probabilities one request may ask for (`logprobs.py`)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     model_name = names[0]
     seeds = random.Random(seed) if seed is not None else None
@@ -248,8 +256,9 @@ def build_app(
             # A grammar compiles here, on a worker thread (up to a second for a large schema), not on
             # the engine's; each request gets its own copy of the matcher.
             grammar = await engine.run_blocking(engine.engine.compile_grammar, params)
-            for fn in prepare:
-                prompt_ids = await engine.run_blocking(fn)
+            prompts = [await engine.run_blocking(fn) for fn in prepare]
+            check_logprob_entries(params, [len(ids) for ids in prompts], max_logprob_entries)
+            for prompt_ids in prompts:
                 for sample in samples:
                     index = len(streams)  # the choice's index: i * n + j
                     sub_id = request_id if len(prepare) * len(samples) == 1 else f"{request_id}-{index}"
@@ -360,6 +369,19 @@ def build_app(
         if finals is None:  # nobody is listening; the status is for the access log only
             return Response(status_code=499)
         http.state.usage = usage(finals)
+        # Built and serialised on a worker thread: with logprobs the answer can run to megabytes,
+        # and the event loop serves /health and every stream meanwhile.
+        return await run_in_threadpool(document, body, request_id, created, finals, chat, echo)
+
+    def document(
+        body: CompletionRequest | ChatCompletionRequest,
+        request_id: str,
+        created: int,
+        finals: list[GenerationOutput],
+        chat: bool,
+        echo: list[str] | None,
+    ) -> JSONResponse:
+        """A whole (not streamed) answer."""
         if chat:
             choices = [
                 {
@@ -383,7 +405,7 @@ def build_app(
                 )
                 for i, f in enumerate(finals)
             ]
-        return {
+        doc = {
             "id": request_id,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
@@ -391,6 +413,7 @@ def build_app(
             "choices": choices,
             "usage": usage(finals),
         }
+        return JSONResponse(doc)
 
     async def sse(
         body: CompletionRequest | ChatCompletionRequest,
@@ -431,7 +454,10 @@ def build_app(
         try:
             async for index, out in merged(streams):
                 if out.delta_text or out.new_token_ids or first[index]:
-                    yield chunk(index, out, None, first[index])
+                    if first[index] and echo is not None:  # the prompt's logprobs: built off the loop
+                        yield await run_in_threadpool(chunk, index, out, None, True)
+                    else:
+                        yield chunk(index, out, None, first[index])
                     first[index] = False
                 if out.output is not None:
                     finals.append(out.output)

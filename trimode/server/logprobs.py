@@ -1,13 +1,42 @@
 """Log-probabilities in OpenAI's two response shapes, from the engine's (vLLM's) per-position
 dicts: completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`)
-and chat's `content` list of {token, logprob, bytes, top_logprobs}."""
+and chat's `content` list of {token, logprob, bytes, top_logprobs}; and the bound on how many one
+request may ask for."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from trimode.outputs import Logprob, PositionLogprobs
+from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
+
+# Scoring costs engine time and response bytes per entry: the issue-24 request (8 prompts of 4,000
+# characters, echo, logprobs 20, n 4: 2.7M entries) took 60 s of engine time and answered 64 MB.
+MAX_LOGPROB_ENTRIES = 1_000_000
+
+
+def num_logprob_entries(params: SamplingParams, prompt_lengths: list[int]) -> int:
+    """The most log-probabilities an answer to `params` over prompts of these lengths carries: each
+    scored position holds its own token's and the top k's (k + 1); with prompt_logprobs (echo) every
+    prompt token is scored, with logprobs every generated one; each of the n samples of each prompt."""
+    per_sample = [
+        (0 if params.prompt_logprobs is None else length * (params.prompt_logprobs + 1))
+        + (0 if params.logprobs is None else params.max_tokens * (params.logprobs + 1))
+        for length in prompt_lengths
+    ]
+    return params.n * sum(per_sample)
+
+
+def check_logprob_entries(params: SamplingParams, prompt_lengths: list[int], cap: int) -> None:
+    """ValueError, saying the count, the cap and how to stay under it, past `cap` entries."""
+    asked = num_logprob_entries(params, prompt_lengths)
+    if asked > cap:
+        raise ValueError(
+            f"this request asks for {asked:,} log-probabilities: n x the sum over its prompts of "
+            "(prompt tokens with echo + max_tokens) x (logprobs + 1); this server answers at most "
+            f"{cap:,} per request: send fewer or shorter prompts per request, or a smaller n, logprobs or max_tokens"
+        )
 
 
 def _top(position: PositionLogprobs, k: int) -> list[Logprob]:
