@@ -68,10 +68,12 @@ def test_streamed_deltas_add_up_to_the_final_text(embedded):
     assert "raise" not in text
 
 
-def test_stream_holds_back_partial_stop_strings_and_utf8():
+def test_stream_holds_back_partial_stop_strings_and_utf8(embedded):
     req = Request(None, [1], SamplingParams(stop=["STOP"]))
-    req.text = "abc ST"
+    tok = embedded.tokenizer
+    req.emit(tok.encode("abc ST", add_special_tokens=False), set(), tok, 0.0)  # the stop search follows emit
     assert streamable_text(req) == "abc "
+    req = Request(None, [1], SamplingParams(stop=["STOP"]))
     req.text = "abc \ufffd"
     assert streamable_text(req) == "abc "
     req.finish_reason = "length"

@@ -12,12 +12,17 @@ A request's matcher lives on the host and follows its emitted tokens. A pass who
 tokens in sequence (self-spec verify) asks for each position's mask after the drafts before it
 (`paths`): the matcher consumes them, computes, and rolls back. Positions past a draft the grammar
 rejects get the mask of the last valid one; their drafts are rejected by the verify anyway.
+
+A grammar's cost is bounded (`LIMITS`), and a grammar that fails is refused at compile time where its
+first token shows it (`Grammars.matcher`); one that fails later ends its request with an error
+(`Request.emit`), never with text outside the grammar.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import llguidance
@@ -26,6 +31,16 @@ import torch
 from trimode.tokenizer import Tokenizer
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+# Bounds on one matcher's work (llguidance's ParserLimits). The lexer builds a regex's expressions
+# lazily, and a mask step's work grows with their number: `(a{700}){700}` (490,000 of them, within
+# the default fuel of 1,000,000) cost 0.11 s per step on the embedded model's vocabulary. 100,000
+# bounds the largest accepted (`(a{220}){220}`) to ~0.01 s per step and refuses that one when its
+# first token is probed; real schemas need far less (200 properties of three types: ~10,000). The
+# per-step fuels stay at their defaults (200,000 lexer steps ~ 14 ms, 50,000 Earley items ~ 2.5 ms,
+# llguidance's measures), sized for vocabularies of 100k+ tokens. Short errors: a verbose one dumps
+# the parser's state.
+LIMITS = {"initial_lexer_fuel": 100_000, "step_lexer_fuel": 200_000, "step_max_items": 50_000, "verbose_errors": False}
 
 
 def check_spec(spec: object) -> None:
@@ -69,18 +84,50 @@ class Grammars:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: set[int]) -> None:
         self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, tuple(sorted(eos_ids))
+        self._limits = llguidance.LLParserLimits(**LIMITS)
 
-    def matcher(self, spec: dict[str, Any]) -> llguidance.LLMatcher:
-        """A fresh matcher for `spec`; ValueError naming the problem if the grammar is invalid."""
+    def matcher(self, spec: dict[str, Any], min_tokens: int = 0) -> llguidance.LLMatcher:
+        """A fresh matcher for `spec`; ValueError naming the problem if the grammar is invalid, fails
+        on its first token, or cannot last `min_tokens` tokens."""
         ll = _ll_tokenizer(self._tokenizer, self.vocab_size, self._eos)
         try:
             text = grammar_text(spec)
         except (ValueError, TypeError) as e:
             raise ValueError(f"structured output: {e}") from e
-        matcher = llguidance.LLMatcher(ll, text, log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"structured output: {matcher.get_error()}")
+        matcher = llguidance.LLMatcher(ll, text, log_level=0, limits=self._limits)
+        error = matcher.get_error() or self._first_token_error(matcher)
+        if error:
+            raise ValueError(f"structured output: {error_line(error)}")
+        kind, value = next(iter(spec.items()))
+        longest = max(len(c.encode()) for c in value) if kind == "choice" else min_tokens
+        if min_tokens > longest:  # every token but EOS carries a byte, and EOS cannot come first
+            raise ValueError(
+                f"structured output: min_tokens={min_tokens} is more tokens than the longest choice can "
+                f"take ({longest}, a byte each)"
+            )
         return matcher
+
+    def _first_token_error(self, matcher: llguidance.LLMatcher) -> str:
+        """What a copy of `matcher` fails with on its first allowed token but EOS, or "". llguidance
+        builds its lexer and parser lazily, so the limits and errors a grammar runs into show there
+        (`(a{700}){700}`, a choice of more than 2,000 strings, a schema that requires itself), not
+        when it is constructed."""
+        probe = matcher.deep_copy()
+        allowed = _set_bits(probe.compute_bitmask(), self.vocab_size)
+        token = next((t for t in allowed if t not in self._eos), None)
+        if token is not None:  # else only EOS: the grammar matches the empty text alone
+            probe.consume_token(token)
+        return probe.get_error()
+
+
+def error_line(error: str) -> str:
+    """The first line of an llguidance error (the rest marks where its verbose state would be)."""
+    return error.split("\n", 1)[0]
+
+
+def _set_bits(mask: bytes, n: int) -> Iterator[int]:
+    """The ids below `n` whose bit is set in an llguidance bitmask (bit j of byte i: id 8i + j)."""
+    return (8 * i + j for i, b in enumerate(mask) if b for j in range(8) if b >> j & 1 and 8 * i + j < n)
 
 
 def masks(

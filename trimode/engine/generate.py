@@ -13,10 +13,12 @@ import torch
 from trimode import logit_controls
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, HostEmission, logprob_table
 from trimode.engine.model_runner import ModelRunner
+from trimode.engine.stop_strings import StopMatcher, stop_matcher
 from trimode.kv_cache import KVCache, KVPool
 from trimode.outputs import GenerationOutput, Logprob, PositionLogprobs
 from trimode.sampler import RandomStream, Sampler, new_stream
 from trimode.sampling_params import MAX_LOGPROBS, SamplingParams
+from trimode.structured import error_line
 from trimode.tokenizer import DecodeStream, Tokenizer
 
 
@@ -46,8 +48,13 @@ class Request:
     # decode of the whole output every step.
     _stream: DecodeStream | None = field(default=None, repr=False)
     _ends: list[int] = field(default_factory=list, repr=False)
+    # Its stop strings' automaton and its state after the text so far (`stop_strings`): each step
+    # searches only the new characters.
+    _stops: StopMatcher | None = field(default=None, repr=False)
+    _stop_state: int = field(default=0, repr=False)
     # Its structured output's grammar state (llguidance), following its emitted tokens.
     grammar: Any = field(default=None, repr=False)
+    error: str | None = None  # why its grammar failed at run time (the engine then fails it)
     # A waiting request with the same context, admitted before it (`Scheduler.add`).
     after: Request | None = field(default=None, repr=False)
     # When asked for (params.logprobs / prompt_logprobs): per output token, and per prompt token.
@@ -70,9 +77,9 @@ class Request:
         self.prompt_logprobs = None
         if self.grammar is not None:
             self.grammar.reset()
-        self.token_ids, self.text, self.finish_reason, self.num_forwards = [], "", None, 0
+        self.token_ids, self.text, self.finish_reason, self.num_forwards, self.error = [], "", None, 0, None
         self.stats.clear()
-        self.token_times, self._stream, self._ends = [], None, []
+        self.token_times, self._stream, self._ends, self._stop_state = [], None, [], 0
         self.stream, self.num_resumed, self.resume_seed, self.num_forwards_before = None, 0, None, 0
 
     @property
@@ -98,7 +105,8 @@ class Request:
         entries: list[list[float]] | None = None,
     ) -> None:
         """Append tokens (emitted at `now`, with their `logprob_table` entries when asked for);
-        finish on EOS, a stop string or max_tokens, whichever first."""
+        finish on EOS, a stop string, its grammar's end or max_tokens, whichever first. A token its
+        grammar rejects is not appended: the request ends with an error (`error`)."""
         if self._stream is None:
             self._stream = tokenizer.decode_stream(self.params.skip_special_tokens)
         if self.params.max_tokens == 0:  # it only scored its prompt
@@ -106,16 +114,23 @@ class Request:
             return
         searched = len(self.text)
         for i, t in enumerate(tokens):
+            if self.grammar is not None and not self.grammar.consume_token(t):
+                self._grammar_failed(f"token {t} broke it: {error_line(self.grammar.get_error())}")
+                break
             if self.logprobs is not None and entries is not None:
                 self.logprobs.append(position_logprobs(entries[i], t, self.params.logprobs, tokenizer))
-            if self.grammar is not None:
-                self.grammar.consume_token(t)
             self.token_ids.append(t)
             self.token_times.append(now)
             self.text += tokenizer.decode_step(self._stream, t)
             self._ends.append(len(self.text))
             if (t in eos_ids and not self.params.ignore_eos) or t in self.params.stop_token_ids:
                 self.finish_reason = "stop"
+                break
+            if self.grammar is not None and self.grammar.is_stopped():  # complete: only EOS could follow
+                if len(self.token_ids) < self.params.min_tokens:
+                    self._grammar_failed(f"it ended after {len(self.token_ids)} tokens, before min_tokens")
+                else:
+                    self.finish_reason = "stop"
                 break
             if len(self.token_ids) >= self.params.max_tokens:
                 self.finish_reason = "length"
@@ -124,15 +139,23 @@ class Request:
             # The stream holds back an incomplete UTF-8 tail; the final text is the full decode.
             self.text = tokenizer.decode(self.token_ids, self.params.skip_special_tokens)
 
+    def _grammar_failed(self, why: str) -> None:
+        """End with an error naming the grammar: its output so far is a prefix the grammar allows, but
+        finishing it as a success would break the client's contract."""
+        self.error = f"structured output ({next(iter(self.params.structured))}): {why}"
+        self.finish_reason = "error"
+
     def _apply_stop_strings(self, searched: int) -> bool:
-        """Cut at the first stop string that ends in the new text; True if one did."""
+        """Cut at the earliest-starting stop string that ends in the new text (it may begin in the
+        old); True if one did."""
         if not self.params.stop:
             return False
-        start = max(0, searched - max(len(s) for s in self.params.stop) + 1)  # a stop may straddle the old end
-        hits = [(i, i + len(s)) for i, s in ((self.text.find(s, start), s) for s in self.params.stop) if i >= 0]
-        if not hits:
+        if self._stops is None:
+            self._stops = stop_matcher(tuple(self.params.stop))
+        self._stop_state, hit = self._stops.scan(self._stop_state, self.text, searched)
+        if hit is None:
             return False
-        cut, end = min(hits)
+        cut, end = hit
         # Keep the shortest token prefix whose text holds the whole stop string; the text ends before it.
         n = next(i for i, e in enumerate(self._ends) if e >= end) + 1
         self.token_ids, self.token_times, self._ends = self.token_ids[:n], self.token_times[:n], self._ends[:n]
@@ -369,6 +392,7 @@ def streamable_text(req: Request) -> str:
     text = req.text
     if req.finish_reason is not None:
         return text
-    text = text.rstrip("\ufffd")
-    hold = max((n for s in req.params.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-    return text[: len(text) - hold]
+    # The automaton's depth: the longest tail that is the start of a stop string (not a whole one,
+    # or the request would have finished).
+    hold = req._stops.depth[req._stop_state] if req._stops is not None else 0
+    return text[: len(text) - hold].rstrip("\ufffd")

@@ -158,7 +158,7 @@ class LLMEngine:
     def compile_grammar(self, params: SamplingParams) -> Any:
         """A fresh llguidance matcher for `params.structured` (None without one); ValueError naming
         what is wrong with the grammar. Thread-safe: the server compiles on its worker threads."""
-        return None if params.structured is None else self._grammars.matcher(params.structured)
+        return None if params.structured is None else self._grammars.matcher(params.structured, params.min_tokens)
 
     def check_fits(self, ids: list[int], params: SamplingParams, name: str = "the prompt") -> None:
         """ValueError when the prompt plus max_tokens exceeds the context, or the request would not
@@ -425,6 +425,8 @@ class LLMEngine:
         return RequestOutput(req.request_id, "", [], True, error=f"{type(error).__name__}: {error}")
 
     def _output(self, req: Request, decoder: Decoder, batch: DecodeBatch) -> RequestOutput:
+        if req.error is not None:  # its grammar failed (`Request.emit`): an error, not text outside it
+            return self._fail(req, ValueError(req.error))
         sent_tokens, sent_chars = self._sent[req.request_id]
         safe = streamable_text(req)
         out = RequestOutput(
