@@ -72,7 +72,7 @@ def slow_port(served, monkeypatch) -> Iterator[int]:
         return real_step()
 
     monkeypatch.setattr(engine.engine, "step", slow_step)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=bounded_protocol(16, READ_TIMEOUT))  # type: ignore[arg-type]
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=bounded_protocol(16, READ_TIMEOUT))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -284,6 +284,14 @@ def test_malformed_requests_get_a_400_naming_the_field(served, case):
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and words in error["message"]
     assert error["param"] == param
+
+
+def test_chat_template_kwargs_may_shadow_no_template_global(offline):
+    """The names chat_template_kwargs may not set cover every global of the tokenizer's template
+    environment, including any added there later."""
+    from trimode.server.protocol import RESERVED_TEMPLATE_NAMES
+
+    assert set(offline.tokenizer._env.globals) <= RESERVED_TEMPLATE_NAMES
 
 
 def test_what_the_openai_api_accepts_still_works(served):
