@@ -92,8 +92,10 @@ def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[l
         eos_ids=torch.tensor([99]),
         stop_on_eos=torch.tensor([True]),
         mask_id=3,
-        num_forwards=torch.zeros(1, dtype=torch.long),
+        num_forwards=[0],
         stats=[[]],
+        logprobs=[None],
+        grammar=[None],
     )
     decoder = DiffusionDecoder(3, threshold)
     decoder.start(batch)

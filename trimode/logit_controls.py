@@ -3,9 +3,9 @@ and frequency penalties, the repetition penalty (CTRL, Keskar et al. 2019, appli
 and vLLM do), `logit_bias` and `min_tokens`. They reshape the logits that every pick reads, in
 every mode; the log-probabilities reported stay the model's own.
 
-Their per-row state is (B, V) tensors in the batch's state, so it follows rows as they join and
-leave (`DecodeBatch._select` / `extend`; a row without controls reads zeros, which switch every
-control off: the repetition penalty is kept as r - 1). The host adds each step's emitted tokens
+Their per-row state is `LogitControls`, (B, V) and (B,) tensors that follow rows as they join and
+leave (`trimode.rows`; a row without controls reads zeros, which switch every control
+off: the repetition penalty is kept as r - 1). The host adds each step's emitted tokens
 (`record`): a copy to the device, no read back. A pass whose positions emit several tokens in
 sequence (self-spec verify) passes `within`, the counts of the tokens before each position in the
 pass, so position i is penalised exactly as an AR step after those tokens would be.
@@ -14,25 +14,42 @@ pass, so position i is penalised exactly as an AR step after those tokens would 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from trimode.rows import Rows
 from trimode.sampling_params import SamplingParams
 
 
+@dataclass
+class LogitControls(Rows):
+    """The controls' per-row state. A row without controls is all zeros (`Rows.blank`), which
+    switches every control off: the repetition penalty is kept as r - 1."""
+
+    counts: torch.Tensor  # (B, V) float: how often the row has emitted each token
+    prompt: torch.Tensor  # (B, V) bool: tokens in the row's prompt (the repetition penalty's "seen")
+    bias: torch.Tensor  # (B, V) float: logit_bias
+    stops: torch.Tensor  # (B, V) bool: the tokens min_tokens holds back (EOS, stop_token_ids)
+    presence: torch.Tensor  # (B,) float
+    frequency: torch.Tensor  # (B,) float
+    rep: torch.Tensor  # (B,) float: repetition_penalty - 1
+    min_tokens: torch.Tensor  # (B,) long
+    generated: torch.Tensor  # (B,) long: tokens emitted so far
+
+
 def start(
-    state: dict[str, torch.Tensor],
     params: Sequence[SamplingParams],
     prompts: Sequence[list[int]],
     outputs: Sequence[list[int]],
     eos_ids: set[int],
     vocab: int,
     device: torch.device,
-) -> None:
-    """The controls of fresh rows (a new batch), when any row has one; `outputs`: what each row
-    has emitted already (a request resumed after a preemption)."""
+) -> LogitControls | None:
+    """The controls of fresh rows (a new batch), or None when no row has one; `outputs`: what each
+    row has emitted already (a request resumed after a preemption)."""
     if not any(p.has_logit_controls for p in params):
-        return
+        return None
     b = len(params)
     counts = torch.zeros(b, vocab)
     prompt = torch.zeros(b, vocab, dtype=torch.bool)
@@ -46,43 +63,41 @@ def start(
                 bias[i, token] = value
         ends = [t for t in [*([] if p.ignore_eos else eos_ids), *p.stop_token_ids] if t < vocab]
         stops[i, torch.tensor(ends, dtype=torch.long)] = True
-    per_row = {
-        "ctl_presence": [p.presence_penalty for p in params],
-        "ctl_frequency": [p.frequency_penalty for p in params],
-        "ctl_rep": [p.repetition_penalty - 1 for p in params],
-        "ctl_min": [p.min_tokens for p in params],
-        "ctl_generated": [len(out) for out in outputs],
-    }
-    state.update(ctl_counts=counts.to(device), ctl_prompt=prompt.to(device), ctl_bias=bias.to(device))
-    state["ctl_stops"] = stops.to(device)
-    for key, values in per_row.items():
-        dtype = torch.long if key in ("ctl_min", "ctl_generated") else torch.float32
-        state[key] = torch.tensor(values, dtype=dtype, device=device)
+
+    def floats(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    return LogitControls(
+        counts=counts.to(device),
+        prompt=prompt.to(device),
+        bias=bias.to(device),
+        stops=stops.to(device),
+        presence=floats([p.presence_penalty for p in params]),
+        frequency=floats([p.frequency_penalty for p in params]),
+        rep=floats([p.repetition_penalty - 1 for p in params]),
+        min_tokens=torch.tensor([p.min_tokens for p in params], dtype=torch.long, device=device),
+        generated=torch.tensor([len(out) for out in outputs], dtype=torch.long, device=device),
+    )
 
 
-def active(state: dict[str, torch.Tensor]) -> bool:
-    """Whether a row of the batch has logit controls."""
-    return "ctl_counts" in state
-
-
-def record(state: dict[str, torch.Tensor], emitted: list[list[int]]) -> None:
+def record(controls: LogitControls | None, emitted: list[list[int]]) -> None:
     """Count what each row emitted this step (rows aligned with the batch)."""
-    if not active(state) or not any(emitted):
+    if controls is None or not any(emitted):
         return
-    device = state["ctl_counts"].device
+    device = controls.counts.device
     rows = torch.tensor([i for i, out in enumerate(emitted) for _ in out], dtype=torch.long)
     tokens = torch.tensor([t for out in emitted for t in out], dtype=torch.long)
-    vocab = state["ctl_counts"].shape[1]
+    vocab = controls.counts.shape[1]
     keep = tokens < vocab
-    state["ctl_counts"] = state["ctl_counts"].index_put(
+    controls.counts = controls.counts.index_put(
         (rows[keep].to(device), tokens[keep].to(device)), torch.ones(int(keep.sum()), device=device), accumulate=True
     )
     added = torch.tensor([len(out) for out in emitted], dtype=torch.long, device=device)
-    state["ctl_generated"] = state["ctl_generated"] + added
+    controls.generated = controls.generated + added
 
 
 def apply(
-    state: dict[str, torch.Tensor],
+    controls: LogitControls | None,
     logits: torch.Tensor,
     offsets: torch.Tensor | None = None,
     within: torch.Tensor | None = None,
@@ -91,17 +106,18 @@ def apply(
     `offsets` (B, T): how many tokens the row will have emitted before the one position t picks
     (for min_tokens; default 0: one position per row); `within` (B, T, V): counts of tokens emitted
     earlier in this pass."""
-    if not active(state):
+    if controls is None:
         return logits
     if offsets is None:
         offsets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
-    counts = state["ctl_counts"][:, None]
+    c = controls
+    counts = c.counts[:, None]
     if within is not None:
         counts = counts + within
-    x = logits.float() + state["ctl_bias"][:, None]
-    rep = (1 + state["ctl_rep"])[:, None, None]
-    seen = (counts > 0) | state["ctl_prompt"][:, None]
+    x = logits.float() + c.bias[:, None]
+    rep = (1 + c.rep)[:, None, None]
+    seen = (counts > 0) | c.prompt[:, None]
     x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-    x = x - state["ctl_frequency"][:, None, None] * counts - state["ctl_presence"][:, None, None] * (counts > 0)
-    early = (state["ctl_generated"][:, None] + offsets) < state["ctl_min"][:, None]  # (B, T)
-    return x.masked_fill(early[..., None] & state["ctl_stops"][:, None], float("-inf"))
+    x = x - c.frequency[:, None, None] * counts - c.presence[:, None, None] * (counts > 0)
+    early = (c.generated[:, None] + offsets) < c.min_tokens[:, None]  # (B, T)
+    return x.masked_fill(early[..., None] & c.stops[:, None], float("-inf"))

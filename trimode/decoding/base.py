@@ -6,8 +6,9 @@ runs it (possibly in one model forward with other groups' passes), and the decod
 the logits into KV commits, new per-row state and an `Emission`: what the step's one host transfer
 carries for it, and how to read that into emitted tokens. So a step is at most one pass per group,
 and rows advance independently: one row of a diffusion batch may be denoising while another commits
-its finished block, one self-spec row drafting while another verifies. Per-row state lives in
-`DecodeBatch.state`, row-aligned tensors that follow the rows when requests join or leave.
+its finished block, one self-spec row drafting while another verifies. Per-row state is typed
+(`trimode.rows`): the batch's own fields, and each feature's and decoder's dataclass, follow the
+rows when requests join or leave.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import copy
 from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from trimode import logit_controls, structured
 from trimode.kv_cache import KVCache
+from trimode.logit_controls import LogitControls
+from trimode.rows import Rows, shared
 from trimode.sampler import Sampler
 from trimode.sampling_params import MAX_LOGPROBS
 from trimode.timing import ForwardTimes
@@ -126,27 +129,35 @@ def rows_where(flags: list[bool]) -> list[int]:
     return [i for i, f in enumerate(flags) if f]
 
 
+S = TypeVar("S", bound=Rows)
+
+
 @dataclass
-class DecodeBatch:
-    kv: KVCache
-    sampler: Sampler
+class DecodeBatch(Rows):
+    """A decode batch's rows. Every field not marked `shared` is per row and follows the rows
+    through `extend`, `split` and `select_rows` (`trimode.rows`), features included: the logit
+    controls (None while no row has any) and the decoder's own state (`decoding`, set by
+    `Decoder.start`)."""
+
+    kv: KVCache = shared()
+    sampler: Sampler = shared()
     seeds: torch.Tensor  # (B,) the last emitted token of each row, not yet fed to the model
     remaining: torch.Tensor  # (B,) tokens each row may still emit (from the engine's host counts)
-    eos_ids: torch.Tensor  # (E,) ids that end a row
+    eos_ids: torch.Tensor = shared()  # (E,) ids that end a row
     stop_on_eos: torch.Tensor  # (B,) bool, False for rows with ignore_eos
-    mask_id: int
+    mask_id: int = shared()
     num_forwards: list[int]  # per row: forwards it took part in, prefill included
-    stats: list[list[int]] = field(default_factory=list)  # per row: the mode's per-step statistic
-    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the decoder's per-row state, dim 0 = rows
-    # The decoder's per-row host state (e.g. which rows draft): what it plans from without reading
-    # the device; updated from the one transfer its accept makes. "logprobs": each row's request's
-    # `SamplingParams.logprobs` (set by the engine).
-    host: dict[str, list] = field(default_factory=dict)
-    timings: ForwardTimes = field(default_factory=ForwardTimes)
+    stats: list[list[int]]  # per row: the mode's per-step statistic (the request's own list)
+    logprobs: list[int | None]  # per row: its request's `SamplingParams.logprobs`
+    grammar: list[Any]  # per row: its structured output's llguidance matcher, or None
+    controls: LogitControls | None = None
+    decoding: Rows | None = None
+    timings: ForwardTimes = shared(default_factory=ForwardTimes)
 
-    @property
-    def size(self) -> int:
-        return self.seeds.shape[0]
+    def state(self, kind: type[S]) -> S:
+        """The decoder's per-row state, of the type its `start` gave it."""
+        assert isinstance(self.decoding, kind), f"the batch's decoder state is {type(self.decoding).__name__}"
+        return self.decoding
 
     def controlled(
         self,
@@ -158,22 +169,22 @@ class DecodeBatch:
         """The logits picks read: reshaped by the rows' logit controls (`logit_controls.apply`) and
         masked by their structured-output grammars (`structured.masks`; `paths` default: every
         position after the tokens so far), or `logits` itself when no row has either."""
-        logits = logit_controls.apply(self.state, logits, offsets, within)
+        logits = logit_controls.apply(self.controls, logits, offsets, within)
         if self.constrained:
             paths = paths or [[[]] * logits.shape[1]] * logits.shape[0]
-            allowed = structured.masks(self.host["grammar"], paths, logits.shape[-1], logits.device)
+            allowed = structured.masks(self.grammar, paths, logits.shape[-1], logits.device)
             logits = logits.masked_fill(~allowed, float("-inf"))
         return logits
 
     @property
     def constrained(self) -> bool:
         """Whether a row has a structured-output grammar."""
-        return any(m is not None for m in self.host.get("grammar", []))
+        return any(m is not None for m in self.grammar)
 
     def logprobs_of(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """`logprob_table` of the model's own (untempered) distributions at `logits` (B, T, V) for
-        the chosen `tokens` (B, T), when a row asked for logprobs (`host["logprobs"]`); else None."""
-        if all(k is None for k in self.host.get("logprobs", [])):
+        the chosen `tokens` (B, T), when a row asked for logprobs; else None."""
+        if all(k is None for k in self.logprobs):
             return None
         return logprob_table(logits.float().log_softmax(-1), tokens, MAX_LOGPROBS)
 
@@ -191,16 +202,11 @@ class DecodeBatch:
     def extend(self, other: DecodeBatch) -> None:
         """Append `other`'s rows: requests prefilled later join this running batch (continuous
         batching). Decoders treat rows independently, so a row decodes the same either way."""
+        joined = self.join(other)
         self.kv.extend(other.kv)
         self.sampler.extend(other.sampler)
-        self.seeds = torch.cat([self.seeds, other.seeds])
-        self.remaining = torch.cat([self.remaining, other.remaining])
-        self.num_forwards += other.num_forwards
-        self.stop_on_eos = torch.cat([self.stop_on_eos, other.stop_on_eos])
-        self.stats += other.stats
-        self.state = {k: torch.cat([_state(self, k, other), _state(other, k, self)]) for k in self.state | other.state}
-        self.host = {k: v + other.host[k] for k, v in self.host.items()}
         self.timings.merge(other.timings)
+        self._take_rows(joined)
 
     def split(self, parts: list[list[int]]) -> list[DecodeBatch]:
         """One new batch per list of row indices (together: every row): rows prefilled together,
@@ -209,42 +215,26 @@ class DecodeBatch:
             return [self]
         batches = []
         for rows, kv in zip(parts, self.kv.split(parts)):
-            part = copy.copy(self)
-            part.sampler, part.state, part.host = copy.copy(self.sampler), dict(self.state), dict(self.host)
-            part.timings = self.timings.copy()
-            part._select(rows)
-            part.kv = kv
+            part = self.select(rows)
+            part.kv, part.sampler, part.timings = kv, copy.copy(self.sampler), self.timings.copy()
+            part.sampler.select_rows(rows)
             batches.append(part)
         return batches
 
     def select_rows(self, rows: list[int]) -> None:
         """Keep only `rows` (indices), e.g. after requests finish; the others' KV pages return."""
         self.kv.select_rows(rows)
-        self._select(rows)
+        self.sampler.select_rows(rows)
+        self._take_rows(self.select(rows))
 
     def release(self) -> None:
         """The batch is done or abandoned: every row's KV pages return to the pool."""
         self.kv.release()
 
-    def _select(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long)
-        self.sampler.select_rows(rows)
-        self.seeds = self.seeds[index.to(self.seeds.device)]
-        self.remaining = self.remaining[index.to(self.remaining.device)]
-        self.num_forwards = [self.num_forwards[i] for i in rows]
-        self.stop_on_eos = self.stop_on_eos[index.to(self.stop_on_eos.device)]
-        self.stats = [self.stats[i] for i in rows]
-        self.state = {k: v[index.to(v.device)] for k, v in self.state.items()}
-        self.host = {k: [v[i] for i in rows] for k, v in self.host.items()}
-
-
-def _state(batch: DecodeBatch, key: str, other: DecodeBatch) -> torch.Tensor:
-    """`batch`'s state `key`, or zeros shaped like `other`'s when `batch` has none yet (state a
-    decoder creates lazily, e.g. self-spec's draft distribution, written before it is read)."""
-    if key in batch.state:
-        return batch.state[key]
-    like = other.state[key]
-    return like.new_zeros((batch.size, *like.shape[1:]))
+    def _take_rows(self, other: DecodeBatch) -> None:
+        """This batch's per-row fields become `other`'s (in place: groups hold this object)."""
+        for name, value in other._row_items():
+            setattr(self, name, value)
 
 
 class Decoder(ABC):

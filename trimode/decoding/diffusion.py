@@ -17,11 +17,26 @@ So reveal decisions equal the reference's wherever the reference keeps [MASK] ou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from trimode import logit_controls
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, logprob_table, mixed, rows_where
+from trimode.rows import Rows
 from trimode.sampling_params import MAX_LOGPROBS
+
+
+@dataclass
+class DiffusionRows(Rows):
+    block: torch.Tensor  # (B, b) the row's block: seed, revealed tokens, masks
+    masked: torch.Tensor  # (B, b) bool: positions still masked
+    in_budget: torch.Tensor  # (B, b) bool: positions within the row's max_tokens
+    fresh: torch.Tensor  # (B,) bool: a new block, whose budget the next plan reads
+    passes: torch.Tensor  # (B,) long: denoise passes of the current block
+    # (B, b, E) the logprob entry each revealed position got at its reveal; None until a row asks.
+    logprobs: torch.Tensor | None
+    # Host: which rows commit their block in the next forward (the rest denoise).
+    committing: list[bool]
 
 
 class DiffusionDecoder(Decoder):
@@ -33,49 +48,48 @@ class DiffusionDecoder(Decoder):
         self.threshold = threshold
 
     def pending_commit(self, batch: DecodeBatch) -> list[bool]:
-        return list(batch.host["committing"])  # a finished block, emitted, to be committed
+        return list(batch.state(DiffusionRows).committing)  # a finished block, emitted, to be committed
 
     def start(self, batch: DecodeBatch) -> None:
-        b, device = self.block_length, batch.seeds.device
-        batch.state.update(
-            block=torch.full((batch.size, b), batch.mask_id, dtype=torch.long, device=device),
-            masked=torch.zeros(batch.size, b, dtype=torch.bool, device=device),
-            in_budget=torch.zeros(batch.size, b, dtype=torch.bool, device=device),
-            fresh=torch.zeros(batch.size, dtype=torch.bool, device=device),
-            passes=torch.zeros(batch.size, dtype=torch.long, device=device),
+        b, n, device = self.block_length, batch.size, batch.seeds.device
+        batch.decoding = DiffusionRows(
+            block=torch.full((n, b), batch.mask_id, dtype=torch.long, device=device),
+            masked=torch.zeros(n, b, dtype=torch.bool, device=device),
+            in_budget=torch.zeros(n, b, dtype=torch.bool, device=device),
+            fresh=torch.zeros(n, dtype=torch.bool, device=device),
+            passes=torch.zeros(n, dtype=torch.long, device=device),
+            logprobs=None,
+            committing=[b == 1] * n,  # a block of length 1 has nothing to reveal: it commits every step
         )
-        # Host: which rows commit their block in the next forward (the rest denoise). A block of
-        # length 1 has nothing to reveal: its row commits every step.
-        batch.host["committing"] = [b == 1] * batch.size
         self._new_block(batch, torch.ones(batch.size, dtype=torch.bool, device=device))
 
     def _new_block(self, batch: DecodeBatch, rows: torch.Tensor) -> None:
         """[seed, MASK x (b-1)] for `rows` (bool (B,)); their budgets are read at the next plan,
         once the engine has counted the seed they just emitted."""
-        s = batch.state
-        fresh_block = torch.full_like(s["block"], batch.mask_id)
+        s = batch.state(DiffusionRows)
+        fresh_block = torch.full_like(s.block, batch.mask_id)
         fresh_block[:, 0] = batch.seeds
-        unmasked = torch.ones_like(s["masked"])
+        unmasked = torch.ones_like(s.masked)
         unmasked[:, 0] = False
-        s["block"] = torch.where(rows[:, None], fresh_block, s["block"])
-        s["masked"] = torch.where(rows[:, None], unmasked, s["masked"])
-        s["passes"] = torch.where(rows, 0, s["passes"])
-        s["fresh"] = s["fresh"] | rows
+        s.block = torch.where(rows[:, None], fresh_block, s.block)
+        s.masked = torch.where(rows[:, None], unmasked, s.masked)
+        s.passes = torch.where(rows, 0, s.passes)
+        s.fresh = s.fresh | rows
 
     def plan(self, batch: DecodeBatch) -> Forward:
-        s, device = batch.state, batch.seeds.device
+        s, device = batch.state(DiffusionRows), batch.seeds.device
         # Blocks always have the configured length (as in the reference), so a row decodes the same
         # alone or batched; a row whose budget ends inside the block stops once its budget is revealed.
         positions = torch.arange(self.block_length, device=device)
         budget = positions < (batch.remaining[:, None] + 1)  # (B, b); the seed is position 0
-        s["in_budget"] = torch.where(s["fresh"][:, None], budget, s["in_budget"])
-        s["fresh"] = torch.zeros_like(s["fresh"])
-        kind, causal = mixed(batch.host["committing"], ("denoise", "commit"), device)
-        return Forward(kind, s["block"], causal=causal)
+        s.in_budget = torch.where(s.fresh[:, None], budget, s.in_budget)
+        s.fresh = torch.zeros_like(s.fresh)
+        kind, causal = mixed(s.committing, ("denoise", "commit"), device)
+        return Forward(kind, s.block, causal=causal)
 
     def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
-        s, b, device = batch.state, self.block_length, batch.seeds.device
-        was_committing = batch.host["committing"]
+        s, b, device = batch.state(DiffusionRows), self.block_length, batch.seeds.device
+        was_committing = s.committing
         committing = torch.tensor(was_committing, device=device)
         denoising = ~committing
         sampler = batch.sampler
@@ -95,7 +109,7 @@ class DiffusionDecoder(Decoder):
         # The candidate's untempered probability, whether picked greedily or sampled (as LLaDA
         # and Fast-dLLM do), so the reveal schedule does not depend on temperature or top-k/top-p.
         confidence = (logits.gather(-1, candidates[..., None])[..., 0].float() - normalizer).exp()
-        open_slots = s["masked"] & denoising[:, None]
+        open_slots = s.masked & denoising[:, None]
         confidence = confidence.masked_fill(~open_slots, -1.0)
         if self.threshold is None:
             reveal = torch.zeros_like(open_slots)
@@ -108,46 +122,44 @@ class DiffusionDecoder(Decoder):
             # softmax's, as its confidence), kept with the block until the block is emitted.
             raw = batch.bidirectional_logits(raw)  # a no-op when it is `logits`, edited above
             table = logprob_table(raw.float() - raw_normalizer[..., None], candidates, MAX_LOGPROBS)
-            kept = s.get("logprobs", table.new_zeros(table.shape))
-            s["logprobs"] = torch.where(reveal[..., None], table, kept)
-        s["block"] = torch.where(reveal, candidates, s["block"])
-        s["masked"] = s["masked"] & ~reveal
-        s["passes"] = s["passes"] + denoising.long()
-        is_eos = torch.isin(s["block"], batch.eos_ids) & ~s["masked"] & batch.stop_on_eos[:, None]
+            kept = s.logprobs if s.logprobs is not None else table.new_zeros(table.shape)
+            s.logprobs = torch.where(reveal[..., None], table, kept)
+        s.block = torch.where(reveal, candidates, s.block)
+        s.masked = s.masked & ~reveal
+        s.passes = s.passes + denoising.long()
+        is_eos = torch.isin(s.block, batch.eos_ids) & ~s.masked & batch.stop_on_eos[:, None]
         is_eos[:, 0] = False
         first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), b)
         left_of_eos = torch.arange(b, device=device)[None] < first_eos[:, None]
-        eos_done = is_eos.any(1) & ~(s["masked"] & left_of_eos).any(1)
-        finished = denoising & (~(s["masked"] & s["in_budget"]).any(1) | eos_done)
+        eos_done = is_eos.any(1) & ~(s.masked & left_of_eos).any(1)
+        finished = denoising & (~(s.masked & s.in_budget).any(1) | eos_done)
         # A finished block is emitted now and committed by the next step, unless the row ends with it.
         commits_next = finished & ~eos_done & (batch.remaining > b - 1)
         batch.seeds = torch.where(committing, next_seed, batch.seeds)
         self._new_block(batch, committing)
         # For the step's transfer, per row: finished?, commits next?, passes, seed, block.
-        flags = torch.stack([finished.long(), commits_next.long(), s["passes"], next_seed], 1)
+        flags = torch.stack([finished.long(), commits_next.long(), s.passes, next_seed], 1)
 
         def read(rows: list[list[int]]) -> list[list[int]]:
             batch.record([r[2] for r in rows], rows=[bool(r[0]) for r in rows])
-            batch.host["committing"] = [bool(r[1]) or (c and b == 1) for r, c in zip(rows, was_committing)]
+            s.committing = [bool(r[1]) or (c and b == 1) for r, c in zip(rows, was_committing)]
             return [r[5:] if r[0] else [r[3]] if c else [] for r, c in zip(rows, was_committing)]
 
-        return Emission(
-            torch.cat([flags, s["block"]], 1), read, self._emitted_logprobs(batch, committing, seed_logprobs)
-        )
+        return Emission(torch.cat([flags, s.block], 1), read, self._emitted_logprobs(batch, committing, seed_logprobs))
 
     def _controlled(self, batch: DecodeBatch, logits: torch.Tensor, committing: torch.Tensor) -> torch.Tensor:
         """The pass's logits under the rows' logit controls. A denoising row's position p predicts
         its block's token p, output token `generated + p - 1`, after the block's tokens revealed so
         far; a committing row's last position predicts its next seed, its whole block counted."""
-        if not logit_controls.active(batch.state):
+        if batch.controls is None:
             return logits
-        s, b = batch.state, self.block_length
+        s, b = batch.state(DiffusionRows), self.block_length
         positions = torch.arange(b, device=logits.device)
         offsets = torch.where(committing[:, None], positions - (b - 1), positions - 1)
-        revealed = (~s["masked"] & ~committing[:, None]).float()
+        revealed = (~s.masked & ~committing[:, None]).float()
         revealed[:, 0] = 0  # the seed: emitted, so counted already
         within = torch.zeros(logits.shape[0], logits.shape[-1], device=logits.device)
-        within.scatter_add_(1, s["block"], revealed)
+        within.scatter_add_(1, s.block, revealed)
         return batch.controlled(logits, offsets, within[:, None])
 
     def _emitted_logprobs(
@@ -159,6 +171,8 @@ class DiffusionDecoder(Decoder):
             return None
         if self.block_length == 1:
             return seed
-        blocks = batch.state["logprobs"][:, 1:]
+        kept = batch.state(DiffusionRows).logprobs
+        assert kept is not None  # written by the accept that asked for logprobs
+        blocks = kept[:, 1:]
         seeds = torch.cat([seed, blocks[:, 1:]], 1)
         return torch.where(committing[:, None, None], seeds, blocks)

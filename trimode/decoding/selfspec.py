@@ -15,11 +15,26 @@ joined drafts while its neighbours verify, in the same forward (per-row causal f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from trimode import logit_controls
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, mixed, rows_where
+from trimode.rows import Rows
+
+
+@dataclass
+class SelfSpecRows(Rows):
+    drafts: torch.Tensor  # (B, b-1) each row's current drafts
+    # (B, b-1, V) the draft distributions sampled rows drew from; None until one does. Greedy rows
+    # read zeros: a draft is then accepted exactly when the verifier's one-hot p gives it mass,
+    # i.e. when it is the verifier's argmax.
+    q: torch.Tensor | None
+    drafting: list[bool]  # host: which rows draft next (the rest verify)
+    # Host: each row's drafts, read back only when a row has a structured-output grammar (the
+    # verify pass then masks each position after the drafts before it).
+    host_drafts: list[list[int]]
 
 
 class SelfSpecDecoder(Decoder):
@@ -30,24 +45,19 @@ class SelfSpecDecoder(Decoder):
         self.block_length = self.width = block_length
 
     def start(self, batch: DecodeBatch) -> None:
-        batch.state["drafts"] = torch.zeros(
-            batch.size, max(self.block_length - 1, 0), dtype=torch.long, device=batch.seeds.device
-        )
-        batch.host["drafting"] = [True] * batch.size  # host: which rows draft next (the rest verify)
-        # Host: each row's drafts, read back only when a row has a structured-output grammar (the
-        # verify pass then masks each position after the drafts before it).
-        batch.host["drafts"] = [[] for _ in range(batch.size)]
+        drafts = torch.zeros(batch.size, max(self.block_length - 1, 0), dtype=torch.long, device=batch.seeds.device)
+        batch.decoding = SelfSpecRows(drafts, None, [True] * batch.size, [[] for _ in range(batch.size)])
 
     def plan(self, batch: DecodeBatch) -> Forward:
         if self.block_length == 1:  # nothing to draft: a plain causal step
             return Forward("verify", batch.seeds[:, None], causal=True)
-        s, device = batch.state, batch.seeds.device
-        masks = torch.full_like(s["drafts"], batch.mask_id)
-        kind, drafting = mixed(batch.host["drafting"], ("verify", "draft"), device)
+        s, device = batch.state(SelfSpecRows), batch.seeds.device
+        masks = torch.full_like(s.drafts, batch.mask_id)
+        kind, drafting = mixed(s.drafting, ("verify", "draft"), device)
         if isinstance(drafting, torch.Tensor):
-            tail, causal = torch.where(drafting[:, None], masks, s["drafts"]), ~drafting
+            tail, causal = torch.where(drafting[:, None], masks, s.drafts), ~drafting
         else:
-            tail, causal = (masks if drafting else s["drafts"]), not drafting
+            tail, causal = (masks if drafting else s.drafts), not drafting
         return Forward(kind, torch.cat([batch.seeds[:, None], tail], 1), causal=causal, use_draft_lora=drafting)
 
     def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
@@ -56,9 +66,10 @@ class SelfSpecDecoder(Decoder):
             batch.seeds = batch.sampler.pick(batch.controlled(logits))[:, 0]
             batch.record([1] * batch.size)
             return Emission.seeds(batch.seeds, batch.logprobs_of(logits, batch.seeds[:, None]))
-        was_drafting = batch.host["drafting"]
+        s = batch.state(SelfSpecRows)
+        was_drafting = s.drafting
         verifying = [not d for d in was_drafting]
-        batch.host["drafting"] = verifying
+        s.drafting = verifying
         raw, logits = logits, self._controlled(batch, logits, verifying)
         constrained = batch.constrained
         if not any(verifying):
@@ -68,27 +79,26 @@ class SelfSpecDecoder(Decoder):
                 return Emission(batch.seeds.new_zeros(batch.size, 0), lambda rows: [[] for _ in rows])  # no transfer
 
             def keep(rows: list[list[int]]) -> list[list[int]]:
-                batch.host["drafts"] = rows
+                s.host_drafts = rows
                 return [[] for _ in rows]
 
-            return Emission(batch.state["drafts"], keep)
+            return Emission(s.drafts, keep)
         packed, bonus = self._verify(batch, logits, verifying)  # first: the draft step edits the logits
         # The verifier's (AR) log-probability of each emitted token: the accepted drafts, then the
         # bonus at position `accepted` (packed[:, 0]). Drafting rows emit nothing.
-        emitted = torch.cat([batch.state["drafts"], bonus[:, None]], 1).scatter(1, packed[:, :1], bonus[:, None])
+        emitted = torch.cat([s.drafts, bonus[:, None]], 1).scatter(1, packed[:, :1], bonus[:, None])
         logprobs = batch.logprobs_of(raw, emitted)
         batch.seeds = torch.where(torch.tensor(verifying, device=bonus.device), bonus, batch.seeds)
         self._draft(batch, logits, was_drafting)
 
         if constrained:  # the new drafts too, for the next verify's masks
-            packed = torch.cat([packed, batch.state["drafts"]], 1)
+            packed = torch.cat([packed, s.drafts], 1)
 
         def read(rows: list[list[int]]) -> list[list[int]]:
             # Per verifying row: its accepted drafts and the bonus; drafting rows emit nothing.
             if constrained:
-                old = batch.host["drafts"]
                 width = self.block_length + 1  # the new drafts follow [accepted, bonus, drafts]
-                batch.host["drafts"] = [r[width:] if d else o for r, d, o in zip(rows, was_drafting, old)]
+                s.host_drafts = [r[width:] if d else o for r, d, o in zip(rows, was_drafting, s.host_drafts)]
             emitted = [r[2 : 2 + r[0]] + [r[1]] if v else [] for r, v in zip(rows, verifying)]
             counts = [len(e) for e in emitted]
             batch.kv.commit(counts)
@@ -102,26 +112,26 @@ class SelfSpecDecoder(Decoder):
         its output token `generated + i` after drafts 1..i, so it sees their counts: each position
         exactly as the AR step there would (so self-spec == AR under penalties). A drafting row's
         position p proposes output token `generated + p - 1`, from the counts so far."""
-        b = self.block_length
+        b, s = self.block_length, batch.state(SelfSpecRows)
         offsets = within = paths = None
-        if logit_controls.active(batch.state):
+        if batch.controls is not None:
             positions = torch.arange(b, device=logits.device)
             ver = torch.tensor(verifying, device=logits.device)
             offsets = torch.where(ver[:, None], positions, positions - 1)
-            before = F.one_hot(batch.state["drafts"], logits.shape[-1]).float().cumsum(1)  # (B, b-1, V)
+            before = F.one_hot(s.drafts, logits.shape[-1]).float().cumsum(1)  # (B, b-1, V)
             within = torch.cat([torch.zeros_like(before[:, :1]), before], 1) * ver[:, None, None]
         if batch.constrained:
             # Verify position i: after drafts 1..i. A draft pass masks only its first draft (after
             # the tokens so far); the later ones are proposals the verify checks.
             drafting = [None, [], *[None] * (b - 2)]
-            paths = [[d[:i] for i in range(b)] if v else drafting for d, v in zip(batch.host["drafts"], verifying)]
+            paths = [[d[:i] for i in range(b)] if v else drafting for d, v in zip(s.host_drafts, verifying)]
         return batch.controlled(logits, offsets, within, paths)
 
     def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> None:
         """Fill the masks of `rows` from their bidirectional pass over [seed, MASK...]."""
         if not any(rows):
             return
-        s, sampler = batch.state, batch.sampler
+        s, sampler = batch.state(SelfSpecRows), batch.sampler
         draft_logits = batch.bidirectional_logits(logits[:, 1:])  # (B, b-1, V): own-position predictions
         chosen = torch.tensor(rows, device=logits.device)
         if sampler.all_greedy:
@@ -129,14 +139,14 @@ class SelfSpecDecoder(Decoder):
         else:
             q = sampler.probs(draft_logits)
             drafts = sampler.sample(q, rows=rows_where(rows))
-            s["q"] = torch.where(chosen[:, None, None], q, s["q"]) if "q" in s else q
-        s["drafts"] = torch.where(chosen[:, None], drafts, s["drafts"])
+            s.q = q if s.q is None else torch.where(chosen[:, None, None], q, s.q)
+        s.drafts = torch.where(chosen[:, None], drafts, s.drafts)
 
     def _verify(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """Accept the agreeing prefix of the drafts of `rows` and a bonus token. Returns, per row,
         [accepted, bonus, drafts...] (B, b + 1) for the step's transfer, and the bonus tokens (B,)."""
-        b, s, sampler = self.block_length, batch.state, batch.sampler
-        drafts = s["drafts"]
+        b, s, sampler = self.block_length, batch.state(SelfSpecRows), batch.sampler
+        drafts = s.drafts
         # The block length is fixed (not shrunk to the budget) so a row's drafts, and hence its
         # statistics, do not depend on what else is in the batch; a row never accepts past its budget.
         cap = batch.remaining - 1  # (B,) most drafts a row may still accept
@@ -147,8 +157,8 @@ class SelfSpecDecoder(Decoder):
             bonus = target.gather(1, accepted[:, None])[:, 0]
         else:
             draw = rows_where(rows)  # only verifying rows draw random numbers
-            q = s["q"]
             p = sampler.probs(logits)  # (B, b, V)
+            q = s.q if s.q is not None else torch.zeros_like(p[:, :-1])  # (B, b-1, V); None: only greedy drafts
             p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
             q_d = q.gather(-1, drafts[..., None])[..., 0]
             agreed = (sampler.uniform(b - 1, draw) * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q, no division

@@ -229,16 +229,16 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
         mask_id=runner.config.mask_token_id,
         num_forwards=[0] * len(requests),
         stats=[r.stats for r in requests],
-        host={"logprobs": [r.params.logprobs for r in requests], "grammar": [r.grammar for r in requests]},
-    )
-    logit_controls.start(
-        batch.state,
-        params,
-        [r.prompt_ids for r in requests],
-        [r.token_ids for r in requests],
-        eos_ids,
-        runner.config.vocab_size,
-        device,
+        logprobs=[r.params.logprobs for r in requests],
+        grammar=[r.grammar for r in requests],
+        controls=logit_controls.start(
+            params,
+            [r.prompt_ids for r in requests],
+            [r.token_ids for r in requests],
+            eos_ids,
+            runner.config.vocab_size,
+            device,
+        ),
     )
     set_remaining(batch, requests)
     return batch
@@ -355,7 +355,7 @@ def apply_step(
         entries = None if tables is None else tables[rows[i] if rows is not None else i]
         req.emit(tokens, eos_ids, tokenizer, now - req.arrival, entries)
         req.num_forwards = req.num_forwards_before + n
-    logit_controls.record(batch.state, emitted)
+    logit_controls.record(batch.controls, emitted)
     keep = [i for i, r in enumerate(active) if r.finish_reason is None]
     if len(keep) < len(active):
         for i, req in enumerate(active):
