@@ -9,7 +9,7 @@ each decoder) declares it once as a `Rows` dataclass whose fields are row-aligne
 - a nested `Rows`, or None for a feature no row of the batch uses yet: rows that lack the feature
   get its `blank` state, which every feature defines as "off" (zeros, empty lists).
 `select` and `join` walk the fields, so a feature cannot forget a path, and a row's state is the
-same whatever rows it is batched with. Fields marked `shared()` are per batch, not per row.
+same whatever rows it is batched with. Fields marked `SHARED` are per batch, not per row.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from typing import Any, Self, TypeVar
 
 import torch
 
-
-def shared(**kwargs: Any) -> Any:
-    """A dataclass field that is per batch, not per row (`select` and `join` keep it)."""
-    return dataclasses.field(metadata={"shared": True}, **kwargs)
+# A field's metadata that makes it per batch, not per row (`select` and `join` keep it):
+# `field(metadata=SHARED)`.
+SHARED = {"shared": True}
 
 
 @dataclasses.dataclass

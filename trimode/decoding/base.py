@@ -17,7 +17,7 @@ import copy
 from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from trimode import logit_controls, structured
 from trimode.kv_cache import KVCache
 from trimode.logit_controls import LogitControls
-from trimode.rows import Rows, shared
+from trimode.rows import SHARED, Rows
 from trimode.sampler import Sampler
 from trimode.sampling_params import MAX_LOGPROBS
 from trimode.timing import ForwardTimes
@@ -134,25 +134,25 @@ S = TypeVar("S", bound=Rows)
 
 @dataclass
 class DecodeBatch(Rows):
-    """A decode batch's rows. Every field not marked `shared` is per row and follows the rows
+    """A decode batch's rows. Every field not marked `SHARED` is per row and follows the rows
     through `extend`, `split` and `select_rows` (`trimode.rows`), features included: the logit
     controls (None while no row has any) and the decoder's own state (`decoding`, set by
     `Decoder.start`)."""
 
-    kv: KVCache = shared()
-    sampler: Sampler = shared()
+    kv: KVCache = field(metadata=SHARED)
+    sampler: Sampler = field(metadata=SHARED)
     seeds: torch.Tensor  # (B,) the last emitted token of each row, not yet fed to the model
     remaining: torch.Tensor  # (B,) tokens each row may still emit (from the engine's host counts)
-    eos_ids: torch.Tensor = shared()  # (E,) ids that end a row
+    eos_ids: torch.Tensor = field(metadata=SHARED)  # (E,) ids that end a row
     stop_on_eos: torch.Tensor  # (B,) bool, False for rows with ignore_eos
-    mask_id: int = shared()
+    mask_id: int = field(metadata=SHARED)
     num_forwards: list[int]  # per row: forwards it took part in, prefill included
     stats: list[list[int]]  # per row: the mode's per-step statistic (the request's own list)
     logprobs: list[int | None]  # per row: its request's `SamplingParams.logprobs`
     grammar: list[Any]  # per row: its structured output's llguidance matcher, or None
     controls: LogitControls | None = None
     decoding: Rows | None = None
-    timings: ForwardTimes = shared(default_factory=ForwardTimes)
+    timings: ForwardTimes = field(default_factory=ForwardTimes, metadata=SHARED)
 
     def state(self, kind: type[S]) -> S:
         """The decoder's per-row state, of the type its `start` gave it."""
