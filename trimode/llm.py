@@ -115,15 +115,16 @@ class LLM:
         """Rank 0's device and driver; on any other rank, serve forwards, then exit the process."""
         check_tp(load_config(path), world)  # before any worker starts (the loader checks again, per rank)
         torchrun = launched_by_torchrun()
+        workers = []
         if torchrun:
             tp, device = join_torchrun_ranks(world, self.device)
         else:
-            tp, device = spawn_workers(world, self.device, path, dtype, load_draft_lora), self.device
+            (tp, workers), device = spawn_workers(world, self.device, path, dtype, load_draft_lora), self.device
         control = control_group()
         if tp.rank > 0:
             run_worker(load_model(path, dtype, device, load_draft_lora, tp=tp), control)
             raise SystemExit(0)
-        return device, TensorParallelDriver(tp, control, spawned_on_cpu=not torchrun and device.type == "cpu")
+        return device, TensorParallelDriver(tp, control, not torchrun and device.type == "cpu", workers)
 
     def close(self) -> None:
         """Stop this LLM's tensor-parallel workers, if it has any (also done at exit)."""

@@ -31,6 +31,9 @@ class Request:
     params: SamplingParams
     request_id: str = ""
     arrival: float = 0.0  # time.perf_counter() when it arrived; token_times are relative to it
+    # The client request it is one sample (or prompt) of: the scheduler shares rows and queue
+    # places fairly between parents, not between samples. None: a parent of its own.
+    parent_id: str | None = None
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -323,8 +326,11 @@ def first_tokens(
     (B, 1, V), emitted as its first token, or for a resumed request the seed it had (already emitted
     before its preemption). `every` (B, T, V): the logits of every fed position, when a prompt is
     scored against `targets`."""
-    picked = batch.sampler.pick(batch.controlled(logits))[:, 0]
     known = [r.resume_seed for r in requests]
+    # A resumed row knows its seed and draws nothing: its random stream stays where its preemption
+    # left it, so a sampled request resumes with the numbers it would have drawn anyway.
+    drawing = [i for i, s in enumerate(known) if s is None]
+    picked = batch.sampler.pick(batch.controlled(logits), drawing if len(drawing) < len(known) else None)[:, 0]
     if any(s is not None for s in known):
         fill = torch.tensor([-1 if s is None else s for s in known], device=picked.device)
         picked = torch.where(fill >= 0, fill, picked)

@@ -138,10 +138,12 @@ class LLMEngine:
         text: str | None = None,
         name: str = "the prompt",
         grammar: Any = None,
+        parent_id: str | None = None,
     ) -> None:
         """`add_request` for a prompt already tokenized (`text`: what it reads, if known; `name`: what
         errors call it; `grammar`: its structured output's fresh matcher, `compile_grammar`'s, when
-        the caller compiled it off the engine's thread)."""
+        the caller compiled it off the engine's thread; `parent_id`: the client request it is one
+        sample or prompt of, which shares rows and queue places fairly with other parents)."""
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_fits(ids, params, name)
@@ -149,7 +151,7 @@ class LLMEngine:
             raise ValueError(
                 "the engine takes one sample per request: give n samples as n requests (LLM and the server do)"
             )
-        req = Request(text, ids, params, request_id=request_id, arrival=time.perf_counter())
+        req = Request(text, ids, params, request_id=request_id, arrival=time.perf_counter(), parent_id=parent_id)
         req.grammar = grammar if grammar is not None else self.compile_grammar(params)
         self.scheduler.add(req)
         self._ids.add(request_id)
@@ -193,7 +195,7 @@ class LLMEngine:
                 raise KVPoolExhausted(f"{pages_needed()} KV pages needed, the pool has {self.pool.num_pages}")
             self._preempt(max(running, key=lambda r: r.arrival))
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, why: str = "KV pool full") -> None:
         for job in self._chunked:
             if job.request is req:  # mid-prefill: it starts that prefill again, from where it started
                 self._chunked.remove(job)
@@ -205,7 +207,7 @@ class LLMEngine:
             self.groups.drop_row(key, row)
         self.scheduler.add_preempted(req)
         self.num_preemptions += 1
-        logger.info("request %s preempted (KV pool full); it resumes when pages are free", req.request_id)
+        logger.info("request %s preempted (%s); it resumes where it was when it is admitted again", req.request_id, why)
 
     def _forget(self, request_id: str) -> None:
         self._ids.discard(request_id)
@@ -316,7 +318,9 @@ class LLMEngine:
             self._chunk_turn = False
             return self._chunk_part(self._chunked[0])
         self._chunk_turn = True
-        admitted = self.scheduler.admit(self.num_running, self.pool.num_free_pages, self.max_num_batched_tokens)
+        for req in self.scheduler.to_preempt(self.running()):  # a parent holding most rows gives one up
+            self._preempt(req, "its row went to a request holding fewer")
+        admitted = self.scheduler.admit(self.running(), self.pool.num_free_pages, self.max_num_batched_tokens)
         if not admitted:
             return self._chunk_part(self._chunked[0]) if self._chunked else None
         if len(admitted[0].context_ids) > self.max_num_batched_tokens:  # admitted alone: chunk it

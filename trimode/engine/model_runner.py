@@ -121,7 +121,7 @@ class ModelRunner:
         if compiled:
             return [self.compiled(model_parts[0], fwd0)]
         if self.tp_driver is not None:
-            self.tp_driver.announce(model_parts, [kv.pool for kv, _ in parts])
+            return self.tp_driver.run(self.model, model_parts, [kv.pool for kv, _ in parts])
         return self.model.forward_parts(model_parts)
 
     def execute(self, parts: list[tuple[DecodeBatch, Forward]]) -> tuple[list[torch.Tensor], float]:

@@ -12,11 +12,16 @@ device, so a GPU forward's collectives stay on NCCL and the messages never touch
 Two launches: under torchrun every rank runs the same command and ranks > 0 turn into workers
 inside `LLM(...)` (they exit when rank 0 does); otherwise `spawn_workers` starts them, so the server
 stays the one process a user starts.
+
+A forward needs every rank: once a worker is gone (or a forward failed on rank 0, leaving the
+workers inside its collectives), no forward can run again. The driver then says why (`failure`),
+refuses every later forward with `WorkerDead` and stops without messaging the group.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import datetime
 import itertools
@@ -60,12 +65,30 @@ def _host(x: torch.Tensor | bool | None) -> torch.Tensor | bool | None:
     return x.cpu() if isinstance(x, torch.Tensor) else x
 
 
+class WorkerDead(RuntimeError):
+    """A tensor-parallel worker is gone (or the group is out of step): no forward can run again."""
+
+
+def _exit_status(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
 class TensorParallelDriver:
     """Rank 0's side: names pools to the workers and broadcasts each forward before running it."""
 
-    def __init__(self, tp: TensorParallel, control: dist.ProcessGroup, spawned_on_cpu: bool = False) -> None:
-        """`spawned_on_cpu`: this process shares the cores with workers it spawned, until `close`."""
+    def __init__(
+        self,
+        tp: TensorParallel,
+        control: dist.ProcessGroup,
+        spawned_on_cpu: bool = False,
+        workers: list[subprocess.Popen] | None = None,
+    ) -> None:
+        """`spawned_on_cpu`: this process shares the cores with workers it spawned, until `close`;
+        `workers`: the processes of ranks 1.. when this process spawned them (so their death shows
+        at once, even with no forward running; torchrun's ranks show it at the next message)."""
         self.tp, self.control = tp, control
+        self.workers = workers or []
+        self._failure: str | None = None
         self._threads = share_cores(tp.world) if spawned_on_cpu else None
         self._ids = itertools.count()
         self._pool_ids: weakref.WeakKeyDictionary[KVPool, int] = weakref.WeakKeyDictionary()
@@ -75,8 +98,33 @@ class TensorParallelDriver:
         self.closed = False
         atexit.register(self.close)
 
+    @property
+    def failure(self) -> str | None:
+        """Why forwards can no longer run (a worker exited, a message or a forward failed), or None."""
+        if self._failure is None and not self.closed:
+            for rank, proc in enumerate(self.workers, start=1):
+                code = proc.poll()
+                if code is not None:
+                    self._failure = f"tensor-parallel rank {rank} exited ({_exit_status(code)})"
+                    break
+        return self._failure
+
+    def _broken(self, error: Exception) -> WorkerDead:
+        """Record that the group failed with `error`; the error to raise."""
+        for proc in self.workers:  # a killed worker's sockets close just before it can be reaped
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        if self.failure is None:
+            self._failure = f"a tensor-parallel forward failed ({type(error).__name__}: {error})"
+        return WorkerDead(self._failure)
+
     def _send(self, message: tuple) -> None:
-        dist.broadcast_object_list([message], src=0, group=self.control)
+        if self.failure is not None:
+            raise WorkerDead(self.failure)
+        try:
+            dist.broadcast_object_list([message], src=0, group=self.control)
+        except RuntimeError as e:  # gloo: a rank closed its connection
+            raise self._broken(e) from e
 
     def add_pool(self, pool: KVPool) -> None:
         """Every worker allocates the same pages, for its own KV heads."""
@@ -107,13 +155,25 @@ class TensorParallelDriver:
         dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
         self._send(("forward", dropped, messages))
 
+    def run(self, model: Transformer, parts: list[Part], pools: list[KVPool]) -> list[torch.Tensor]:
+        """Announce a forward over `parts`, then run rank 0's share of it. One that fails here
+        leaves the workers inside its collectives, out of step with every later message."""
+        self.announce(parts, pools)
+        try:
+            return model.forward_parts(parts)
+        except Exception as e:
+            raise self._broken(e) from e
+
     def close(self) -> None:
-        """Stop the workers (they leave their loop and exit); safe to call twice."""
+        """Stop the workers (they leave their loop and exit); safe to call twice. After a failure
+        there is no group to message: the living workers end with this process."""
         if self.closed:
             return
+        failed = self.failure is not None
         self.closed = True
         atexit.unregister(self.close)
-        self._send(("stop",))
+        if not failed:
+            self._send(("stop",))
         dist.destroy_process_group()
         if self._threads is not None:
             torch.set_num_threads(self._threads)
@@ -178,10 +238,11 @@ def _free_port() -> int:
 
 def spawn_workers(
     world: int, device: torch.device, path: Path, dtype: torch.dtype, load_draft_lora: bool
-) -> TensorParallel:
+) -> tuple[TensorParallel, list[subprocess.Popen]]:
     """Start ranks 1..world-1 as processes of their own (a fresh interpreter running `worker_main`, so
     the caller's script is never re-imported), each loading its slices of `path`; this process
-    becomes rank 0 of their group, on 127.0.0.1. A worker exits when rank 0 stops or dies."""
+    becomes rank 0 of their group, on 127.0.0.1. A worker exits when rank 0 stops or dies.
+    Returns rank 0's place in the group and the workers' processes."""
     if dist.is_initialized():
         raise RuntimeError(
             "this process already belongs to a torch.distributed group: one tensor-parallel LLM per "
@@ -194,13 +255,14 @@ def spawn_workers(
         )
     address = f"tcp://127.0.0.1:{_free_port()}"
     dtype_name = str(dtype).removeprefix("torch.")
+    workers = []
     for rank in range(1, world):
         args = [str(rank), str(world), address, device.type, str(path), dtype_name, str(int(load_draft_lora))]
         args.append(str(os.getpid()))
         code = f"from trimode.engine.tp_workers import worker_main; worker_main({args!r})"
-        subprocess.Popen([sys.executable, "-c", code])
+        workers.append(subprocess.Popen([sys.executable, "-c", code]))
     dist.init_process_group(backend(device), init_method=address, rank=0, world_size=world)
-    return TensorParallel(0, world)
+    return TensorParallel(0, world), workers
 
 
 def share_cores(world: int) -> int:

@@ -23,6 +23,7 @@ from trimode import __version__
 from trimode.engine.generate import RequestOutput
 from trimode.engine.inputs import tokenize_prompt
 from trimode.engine.scheduler import QueueFull
+from trimode.engine.tp_workers import WorkerDead
 from trimode.outputs import GenerationOutput
 from trimode.server.async_engine import AsyncEngine, EngineError, ShuttingDown
 from trimode.server.guard import Guard, error_response
@@ -44,7 +45,7 @@ MAX_BODY_BYTES = 1_000_000
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 STALL_S = 30.0  # /health fails once the engine thread has not come round its loop for this long
 # What validation and the engine raise for one request; APIError.of says what the client is told.
-SERVING_ERRORS = (ValueError, QueueFull, ShuttingDown, EngineError)
+SERVING_ERRORS = (ValueError, QueueFull, ShuttingDown, WorkerDead, EngineError)
 
 
 class APIError(Exception):
@@ -55,11 +56,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
     @classmethod
-    def of(cls, exc: ValueError | QueueFull | ShuttingDown | EngineError) -> APIError:
+    def of(cls, exc: ValueError | QueueFull | ShuttingDown | WorkerDead | EngineError) -> APIError:
         """What the client is told about an error from validation or the engine."""
         if isinstance(exc, QueueFull):
             return cls(429, str(exc), "rate_limit_error", headers={"Retry-After": "1"})
-        if isinstance(exc, ShuttingDown):
+        if isinstance(exc, (ShuttingDown, WorkerDead)):  # not this request's fault, nor a bug: unavailable
             return cls(503, str(exc), "server_error")
         if isinstance(exc, ValueError):
             return cls(400, str(exc), "invalid_request_error")
@@ -156,11 +157,15 @@ def build_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         """200 only while the engine thread is alive and coming round its loop: a step running
-        longer than `stall_s`, or a dead thread, answers 503 with the reason."""
+        longer than `stall_s`, a dead thread, or a dead tensor-parallel worker (no forward can run
+        again) answers 503 with the reason."""
         age = engine.heartbeat_age
         status = "ok"
+        failure = engine.worker_failure
         if not engine.is_alive:
             status = "engine_dead"
+        elif failure is not None:
+            status = "worker_dead"
         elif age > stall_s:
             status = "engine_stalled"
         elif engine.is_draining:
@@ -172,6 +177,8 @@ def build_app(
             "running": engine.status.running,
             "waiting": engine.status.waiting,
         }
+        if failure is not None:
+            doc["worker_error"] = failure
         return JSONResponse(doc, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
@@ -263,7 +270,7 @@ def build_app(
                     index = len(streams)  # the choice's index: i * n + j
                     sub_id = request_id if len(prepare) * len(samples) == 1 else f"{request_id}-{index}"
                     matcher = None if grammar is None else grammar.deep_copy()
-                    streams.append(engine.submit(sub_id, prompt_ids, sample, matcher))
+                    streams.append(engine.submit(sub_id, prompt_ids, sample, matcher, parent_id=request_id))
                     submitted.append(sub_id)
         except SERVING_ERRORS as e:
             for sub_id in submitted:

@@ -4,9 +4,11 @@ The event loop validates a request, tokenizes it on a worker thread (never on th
 it over through a command queue; the engine thread drains commands between steps, runs `step()`,
 and pushes each request's outputs into that request's asyncio queue. Aborts (client gone) take
 effect before the next step. A request the engine fails gets an `EngineError` alone. The thread
-beats a heartbeat every loop iteration, so /health can tell a frozen engine from a busy one.
-Shutdown drains: new requests are refused at once, running ones get until a deadline, then end
-with `ShuttingDown`.
+beats a heartbeat every loop iteration, so /health can tell a frozen engine from a busy one. Once a
+tensor-parallel worker is dead nothing can run: every request ends with `WorkerDead` (HTTP 503),
+new ones are refused with it, and /health says so. Queue places are counted per client request
+(its n samples and prompts take one). Shutdown drains: new requests are refused at once, running
+ones get until a deadline, then end with `ShuttingDown`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from typing import Any, TypeVar
 from trimode.engine.generate import RequestOutput
 from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.scheduler import QueueFull
+from trimode.engine.tp_workers import WorkerDead
 from trimode.sampling_params import SamplingParams
 from trimode.server.metrics import Metrics
 
@@ -66,7 +70,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._modes: dict[str, str] = {}  # request id -> mode, for the abort counter
-        self._pending = 0  # handed over, not yet in the engine's queue
+        self._pending: Counter[str] = Counter()  # parent request id -> its requests handed over, not yet queued
+        self._failure_logged = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -93,6 +98,15 @@ class AsyncEngine:
         return time.monotonic() - self.status.heartbeat
 
     @property
+    def worker_failure(self) -> str | None:
+        """Why a tensor-parallel worker can no longer run forwards (None: all can, or there are none)."""
+        driver = self.engine.runner.tp_driver
+        return None if driver is None else driver.failure
+
+    def _worker_dead(self, failure: str) -> WorkerDead:
+        return WorkerDead(f"a tensor-parallel worker is dead ({failure}): this server cannot generate until restarted")
+
+    @property
     def is_draining(self) -> bool:
         return self._drain_deadline is not None
 
@@ -112,22 +126,35 @@ class AsyncEngine:
             return f"{prefix}-{self._counter}"
 
     def submit(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, grammar: Any = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        grammar: Any = None,
+        parent_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Validate (ValueError), check the queue (QueueFull, ShuttingDown), then stream the outputs.
-        `grammar`: the request's structured-output matcher, compiled off the engine thread."""
+        """Validate (ValueError), check the queue (QueueFull, ShuttingDown, WorkerDead), then stream
+        the outputs. `grammar`: the request's structured-output matcher, compiled off the engine
+        thread; `parent_id`: the client request it is one sample or prompt of (one queue place)."""
         if self.is_draining:
             raise ShuttingDown("the server is shutting down and takes no new requests")
+        failure = self.worker_failure
+        if failure is not None:
+            raise self._worker_dead(failure)
         self.engine.check_fits(prompt_ids, params)
+        parent = parent_id if parent_id is not None else request_id
+        scheduler = self.engine.scheduler
         with self._lock:
-            # len() of the scheduler's deque is safe from this thread and current, unlike the snapshot.
-            if self.engine.num_waiting + self._pending >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later")
-            self._pending += 1
+            # Reads of the scheduler's places (a dict's len and membership) are safe from this thread.
+            if parent not in self._pending and not scheduler.has_place(parent):
+                handed = sum(1 for p in self._pending if not scheduler.has_place(p))
+                if scheduler.num_places + handed >= self.max_queue:
+                    raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later")
+            self._pending[parent] += 1
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._modes[request_id] = params.mode.value
-        self._commands.put(("add", request_id, prompt_ids, params, grammar))
+        self._commands.put(("add", request_id, prompt_ids, params, grammar, parent))
         self._wake.set()
         return self._iterate(request_id, stream)
 
@@ -170,16 +197,19 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, request_id, prompt_ids, params, grammar = cmd
-                with self._lock:
-                    self._pending -= 1
+                _, request_id, prompt_ids, params, grammar, parent = cmd
                 try:
-                    self.engine.add_tokenized(request_id, prompt_ids, params, grammar=grammar)
+                    self.engine.add_tokenized(request_id, prompt_ids, params, grammar=grammar, parent_id=parent)
                 except (ValueError, QueueFull) as e:
                     self._deliver(request_id, e)
                 except Exception as e:
                     logger.error("request %s could not be queued", request_id, exc_info=e)
                     self._deliver(request_id, EngineError(f"internal error: {type(e).__name__}: {e}"))
+                finally:
+                    with self._lock:  # queued (it holds its parent's place now) or refused
+                        self._pending[parent] -= 1
+                        if not self._pending[parent]:
+                            del self._pending[parent]
             elif self.engine.abort_request(cmd[1]):
                 self.metrics.requests.labels(cmd[2], "abort").inc()
                 self.metrics.failed("client_disconnected")
@@ -203,11 +233,24 @@ class AsyncEngine:
         m.preemptions.set(eng.num_preemptions)
         self.status.heartbeat = time.monotonic()
 
+    def _failed(self, error: str) -> Exception:
+        """What a client is told of its request failing inside the engine with `error`."""
+        failure = self.worker_failure
+        if failure is not None:
+            return self._worker_dead(failure)
+        return EngineError(f"internal error while serving this request ({error}); other requests are unaffected")
+
     def _run(self) -> None:
         while not self._stop:
             self._drain_commands()
             if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                 self._end_all(ShuttingDown("the server shut down before this request finished"))
+            failure = self.worker_failure
+            if failure is not None:  # nothing can run again: end what is queued, do not step
+                if not self._failure_logged:
+                    logger.error("%s; /health answers 503 and requests are refused", self._worker_dead(failure))
+                    self._failure_logged = True
+                self._end_all(self._worker_dead(failure))
             self._beat()
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(timeout=0.05)
@@ -217,16 +260,13 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as e:  # the engine isolates request failures; this is a bug in the loop itself
                 logger.error("engine step failed", exc_info=e)
-                self._end_all(EngineError(f"internal error: engine step failed: {type(e).__name__}"))
+                failure = self.worker_failure
+                error = EngineError(f"internal error: engine step failed: {type(e).__name__}")
+                self._end_all(error if failure is None else self._worker_dead(failure))
                 continue
             for out in outputs:
                 if out.error is not None:  # counted by the HTTP layer, which knows if a stream had begun
-                    self._deliver(
-                        out.request_id,
-                        EngineError(
-                            f"internal error while serving this request ({out.error}); other requests are unaffected"
-                        ),
-                    )
+                    self._deliver(out.request_id, self._failed(out.error))
                     continue
                 if out.finished:
                     self.metrics.finished(out)

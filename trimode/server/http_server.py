@@ -6,7 +6,8 @@
   (or of its previous response), else the connection is closed: byte-per-second clients do not hold
   slots. Responses (long streams) are not limited, whether the connection is kept alive or not.
 - SIGTERM / SIGINT drains: no new connections or requests; running requests get `shutdown_timeout`
-  seconds, then end with an error event (streams) or a 503; a second signal exits at once.
+  seconds, then end with an error event (streams) or a 503; a second signal exits at once. Either
+  way the process exits 0 (uvicorn's own handler would end it by the signal it caught).
 - "serving on" is printed once the port is bound, with the port actually bound.
 """
 
@@ -78,9 +79,8 @@ class Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        # Once shut down, uvicorn raises the SIGTERM / SIGINT it caught again, which ends the process
-        # without its exit handlers: `on_stopped` releases what outlives the app first (the engine
-        # thread, tensor-parallel workers).
+        # `on_stopped` releases what outlives the app (the engine thread, tensor-parallel workers)
+        # however the server stopped.
         with super().capture_signals():
             try:
                 yield
@@ -88,11 +88,14 @@ class Server(uvicorn.Server):
                 self.on_stopped()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not uvicorn's, which records the signal to raise it again once shut down: the process
+        # would then end by it (exit status -15, and no exit handlers). A server that drained as
+        # asked has stopped cleanly, and exits 0.
         if self.should_exit:
             self.force_exit = True  # a second signal, of any kind: stop waiting
         else:
             self.on_first_signal()
-        super().handle_exit(sig, frame)
+        self.should_exit = True
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)
