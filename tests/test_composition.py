@@ -33,7 +33,7 @@ SHAPES: list[dict[str, Any]] = [
     dict(mode="selfspec", block_length=4),
     dict(mode="selfspec", block_length=8),
 ]
-TOKENS = 12
+TOKENS = 8
 PROMPTS = ["def parse(line):", "Sort: 42 7 19 3", "import os\n", "class Stack:", "Add: 457 + 268"]
 
 
