@@ -49,6 +49,7 @@ def run_to_completion(engine) -> tuple[dict, dict]:
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.error is not None:
+                assert out.is_request_error, out.error  # the request's own, not an engine bug
                 errors[out.request_id] = out.error
             elif out.finished:
                 results[out.request_id] = out.output
@@ -98,7 +99,7 @@ def test_a_choice_shorter_than_min_tokens_is_refused(embedded):
 
 def test_a_grammar_that_ends_before_min_tokens_fails_its_request_alone(embedded):
     """Item 6: the grammar is complete after 3 digits, but min_tokens forbids EOS: the request ends
-    with an error naming its grammar (RequestOutput.error, a server error), not with tokens outside
+    with an error naming its grammar (RequestOutput.error, the request's own: a 400), not with tokens outside
     the grammar; its neighbour in the batch finishes as usual."""
     engine = embedded.engine()
     digits = SamplingParams(max_tokens=16, min_tokens=8, temperature=1.0, seed=0, structured={"regex": "[0-9]{3}"})
@@ -130,8 +131,9 @@ def test_a_token_the_grammar_rejects_ends_the_request_with_an_error(embedded, gr
 
 
 def test_the_server_refuses_or_fails_such_grammars_instead_of_answering_200():
-    """Item 6 through HTTP: a grammar past the limits is a 400; one that fails at run time is an
-    error naming the grammar (streamed: an error event), never a 200 with finish_reason "stop"."""
+    """Item 6 through HTTP: a grammar past the limits is a 400; one that fails at run time is a 400
+    naming the grammar (streamed: an error event), never a 200 with finish_reason "stop" nor a 500
+    that calls the request's own conflict an internal error."""
     proc, url = start_server(str(EMBEDDED_MODEL_DIR), "--served-model-name", MODEL)
     try:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 16}
@@ -139,9 +141,11 @@ def test_the_server_refuses_or_fails_such_grammars_instead_of_answering_200():
         assert r.status_code == 400 and "structured output: lexer error" in r.text, r.text
         failing = {**body, "guided_regex": "[0-9]{3}", "min_tokens": 8, "temperature": 1, "seed": 0}
         r = httpx.post(url + "/v1/completions", json=failing, timeout=60)
-        assert r.status_code >= 400 and "structured output (regex): it ended after" in r.text, r.text
+        assert r.status_code == 400 and "structured output (regex): it ended after" in r.text, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"  # not an "internal error" 500
         r = httpx.post(url + "/v1/completions", json={**failing, "stream": True}, timeout=60)
         assert "structured output (regex)" in r.text and '"finish_reason":"stop"' not in r.text.replace(" ", "")
+        assert '"code": 400' in r.text, r.text
     finally:
         proc.terminate()
         proc.wait(timeout=10)

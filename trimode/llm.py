@@ -255,6 +255,8 @@ class LLM:
         with tqdm(total=len(rows), unit="sample", disable=not use_tqdm) as bar:
             while engine.has_unfinished_requests():
                 for out in engine.step():
+                    if out.error is not None and out.is_request_error:
+                        raise ValueError(f"prompt {out.request_id}: {out.error}")
                     if out.error is not None:
                         raise RuntimeError(f"prompt {out.request_id} failed inside the engine: {out.error}")
                     if out.output is not None:

@@ -430,7 +430,9 @@ class LLMEngine:
 
     def _output(self, req: Request, decoder: Decoder, batch: DecodeBatch) -> RequestOutput:
         if req.error is not None:  # its grammar failed (`Request.emit`): an error, not text outside it
-            return self._fail(req, ValueError(req.error))
+            logger.info("request %s ended: %s", req.request_id, req.error)
+            self._forget(req.request_id)
+            return RequestOutput(req.request_id, "", [], True, error=req.error, is_request_error=True)
         sent_tokens, sent_chars = self._sent[req.request_id]
         safe = streamable_text(req)
         out = RequestOutput(

@@ -266,7 +266,8 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 if out.error is not None:  # counted by the HTTP layer, which knows if a stream had begun
-                    self._deliver(out.request_id, self._failed(out.error))
+                    failed = ValueError(out.error) if out.is_request_error else self._failed(out.error)
+                    self._deliver(out.request_id, failed)
                     continue
                 if out.finished:
                     self.metrics.finished(out)
