@@ -23,10 +23,18 @@ _M32 = 0xFFFFFFFF
 
 @dataclass
 class RandomStream:
-    """A request's random numbers: its seed and how many draws it has made (kept across preemption)."""
+    """A request's random numbers: its seed and how many draws it has made (kept across preemption).
+    `emitted_at`: the draws it had made when it last emitted tokens. A preempted request resumes
+    from there: draws for work it loses (a diffusion block half denoised, self-spec drafts not yet
+    verified) are drawn again, so it samples exactly what it would have uninterrupted."""
 
     seed: int
     draws: int = 0
+    emitted_at: int = 0
+
+    def rewind(self) -> None:
+        """Back to the draws of its last emission (`emitted_at`)."""
+        self.draws = self.emitted_at
 
 
 def new_stream(params: SamplingParams) -> RandomStream:

@@ -92,8 +92,11 @@ class Request:
 
     def preempt(self, pending_commit: bool) -> None:
         """It lost its KV pages: resume later by prefilling its prompt and output (see
-        `Decoder.pending_commit`). Its output so far, its text and its random stream are kept."""
+        `Decoder.pending_commit`). Its output so far, its text and its random stream are kept (the
+        stream rewound to its last emission: what it drew for the work it loses, it draws again)."""
         self.num_forwards_before = self.num_forwards
+        if self.stream is not None:
+            self.stream.rewind()
         if pending_commit or not self.token_ids:
             self.num_resumed, self.resume_seed = len(self.token_ids), None
         else:
@@ -360,6 +363,8 @@ def apply_step(
     for i, (req, tokens, n) in enumerate(zip(active, emitted, batch.num_forwards)):
         entries = None if tables is None else tables[rows[i] if rows is not None else i]
         req.emit(tokens, eos_ids, tokenizer, now - req.arrival, entries)
+        if tokens and req.stream is not None:
+            req.stream.emitted_at = req.stream.draws
         req.num_forwards = req.num_forwards_before + n
     logit_controls.record(batch.controls, emitted)
     keep = [i for i, r in enumerate(active) if r.finish_reason is None]
