@@ -205,15 +205,28 @@ def soak(url: str, seconds: float, clients: int, seed: int = 0) -> dict[str, Any
     started = time.time()
     with concurrent.futures.ThreadPoolExecutor(clients) as ex:
         list(ex.map(client, range(clients)))
+    seconds = time.time() - started
+    deadline = time.time() + 10  # hung-up streams leave within a step or two
+    while metric(url, "trimode_running_batch") > 0 and time.time() < deadline:
+        time.sleep(0.1)
     return {
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(seconds, 1),
         "clients": clients,
         "counts": dict(sorted(counts.items())),
         # A valid request's error is any status but 200 (its text says which) or an error event.
         "failures": sum(n for k, n in counts.items() if k.startswith(("hostile 5", "valid error", "valid differs"))),
         "internal_errors": metric(url, "trimode_request_failures_total", 'reason="internal_error"'),
+        "preemptions": metric(url, "trimode_preemptions"),
+        "rows_left_running": metric(url, "trimode_running_batch"),
+        "health_after": httpx.get(url + "/health", timeout=10).json()["status"],
         "mismatches": mismatches[:20],
     }
+
+
+def _rss_mib(pid: int) -> float:
+    """A process's resident memory (Linux)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return round(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024, 1)
 
 
 def main() -> None:
@@ -224,7 +237,9 @@ def main() -> None:
     args = parser.parse_args()
     proc, url = start_server("--max-batch", "32")
     try:
+        rss_mib = [_rss_mib(proc.pid)]
         report = soak(url, args.seconds, args.clients)
+        report["server_rss_mib_start_end"] = [*rss_mib, _rss_mib(proc.pid)]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
