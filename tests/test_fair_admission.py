@@ -75,11 +75,13 @@ def test_queue_places_count_client_requests_not_samples():
     s.add(request("third", "third", [4]))
 
 
-def test_a_short_request_finishes_while_a_large_n_request_runs(llm):
+@pytest.mark.parametrize("prompt", [SHORT, BIG], ids=["its-own-prompt", "the-same-prompt"])
+def test_a_short_request_finishes_while_a_large_n_request_runs(llm, prompt):
     """Pins the head-of-line block end to end in the engine: with every row taken by the samples of
     an n = 8 request, a 4-token request waited for a whole wave of them to finish. It now gets a row
     at the next prefill (a sample gives its row up and resumes later), and every sample gives the
-    tokens and logprobs it gives without any neighbour."""
+    tokens and logprobs it gives without any neighbour. With the same prompt as the samples, it
+    waited for them anyway (it queued behind a waiting sample to share its pages)."""
     big = SamplingParams(max_tokens=48, temperature=1.0, seed=11, logprobs=3, ignore_eos=True, n=8)
     short = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     engine = llm.engine(max_batch=4)
@@ -88,7 +90,7 @@ def test_a_short_request_finishes_while_a_large_n_request_runs(llm):
         engine.add_tokenized(f"big-{j}", ids, sample, parent_id="big")
     for _ in range(6):
         engine.step()
-    engine.add_tokenized("short", llm.tokenizer.encode(SHORT), short)
+    engine.add_tokenized("short", llm.tokenizer.encode(prompt), short)
     finished: list[str] = []
     outputs = {}
     steps = 0
@@ -109,7 +111,7 @@ def test_a_short_request_finishes_while_a_large_n_request_runs(llm):
         for position, expected in zip(got.logprobs, alone.logprobs, strict=True):
             assert list(position) == list(expected)
             assert [e.logprob for e in position.values()] == pytest.approx([e.logprob for e in expected.values()])
-    assert outputs["short"].token_ids == llm.generate(SHORT, short)[0].token_ids
+    assert outputs["short"].token_ids == llm.generate(prompt, short)[0].token_ids
 
 
 def test_the_server_admits_a_short_request_beside_a_large_n_request(llm):

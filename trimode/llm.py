@@ -250,7 +250,8 @@ class LLM:
         need = sum(num_pages(kv_slots(Request(None, p, sp)), PAGE_SIZE) + 1 for _, _, p, _, sp in rows)
         engine = self.engine(max_batch=len(rows), max_queue=len(rows), kv_cache_tokens=need * PAGE_SIZE)
         for i, j, p, text, sp in rows:
-            engine.add_tokenized(f"{i}.{j}", p, sp, text, name=f"prompt {i}")
+            # One parent: the engine serves this call alone, and samples of equal prompts share pages.
+            engine.add_tokenized(f"{i}.{j}", p, sp, text, name=f"prompt {i}", parent_id="generate")
         results: dict[str, GenerationOutput] = {}
         with tqdm(total=len(rows), unit="sample", disable=not use_tqdm) as bar:
             while engine.has_unfinished_requests():

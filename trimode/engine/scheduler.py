@@ -66,15 +66,19 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         """Queue a request the engine has checked (`check_fits`). A request whose context is that
-        of one already waiting (n samples of a prompt, the choices of a multiple-choice question
-        after one context) is admitted after that one, whose prefill will have cached the
+        of one of its parent's already waiting (n samples of a prompt, identical prompts of one
+        `LLM.generate` call) is admitted after that one, whose prefill will have cached the
         context's full pages for it to share."""
         parent = parent_of(req)
         if parent not in self._places and len(self._places) >= self.max_queue:
             raise QueueFull(f"{len(self._places)} requests are waiting (max_queue={self.max_queue}); retry later")
         if not req.wants_prompt_logprobs:  # a scored prompt is fed whole anyway
-            # The first such request: its siblings then go in together, one step after it.
-            req.after = next((w for w in self.waiting if w.context_ids == req.context_ids), None)
+            # The first such request of its parent: its siblings then go in together, one step
+            # after it. Only a sibling: another client's identical prompt would otherwise wait for
+            # that one's requests to be admitted, and with them for every row they hold.
+            req.after = next(
+                (w for w in self.waiting if parent_of(w) == parent and w.context_ids == req.context_ids), None
+            )
         self.waiting.append(req)
         self._places[parent] += 1
 
