@@ -76,7 +76,7 @@ def test_n_samples_share_the_prompt_and_equal_seeded_singles(llm):
     assert [c.index for c in out.outputs] == [0, 1, 2] and out.token_ids == singles[0]
     engine = llm.engine(max_batch=8, kv_cache_tokens=4096)
     for j, sample in enumerate(params.samples()):
-        engine.add_request(str(j), prompt, sample)
+        engine.add_request(str(j), prompt, sample, parent_id="n")  # samples of one request share its pages
     while engine.has_unfinished_requests():
         engine.step()
     full_pages = len(llm.tokenizer.encode(prompt)) // 16

@@ -125,10 +125,17 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.num_running or self.num_waiting)
 
-    def add_request(self, request_id: str, prompt: PromptInput | list[Message], params: SamplingParams) -> None:
-        """Validate and queue; raises ValueError for bad input and QueueFull when the queue is full."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptInput | list[Message],
+        params: SamplingParams,
+        parent_id: str | None = None,
+    ) -> None:
+        """Validate and queue; raises ValueError for bad input and QueueFull when the queue is full.
+        `parent_id`: the client request it is one sample or prompt of (`add_tokenized`)."""
         ids, text = tokenize_prompt(self.tokenizer, self.runner.config.vocab_size, prompt)
-        self.add_tokenized(request_id, ids, params, text)
+        self.add_tokenized(request_id, ids, params, text, parent_id=parent_id)
 
     def add_tokenized(
         self,
