@@ -86,7 +86,7 @@ def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[l
 
     batch = DecodeBatch(
         kv=KVCache(KVPool(1, 4, 4, 1, 2, dtype=torch.float32, device="cpu"), rows=1),
-        sampler=Sampler([SamplingParams()], torch.device("cpu")),
+        sampler=Sampler.of([SamplingParams()], torch.device("cpu")),
         seeds=torch.tensor([0]),
         remaining=torch.tensor([10]),
         eos_ids=torch.tensor([99]),

@@ -56,7 +56,7 @@ def test_tiny_temperatures_are_greedy(embedded, mode):
 
 def test_no_nan_reaches_sampling_at_the_smallest_sampled_temperature():
     logits = torch.tensor([[[3.0e4, -3.0e4, 0.0, 1.0]]])
-    p = Sampler([SamplingParams(temperature=1e-5, seed=0)], torch.device("cpu")).probs(logits)
+    p = Sampler.of([SamplingParams(temperature=1e-5, seed=0)], torch.device("cpu")).probs(logits)
     assert torch.isfinite(p).all() and p[0, 0, 0] == 1.0
 
 

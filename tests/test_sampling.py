@@ -35,16 +35,16 @@ def test_top_k_one_is_greedy(llm, mode):
 
 def test_top_k_and_top_p_filtering():
     logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
-    p = Sampler([SamplingParams(temperature=1.0, top_k=3, top_p=0.7)], torch.device("cpu")).probs(logits)
+    p = Sampler.of([SamplingParams(temperature=1.0, top_k=3, top_p=0.7)], torch.device("cpu")).probs(logits)
     assert torch.allclose(p, torch.tensor([[[0.625, 0.375, 0.0, 0.0]]]))  # top-3, then the 0.7 nucleus
-    p = Sampler([SamplingParams(temperature=1.0, top_k=3)], torch.device("cpu")).probs(logits)
+    p = Sampler.of([SamplingParams(temperature=1.0, top_k=3)], torch.device("cpu")).probs(logits)
     assert torch.allclose(p, torch.tensor([[[0.5, 0.3, 0.15, 0.0]]]) / 0.95)
-    g = Sampler([SamplingParams()], torch.device("cpu")).probs(logits)
+    g = Sampler.of([SamplingParams()], torch.device("cpu")).probs(logits)
     assert g.tolist() == [[[1.0, 0.0, 0.0, 0.0]]]
 
 
 def test_inverse_cdf_sampling_matches_the_distribution():
-    sampler = Sampler([SamplingParams(temperature=1.0, seed=0)], torch.device("cpu"))
+    sampler = Sampler.of([SamplingParams(temperature=1.0, seed=0)], torch.device("cpu"))
     probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
     draws = sampler.sample(probs.expand(1, 20000, 4))[0]
     freq = torch.bincount(draws, minlength=4).float() / 20000
@@ -55,7 +55,7 @@ def exact_joint(llm, prompt_ids, params, length, penalised=False):
     """P(t1..t_length) under the AR model with `params`' temperature/top-k/top-p (and with
     `penalised`, its presence penalty on the tokens generated before each position), by tree
     expansion."""
-    sampler = Sampler([params], torch.device("cpu"))
+    sampler = Sampler.of([params], torch.device("cpu"))
     dist = {(): 1.0}
     for _ in range(length):
         grown = {}
@@ -112,8 +112,8 @@ def test_counter_based_streams_are_per_row_uniform_and_batch_independent():
     # A row's numbers depend on its seed and draw count alone: alone, batched, or drawing while a
     # neighbour sits out (`rows`), the same; a row that sits out does not advance.
     params = [SamplingParams(temperature=1.0, seed=s) for s in (3, 2**64 - 1)]
-    alone = Sampler(params[1:], torch.device("cpu"))
-    batched = Sampler(params, torch.device("cpu"))
+    alone = Sampler.of(params[1:], torch.device("cpu"))
+    batched = Sampler.of(params, torch.device("cpu"))
     first = batched.uniform(5, rows=[1])
     assert torch.equal(first[1], alone.uniform(5)[0]) and torch.equal(first[0], torch.full((5,), 0.5))
     assert [s.draws for s in batched.streams] == [0, 1]

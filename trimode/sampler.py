@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trimode.rows import Rows
 from trimode.sampling_params import SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -64,51 +65,49 @@ def counter_uniform(seeds: torch.Tensor, draws: torch.Tensor, num: int) -> torch
     return (h >> 8).float() * 2.0**-24
 
 
-class Sampler:
-    def __init__(
-        self, params: list[SamplingParams], device: torch.device, streams: list[RandomStream] | None = None
-    ) -> None:
-        self.device = device
-        self.params = list(params)
-        # 0 marks a greedy row (temperatures below GREEDY_TEMPERATURE included): no NaN ever reaches sampling.
-        self.temperature = torch.tensor(
-            [0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32, device=device
-        )
-        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
-        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        self.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
-        # A request may bring its stream (a preempted request keeps its random numbers).
-        self.streams = streams or [new_stream(p) for p in params]
-        # The seeds as int64 bit patterns, on the device once (the draw counts change every call).
-        self.seeds = torch.tensor(
-            [s.seed - (1 << 64) if s.seed >= 1 << 63 else s.seed for s in self.streams], device=device
-        )
-        self._update_flags()
+@dataclass
+class Sampler(Rows):
+    """The rows' sampling parameters, as tensors (`trimode.rows`: they follow the rows of their batch)."""
 
-    def select_rows(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.temperature, self.top_k, self.top_p, self.min_p, self.seeds = (
-            t[index] for t in (self.temperature, self.top_k, self.top_p, self.min_p, self.seeds)
+    params: list[SamplingParams]
+    # Each row's random stream (a preempted request brings its own and keeps its random numbers).
+    streams: list[RandomStream]
+    temperature: torch.Tensor  # (B,) float; 0 marks a greedy row (see `of`)
+    top_k: torch.Tensor  # (B,) long
+    top_p: torch.Tensor  # (B,) float
+    min_p: torch.Tensor  # (B,) float
+    seeds: torch.Tensor  # (B,) the seeds as int64 bit patterns, on the device once (draw counts change every call)
+
+    @classmethod
+    def of(
+        cls, params: list[SamplingParams], device: torch.device, streams: list[RandomStream] | None = None
+    ) -> Sampler:
+        streams = streams or [new_stream(p) for p in params]
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        return cls(
+            list(params),
+            streams,
+            # 0 marks a greedy row (temperatures below GREEDY_TEMPERATURE included): no NaN ever reaches sampling.
+            floats([0.0 if p.is_greedy else p.temperature for p in params]),
+            torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            floats([p.top_p for p in params]),
+            floats([p.min_p for p in params]),
+            torch.tensor([s.seed - (1 << 64) if s.seed >= 1 << 63 else s.seed for s in streams], device=device),
         )
-        self.streams = [self.streams[i] for i in rows]
-        self.params = [self.params[i] for i in rows]
-        self._update_flags()
 
-    def extend(self, other: Sampler) -> None:
-        self.temperature = torch.cat([self.temperature, other.temperature])
-        self.top_k = torch.cat([self.top_k, other.top_k])
-        self.top_p = torch.cat([self.top_p, other.top_p])
-        self.min_p = torch.cat([self.min_p, other.min_p])
-        self.seeds = torch.cat([self.seeds, other.seeds])
-        self.streams += other.streams
-        self.params += other.params
-        self._update_flags()
-
-    def _update_flags(self) -> None:
+    def __post_init__(self) -> None:
+        # What every pick asks, from the host (`select` and `join` build new samplers, so these follow).
         self.all_greedy = all(p.is_greedy for p in self.params)
         self.any_greedy = any(p.is_greedy for p in self.params)
         self._needs_filter = any(p.top_k > 0 or p.top_p < 1 for p in self.params if not p.is_greedy)
         self._needs_min_p = any(p.min_p > 0 for p in self.params if not p.is_greedy)
+
+    @property
+    def device(self) -> torch.device:
+        return self.seeds.device
 
     def uniform(self, num: int, rows: list[int] | None = None) -> torch.Tensor:
         """(B, num) uniforms in [0, 1), each row from its own stream. With `rows`, only those rows

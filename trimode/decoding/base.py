@@ -13,7 +13,6 @@ rows when requests join or leave.
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Callable
@@ -140,7 +139,7 @@ class DecodeBatch(Rows):
     `Decoder.start`)."""
 
     kv: KVCache = field(metadata=SHARED)
-    sampler: Sampler = field(metadata=SHARED)
+    sampler: Sampler  # its rows' sampling parameters and random streams
     seeds: torch.Tensor  # (B,) the last emitted token of each row, not yet fed to the model
     remaining: torch.Tensor  # (B,) tokens each row may still emit (from the engine's host counts)
     eos_ids: torch.Tensor = field(metadata=SHARED)  # (E,) ids that end a row
@@ -204,7 +203,6 @@ class DecodeBatch(Rows):
         batching). Decoders treat rows independently, so a row decodes the same either way."""
         joined = self.join(other)
         self.kv.extend(other.kv)
-        self.sampler.extend(other.sampler)
         self.timings.merge(other.timings)
         self._take_rows(joined)
 
@@ -216,15 +214,13 @@ class DecodeBatch(Rows):
         batches = []
         for rows, kv in zip(parts, self.kv.split(parts)):
             part = self.select(rows)
-            part.kv, part.sampler, part.timings = kv, copy.copy(self.sampler), self.timings.copy()
-            part.sampler.select_rows(rows)
+            part.kv, part.timings = kv, self.timings.copy()
             batches.append(part)
         return batches
 
     def select_rows(self, rows: list[int]) -> None:
         """Keep only `rows` (indices), e.g. after requests finish; the others' KV pages return."""
         self.kv.select_rows(rows)
-        self.sampler.select_rows(rows)
         self._take_rows(self.select(rows))
 
     def release(self) -> None:

@@ -227,7 +227,7 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
         r.stream = r.stream or new_stream(r.params)
     batch = DecodeBatch(
         kv=kv,
-        sampler=Sampler(params, device, [r.stream for r in requests]),
+        sampler=Sampler.of(params, device, [r.stream for r in requests]),
         seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
         remaining=torch.zeros(len(requests), dtype=torch.long, device=device),  # set_remaining, below
         eos_ids=torch.tensor(sorted(eos_ids), device=device),
