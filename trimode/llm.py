@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,7 +116,7 @@ class LLM:
         """Rank 0's device and driver; on any other rank, serve forwards, then exit the process."""
         check_tp(load_config(path), world)  # before any worker starts (the loader checks again, per rank)
         torchrun = launched_by_torchrun()
-        workers = []
+        workers: list[subprocess.Popen] = []  # spawned ranks (none when torchrun launched them)
         if torchrun:
             tp, device = join_torchrun_ranks(world, self.device)
         else:

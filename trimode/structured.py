@@ -13,7 +13,7 @@ tokens in sequence (self-spec verify) asks for each position's mask after the dr
 (`paths`): the matcher consumes them, computes, and rolls back. Positions past a draft the grammar
 rejects get the mask of the last valid one; their drafts are rejected by the verify anyway.
 
-A grammar's cost is bounded (`LIMITS`), and a grammar that fails is refused at compile time where its
+A grammar's cost is bounded (`parser_limits`), and a grammar that fails is refused at compile time where its
 first token shows it (`Grammars.matcher`); one that fails later ends its request with an error
 (`Request.emit`), never with text outside the grammar.
 """
@@ -32,15 +32,20 @@ from trimode.tokenizer import Tokenizer
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
-# Bounds on one matcher's work (llguidance's ParserLimits). The lexer builds a regex's expressions
-# lazily, and a mask step's work grows with their number: `(a{700}){700}` (490,000 of them, within
-# the default fuel of 1,000,000) cost 0.11 s per step on the embedded model's vocabulary. 100,000
-# bounds the largest accepted (`(a{220}){220}`) to ~0.01 s per step and refuses that one when its
-# first token is probed; real schemas need far less (200 properties of three types: ~10,000). The
-# per-step fuels stay at their defaults (200,000 lexer steps ~ 14 ms, 50,000 Earley items ~ 2.5 ms,
-# llguidance's measures), sized for vocabularies of 100k+ tokens. Short errors: a verbose one dumps
-# the parser's state.
-LIMITS = {"initial_lexer_fuel": 100_000, "step_lexer_fuel": 200_000, "step_max_items": 50_000, "verbose_errors": False}
+
+def parser_limits() -> llguidance.LLParserLimits:
+    """Bounds on one matcher's work (llguidance's ParserLimits)."""
+    # The lexer builds a regex's expressions
+    # lazily, and a mask step's work grows with their number: `(a{700}){700}` (490,000 of them, within
+    # the default fuel of 1,000,000) cost 0.11 s per step on the embedded model's vocabulary. 100,000
+    # bounds the largest accepted (`(a{220}){220}`) to ~0.01 s per step and refuses that one when its
+    # first token is probed; real schemas need far less (200 properties of three types: ~10,000). The
+    # per-step fuels stay at their defaults (200,000 lexer steps ~ 14 ms, 50,000 Earley items ~ 2.5 ms,
+    # llguidance's measures), sized for vocabularies of 100k+ tokens. Short errors: a verbose one dumps
+    # the parser's state.
+    return llguidance.LLParserLimits(
+        initial_lexer_fuel=100_000, step_lexer_fuel=200_000, step_max_items=50_000, verbose_errors=False
+    )
 
 
 def check_spec(spec: object) -> None:
@@ -84,7 +89,7 @@ class Grammars:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: set[int]) -> None:
         self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, tuple(sorted(eos_ids))
-        self._limits = llguidance.LLParserLimits(**LIMITS)
+        self._limits = parser_limits()
 
     def matcher(self, spec: dict[str, Any], min_tokens: int = 0) -> llguidance.LLMatcher:
         """A fresh matcher for `spec`; ValueError naming the problem if the grammar is invalid, fails

@@ -113,7 +113,8 @@ class SelfSpecDecoder(Decoder):
         exactly as the AR step there would (so self-spec == AR under penalties). A drafting row's
         position p proposes output token `generated + p - 1`, from the counts so far."""
         b, s = self.block_length, batch.state(SelfSpecRows)
-        offsets = within = paths = None
+        offsets = within = None
+        paths: list[list[list[int] | None]] | None = None
         if batch.controls is not None:
             positions = torch.arange(b, device=logits.device)
             ver = torch.tensor(verifying, device=logits.device)
@@ -123,7 +124,7 @@ class SelfSpecDecoder(Decoder):
         if batch.constrained:
             # Verify position i: after drafts 1..i. A draft pass masks only its first draft (after
             # the tokens so far); the later ones are proposals the verify checks.
-            drafting = [None, [], *[None] * (b - 2)]
+            drafting: list[list[int] | None] = [None, [], *[None] * (b - 2)]
             paths = [[d[:i] for i in range(b)] if v else drafting for d, v in zip(s.host_drafts, verifying)]
         return batch.controlled(logits, offsets, within, paths)
 

@@ -148,7 +148,8 @@ class Request:
     def _grammar_failed(self, why: str) -> None:
         """End with an error naming the grammar: its output so far is a prefix the grammar allows, but
         finishing it as a success would break the client's contract."""
-        self.error = f"structured output ({next(iter(self.params.structured))}): {why}"
+        kind = next(iter(self.params.structured or {"grammar": None}))
+        self.error = f"structured output ({kind}): {why}"
         self.finish_reason = "error"
 
     def _apply_stop_strings(self, searched: int) -> bool:

@@ -234,8 +234,9 @@ class _Common(BaseModel):
             asked.append(dict(self.structured_outputs))
         if len(asked) > 1:
             raise ValueError("ask for one structured output: response_format, a guided_* field or structured_outputs")
-        if asked and isinstance(asked[0].get("json"), str):  # a schema sent as JSON text
-            return {**asked[0], "json": _schema(asked[0]["json"], "the JSON schema")}
+        schema = asked[0].get("json") if asked else None
+        if isinstance(schema, str):  # a schema sent as JSON text
+            return {**asked[0], "json": _schema(schema, "the JSON schema")}
         return asked[0] if asked else None
 
     def _logit_bias(self) -> dict[int, float] | None:
