@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from live import MODEL, start_server  # noqa: E402
+from live import MODEL, serving, write_report  # noqa: E402
 
 BODY = {"model": MODEL, "prompt": "def parse(line):", "max_tokens": 64, "ignore_eos": True, "temperature": 0}
 
@@ -106,21 +105,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     env = {"PYTHONPATH": args.pythonpath} if args.pythonpath else None
-    proc, url = start_server("--max-batch", "32", env=env)
-    try:
+    with serving("--max-batch", "32", env=env) as (_, url):
         report = {
             "stop strings": stop_strings(url, args.repeats),
             "head of line": head_of_line(url),
             "grammars": grammars(url, args.regex),
         }
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

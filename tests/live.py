@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -45,6 +48,26 @@ def start_server(*flags: str, env: dict[str, str] | None = None, port: int | Non
     proc.kill()
     proc.wait()
     raise RuntimeError("server did not start: " + server_log(proc))
+
+
+@contextlib.contextmanager
+def serving(*flags: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`start_server`'s (process, URL) for a `with` block; the server is stopped at its end."""
+    proc, url = start_server(*flags, env=env)
+    try:
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def write_report(report: dict, out: Path | None) -> None:
+    """A figures script's JSON report: printed, and written to `out` when given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 def server_log(proc: subprocess.Popen) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live import MODEL, metric, start_server  # noqa: E402
+from live import MODEL, metric, serving, write_report  # noqa: E402
 
 MODES = ["ar", "diffusion", "selfspec"]
 PROMPTS = ["def parse(line):", "Sort: 42 7 19 3", "import os\n", "class Stack:", "Add: 457 + 268", "Copy: 5 1 9"]
@@ -235,19 +235,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    proc, url = start_server("--max-batch", "32")
-    try:
+    with serving("--max-batch", "32") as (proc, url):
         rss_mib = [_rss_mib(proc.pid)]
         report = soak(url, args.seconds, args.clients)
         report["server_rss_mib_start_end"] = [*rss_mib, _rss_mib(proc.pid)]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

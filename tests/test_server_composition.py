@@ -11,7 +11,7 @@ import random
 
 import httpx
 import pytest
-from live import start_server
+from live import serving
 from soak import MODES, Alone, answer, body, same, stream_choices
 
 pytest.importorskip("fastapi")
@@ -23,10 +23,8 @@ PAIRS = [(mode, a, b) for mode in MODES for a in FAMILIES for b in FAMILIES]
 
 @pytest.fixture(scope="module")
 def url():
-    proc, url = start_server("--max-batch", "32")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=15)
+    with serving("--max-batch", "32") as (_, url):
+        yield url
 
 
 def test_a_newcomer_joining_a_stream_changes_neither_answer(url):
