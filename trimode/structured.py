@@ -61,13 +61,21 @@ def grammar_text(spec: dict[str, Any]) -> str:
     """llguidance's grammar for a spec (`check_spec`)."""
     kind, value = next(iter(spec.items()))
     if kind in ("json", "json_object"):
-        schema = {"type": "object"} if kind == "json_object" else json.loads(value) if isinstance(value, str) else value
-        if not isinstance(schema, dict):
-            raise ValueError("a JSON schema must be an object")
-        # Compact JSON, one space after ',' and ':' (as json.dumps writes it): a model free to put
-        # any whitespace between tokens can fill its budget with newlines.
-        layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-        return llguidance.grammar_from("json_schema", json.dumps({**schema, "x-guidance": layout}))
+        schema = {"type": "object"} if kind == "json_object" else value
+        # Nesting past Python's recursion limit, in JSON text or in the dict, is the caller's error.
+        try:
+            if isinstance(schema, str):
+                schema = json.loads(schema)
+            if not isinstance(schema, dict):
+                raise ValueError("a JSON schema must be an object")
+            # Compact JSON, one space after ',' and ':' (as json.dumps writes it): a model free to
+            # put any whitespace between tokens can fill its budget with newlines.
+            layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+            return llguidance.grammar_from("json_schema", json.dumps({**schema, "x-guidance": layout}))
+        except RecursionError:
+            raise ValueError("the JSON schema nests too deeply") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the JSON schema is not JSON: {e}") from None
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise ValueError("a choice must be a non-empty list of non-empty strings")

@@ -4,7 +4,6 @@ are refused with a message naming the field, never silently ignored. Types are s
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from jinja2.defaults import DEFAULT_NAMESPACE
@@ -38,17 +37,6 @@ def _unicode(text: str, what: str) -> str:
             f"{what} holds a lone UTF-16 surrogate at character {e.start}: send valid Unicode text"
         ) from None
     return text
-
-
-def _schema(text: str, what: str) -> Any:
-    """A JSON schema sent as JSON text, parsed here: nesting past Python's recursion limit is the
-    client's error (a 400), not the server's."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError(f"{what} nests too deeply") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} is not JSON: {e}") from None
 
 
 def _is_ids(v: object) -> bool:
@@ -234,9 +222,6 @@ class _Common(BaseModel):
             asked.append(dict(self.structured_outputs))
         if len(asked) > 1:
             raise ValueError("ask for one structured output: response_format, a guided_* field or structured_outputs")
-        schema = asked[0].get("json") if asked else None
-        if isinstance(schema, str):  # a schema sent as JSON text
-            return {**asked[0], "json": _schema(schema, "the JSON schema")}
         return asked[0] if asked else None
 
     def _logit_bias(self) -> dict[int, float] | None:
