@@ -115,6 +115,8 @@ class Request:
         grammar rejects is not appended: the request ends with an error (`error`)."""
         if self._stream is None:
             self._stream = tokenizer.decode_stream(self.params.skip_special_tokens)
+        if tokens and self.stream is not None:  # where a preemption rewinds its random stream to
+            self.stream.emitted_at = self.stream.draws
         if self.params.max_tokens == 0:  # it only scored its prompt
             self.finish_reason = "length"
             return
@@ -364,8 +366,6 @@ def apply_step(
     for i, (req, tokens, n) in enumerate(zip(active, emitted, batch.num_forwards)):
         entries = None if tables is None else tables[rows[i] if rows is not None else i]
         req.emit(tokens, eos_ids, tokenizer, now - req.arrival, entries)
-        if tokens and req.stream is not None:
-            req.stream.emitted_at = req.stream.draws
         req.num_forwards = req.num_forwards_before + n
     logit_controls.record(batch.controls, emitted)
     keep = [i for i, r in enumerate(active) if r.finish_reason is None]
