@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -10,8 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -59,6 +61,35 @@ def serving(*flags: str, env: dict[str, str] | None = None) -> Iterator[tuple[su
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def in_process(engine: Any, model: str, max_queue: int, **app_args: Any) -> Iterator[tuple[Any, Any]]:
+    """An `LLMEngine` served in this process: (its AsyncEngine, started, and the app over it);
+    shut down at the end of the `with` block. `app_args`: build_app's keywords."""
+    from trimode.server.app import build_app
+    from trimode.server.async_engine import AsyncEngine
+
+    served = AsyncEngine(engine, max_queue=max_queue)
+    served.start()
+    try:
+        yield served, build_app(served, model, **app_args)
+    finally:
+        served.shutdown()
+
+
+def run_client(
+    app: Any, fn: Callable[[httpx.AsyncClient], Awaitable[Any]], timeout: float = 60, raise_app_exceptions: bool = True
+) -> Any:
+    """`fn(client)` against an in-process app over ASGI; what it returns. Without
+    `raise_app_exceptions`, a handler's exception reaches the client as the server's 500."""
+
+    async def main() -> Any:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=timeout) as c:
+            return await fn(c)
+
+    return asyncio.run(main())
 
 
 def write_report(report: dict, out: Path | None) -> None:

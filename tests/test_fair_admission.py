@@ -8,6 +8,7 @@ import asyncio
 
 import httpx
 import pytest
+from live import in_process, run_client
 
 from trimode import SamplingParams
 from trimode.engine.generate import Request
@@ -118,12 +119,6 @@ def test_the_server_admits_a_short_request_beside_a_large_n_request(llm):
     """The same through the HTTP API, where a request's samples share its id as their parent: with
     max_queue 2, the n = 8 request's waiting samples take one queue place (they took all, and it was
     refused), and the short request is answered while all 8 samples still run or wait."""
-    from trimode.server.app import build_app
-    from trimode.server.async_engine import AsyncEngine
-
-    engine = AsyncEngine(llm.engine(max_batch=4), max_queue=2)
-    engine.start()
-    app = build_app(engine, "tiny")
     body = {"model": "tiny", "prompt": BIG, "n": 8, "max_tokens": 200, "ignore_eos": True}
 
     async def go(c: httpx.AsyncClient) -> tuple[httpx.Response, int, httpx.Response]:
@@ -136,14 +131,8 @@ def test_the_server_admits_a_short_request_beside_a_large_n_request(llm):
         unfinished = engine.status.running + engine.status.waiting
         return short, unfinished, await big
 
-    async def main() -> tuple[httpx.Response, int, httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120) as c:
-            return await go(c)
-
-    try:
-        short, unfinished, big = asyncio.run(main())
-    finally:
-        engine.shutdown()
+    with in_process(llm.engine(max_batch=4), "tiny", max_queue=2) as (engine, app):
+        short, unfinished, big = run_client(app, go, timeout=120)
     assert short.status_code == 200, short.text
     assert unfinished == 8
     assert big.status_code == 200 and [len(c["text"]) > 0 for c in big.json()["choices"]] == [True] * 8

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from live import MODEL, metric, server_log, start_server
+from live import MODEL, in_process, metric, run_client, server_log, start_server
 
 from trimode import LLM, SamplingParams
 
@@ -367,21 +367,8 @@ def test_a_second_signal_exits_at_once():
 
 @pytest.fixture()
 def inproc(offline):
-    from trimode.server.app import build_app
-    from trimode.server.async_engine import AsyncEngine
-
-    engine = AsyncEngine(offline.engine(max_batch=16), max_queue=64)
-    engine.start()
-    yield engine, build_app(engine, MODEL, stall_s=0.5)
-    engine.shutdown()
-
-
-def run_client(app, fn):
-    async def main():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
-            return await fn(c)
-
-    return asyncio.run(main())
+    with in_process(offline.engine(max_batch=16), MODEL, max_queue=64, stall_s=0.5) as served:
+        yield served
 
 
 def test_an_engine_failure_fails_its_request_alone_with_a_500(inproc, offline, monkeypatch):

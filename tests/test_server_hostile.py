@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from live import MODEL
+from live import MODEL, in_process, run_client
 
 from trimode import LLM, SamplingParams
 
@@ -30,27 +30,17 @@ def offline():
 
 @pytest.fixture(scope="module")
 def served(offline):
-    from trimode.server.app import build_app
-    from trimode.server.async_engine import AsyncEngine
-
-    engine = AsyncEngine(offline.engine(max_batch=16), max_queue=64)
-    engine.start()
-    yield engine, build_app(engine, MODEL)
-    engine.shutdown()
+    with in_process(offline.engine(max_batch=16), MODEL, max_queue=64) as served:
+        yield served
 
 
-def run_client(app, fn):
-    async def main():
-        # A handler's exception reaches the client as the server's 500, not as an error in the test.
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
-            return await fn(c)
-
-    return asyncio.run(main())
+def run(app, fn):
+    # A handler's exception reaches the client as the server's 500, not as an error in the test.
+    return run_client(app, fn, raise_app_exceptions=False)
 
 
 def post(app, path: str, body: dict) -> httpx.Response:
-    return run_client(app, lambda c: c.post(path, json={"model": MODEL, **body}))
+    return run(app, lambda c: c.post(path, json={"model": MODEL, **body}))
 
 
 # --- item 3: long answers to HTTP/1.0 and `Connection: close` clients ---------------------------
@@ -191,7 +181,7 @@ def test_a_large_answer_is_built_off_the_event_loop(served, monkeypatch, stream)
             slowest = max(slowest, time.perf_counter() - start)
         return await answer, slowest
 
-    answer, slowest = run_client(app, go)
+    answer, slowest = run(app, go)
     assert answer.status_code == 200
     assert threads and slowest < 0.5, slowest
     assert threads[0] is not threading.main_thread()

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from live import server_log, start_server
+from live import in_process, run_client, server_log, start_server
 
 from trimode import LLM, SamplingParams
 from trimode.engine.tp_workers import WorkerDead
@@ -41,14 +41,9 @@ class FakeDriver:
 
 def test_a_dead_worker_turns_health_and_new_requests_into_503(llm, monkeypatch):
     """Pins: with a worker dead, /health stayed 200 and every request was an instant 500."""
-    from trimode.server.app import build_app
-    from trimode.server.async_engine import AsyncEngine
-
-    engine = AsyncEngine(llm.engine(max_batch=4), max_queue=8)
+    engine = llm.engine(max_batch=4)
     driver = FakeDriver()
-    monkeypatch.setattr(engine.engine.runner, "tp_driver", driver)
-    engine.start()
-    app = build_app(engine, "tiny")
+    monkeypatch.setattr(engine.runner, "tp_driver", driver)
     body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 2000, "ignore_eos": True, "stream": True}
 
     async def go(c: httpx.AsyncClient) -> tuple:
@@ -61,14 +56,8 @@ def test_a_dead_worker_turns_health_and_new_requests_into_503(llm, monkeypatch):
         refused = await c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
         return healthy, events, refused, await c.get("/health")
 
-    async def main() -> tuple:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
-            return await go(c)
-
-    try:
-        healthy, events, refused, dead = asyncio.run(main())
-    finally:
-        engine.shutdown()
+    with in_process(engine, "tiny", max_queue=8) as (_, app):
+        healthy, events, refused, dead = run_client(app, go)
     assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
