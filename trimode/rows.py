@@ -7,7 +7,8 @@ each decoder) declares it once as a `Rows` dataclass whose fields are row-aligne
 - an optional tensor, None until a row first needs it (e.g. self-spec's draft distribution, which
   only sampled rows write): rows that lack it read zeros, shaped as the first holder shapes it;
 - a nested `Rows`, or None for a feature no row of the batch uses yet: rows that lack the feature
-  get its `blank` state, which every feature defines as "off" (zeros, empty lists).
+  get its `blank` state, which every feature defines as "off" (by default zero tensors, lists of
+  None, nested features absent).
 `select` and `join` walk the fields, so a feature cannot forget a path, and a row's state is the
 same whatever rows it is batched with. Fields marked `SHARED` are per batch, not per row.
 """
@@ -28,7 +29,7 @@ SHARED = {"shared": True}
 class Rows:
     @property
     def size(self) -> int:
-        for value in self._row_values():
+        for _, value in self._row_items():
             if isinstance(value, torch.Tensor | list):
                 return len(value)
             if isinstance(value, Rows):
@@ -53,9 +54,6 @@ class Rows:
 
     def _row_items(self) -> list[tuple[str, Any]]:
         return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("shared")]
-
-    def _row_values(self) -> list[Any]:
-        return [v for _, v in self._row_items()]
 
 
 R = TypeVar("R", bound="Rows")
