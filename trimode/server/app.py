@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trimode import __version__
@@ -378,7 +377,7 @@ def build_app(
         http.state.usage = usage(finals)
         # Built and serialised on a worker thread: with logprobs the answer can run to megabytes,
         # and the event loop serves /health and every stream meanwhile.
-        return await run_in_threadpool(document, body, request_id, created, finals, chat, echo)
+        return await engine.run_blocking(document, body, request_id, created, finals, chat, echo)
 
     def document(
         body: CompletionRequest | ChatCompletionRequest,
@@ -462,7 +461,7 @@ def build_app(
             async for index, out in merged(streams):
                 if out.delta_text or out.new_token_ids or first[index]:
                     if first[index] and echo is not None:  # the prompt's logprobs: built off the loop
-                        yield await run_in_threadpool(chunk, index, out, None, True)
+                        yield await engine.run_blocking(chunk, index, out, None, True)
                     else:
                         yield chunk(index, out, None, first[index])
                     first[index] = False

@@ -117,7 +117,8 @@ class AsyncEngine:
             self._wake.set()
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run CPU-heavy request preparation (tokenizing, chat templates) off the event loop."""
+        """Run CPU-heavy request work (tokenizing, chat templates, grammars, building a large
+        answer) off the event loop, on the server's few worker threads."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
 
     def new_request_id(self, prefix: str) -> str:
