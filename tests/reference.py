@@ -97,3 +97,48 @@ def selfspec_greedy(
         seed = target[n]
         out += emitted
     return out[:max_tokens], cycles
+
+
+def quadratic_greedy(
+    model: Transformer, prompt: list[int], max_tokens: int, block_length: int, mask_id: int
+) -> tuple[list[int], list[int]]:
+    """Quadratic self-speculation at temperature 0, no cache: every pass recomputes the accepted
+    sequence (causal) followed by the chain [seed, drafts] (causal, after the sequence) and, for
+    each g, b masks at positions after chain token g that see the sequence, chain 0..g and each
+    other, with the draft LoRA on. The first pass's drafts are masks and none is accepted. Keeps the
+    agreeing drafts (within the budget) and the verifier's bonus; the next drafts are the group of
+    the accepted length's predictions after its first mask. Returns (tokens, tokens per cycle)."""
+    b = block_length
+    seq = list(prompt)
+    seed = int(full_forward(model, seq)[-1].argmax())
+    out, cycles, drafts = [seed], [], None
+    while len(out) < max_tokens:
+        chain = [seed] + (drafts or [mask_id] * (b - 1))
+        n = len(seq)
+        tokens = seq + chain + [mask_id] * (b * b)
+        positions = list(range(n + b)) + [n + g + 1 + m for g in range(b) for m in range(b)]
+        mask = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)
+        for i in range(n + b):
+            mask[i, : i + 1] = True
+        for g in range(b):
+            group = n + b + g * b
+            mask[group : group + b, : n + g + 1] = True
+            mask[group : group + b, group : group + b] = True
+        lora = torch.zeros(1, len(tokens), dtype=torch.bool)
+        lora[:, n + b :] = True
+        ctx = ForwardContext(positions=torch.tensor([positions]), mask=mask[None, None], use_draft_lora=lora)
+        with torch.inference_mode():
+            logits = model(torch.tensor([tokens]), ctx)[0]
+        target = logits[n : n + b].argmax(-1).tolist()
+        accepted = 0
+        while drafts and accepted < b - 1 and drafts[accepted] == target[accepted] and accepted < max_tokens - len(out) - 1:
+            accepted += 1
+        emitted = chain[1 : 1 + accepted] + [target[accepted]]
+        group_logits = logits[n + b + accepted * b : n + b + (accepted + 1) * b].clone()
+        group_logits[:, mask_id] = float("-inf")
+        drafts = group_logits[1:].argmax(-1).tolist()
+        cycles.append(len(emitted))
+        seq += chain[: accepted + 1]
+        seed = target[accepted]
+        out += emitted
+    return out[:max_tokens], cycles

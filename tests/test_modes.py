@@ -122,3 +122,24 @@ def test_a_diffusion_row_that_ends_early_does_not_end_its_neighbours(llm):
     assert all(len(o.token_ids) == 32 for o in batched[1:])
     for a, b in zip(alone, batched):
         assert a.token_ids == b.token_ids and a.num_forwards == b.num_forwards
+
+
+@pytest.mark.parametrize("block_length", [2, 4, 8, 16])
+def test_quadratic_selfspec_equals_ar_and_the_uncached_reference(llm, block_length):
+    """Quadratic self-spec, batched (rows of different lengths; one row's budget ends mid-pass),
+    gives AR greedy's tokens, and the tokens per cycle of a reference that rebuilds the whole
+    b(b+1)-token pass from loops, uncached; a request costs its prefill and one forward per cycle."""
+    from reference import quadratic_greedy
+
+    budgets = [30, 30, 13, 30]
+    params = [SamplingParams(mode="selfspec", spec="quadratic", block_length=block_length, max_tokens=n, ignore_eos=True) for n in budgets]
+    out = llm.generate(PROMPTS, params)
+    ar = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True) for n in budgets])
+    assert ids(out) == ids(ar)
+    cycles_seen = set()
+    for prompt, n, o in zip(PROMPTS, budgets, out):
+        tokens, cycles = quadratic_greedy(llm.model, llm.tokenizer.encode(prompt), n, block_length, MASK_ID)
+        assert o.token_ids == tokens and o.mode_stats["tokens_per_cycle"] == cycles
+        assert o.num_forwards == 1 + len(cycles)
+        cycles_seen |= set(cycles)
+    assert max(cycles_seen) > 1  # drafts accepted, so the commit-and-continue path ran

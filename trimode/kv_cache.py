@@ -216,12 +216,18 @@ class KVCache:
         self.pool.register(context[: self.lengths[row]], self.pages[row])
 
     def begin(
-        self, num_tokens: int, num_fed: list[int] | None = None, gather: bool = False
+        self,
+        num_tokens: int,
+        num_fed: list[int] | None = None,
+        gather: bool = False,
+        offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Prepare a forward of `num_tokens` new tokens per row: allocate the pages it writes and
         set `view`. `num_fed`: per row, how many of them are real (a right-padded prefill); pad
         positions write to the pool's trash page, so a short row beside a long one takes only its
         own pages. `gather`: always gather the keys (a compiled graph cannot take `run`'s ints).
+        `offsets` (T,): each new token's position after the row's prefix, where it is not its slot
+        (a pass laying several continuations side by side); default 0..T-1. Slots stay 0..T-1.
 
         Returns (positions (B, T), number of key slots S the pass attends over)."""
         p, trash = self.pool.page_size, self.pool.trash
@@ -242,27 +248,40 @@ class KVCache:
         key_slots = table[:, keys // p] * p + keys % p
         # (B,) on the device, once per pass: positions here, the attention mask next.
         self._pass_lengths = torch.tensor(self.lengths, dtype=torch.long, device=device)
-        positions = self._pass_lengths[:, None] + torch.arange(num_tokens, device=device)
+        slots = self._pass_lengths[:, None] + torch.arange(num_tokens, device=device)
+        positions = slots if offsets is None else self._pass_lengths[:, None] + offsets.to(device)
         # One row on consecutive pages (batch 1, a chunked prefill on a fresh pool): its keys are a
         # slice of the pool, read in place instead of gathered.
         first = self.pages[0][0]
         consecutive = self.batch_size == 1 and self.pages[0][:width] == list(range(first, first + width))
         run = (first * p, first * p + span) if consecutive and not gather else None
-        write_slots = key_slots.gather(1, positions).flatten()
+        write_slots = key_slots.gather(1, slots).flatten()
         self.view = KVView(self.pool.k, self.pool.v, write_slots, key_slots.flatten(), run)
         self._pending = num_tokens
         return positions, span
 
     def attention_mask(
-        self, num_tokens: int, span: int, causal: torch.Tensor | bool, dense: bool = False
+        self,
+        num_tokens: int,
+        span: int,
+        causal: torch.Tensor | bool,
+        dense: bool = False,
+        pattern: torch.Tensor | None = None,
     ) -> torch.Tensor | CausalBias | None:
         """What SDPA's attn_mask gets. Key j is visible to query i of row b iff
         j < lengths[b] + (i + 1 if causal else T): the whole clean prefix, plus the new tokens
-        causally or bidirectionally (`causal`: one value, or one per row (B,)). Scratch slots past
-        that are never visible. Rows of one length with one pattern need no materialised mask (none
-        at all, or lower-right causal); otherwise, or when `dense`, a (B, 1, T, S) bool mask, True =
-        attend. Called after `begin`, whose lengths it reads."""
+        causally or bidirectionally (`causal`: one value, or one per row (B,)). `pattern` (T, T)
+        bool, when given, replaces the second part: new token i sees new token j iff pattern[i, j].
+        Scratch slots past that are never visible. Rows of one length with one pattern need no
+        materialised mask (none at all, or lower-right causal); otherwise, or when `dense`, a
+        (B, 1, T, S) bool mask, True = attend. Called after `begin`, whose lengths it reads."""
         device = self.pool.device
+        if pattern is not None:
+            # (B, S): key j's index among the row's new tokens (negative: its prefix).
+            new = torch.arange(span, device=device)[None] - self._pass_lengths[:, None]
+            sees = pattern.to(device)[:, new.clamp(0, num_tokens - 1)].transpose(0, 1)  # (B, T, S)
+            inside = (new >= 0) & (new < num_tokens)
+            return ((new < 0)[:, None] | (inside[:, None] & sees))[:, None]
         if isinstance(causal, bool) and len(set(self.lengths)) == 1 and not dense:
             if not causal or num_tokens == 1:
                 return None

@@ -18,6 +18,17 @@ class Mode(str, Enum):
 
 MODES = tuple(m.value for m in Mode)
 
+
+class Spec(str, Enum):
+    """How self-speculation drafts: `linear`, a draft pass then a verify pass per cycle; `quadratic`,
+    one pass that verifies and drafts for every acceptance length (b(b+1) tokens per row)."""
+
+    LINEAR = "linear"
+    QUADRATIC = "quadratic"
+
+
+SPECS = tuple(s.value for s in Spec)
+
 # Temperatures below this sample as greedy: dividing logits by ~1e-38 overflows float32 to inf and
 # the softmax to NaN, and anything this cold is argmax in effect (vLLM uses the same 1e-5 cut-off).
 GREEDY_TEMPERATURE = 1e-5
@@ -39,6 +50,7 @@ class SamplingParams:
     stop: list[str] | str | None = field(default=None)
     ignore_eos: bool = False
     block_length: int = 32  # diffusion block / self-spec draft length, seed position included
+    spec: Spec | str = Spec.LINEAR  # self-spec only: linear or quadratic (see `Spec`)
     # diffusion: also reveal every masked position at least this confident; None = one per pass
     threshold: float | None = 0.9
     # Log-probabilities (see README, "Logprobs"): None = off; k = each generated token's and the k
@@ -68,6 +80,9 @@ class SamplingParams:
             if self.mode not in MODES:
                 raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
             self.mode = Mode(self.mode)
+        if not isinstance(self.spec, Spec):
+            _check(self.spec in SPECS, "spec", f"one of {', '.join(SPECS)}", self.spec)
+            self.spec = Spec(self.spec)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(
@@ -108,6 +123,10 @@ class SamplingParams:
             "an integer >= 1",
             self.block_length,
         )
+        if self.spec == Spec.QUADRATIC:
+            if self.mode != Mode.SELFSPEC:
+                raise ValueError(f"SamplingParams.spec='quadratic' is a kind of mode 'selfspec'; got mode {self.mode.value!r}")
+            _check(self.block_length >= 2, "block_length", "an integer >= 2 with spec='quadratic'", self.block_length)
         _check(
             self.threshold is None or (_is_number(self.threshold) and 0 <= self.threshold <= 1),
             "threshold",

@@ -1,19 +1,20 @@
-"""The three decoding modes; the only package that knows what a mode is."""
+"""The three decoding modes (self-speculation linear or quadratic); the only package that knows what a mode is."""
 
 from __future__ import annotations
 
 from trimode.decoding.autoregressive import AutoregressiveDecoder
 from trimode.decoding.base import Decoder
 from trimode.decoding.diffusion import DiffusionDecoder
+from trimode.decoding.quadratic import QuadraticSelfSpecDecoder
 from trimode.decoding.selfspec import SelfSpecDecoder
-from trimode.sampling_params import Mode, SamplingParams
+from trimode.sampling_params import Mode, SamplingParams, Spec
 
 # The SamplingParams fields each mode reads beyond the common ones, so callers that sweep or send
 # them (the bench) need not know the modes themselves.
 MODE_PARAMETERS: dict[str, tuple[str, ...]] = {
     Mode.AR.value: (),
     Mode.DIFFUSION.value: ("block_length", "threshold"),
-    Mode.SELFSPEC.value: ("block_length",),
+    Mode.SELFSPEC.value: ("block_length", "spec"),
 }
 
 
@@ -27,7 +28,15 @@ def make_decoder(params: SamplingParams) -> Decoder:
         return AutoregressiveDecoder()
     if params.mode == Mode.DIFFUSION:
         return DiffusionDecoder(params.block_length, params.threshold)
+    if params.spec == Spec.QUADRATIC:
+        return QuadraticSelfSpecDecoder(params.block_length)
     return SelfSpecDecoder(params.block_length)
+
+
+def pass_width(params: SamplingParams) -> int:
+    """Tokens one row of this request feeds per decode pass: what its KV scratch and the step's
+    token budget must hold (quadratic self-spec: b(b+1))."""
+    return make_decoder(params).width
 
 
 def batch_key(params: SamplingParams) -> tuple:
@@ -36,4 +45,4 @@ def batch_key(params: SamplingParams) -> tuple:
         return (params.mode,)
     if params.mode == Mode.DIFFUSION:
         return (params.mode, params.block_length, params.threshold)
-    return (params.mode, params.block_length)
+    return (params.mode, params.block_length, params.spec)

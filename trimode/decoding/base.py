@@ -37,9 +37,14 @@ class Forward:
     kind: str  # what it is, for timings: "ar", "denoise", "commit", "draft", "verify", "draft+verify", ...
     tokens: torch.Tensor  # (B, T) after each row's cached prefix
     causal: torch.Tensor | bool  # (B,) per row, or one value for all rows
-    use_draft_lora: torch.Tensor | bool = False  # (B,) per row, or one value
+    use_draft_lora: torch.Tensor | bool = False  # (B,) per row, (B, T) per position, or one value
     logit_index: torch.Tensor | None = None  # (B,) the one position whose logits are wanted
     num_fed: list[int] | None = None  # per row, the real tokens of a right-padded forward (None: all T)
+    # A pass that lays several continuations side by side (quadratic self-spec): each token's
+    # position after the row's prefix (T,), and which of the pass's tokens each one sees (T, T)
+    # bool, in place of `causal`. None: positions 0..T-1, causal or bidirectional per `causal`.
+    offsets: torch.Tensor | None = None
+    pattern: torch.Tensor | None = None
 
 
 @dataclass

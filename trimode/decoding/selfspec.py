@@ -70,7 +70,7 @@ class SelfSpecDecoder(Decoder):
         was_drafting = s.drafting
         verifying = [not d for d in was_drafting]
         s.drafting = verifying
-        raw, logits = logits, self._controlled(batch, logits, verifying)
+        raw, logits = logits, controlled(batch, logits, s.drafts, s.host_drafts, verifying)
         constrained = batch.constrained
         if not any(verifying):
             batch.kv.commit([0] * batch.size)
@@ -83,7 +83,7 @@ class SelfSpecDecoder(Decoder):
                 return [[] for _ in rows]
 
             return Emission(s.drafts, keep)
-        packed, bonus = self._verify(batch, logits, verifying)  # first: the draft step edits the logits
+        packed, bonus = verify(batch, logits, s.drafts, s.q, verifying)  # first: the draft step edits the logits
         # The verifier's (AR) log-probability of each emitted token: the accepted drafts, then the
         # bonus at position `accepted` (packed[:, 0]). Drafting rows emit nothing.
         emitted = torch.cat([s.drafts, bonus[:, None]], 1).scatter(1, packed[:, :1], bonus[:, None])
@@ -107,73 +107,98 @@ class SelfSpecDecoder(Decoder):
 
         return Emission(packed, read, logprobs)
 
-    def _controlled(self, batch: DecodeBatch, logits: torch.Tensor, verifying: list[bool]) -> torch.Tensor:
-        """The pass's logits under the rows' logit controls and grammars. A verifying row's position i picks
-        its output token `generated + i` after drafts 1..i, so it sees their counts: each position
-        exactly as the AR step there would (so self-spec == AR under penalties). A drafting row's
-        position p proposes output token `generated + p - 1`, from the counts so far."""
-        b, s = self.block_length, batch.state(SelfSpecRows)
-        offsets = within = None
-        paths: list[list[list[int] | None]] | None = None
-        if batch.controls is not None:
-            positions = torch.arange(b, device=logits.device)
-            ver = torch.tensor(verifying, device=logits.device)
-            offsets = torch.where(ver[:, None], positions, positions - 1)
-            before = F.one_hot(s.drafts, logits.shape[-1]).float().cumsum(1)  # (B, b-1, V)
-            within = torch.cat([torch.zeros_like(before[:, :1]), before], 1) * ver[:, None, None]
-        if batch.constrained:
-            # Verify position i: after drafts 1..i. A draft pass masks only its first draft (after
-            # the tokens so far); the later ones are proposals the verify checks.
-            drafting: list[list[int] | None] = [None, [], *[None] * (b - 2)]
-            paths = [[d[:i] for i in range(b)] if v else drafting for d, v in zip(s.host_drafts, verifying)]
-        return batch.controlled(logits, offsets, within, paths)
-
     def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> None:
         """Fill the masks of `rows` from their bidirectional pass over [seed, MASK...]."""
         if not any(rows):
             return
-        s, sampler = batch.state(SelfSpecRows), batch.sampler
-        draft_logits = batch.bidirectional_logits(logits[:, 1:])  # (B, b-1, V): own-position predictions
+        s = batch.state(SelfSpecRows)
+        drafts, q = draw_drafts(batch, logits[:, 1:], rows)
         chosen = torch.tensor(rows, device=logits.device)
-        if sampler.all_greedy:
-            drafts = draft_logits.argmax(-1)
-        else:
-            q = sampler.probs(draft_logits)
-            drafts = sampler.sample(q, rows=rows_where(rows))
+        if q is not None:
             s.q = q if s.q is None else torch.where(chosen[:, None, None], q, s.q)
         s.drafts = torch.where(chosen[:, None], drafts, s.drafts)
 
-    def _verify(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accept the agreeing prefix of the drafts of `rows` and a bonus token. Returns, per row,
-        [accepted, bonus, drafts...] (B, b + 1) for the step's transfer, and the bonus tokens (B,)."""
-        b, s, sampler = self.block_length, batch.state(SelfSpecRows), batch.sampler
-        drafts = s.drafts
-        # The block length is fixed (not shrunk to the budget) so a row's drafts, and hence its
-        # statistics, do not depend on what else is in the batch; a row never accepts past its budget.
-        cap = batch.remaining - 1  # (B,) most drafts a row may still accept
-        if sampler.all_greedy:
-            target = logits.argmax(-1)  # (B, b): target[:, i] is the AR choice for position i+1
-            agreed = (target[:, :-1] == drafts).long().cumprod(1).sum(1)  # (B,) leading agreements
-            accepted = torch.minimum(agreed, cap)
-            bonus = target.gather(1, accepted[:, None])[:, 0]
-        else:
-            draw = rows_where(rows)  # only verifying rows draw random numbers
-            p = sampler.probs(logits)  # (B, b, V)
-            q = s.q if s.q is not None else torch.zeros_like(p[:, :-1])  # (B, b-1, V); None: only greedy drafts
-            p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
-            q_d = q.gather(-1, drafts[..., None])[..., 0]
-            agreed = (sampler.uniform(b - 1, draw) * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q, no division
-            accepted = torch.minimum(agreed, cap)
-            # The token after the accepted drafts: where the budget cut an accepted run, the next
-            # accepted draft itself (it is already a sample from p); where a draft was rejected, a
-            # sample from the residual; after all b-1 drafts, a plain sample from p.
-            rejected = (agreed == accepted) & (accepted < b - 1)
-            q_padded = torch.cat([q, torch.zeros_like(q[:, :1])], 1)
-            at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
-            p_at = p.gather(1, at)
-            residual = (p_at - q_padded.gather(1, at) * rejected[:, None, None]).clamp_(min=0)
-            # p == q exactly leaves no residual mass; then any sample from p is correct.
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
-            next_draft = drafts.gather(1, accepted.clamp(max=b - 2)[:, None])[:, 0]
-            bonus = torch.where(agreed > accepted, next_draft, sampler.sample(residual, draw)[:, 0])
-        return torch.cat([accepted[:, None], bonus[:, None], drafts], 1), bonus
+
+def controlled(
+    batch: DecodeBatch, logits: torch.Tensor, drafts: torch.Tensor, host_drafts: list[list[int]], verifying: list[bool]
+) -> torch.Tensor:
+    """A pass's logits (B, b, V) over [seed, drafts or masks] under the rows' logit controls and
+    grammars. A verifying row's position i picks its output token `generated + i` after drafts
+    1..i, so it sees their counts: each position exactly as the AR step there would (so self-spec
+    == AR under penalties). A drafting row's position p proposes output token `generated + p - 1`,
+    from the counts so far."""
+    b = logits.shape[1]
+    offsets = within = None
+    paths: list[list[list[int] | None]] | None = None
+    if batch.controls is not None:
+        positions = torch.arange(b, device=logits.device)
+        ver = torch.tensor(verifying, device=logits.device)
+        offsets = torch.where(ver[:, None], positions, positions - 1)
+        before = F.one_hot(drafts, logits.shape[-1]).float().cumsum(1)  # (B, b-1, V)
+        within = torch.cat([torch.zeros_like(before[:, :1]), before], 1) * ver[:, None, None]
+    if batch.constrained:
+        # Verify position i: after drafts 1..i. A draft pass masks only its first draft (after
+        # the tokens so far); the later ones are proposals the verify checks.
+        drafting: list[list[int] | None] = [None, [], *[None] * (b - 2)]
+        paths = [[d[:i] for i in range(b)] if v else drafting for d, v in zip(host_drafts, verifying)]
+    return batch.controlled(logits, offsets, within, paths)
+
+
+def draw_drafts(batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drafts (B, n) from masked positions' own-position logits (B, n, V): the argmax, or for
+    sampled rows a draw from q, which is returned too (B, n, V) (None when every row is greedy).
+    Only `rows` draw random numbers."""
+    logits, sampler = batch.bidirectional_logits(logits), batch.sampler
+    if sampler.all_greedy:
+        return logits.argmax(-1), None
+    q = sampler.probs(logits)
+    return sampler.sample(q, rows=rows_where(rows)), q
+
+
+def verify(
+    batch: DecodeBatch,
+    logits: torch.Tensor,
+    drafts: torch.Tensor,
+    q: torch.Tensor | None,
+    rows: list[bool],
+    blind: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept the agreeing prefix of the drafts (B, b-1) of `rows` under the verifier's logits
+    (B, b, V) over [seed, drafts], and a bonus token; `q` (B, b-1, V): the distributions sampled
+    drafts were drawn from (None: every draft greedy); `blind` (B,): rows whose drafts are
+    placeholders, none accepted. Returns, per row, [accepted, bonus, drafts...] (B, b + 1) for
+    the step's transfer, and the bonus tokens (B,)."""
+    b, sampler = logits.shape[1], batch.sampler
+    # The block length is fixed (not shrunk to the budget) so a row's drafts, and hence its
+    # statistics, do not depend on what else is in the batch; a row never accepts past its budget.
+    cap = batch.remaining - 1  # (B,) most drafts a row may still accept
+    if sampler.all_greedy:
+        target = logits.argmax(-1)  # (B, b): target[:, i] is the AR choice for position i+1
+        agreed = (target[:, :-1] == drafts).long().cumprod(1).sum(1)  # (B,) leading agreements
+        if blind is not None:
+            agreed = agreed * ~blind
+        accepted = torch.minimum(agreed, cap)
+        bonus = target.gather(1, accepted[:, None])[:, 0]
+    else:
+        draw = rows_where(rows)  # only verifying rows draw random numbers
+        p = sampler.probs(logits)  # (B, b, V)
+        q = q if q is not None else torch.zeros_like(p[:, :-1])  # (B, b-1, V); None: only greedy drafts
+        p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
+        q_d = q.gather(-1, drafts[..., None])[..., 0]
+        agreed = (sampler.uniform(b - 1, draw) * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q, no division
+        if blind is not None:
+            agreed = agreed * ~blind
+        accepted = torch.minimum(agreed, cap)
+        # The token after the accepted drafts: where the budget cut an accepted run, the next
+        # accepted draft itself (it is already a sample from p); where a draft was rejected, a
+        # sample from the residual; after all b-1 drafts, a plain sample from p.
+        rejected = (agreed == accepted) & (accepted < b - 1)
+        q_padded = torch.cat([q, torch.zeros_like(q[:, :1])], 1)
+        at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
+        p_at = p.gather(1, at)
+        residual = (p_at - q_padded.gather(1, at) * rejected[:, None, None]).clamp_(min=0)
+        # p == q exactly leaves no residual mass; then any sample from p is correct.
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
+        next_draft = drafts.gather(1, accepted.clamp(max=b - 2)[:, None])[:, 0]
+        bonus = torch.where(agreed > accepted, next_draft, sampler.sample(residual, draw)[:, 0])
+    return torch.cat([accepted[:, None], bonus[:, None], drafts], 1), bonus

@@ -19,8 +19,9 @@ per-layer K/V and the pass's slot maps, `KVView`, always gathered); batch size, 
 and pool size are symbolic, so three programs serve every one-batch pass of every mode:
 - `last`: logits at one position per row (prefills and prefill chunks, AR steps, one-token passes);
 - `all`: logits at every position (self-spec verify, diffusion denoise and commit);
-- `draft`: every position with the draft LoRA on per row (self-spec drafts, alone or beside
-  verifying rows); without a draft LoRA a draft is an `all` pass.
+- `draft`: every position with the draft LoRA on per position (self-spec drafts, alone or beside
+  verifying rows; quadratic self-spec's verifier chain and draft groups); without a draft LoRA a
+  draft is an `all` pass.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def pass_kind(fwd: Forward, has_draft_lora: bool) -> str | None:
 class PassFunction(nn.Module):
     """One part's forward over the pool, as a function of tensors only: what a compiled program
     traces and a CUDA graph captures. `extra` is [] (`all`), [logit_index] (`last`) or [draft LoRA
-    flag per row] (`draft`). Returns the logits, or with `head=False` the final-normed hidden
+    flag per position, (B, T)] (`draft`). Returns the logits, or with `head=False` the final-normed hidden
     states they come from (`Transformer.logits`)."""
 
     def __init__(self, model: Transformer, kind: str, head: bool = True) -> None:
@@ -111,7 +112,7 @@ def flat_inputs(part: Part, kind: str) -> tuple:
         extra = [part.logit_index if part.logit_index is not None else part.input_ids.new_zeros(b)]
     elif kind == "draft":
         lora = torch.as_tensor(ctx.use_draft_lora, device=part.input_ids.device)
-        extra = [lora.expand(b)]
+        extra = [(lora[:, None] if lora.dim() == 1 else lora).expand(b, t)]  # one, per row or per position
     else:
         extra = []
     # A program reads its inputs by the traced sizes and strides and checks neither: every input
@@ -231,7 +232,8 @@ def _example(model: Transformer, kind: str) -> tuple[tuple, tuple]:
     example = flat_inputs(part, kind)
     a = Dim.AUTO
     layers = [{0: a}] * cfg.num_hidden_layers
-    dims = ({0: a, 1: a}, {0: a, 1: a}, {0: a, 2: a, 3: a}, {0: a}, {0: a}, layers, layers, [{0: a}] * len(example[-1]))
+    extra = [{0: a, 1: a} if kind == "draft" else {0: a}] * len(example[-1])
+    dims = ({0: a, 1: a}, {0: a, 1: a}, {0: a, 2: a, 3: a}, {0: a}, {0: a}, layers, layers, extra)
     return example, dims
 
 

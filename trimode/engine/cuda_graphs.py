@@ -74,8 +74,12 @@ class StaticPass:
         self.mask[..., 0] = True
         self.write_slots = torch.full((batch, width), trash, **long)
         self.key_slots = torch.full((batch, span), trash, **long)
-        flag = {"last": torch.long, "draft": torch.bool}.get(kind)
-        self.extra = [] if flag is None else [torch.zeros(batch, dtype=flag, device=pool.device)]
+        # `last`: the logit index per row; `draft`: the draft LoRA flag per position.
+        extras = {"last": ((batch,), torch.long), "draft": ((batch, width), torch.bool)}
+        self.extra = []
+        if kind in extras:
+            shape, dtype = extras[kind]
+            self.extra = [torch.zeros(shape, dtype=dtype, device=pool.device)]
         self.trash = trash
 
     def fill(self, part: Part) -> int:

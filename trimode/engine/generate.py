@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from trimode import logit_controls
+from trimode.decoding import pass_width
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, HostEmission, logprob_table
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.stop_strings import StopMatcher, stop_matcher
@@ -66,6 +67,11 @@ class Request:
 
     def __post_init__(self) -> None:
         self.logprobs = [] if self.params.logprobs is not None else None
+
+    @property
+    def pass_width(self) -> int:
+        """Tokens its row feeds per decode pass (`decoding.pass_width`)."""
+        return pass_width(self.params)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

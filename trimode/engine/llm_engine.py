@@ -173,7 +173,14 @@ class LLMEngine:
         """ValueError when the prompt plus max_tokens exceeds the context, or the request would not
         fit the KV pool even alone."""
         check_fits(ids, params, self.max_model_len, name)
-        self.scheduler.check_fits(Request(None, ids, params))
+        req = Request(None, ids, params)
+        if req.pass_width > self.max_num_batched_tokens:
+            raise ValueError(
+                f"block_length {params.block_length} with spec {params.spec.value!r} feeds {req.pass_width} "
+                f"tokens per row per pass, more than the engine's max_num_batched_tokens of "
+                f"{self.max_num_batched_tokens}: lower block_length or raise max_num_batched_tokens"
+            )
+        self.scheduler.check_fits(req)
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request wherever it is; its KV rows are freed at once. False if unknown or done."""

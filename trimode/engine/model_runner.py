@@ -111,8 +111,8 @@ class ModelRunner:
         model_parts = []
         for kv, fwd in parts:
             t = fwd.tokens.shape[1]
-            positions, span = kv.begin(t, fwd.num_fed, gather=graphed or compiled)
-            mask = kv.attention_mask(t, span, fwd.causal, dense=graphed or compiled)
+            positions, span = kv.begin(t, fwd.num_fed, gather=graphed or compiled, offsets=fwd.offsets)
+            mask = kv.attention_mask(t, span, fwd.causal, dense=graphed or compiled, pattern=fwd.pattern)
             model_parts.append(
                 Part(fwd.tokens, ForwardContext(positions, mask, kv.view, fwd.use_draft_lora), fwd.logit_index)
             )

@@ -23,8 +23,8 @@ class QueueFull(Exception):
 
 
 def kv_slots(req: Request) -> int:
-    """KV slots a request may need at most: its prompt, its budget, and one block of scratch."""
-    return len(req.prompt_ids) + req.params.max_tokens + req.params.block_length + 1
+    """KV slots a request may need at most: its prompt, its budget, and one pass of scratch."""
+    return len(req.prompt_ids) + req.params.max_tokens + req.pass_width + 1
 
 
 def parent_of(req: Request) -> str:
@@ -60,7 +60,7 @@ class Scheduler:
         """ValueError when the request could not run even alone in the KV pool."""
         if kv_slots(req) > self.kv_cache_tokens:
             raise ValueError(
-                f"the request needs up to {kv_slots(req)} KV slots (prompt + max_tokens + block); the "
+                f"the request needs up to {kv_slots(req)} KV slots (prompt + max_tokens + one pass); the "
                 f"engine's KV cache has {self.kv_cache_tokens}: lower max_tokens or shorten the prompt"
             )
 
@@ -108,7 +108,7 @@ class Scheduler:
     def pages_to_start(self, req: Request) -> int:
         """Pages a request needs to be admitted: its context and one block of scratch (its decode
         then grows a page at a time; when the pool runs out, the engine preempts)."""
-        return num_pages(len(req.context_ids) + req.params.block_length + 1, self.page_size)
+        return num_pages(len(req.context_ids) + req.pass_width + 1, self.page_size)
 
     def admit(self, running: list[Request], num_free_pages: int, max_prompt_tokens: int | None = None) -> list[Request]:
         """Waiting requests that fit now. Each pick is the next request (in queue order) of the
