@@ -131,7 +131,12 @@ def quadratic_greedy(
             logits = model(torch.tensor([tokens]), ctx)[0]
         target = logits[n : n + b].argmax(-1).tolist()
         accepted = 0
-        while drafts and accepted < b - 1 and drafts[accepted] == target[accepted] and accepted < max_tokens - len(out) - 1:
+        while (
+            drafts
+            and accepted < b - 1
+            and drafts[accepted] == target[accepted]
+            and accepted < max_tokens - len(out) - 1
+        ):
             accepted += 1
         emitted = chain[1 : 1 + accepted] + [target[accepted]]
         group_logits = logits[n + b + accepted * b : n + b + (accepted + 1) * b].clone()

@@ -132,7 +132,10 @@ def test_quadratic_selfspec_equals_ar_and_the_uncached_reference(llm, block_leng
     from reference import quadratic_greedy
 
     budgets = [30, 30, 13, 30]
-    params = [SamplingParams(mode="selfspec", spec="quadratic", block_length=block_length, max_tokens=n, ignore_eos=True) for n in budgets]
+    params = [
+        SamplingParams(mode="selfspec", spec="quadratic", block_length=block_length, max_tokens=n, ignore_eos=True)
+        for n in budgets
+    ]
     out = llm.generate(PROMPTS, params)
     ar = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True) for n in budgets])
     assert ids(out) == ids(ar)

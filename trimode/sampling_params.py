@@ -125,7 +125,9 @@ class SamplingParams:
         )
         if self.spec == Spec.QUADRATIC:
             if self.mode != Mode.SELFSPEC:
-                raise ValueError(f"SamplingParams.spec='quadratic' is a kind of mode 'selfspec'; got mode {self.mode.value!r}")
+                raise ValueError(
+                    f"SamplingParams.spec='quadratic' is a kind of mode 'selfspec'; got mode {self.mode.value!r}"
+                )
             _check(self.block_length >= 2, "block_length", "an integer >= 2 with spec='quadratic'", self.block_length)
         _check(
             self.threshold is None or (_is_number(self.threshold) and 0 <= self.threshold <= 1),

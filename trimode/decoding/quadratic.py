@@ -99,7 +99,9 @@ class QuadraticSelfSpecDecoder(Decoder):
         b, s, n = self.block_length, batch.state(QuadraticRows), batch.size
         every = [True] * n
         chain = logits[:, :b]
-        packed, bonus = verify(batch, controlled(batch, chain, s.drafts, s.host_drafts, every), s.drafts, s.q, every, s.blind)
+        packed, bonus = verify(
+            batch, controlled(batch, chain, s.drafts, s.host_drafts, every), s.drafts, s.q, every, s.blind
+        )
         accepted = packed[:, 0]
         # The verifier's (AR) log-probability of each emitted token: the accepted drafts, then the
         # bonus at position `accepted`.
