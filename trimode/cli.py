@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trimode.kv_cache import PAGE_SIZE
-from trimode.sampling_params import MODES
+from trimode.sampling_params import MODES, SPECS
 from trimode.server.logprobs import MAX_LOGPROB_ENTRIES
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
         block_length=args.block_length,
+        spec=args.spec,
         threshold=args.threshold,
     )
     llm = _load_llm(args)
@@ -161,7 +162,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.suite != "tasks":
         raise ValueError(f"--suite must be 'tasks' (the held-out synthetic tasks); got {args.suite!r}")
     llm = _load_llm(args)
-    report = task_accuracy(llm, modes, n=args.num_examples, block_length=args.block_length, threshold=args.threshold)
+    report = task_accuracy(
+        llm, modes, n=args.num_examples, block_length=args.block_length, spec=args.spec, threshold=args.threshold
+    )
     docs = stdlib_texts(held_out=True)
     result = {
         "accuracy": report,
@@ -183,6 +186,13 @@ def _eval(args: argparse.Namespace) -> int:
         )
     print(f"held-out stdlib loss: {result['stdlib_heldout_loss_nats']:.4f} nats/token")
     return 0
+
+
+def _spec_list(text: str) -> list[str]:
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if not specs or any(s not in SPECS for s in specs):
+        raise ValueError(f"--spec must list some of {', '.join(SPECS)}; got {text!r}")
+    return specs
 
 
 def _mode_list(text: str, allowed: Sequence[str] = MODES) -> list[str]:
@@ -251,6 +261,10 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 THRESHOLD_HELP = "diffusion: reveal every position at least this confident (default 0.9); 'none': one per pass"
+SPEC_HELP = (
+    "selfspec: linear (a draft pass and a verify pass per cycle; the default) or quadratic (one pass of "
+    "b(b+1) tokens per row verifies and drafts)"
+)
 
 
 def _threshold(text: str) -> float | None:
@@ -308,6 +322,7 @@ def _bench(args: argparse.Namespace) -> int:
         _int_list("--block-lengths", args.block_lengths or "8,32"),
         _float_list("--thresholds", args.thresholds or "0.9"),
         lengths,
+        _spec_list(args.spec) if args.spec else None,
         _int_list("--logprobs", args.logprobs) if args.logprobs else None,
         _structured_flag(args.structured),
     )
@@ -646,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="generate max_tokens even past EOS (benchmarks)")
     g.add_argument("--block-length", type=int, default=32)
+    g.add_argument("--spec", default="linear", help=SPEC_HELP)
     g.add_argument("--threshold", type=_threshold, default=0.9, help=THRESHOLD_HELP)
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -718,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--suite", default="tasks")
     e.add_argument("--num-examples", type=int, default=100, help="held-out examples per task")
     e.add_argument("--block-length", type=int, default=32)
+    e.add_argument("--spec", default="linear", help=SPEC_HELP)
     e.add_argument("--threshold", type=_threshold, default=0.9, help=THRESHOLD_HELP)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)
@@ -747,6 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", help="offline only (default 1,4,16)")
     b.add_argument("--max-tokens", type=int, default=48)
     b.add_argument("--block-lengths", help="default 8,32 offline; the server's default over HTTP")
+    b.add_argument(
+        "--spec",
+        help="offline: self-spec's kinds to run, comma-separated: linear, quadratic (default linear); "
+        "quadratic feeds b(b+1) tokens per row per pass",
+    )
     b.add_argument(
         "--structured",
         help="offline: also run every AR and self-spec configuration under this grammar, given as "

@@ -38,6 +38,11 @@ from trimode.tokenizer import Tokenizer
 # The tiny tri-mode model trained by `trimode train` and shipped inside the package.
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "embedded"
 
+# Tokens one engine step may feed (prompt tokens of a prefill; rows x pass width of a decode group):
+# the engine's default, and the most offline generation raises it to so its rows decode together.
+DEFAULT_BATCHED_TOKENS = 512
+OFFLINE_BATCHED_TOKENS = 8192
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -148,7 +153,7 @@ class LLM:
         max_batch: int = 32,
         max_queue: int = 256,
         kv_cache_tokens: int = 65536,
-        max_num_batched_tokens: int = 512,
+        max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS,
         page_size: int = PAGE_SIZE,
     ) -> LLMEngine:
         """A continuous-batching engine over this model (what `trimode serve` runs); its KV pool
@@ -248,8 +253,16 @@ class LLM:
             for i, (p, text) in enumerate(zip(ids, texts))
             for j, sample in enumerate(samples[i])
         ]
-        need = sum(num_pages(kv_slots(Request(None, p, sp)), PAGE_SIZE) + 1 for _, _, p, _, sp in rows)
-        engine = self.engine(max_batch=len(rows), max_queue=len(rows), kv_cache_tokens=need * PAGE_SIZE)
+        requests = [Request(None, p, sp) for _, _, p, _, sp in rows]
+        need = sum(num_pages(kv_slots(r), PAGE_SIZE) + 1 for r in requests)
+        # A step's token budget that holds every row's decode pass (up to OFFLINE_BATCHED_TOKENS), so
+        # the rows of one mode decode in one pass as the call asks, and any one row's widest pass
+        # (quadratic self-spec: b(b+1) tokens).
+        widths = [r.pass_width for r in requests]
+        budget = max(DEFAULT_BATCHED_TOKENS, min(sum(widths), OFFLINE_BATCHED_TOKENS), max(widths))
+        engine = self.engine(
+            max_batch=len(rows), max_queue=len(rows), kv_cache_tokens=need * PAGE_SIZE, max_num_batched_tokens=budget
+        )
         for i, j, p, text, sp in rows:
             # One parent: the engine serves this call alone, and samples of equal prompts share pages.
             engine.add_tokenized(f"{i}.{j}", p, sp, text, name=f"prompt {i}", parent_id="generate")

@@ -44,6 +44,7 @@ class BenchConfig:
     batch_size: int
     block_length: int | None = None  # modes that read it (decoding.uses)
     threshold: float | None = None
+    spec: str | None = None  # self-spec's kind when swept (`--spec`); None: linear
     control: bool = False  # the A/A control: a second measurement of the same configuration
     engine: str = "trimode"  # or a baseline's name ("hf"), whose generator runs this configuration
     context_length: int | None = None  # the long suite: runs the prompts of this length
@@ -64,6 +65,8 @@ class BenchConfig:
             parts.append(f"B{self.block_length}")
         if self.threshold is not None:
             parts.append(f"t{self.threshold:g}")
+        if self.spec is not None and self.spec != "linear":
+            parts.append(self.spec)
         if self.context_length is not None:
             parts.append(f"ctx{short_length(self.context_length)}")
         if self.logprobs is not None:
@@ -81,19 +84,23 @@ def expand_configs(
     block_lengths: list[int],
     thresholds: list[float],
     context_lengths: list[int | None] | None = None,
+    specs: list[str] | None = None,
     logprobs: list[int] | None = None,
     structured: str | None = None,
 ) -> list[BenchConfig]:
-    """Every configuration; with `logprobs`, each once more per count, asking for that many; with
-    `structured` (SamplingParams.structured as JSON), each once more under that grammar (diffusion,
-    which takes none, excepted)."""
+    """Every configuration (with `specs`, self-spec's in each of those kinds); with `logprobs`, each
+    once more per count, asking for that many; with `structured` (SamplingParams.structured as
+    JSON), each once more under that grammar (diffusion, which takes none, excepted)."""
     configs = []
     for length in context_lengths or [None]:
         for bs in batch_sizes:
             for mode in modes:
                 blocks = block_lengths if uses(mode, "block_length") else [None]
                 ts = thresholds if uses(mode, "threshold") else [None]
-                configs += [BenchConfig(mode, bs, b, t, context_length=length) for b in blocks for t in ts]
+                kinds: list[str | None] = list(specs) if specs and uses(mode, "spec") else [None]
+                configs += [
+                    BenchConfig(mode, bs, b, t, s, context_length=length) for b in blocks for s in kinds for t in ts
+                ]
     extra = [replace(c, logprobs=k) for k in logprobs or [] for c in configs]
     if structured is not None:
         extra += [replace(c, structured=structured) for c in configs if c.mode != "diffusion"]
@@ -127,6 +134,7 @@ def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int) -> li
             max_tokens=p.max_tokens or max_tokens,
             seed=0,
             block_length=cfg.block_length or 32,
+            spec=cfg.spec or "linear",
             threshold=0.9 if cfg.threshold is None else cfg.threshold,
             logprobs=cfg.logprobs,
             structured=None if cfg.structured is None else json.loads(cfg.structured),

@@ -113,6 +113,7 @@ class _Common(BaseModel):
     # trimode's own fields (OpenAI clients send them through extra_body)
     mode: str | None = None
     block_length: int | None = Field(None, ge=1, le=256)
+    spec: Literal["linear", "quadratic"] | None = None  # self-spec: one draft pass per verify, or one pass
     threshold: float | None = Field(None, ge=0, le=1)
     ignore_eos: bool = False
     # Structured output: OpenAI's response_format ({"type": "text" | "json_object" | "json_schema",
@@ -184,6 +185,7 @@ class _Common(BaseModel):
             stop=self.stop,
             ignore_eos=self.ignore_eos,
             block_length=self.block_length or 32,
+            spec=self.spec or "linear",
             threshold=0.9 if self.threshold is None else self.threshold,
             n=self.n,
             presence_penalty=self.presence_penalty,
