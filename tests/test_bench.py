@@ -121,6 +121,14 @@ def test_expand_configs():
     cfgs = expand_configs(["ar", "diffusion", "selfspec"], [1, 4], [8, 32], [0.5, 0.9])
     assert len(cfgs) == 2 * (1 + 4 + 2)
     assert BenchConfig("diffusion", 4, 32, 0.5) in cfgs and BenchConfig("ar", 1) in cfgs
+    kinds = expand_configs(["ar", "selfspec"], [1], [4, 8], [0.9], specs=["linear", "quadratic"])
+    assert [c.label for c in kinds] == [
+        "ar bs1",
+        "selfspec bs1 B4",
+        "selfspec bs1 B4 quadratic",
+        "selfspec bs1 B8",
+        "selfspec bs1 B8 quadratic",
+    ]
 
 
 def test_speedup_is_measured_against_ar_in_the_same_run(llm):

@@ -36,8 +36,8 @@ def _generate(llm, runner, prompts, params):
         llm.runner = eager
 
 
-def _same_tokens(llm, runner, prompts, mode):
-    params = SamplingParams(mode=mode, max_tokens=12, block_length=4, ignore_eos=True)
+def _same_tokens(llm, runner, prompts, mode, spec="linear"):
+    params = SamplingParams(mode=mode, spec=spec, max_tokens=12, block_length=4, ignore_eos=True)
     assert _generate(llm, runner, prompts, params) == [o.token_ids for o in llm.generate(prompts, params)]
 
 
@@ -92,10 +92,12 @@ def test_a_compiled_forward_refuses_a_view_it_cannot_take(llm, compiled_runner):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["diffusion", "selfspec"])
-def test_compiled_block_modes_give_the_eager_tokens_at_batch_1_and_3(llm, compiled_runner, mode):
+@pytest.mark.parametrize("mode,spec", [("diffusion", "linear"), ("selfspec", "linear"), ("selfspec", "quadratic")])
+def test_compiled_block_modes_give_the_eager_tokens_at_batch_1_and_3(llm, compiled_runner, mode, spec):
+    """Quadratic self-spec's pass (per-token positions, its pattern as a dense mask, the draft LoRA
+    per position) through the `draft` program."""
     for prompts in (PROMPTS[:1], PROMPTS):
-        _same_tokens(llm, compiled_runner, prompts, mode)
+        _same_tokens(llm, compiled_runner, prompts, mode, spec)
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ request alone (token ids, text, finish reason, logprobs).
 
 The join matrix is generated, not hand-picked: every (running kind, newcomer kind) pair of KINDS,
 in every decoding shape of SHAPES at once (each shape is its own group, so one engine run holds
-five independent joins, and their passes share forwards as riders and leads do in serving). The
+six independent joins, and their passes share forwards as riders and leads do in serving). The
 running request is prefilled first; its newcomer joins its group 2 to 6 steps later, so the groups
 are at varied stages (self-spec's two stages are also each pinned on their own, below). A kind
 names a feature family; which parameters it takes (which penalty, which grammar, which seed) is
@@ -32,6 +32,7 @@ SHAPES: list[dict[str, Any]] = [
     dict(mode="diffusion", block_length=8, threshold=None),
     dict(mode="selfspec", block_length=4),
     dict(mode="selfspec", block_length=8),
+    dict(mode="selfspec", spec="quadratic", block_length=4),
 ]
 TOKENS = 8
 PROMPTS = ["def parse(line):", "Sort: 42 7 19 3", "import os\n", "class Stack:", "Add: 457 + 268"]

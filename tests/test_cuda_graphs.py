@@ -15,11 +15,14 @@ from trimode import LLM, SamplingParams
 from trimode.engine.cuda_graphs import CudaGraphs, batch_bucket, span_bucket
 from trimode.engine.model_runner import ModelRunner
 
-MODES = ("ar", "diffusion", "selfspec")
+# Every decoding shape: quadratic self-spec's pass carries per-token positions, its pattern as the
+# mask and the draft LoRA per position through a bucket's buffers.
+MODES = ("ar", "diffusion", "selfspec", "quadratic")
 
 
 def _params(mode: str, **extra) -> SamplingParams:
-    return SamplingParams(mode=mode, max_tokens=12, block_length=4, ignore_eos=True, **extra)
+    kind = dict(mode="selfspec", spec="quadratic") if mode == "quadratic" else dict(mode=mode)
+    return SamplingParams(**kind, max_tokens=12, block_length=4, ignore_eos=True, **extra)
 
 
 def _buffered_runner(model, capture=None) -> ModelRunner:
@@ -47,21 +50,23 @@ def test_padded_buffers_give_the_eager_tokens_in_every_mode(llm):
     """Three rows in the bucket of four, key spans padded to whole power-of-two pages; greedy and
     sampled (the sampler's draws do not depend on the path)."""
     runner = _buffered_runner(llm.model)
+    buckets = set()  # a run needing a larger pool than the graphs' drops them: collect each run's
     for mode in MODES:
         for extra in ({}, {"temperature": 0.8, "seed": 5}):
             params = _params(mode, **extra)
             assert _tokens(llm, runner, PROMPTS[:3], params) == [o.token_ids for o in llm.generate(PROMPTS[:3], params)]
-    buckets = runner.graphs.buckets
+            buckets |= set(runner.graphs.buckets)
     assert {kind for kind, *_ in buckets} == {"last", "all", "draft"}
     assert {batch for _, batch, _, _ in buckets if batch <= 4} >= {4}
+    assert ("draft", 4, 20, 64) in buckets  # quadratic's pass: b(b+1) = 20 tokens per row
     assert not runner.fuses_parts  # a graphed pass runs alone: no AR rows ride beside it
 
 
 def test_without_a_draft_lora_and_in_a_mixed_batch(llm_nolora):
     runner = _buffered_runner(llm_nolora.model)
     mixed = [_params(m) for m in MODES]
-    expected = [o.token_ids for o in llm_nolora.generate(PROMPTS[:3], mixed)]
-    assert _tokens(llm_nolora, runner, PROMPTS[:3], mixed) == expected
+    expected = [o.token_ids for o in llm_nolora.generate(PROMPTS, mixed)]
+    assert _tokens(llm_nolora, runner, PROMPTS, mixed) == expected
     assert "draft" not in {kind for kind, *_ in runner.graphs.buckets}
 
 
@@ -105,8 +110,8 @@ def test_cuda_graphs_give_the_eager_tokens(tiny_dir, lora):
                 o.token_ids for o in eager.generate(prompts, params)
             ]
     mixed = [_params(m) for m in MODES]
-    assert [o.token_ids for o in graphed.generate(PROMPTS[:3], mixed)] == [
-        o.token_ids for o in eager.generate(PROMPTS[:3], mixed)
+    assert [o.token_ids for o in graphed.generate(PROMPTS, mixed)] == [
+        o.token_ids for o in eager.generate(PROMPTS, mixed)
     ]
     kinds = {kind for kind, *_ in graphed.runner.graphs.buckets}
     assert kinds == ({"last", "all", "draft"} if lora else {"last", "all"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import MASK_ID, PROMPTS
 
 from trimode import SamplingParams
@@ -146,3 +147,31 @@ def test_quadratic_selfspec_equals_ar_and_the_uncached_reference(llm, block_leng
         assert o.num_forwards == 1 + len(cycles)
         cycles_seen |= set(cycles)
     assert max(cycles_seen) > 1  # drafts accepted, so the commit-and-continue path ran
+
+
+def test_quadratic_leaves_the_kv_pool_as_ar_does(llm):
+    """After a quadratic request the pool caches the same pages as after AR's, holding the same K/V
+    (the chain's are AR's pass; the masks' slots were scratch), and a follow-up that shares its
+    prefix hits them and decodes as it does alone."""
+    prompt = llm.tokenizer.encode(PROMPTS[2])
+    pools = []
+    for params in (dict(), dict(mode="selfspec", spec="quadratic", block_length=8)):
+        engine = llm.engine(kv_cache_tokens=2048)
+        engine.add_tokenized("first", prompt, SamplingParams(max_tokens=40, ignore_eos=True, **params))
+        outs = [o.output for _ in range(200) for o in engine.step() if o.output is not None]
+        context = prompt + outs[0].token_ids + [5, 6, 7]
+        pages = engine.pool.match_prefix(context)
+        pools.append((engine, context, pages))
+    (ar, _, ar_pages), (quadratic, context, pages) = pools
+    assert len(pages) == len(ar_pages) >= (len(prompt) + 38) // 16  # all but the last, uncommitted token's page
+    slots = torch.tensor([p * 16 + i for p in pages for i in range(16)])
+    ar_slots = torch.tensor([p * 16 + i for p in ar_pages for i in range(16)])
+    for layer in range(len(ar.pool.k)):
+        torch.testing.assert_close(quadratic.pool.k[layer][slots], ar.pool.k[layer][ar_slots])
+        torch.testing.assert_close(quadratic.pool.v[layer][slots], ar.pool.v[layer][ar_slots])
+    quadratic.pool.release(pages)
+    hits = quadratic.pool.num_prefix_hits
+    quadratic.add_tokenized("follow-up", context, SamplingParams(max_tokens=12, ignore_eos=True))
+    follow = [o.output for _ in range(50) for o in quadratic.step() if o.output is not None][0]
+    assert quadratic.pool.num_prefix_hits - hits == 16 * len(pages)
+    assert follow.token_ids == llm.generate([context], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids

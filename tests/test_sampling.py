@@ -73,22 +73,31 @@ def exact_joint(llm, prompt_ids, params, length, penalised=False):
 
 # Block 2 runs the same self-spec code as block 4 (slow: the default suite's time is bounded).
 @pytest.mark.parametrize(
-    "mode,block_length", [("ar", 4), ("selfspec", 4), pytest.param("selfspec", 2, marks=pytest.mark.slow)]
+    "mode,block_length,spec",
+    [
+        ("ar", 4, "linear"),
+        ("selfspec", 4, "linear"),
+        ("selfspec", 4, "quadratic"),
+        pytest.param("selfspec", 2, "linear", marks=pytest.mark.slow),
+    ],
 )
-def test_sampled_sequences_follow_the_ar_distribution(llm, mode, block_length):
+def test_sampled_sequences_follow_the_ar_distribution(llm, mode, block_length, spec):
     """Self-spec at temperature > 0 must sample exactly from the AR distribution (rejection sampling).
 
     Block 4 with 3 tokens: the budget cuts accepted runs (pins a bug where the cut emitted a fresh
-    sample instead of the accepted draft). Block 2: runs of all-accepted drafts end in a bonus from p."""
+    sample instead of the accepted draft). Block 2: runs of all-accepted drafts end in a bonus from p.
+    Quadratic: its first pass accepts no draft and samples from p; its drafts come from the group
+    of the accepted length, drawn before the bonus token is known."""
     # Continue a greedy run that has settled into the repeat the fixture's drafts can predict, so both
     # accepted and rejected drafts occur.
     settled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))[0]
     ids = settled.prompt_token_ids + settled.token_ids
-    length, n = 3, 3000
+    # Quadratic's first pass emits one token: with 3, its one cycle after that could accept nothing.
+    length, n = (4 if spec == "quadratic" else 3), 3000
     base = dict(temperature=1.5, top_k=2, max_tokens=length, ignore_eos=True)
     exact = exact_joint(llm, ids, SamplingParams(**base), length)
     outs = llm.generate(
-        [ids] * n, [SamplingParams(mode=mode, block_length=block_length, seed=s, **base) for s in range(n)]
+        [ids] * n, [SamplingParams(mode=mode, block_length=block_length, spec=spec, seed=s, **base) for s in range(n)]
     )
     counts: dict[tuple, int] = {}
     for o in outs:

@@ -73,6 +73,23 @@ def test_chat_and_completion_equal_offline(client, offline, mode):
     assert usage is not None and usage.completion_tokens == want.num_generated_tokens
 
 
+def test_quadratic_selfspec_is_asked_for_by_spec(client, offline, server):
+    """`spec` beside `mode`: quadratic self-spec gives AR's greedy text in one forward per cycle; a
+    spec without selfspec, or a pass wider than the server's step budget, is a 400 naming why."""
+    want = offline.chat(CHAT, SamplingParams(max_tokens=24))[0]
+    body = {"mode": "selfspec", "spec": "quadratic", "block_length": 4}
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24, extra_body=body)
+    assert r.choices[0].message.content == want.text
+    assert r.usage.model_dump()["num_forwards"] < want.num_forwards
+    for extra, why in (
+        ({"spec": "quadratic"}, "is a kind of mode 'selfspec'"),
+        ({"mode": "selfspec", "spec": "quadratic"}, "feeds 1056 tokens per row per pass, more than .* of 512"),
+        ({"mode": "selfspec", "spec": "square"}, "spec"),
+    ):
+        bad = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": CHAT, **extra})
+        assert bad.status_code == 400 and re.search(why, bad.text), bad.text
+
+
 def test_the_request_shapes_clients_send(client, offline):
     """Token-id prompts and prompt lists (lm-evaluation-harness's defaults), streamed or not, one
     choice per prompt in order; text already rendered by a chat template, sent without a second
