@@ -298,12 +298,14 @@ def test_bench_long_suite_reports_each_mode_at_each_context_length(tiny_dir, tmp
     out = tmp_path / "long"
     args = ["bench", "--model", str(tiny_dir), "--dtype", "float32", "--suite", "long", "--context-lengths"]
     args += ["96,160", "--modes", "ar,selfspec", "--batch-sizes", "1", "--block-lengths", "4", "--num-prompts", "2"]
+    args += ["--spec", "linear,quadratic"]
     code, err = run_cli([*args, "--max-tokens", "4", "--repeats", "2", "--warmup", "0", "--out", str(out)], capsys)
     assert code == 0, err
     doc = json.loads((out / "results.json").read_text())
     assert doc["context_lengths"] == [96, 160] and doc["depth"] == 0.5 and doc["num_prompts"] == 4
     by_label = {r["label"]: r for r in doc["results"]}
     assert {"ar bs1 ctx96", "selfspec bs1 B4 ctx96", "ar bs1 ctx160", "selfspec bs1 B4 ctx160"} < by_label.keys()
+    assert by_label["selfspec bs1 B4 quadratic ctx96"]["spec"] == "quadratic"
     for n in (96, 160):
         ar, spec = by_label[f"ar bs1 ctx{n}"], by_label[f"selfspec bs1 B4 ctx{n}"]
         assert ar["num_requests"] == 2 * 2 and ar["num_checked"] == 2 * 1  # per repeat: one recall prompt
@@ -319,6 +321,7 @@ def test_bench_long_suite_flags_are_checked(tiny_dir, capsys):
         (["--suite", "long", "--context-lengths", "1k,x"], "context length"),
         (["--suite", "long", "--context-lengths", "100000k"], "exceeds the model's"),
         (["--suite", "long", "--endpoint", "http://127.0.0.1:9/v1"], "offline bench"),
+        (["--modes", "selfspec", "--spec", "linear,cubic"], "--spec must list some of linear, quadratic"),
     )
     for extra, message in cases:
         code, err = run_cli(["bench", "--model", str(tiny_dir), "--dtype", "float32", *extra], capsys)

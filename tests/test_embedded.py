@@ -35,6 +35,18 @@ def test_modes_on_held_out_tasks(embedded):
     assert tpf(spec) > 1.5 and tpf(diff) > 1.5
 
 
+@pytest.mark.parametrize("block_length", [2, 4, 8, 16])
+def test_quadratic_selfspec_gives_ar_tokens_in_fewer_forwards(embedded, block_length):
+    """Batched (rows finishing at EOS mid-pass, at different steps) and alone."""
+    convs = [e.messages() for t in TASKS for e in held_out(t, 2)]
+    ar = embedded.chat(convs, SamplingParams(mode="ar", max_tokens=40))
+    params = SamplingParams(mode="selfspec", spec="quadratic", block_length=block_length, max_tokens=40)
+    quadratic = embedded.chat(convs, params)
+    assert [o.token_ids for o in quadratic] == [o.token_ids for o in ar]
+    assert embedded.chat(convs[:1], params)[0].token_ids == ar[0].token_ids
+    assert sum(o.num_forwards for o in quadratic) < sum(o.num_forwards for o in ar)
+
+
 def test_cli_without_model_uses_it(capsys):
     from trimode.cli import main
 

@@ -22,12 +22,12 @@ def tokens(llm, prompts, params) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(prompts, params)]
 
 
-@pytest.mark.parametrize("block_length", [4, 8])
-def test_selfspec_equals_ar_under_every_control(llm, block_length):
+@pytest.mark.parametrize("block_length,spec", [(4, "linear"), (8, "linear"), (4, "quadratic")])
+def test_selfspec_equals_ar_under_every_control(llm, block_length, spec):
     """Rows with different controls in one batch; with the draft LoRA, drafts do get accepted."""
     params = [SamplingParams(max_tokens=20, ignore_eos=True, block_length=block_length, **c) for c in CONTROLS]
     ar = tokens(llm, PROMPTS, params)
-    spec = [SamplingParams(**{**vars(p), "mode": "selfspec"}) for p in params]
+    spec = [SamplingParams(**{**vars(p), "mode": "selfspec", "spec": spec}) for p in params]
     assert tokens(llm, PROMPTS, spec) == ar
     assert ar != tokens(llm, PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True))  # the controls changed it
 

@@ -40,13 +40,17 @@ def test_outputs_follow_the_grammar_and_selfspec_equals_ar(embedded, spec, valid
     ar = embedded.generate(PROMPTS, SamplingParams(mode="ar", **params))
     spec_out = embedded.generate(PROMPTS, SamplingParams(mode="selfspec", **params))
     assert [o.token_ids for o in spec_out] == [o.token_ids for o in ar]
+    quadratic = SamplingParams(mode="selfspec", spec="quadratic", **{**params, "block_length": 4})
+    assert [o.token_ids for o in embedded.generate(PROMPTS, quadratic)] == [o.token_ids for o in ar]
     finished = [o for o in ar if o.finish_reason == "stop"]  # a small model may run out of budget first
     assert finished and all(valid(o.text) for o in finished), [o.text for o in ar]
 
 
 def test_selfspec_accepts_drafts_under_a_grammar_and_samples_valid_outputs(embedded):
-    out = embedded.generate(PROMPTS, SamplingParams(mode="selfspec", max_tokens=48, structured={"json": SCHEMA}))
-    assert max(c for o in out for c in o.mode_stats["tokens_per_cycle"]) > 1
+    for spec, block in (("linear", 32), ("quadratic", 4)):
+        params = dict(spec=spec, block_length=block, max_tokens=48, structured={"json": SCHEMA})
+        out = embedded.generate(PROMPTS, SamplingParams(mode="selfspec", **params))
+        assert max(c for o in out for c in o.mode_stats["tokens_per_cycle"]) > 1, spec
     sampled = embedded.generate(
         PROMPTS * 3,
         [
