@@ -100,18 +100,21 @@ def selfspec_greedy(
 
 
 def quadratic_greedy(
-    model: Transformer, prompt: list[int], max_tokens: int, block_length: int, mask_id: int
+    model: Transformer, prompt: list[int], max_tokens: int, block_length: int, mask_id: int, blind: bool = False
 ) -> tuple[list[int], list[int]]:
     """Quadratic self-speculation at temperature 0, no cache: every pass recomputes the accepted
     sequence (causal) followed by the chain [seed, drafts] (causal, after the sequence) and, for
     each g, b masks at positions after chain token g that see the sequence, chain 0..g and each
-    other, with the draft LoRA on. The first pass's drafts are masks and none is accepted. Keeps the
-    agreeing drafts (within the budget) and the verifier's bonus; the next drafts are the group of
-    the accepted length's predictions after its first mask. Returns (tokens, tokens per cycle)."""
+    other, with the draft LoRA on. Keeps the agreeing drafts (within the budget) and the verifier's
+    bonus; the next drafts are the group of the accepted length's predictions after its first mask.
+    The first drafts come from the prompt's forward with b masks after it (NVIDIA's reference), or,
+    `blind`, the first pass's drafts are masks and none is accepted. Returns (tokens, tokens per cycle)."""
     b = block_length
     seq = list(prompt)
-    seed = int(full_forward(model, seq)[-1].argmax())
-    out, cycles, drafts = [seed], [], None
+    first = full_forward(model, seq + [mask_id] * b, bidirectional_tail=b, use_draft_lora=True).clone()
+    seed = int(first[len(seq) - 1].argmax())
+    first[:, mask_id] = float("-inf")
+    out, cycles, drafts = [seed], [], None if blind else first[len(seq) + 1 :].argmax(-1).tolist()
     while len(out) < max_tokens:
         chain = [seed] + (drafts or [mask_id] * (b - 1))
         n = len(seq)

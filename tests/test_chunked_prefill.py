@@ -42,15 +42,18 @@ def run(engine, jobs):
     return results, first
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec", "quadratic"])
 def test_a_chunked_prefill_decodes_as_a_whole_one(embedded, mode):
     prompt = long_prompt(embedded, 300)
-    params = SamplingParams(mode=mode, max_tokens=24)
+    kind = dict(mode="selfspec", spec="quadratic", block_length=4) if mode == "quadratic" else dict(mode=mode)
+    params = SamplingParams(**kind, max_tokens=24)
     whole, _ = run(embedded.engine(max_num_batched_tokens=4096), [("r", prompt, params)])
     chunked, _ = run(embedded.engine(max_num_batched_tokens=64), [("r", prompt, params)])
     assert chunked["r"].token_ids == whole["r"].token_ids
     # 300 prompt tokens in chunks of 64 are 5 forwards where the whole prefill is 1: every forward counts.
-    assert chunked["r"].num_forwards == whole["r"].num_forwards + 4
+    # Quadratic self-spec drafts its first block in a whole prefill; after chunks its first pass does.
+    extra = chunked["r"].num_forwards - whole["r"].num_forwards
+    assert extra == 4 if mode != "quadratic" else 4 <= extra <= 5
 
 
 def test_a_long_newcomer_does_not_delay_short_ones_admitted_with_it(embedded):

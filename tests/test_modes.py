@@ -175,3 +175,22 @@ def test_quadratic_leaves_the_kv_pool_as_ar_does(llm):
     follow = [o.output for _ in range(50) for o in quadratic.step() if o.output is not None][0]
     assert quadratic.pool.num_prefix_hits - hits == 16 * len(pages)
     assert follow.token_ids == llm.generate([context], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+
+
+def test_quadratic_after_a_chunked_prefill_starts_blind(llm):
+    """A prompt fed in chunks carries no drafting masks: the row's first pass drafts (its chain
+    holds masks, none accepted), then cycles go on as the reference's `blind` start has them."""
+    from reference import quadratic_greedy
+
+    settled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=24, ignore_eos=True))[0]  # a repeat drafts foresee
+    prompt = settled.prompt_token_ids + settled.token_ids
+    params = SamplingParams(mode="selfspec", spec="quadratic", block_length=4, max_tokens=30, ignore_eos=True)
+    engine = llm.engine(max_num_batched_tokens=20)
+    assert len(prompt) > 20
+    engine.add_tokenized("r", prompt, params)
+    out = [o.output for _ in range(200) for o in engine.step() if o.output is not None][0]
+    tokens, cycles = quadratic_greedy(llm.model, prompt, 30, 4, MASK_ID, blind=True)
+    assert out.token_ids == tokens and out.mode_stats["tokens_per_cycle"] == cycles
+    assert out.num_forwards == 2 + len(cycles)  # two chunks, then one per cycle
+    fused, fused_cycles = quadratic_greedy(llm.model, prompt, 30, 4, MASK_ID)
+    assert fused == tokens and cycles[0] == 1 < max(cycles) and fused_cycles[0] > 1

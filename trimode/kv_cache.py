@@ -270,8 +270,9 @@ class KVCache:
     ) -> torch.Tensor | CausalBias | None:
         """What SDPA's attn_mask gets. Key j is visible to query i of row b iff
         j < lengths[b] + (i + 1 if causal else T): the whole clean prefix, plus the new tokens
-        causally or bidirectionally (`causal`: one value, or one per row (B,)). `pattern` (T, T)
-        bool, when given, replaces the second part: new token i sees new token j iff pattern[i, j].
+        causally or bidirectionally (`causal`: one value, or one per row (B,)). `pattern` (T, T),
+        or per row (B, T, T), bool, when given, replaces the second part: new token i sees new
+        token j iff pattern[(b,) i, j].
         Scratch slots past that are never visible. Rows of one length with one pattern need no
         materialised mask (none at all, or lower-right causal); otherwise, or when `dense`, a
         (B, 1, T, S) bool mask, True = attend. Called after `begin`, whose lengths it reads."""
@@ -279,7 +280,9 @@ class KVCache:
         if pattern is not None:
             # (B, S): key j's index among the row's new tokens (negative: its prefix).
             new = torch.arange(span, device=device)[None] - self._pass_lengths[:, None]
-            sees = pattern.to(device)[:, new.clamp(0, num_tokens - 1)].transpose(0, 1)  # (B, T, S)
+            rows = pattern.to(device).expand(self.batch_size, num_tokens, num_tokens)
+            index = new.clamp(0, num_tokens - 1)[:, None].expand(-1, num_tokens, -1)
+            sees = rows.gather(2, index)  # (B, T, S)
             inside = (new >= 0) & (new < num_tokens)
             return ((new < 0)[:, None] | (inside[:, None] & sees))[:, None]
         if isinstance(causal, bool) and len(set(self.lengths)) == 1 and not dense:

@@ -39,6 +39,12 @@ def pass_width(params: SamplingParams) -> int:
     return make_decoder(params).width
 
 
+def prefill_tail(params: SamplingParams) -> int:
+    """Masks this request's prefill feeds after its context to draft its first block
+    (`Decoder.prefill_tail`)."""
+    return make_decoder(params).prefill_tail
+
+
 def batch_key(params: SamplingParams) -> tuple:
     """Requests with equal keys can share one decode batch (same step shape)."""
     if params.mode == Mode.AR:

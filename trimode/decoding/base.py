@@ -38,11 +38,12 @@ class Forward:
     tokens: torch.Tensor  # (B, T) after each row's cached prefix
     causal: torch.Tensor | bool  # (B,) per row, or one value for all rows
     use_draft_lora: torch.Tensor | bool = False  # (B,) per row, (B, T) per position, or one value
-    logit_index: torch.Tensor | None = None  # (B,) the one position whose logits are wanted
+    logit_index: torch.Tensor | None = None  # (B,) the one position whose logits are wanted, or (B, K)
     num_fed: list[int] | None = None  # per row, the real tokens of a right-padded forward (None: all T)
     # A pass that lays several continuations side by side (quadratic self-spec): each token's
-    # position after the row's prefix (T,), and which of the pass's tokens each one sees (T, T)
-    # bool, in place of `causal`. None: positions 0..T-1, causal or bidirectional per `causal`.
+    # position after the row's prefix (T,), and which of the pass's tokens each one sees (T, T),
+    # or per row (B, T, T), bool, in place of `causal`. None: positions 0..T-1, causal or
+    # bidirectional per `causal`.
     offsets: torch.Tensor | None = None
     pattern: torch.Tensor | None = None
 
@@ -156,6 +157,9 @@ class DecodeBatch(Rows):
     grammar: list[Any]  # per row: its structured output's llguidance matcher, or None
     controls: LogitControls | None = None
     decoding: Rows | None = None
+    # (B, n, V) logits of the masks a prefill fed after each row's context (`Decoder.prefill_tail`)
+    # at positions 1..n of that block, until the decoder's `start` drafts from them.
+    prefill_drafts: torch.Tensor | None = None
     timings: ForwardTimes = field(default_factory=ForwardTimes, metadata=SHARED)
 
     def state(self, kind: type[S]) -> S:
@@ -242,6 +246,9 @@ class Decoder(ABC):
     mode: ClassVar[str]
     stat_name: ClassVar[str | None] = None  # what `DecodeBatch.stats` holds for this mode
     width: int = 1  # tokens each row feeds per forward (what a step may add to its KV pages)
+    # Masks a row's prefill feeds after its context, bidirectional among themselves with the draft
+    # LoRA on, so its first block is drafted in the prefill's forward (`DecodeBatch.prefill_drafts`).
+    prefill_tail: int = 0
 
     def start(self, batch: DecodeBatch) -> None:  # noqa: B027 (optional: modes without per-row state)
         """Set up the per-row state of freshly prefilled rows (every row of `batch`), before they

@@ -19,9 +19,12 @@ Exactness at temperature > 0: the next drafts are drawn from group a's marginals
 on the prefix and chain 0..a only, never on the bonus token or on each other, so each d_i is a draw
 from a fixed q_i independent of the acceptance test, as `selfspec`'s argument needs.
 
-A row's first pass after its prefill has no drafts: its chain is [seed, MASK...] and it accepts
-none of them (`blind`): it emits the verifier's token, as an AR step would, and drafts from group 0.
-So a request costs one forward for its prefill and one per cycle, with no draft-only pass.
+A row's first drafts come from its prefill, as in NVIDIA's reference: b masks after its context
+(`prefill_tail`), seeing the context and each other, are group "-1": the first sits at the seed's
+position, the others draft the first block. So a request costs one forward for its prefill and one
+per cycle, with no draft-only pass. A row prefilled without them (a prompt fed in chunks), or
+whose grammar needs its drafts on the host before its first pass, starts `blind`: its first
+chain is [seed, MASK...], none accepted; that pass emits the verifier's token and drafts.
 """
 
 from __future__ import annotations
@@ -72,14 +75,24 @@ class QuadraticSelfSpecDecoder(Decoder):
     def __init__(self, block_length: int) -> None:
         if block_length < 2:
             raise ValueError(f"quadratic self-speculation needs block_length >= 2; got {block_length}")
-        self.block_length = block_length
+        self.block_length = self.prefill_tail = block_length
         self.width = block_length * (block_length + 1)
 
     def start(self, batch: DecodeBatch) -> None:
-        n, device = batch.size, batch.seeds.device
-        drafts = torch.full((n, self.block_length - 1), batch.mask_id, dtype=torch.long, device=device)
-        blind = torch.ones(n, dtype=torch.bool, device=device)
-        batch.decoding = QuadraticRows(drafts, None, blind, [[] for _ in range(n)])
+        n, device, b = batch.size, batch.seeds.device, self.block_length
+        masks = torch.full((n, b - 1), batch.mask_id, dtype=torch.long, device=device)
+        state = QuadraticRows(masks, None, torch.ones(n, dtype=torch.bool, device=device), [[] for _ in range(n)])
+        batch.decoding = state
+        if batch.prefill_drafts is None:
+            return
+        # Draft j proposes output token `generated + j` (the seed is counted already).
+        after = torch.arange(b - 1, device=device).expand(n, -1)
+        logits = logit_controls.apply(batch.controls, batch.prefill_drafts[:, : b - 1], after)
+        drafts, state.q = draw_drafts(batch, logits, [True] * n)
+        # A grammar masks each verify position after the drafts before it, read on the host: a
+        # constrained row has its drafts there only after a pass has sent them.
+        state.blind = torch.tensor([m is not None for m in batch.grammar], device=device)
+        state.drafts = torch.where(state.blind[:, None], masks, drafts)
 
     def plan(self, batch: DecodeBatch) -> Forward:
         b, s = self.block_length, batch.state(QuadraticRows)

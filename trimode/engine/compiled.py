@@ -66,9 +66,11 @@ def default_cache_dir() -> Path:
 
 
 def pass_kind(fwd: Forward, has_draft_lora: bool) -> str | None:
-    """Which kind of one-part program runs `fwd` (`last`, `all`, `draft`), or None: a one-position
-    pass with the draft LoRA on, which no decoder plans, runs eager."""
+    """Which kind of one-part program runs `fwd` (`last`, `all`, `draft`), or None: it runs eager
+    (logits at chosen positions with the draft LoRA on: a prefill that drafts)."""
     lora = fwd.use_draft_lora if isinstance(fwd.use_draft_lora, bool) else True
+    if fwd.logit_index is not None and fwd.logit_index.dim() == 2:
+        return None  # several positions per row (a prefill that drafts): traced with one
     if lora and has_draft_lora:
         return "draft" if fwd.logit_index is None else None
     return "last" if fwd.logit_index is not None or fwd.tokens.shape[1] == 1 else "all"

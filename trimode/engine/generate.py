@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from trimode import logit_controls
-from trimode.decoding import pass_width
+from trimode.decoding import pass_width, prefill_tail
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, HostEmission, logprob_table
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.stop_strings import StopMatcher, stop_matcher
@@ -264,32 +264,65 @@ def plan_prefill(
 ) -> tuple[DecodeBatch, Forward]:
     """A new batch for `requests` and the one causal forward that prefills them together: each row
     feeds its context past its cached prefix, right-padded (pad slots lie past the row's length and
-    stay invisible)."""
+    stay invisible), then the masks its decoder drafts its first block from (`Decoder.prefill_tail`:
+    bidirectional among themselves, draft LoRA on, scratch like a pad)."""
     batch = new_batch(runner, pool, requests, eos_ids)
     starts = list(batch.kv.lengths)  # cached prefixes are not fed again
     todo = [len(r.context_ids) - n for r, n in zip(requests, starts)]
-    padded = torch.zeros(len(requests), max(todo), dtype=torch.long)
+    tails = [prefill_tail(r.params) for r in requests]
+    fed = [t + k for t, k in zip(todo, tails)]
+    width = max(fed)
+    padded = torch.zeros(len(requests), width, dtype=torch.long)
     for i, (r, n) in enumerate(zip(requests, starts)):
         padded[i, : todo[i]] = torch.tensor(r.context_ids[n:])
-    last = torch.tensor(todo, device=runner.device) - 1
-    # Scoring a prompt wants the logits of every fed position; otherwise only the last one's.
-    logit_index = None if any(r.wants_prompt_logprobs for r in requests) else last
-    return batch, Forward("prefill", padded.to(runner.device), True, logit_index=logit_index, num_fed=todo)
+        padded[i, todo[i] : fed[i]] = runner.config.mask_token_id
+    # Scoring a prompt wants the logits of every fed position; otherwise the last one's (and the
+    # drafting masks': `tail_index`).
+    logit_index = None if any(r.wants_prompt_logprobs for r in requests) else tail_index(todo, tails)
+    fwd = Forward("prefill", padded, True, logit_index=logit_index, num_fed=fed)
+    if any(tails):
+        pattern = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(requests), 1, 1)
+        lora = torch.zeros(len(requests), width, dtype=torch.bool)
+        for i, (t, k) in enumerate(zip(todo, tails)):
+            pattern[i, t : t + k, t : t + k] = lora[i, t : t + k] = True
+        fwd.pattern, fwd.use_draft_lora = pattern, lora
+    for name in ("tokens", "logit_index", "pattern", "use_draft_lora"):
+        value = getattr(fwd, name)
+        if isinstance(value, torch.Tensor):
+            setattr(fwd, name, value.to(runner.device))
+    return batch, fwd
+
+
+def tail_index(todo: list[int], tails: list[int]) -> torch.Tensor:
+    """Per row, the prefill positions whose logits are wanted: its last context token's, then
+    those of its drafting masks after the first (which sits at the seed's position); (B,) without
+    masks, else (B, K), rows with fewer repeating their last context position."""
+    if not any(tails):
+        return torch.tensor(todo) - 1
+    k = max(tails)
+    return torch.tensor([[t - 1] + [t + j if j < n else t - 1 for j in range(1, k)] for t, n in zip(todo, tails)])
 
 
 def accept_prefill(batch: DecodeBatch, requests: list[Request], fwd: Forward, logits: torch.Tensor) -> Emission:
-    """The prefill's K/V become the rows' prefixes (offered to later requests); each row's first token."""
+    """The prefill's K/V become the rows' prefixes (offered to later requests); each row's first
+    token, and the logits its decoder drafts from (`DecodeBatch.prefill_drafts`)."""
     contexts = [r.context_ids for r in requests]
     starts = list(batch.kv.lengths)
+    todo = [len(c) - n for c, n in zip(contexts, starts)]
     batch.kv.set_lengths([len(c) for c in contexts])
     for row, c in enumerate(contexts):
         batch.kv.register_prefix(row, c)
     if fwd.logit_index is not None:
-        return first_tokens(batch, requests, logits)
-    last = torch.tensor(fwd.num_fed, device=logits.device) - 1
+        if logits.shape[1] > 1:
+            batch.prefill_drafts = logits[:, 1:]
+        return first_tokens(batch, requests, logits[:, :1])
+    wanted = tail_index(todo, [f - t for f, t in zip(fwd.num_fed or todo, todo)]).to(logits.device)
     rows = torch.arange(len(requests), device=logits.device)
-    targets = [c[n + 1 : n + 1 + t] for c, n, t in zip(contexts, starts, fwd.num_fed)]
-    return first_tokens(batch, requests, logits[rows, last][:, None], logits, targets)
+    if wanted.dim() == 2:
+        batch.prefill_drafts = logits[rows[:, None], wanted[:, 1:]]
+        wanted = wanted[:, 0]
+    targets = [c[n + 1 : n + 1 + t] for c, n, t in zip(contexts, starts, todo)]
+    return first_tokens(batch, requests, logits[rows, wanted][:, None], logits, targets)
 
 
 def plan_chunk(runner: ModelRunner, batch: DecodeBatch, request: Request, max_tokens: int) -> Forward:

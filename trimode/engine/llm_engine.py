@@ -431,6 +431,7 @@ class LLMEngine:
             touched += [(r, decoder, part) for r in reqs]
             if left:
                 decoder.start(part)
+                part.prefill_drafts = None  # drafted from, or not this decoder's
                 joining.append((key, decoder, part, left))
         outputs = [self._output(r, d, b) for r, d, b in touched]
         for key, decoder, part, left in joining:

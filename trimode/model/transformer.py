@@ -49,7 +49,7 @@ class Part:
 
     input_ids: torch.Tensor  # (B, T)
     ctx: ForwardContext
-    logit_index: torch.Tensor | None = None  # (B,)
+    logit_index: torch.Tensor | None = None  # (B,), or (B, K): several positions per row
 
 
 @dataclass
@@ -199,7 +199,8 @@ class Transformer(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, ctx: ForwardContext, logit_index: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V) in fp32, or (B, 1, V) at `logit_index` (B,) per row."""
+        """input_ids (B, T) -> logits (B, T, V) in fp32, or (B, K, V) at `logit_index` (B, K) per row
+        ((B, 1, V) at a (B,) index)."""
         return self.forward_parts([Part(input_ids, ctx, logit_index)])[0]
 
     def forward_parts(self, parts: list[Part], head: bool = True) -> list[torch.Tensor]:
@@ -226,13 +227,15 @@ class Transformer(nn.Module):
         for p, (s, b, t) in zip(parts, spans):
             rows = h[s : s + b * t]
             if p.logit_index is not None:
-                rows = rows.view(b, t, -1)[torch.arange(b, device=h.device), p.logit_index]
+                index = p.logit_index if p.logit_index.dim() == 2 else p.logit_index[:, None]
+                rows = rows.view(b, t, -1)[torch.arange(b, device=h.device)[:, None], index].flatten(0, 1)
             wanted.append(rows)
         h = self.encoder.norm(torch.cat(wanted) if len(wanted) > 1 else wanted[0])
         flat = self.logits(h) if head else h
         out, at = [], 0
         for p, (_, b, t) in zip(parts, spans):
-            t = 1 if p.logit_index is not None else t
+            if p.logit_index is not None:
+                t = p.logit_index.shape[1] if p.logit_index.dim() == 2 else 1
             out.append(flat[at : at + b * t].view(b, t, -1))
             at += b * t
         return out
