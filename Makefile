@@ -10,14 +10,18 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: run test test-all
-# The embedded model (trimode/embedded, trained by `trimode train`) in all three modes: prompts of the
-# tasks it was trained on and a Python continuation, each with its tokens per forward.
+# The embedded model (trimode/embedded, trained by `trimode train`) in all three modes (and quadratic
+# self-spec): prompts of the tasks it was trained on and a Python continuation, each with its tokens
+# per forward.
 run: $(BIN)/.installed
 	@for mode in ar diffusion selfspec; do \
 		echo "== $$mode"; \
 		$(BIN)/trimode generate --mode $$mode --chat --max-tokens 48 "Sort: 42 7 19 3 88 15" "Add: 457 + 268" || exit 1; \
 		$(BIN)/trimode generate --mode $$mode --max-tokens 48 "def read_lines(path):" || exit 1; \
 	done
+	@echo "== selfspec, quadratic (one forward per cycle)"
+	@$(BIN)/trimode generate --mode selfspec --spec quadratic --block-length 8 --chat --max-tokens 48 \
+		"Sort: 42 7 19 3 88 15" "Add: 457 + 268"
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -105,7 +105,7 @@ def test_queue_limit_and_bad_requests(embedded):
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("a", "x", SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="KV slots"):
-        engine.add_request("big", "x", SamplingParams(max_tokens=190))
+        engine.add_request("big", "x", SamplingParams(max_tokens=210))
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("e", "", SamplingParams())
     engine.step()
