@@ -90,6 +90,24 @@ def test_quadratic_selfspec_is_asked_for_by_spec(client, offline, server):
         assert bad.status_code == 400 and re.search(why, bad.text), bad.text
 
 
+def test_bench_over_http_sends_spec(server, offline, tmp_path):
+    from trimode.cli import main
+
+    out = tmp_path / "http"
+    args = ["bench", "--endpoint", server + "/v1", "--modes", "selfspec", "--spec", "quadratic"]
+    args += ["--block-lengths", "4", "--concurrency", "1", "--num-prompts", "2", "--max-tokens", "16"]
+    assert main([*args, "--warmup", "0", "--repeats", "2", "--out", str(out)]) == 0
+    (spec,) = [r for r in json.loads((out / "results.json").read_text())["results"] if not r["control"]]
+    assert spec["label"] == "selfspec c1 B4 quadratic" and spec["num_failed"] == 0
+    from trimode.bench.runner import encode
+    from trimode.bench.suites import task_suite
+
+    params = SamplingParams(mode="selfspec", spec="quadratic", block_length=4, max_tokens=16, seed=0)
+    outs = offline.generate(encode(offline, task_suite(2)), params)
+    tokens, forwards = sum(len(o.token_ids) for o in outs), sum(o.num_forwards for o in outs)
+    assert spec["tokens_per_forward"] == round(tokens / forwards, 4)
+
+
 def test_the_request_shapes_clients_send(client, offline):
     """Token-id prompts and prompt lists (lm-evaluation-harness's defaults), streamed or not, one
     choice per prompt in order; text already rendered by a chat template, sent without a second

@@ -432,9 +432,9 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
         raise ValueError(f"--duration must be > 0 seconds; got {args.duration}")
     blocks = _int_list("--block-lengths", args.block_lengths) if args.block_lengths else [None]
     thresholds = _float_list("--thresholds", args.thresholds) if args.thresholds else [None]
-    configs = with_control(
-        endpoint_configs(modes, _int_list("--concurrency", args.concurrency or "1,8,32"), blocks, thresholds)
-    )
+    specs: list[str | None] = list(_spec_list(args.spec)) if args.spec else [None]
+    concurrency = _int_list("--concurrency", args.concurrency or "1,8,32")
+    configs = with_control(endpoint_configs(modes, concurrency, blocks, thresholds, specs))
     repeats = args.repeats or HTTP_REPEATS
     if args.suite == "long":
         raise ValueError("--suite long is for the offline bench (it builds prompts with the model's tokenizer)")
@@ -766,8 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--block-lengths", help="default 8,32 offline; the server's default over HTTP")
     b.add_argument(
         "--spec",
-        help="offline: self-spec's kinds to run, comma-separated: linear, quadratic (default linear); "
-        "quadratic feeds b(b+1) tokens per row per pass",
+        help="self-spec's kinds to run, comma-separated: linear, quadratic (default linear offline, the "
+        "server's over HTTP); quadratic feeds b(b+1) tokens per row per pass",
     )
     b.add_argument(
         "--structured",

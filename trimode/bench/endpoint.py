@@ -10,7 +10,7 @@ shuffled order, reversed on every other round (ABBA). Each slice is a unit for t
 intervals (`trimode.bench.stats`); speed-ups are paired by round; an A/A control and the
 tokens-per-forward bound check the run (`trimode.bench.runner.add_intervals`).
 
-trimode's own fields (`mode`, `block_length`, `threshold`) are sent only when a mode is named; mode
+trimode's own fields (`mode`, `block_length`, `threshold`, `spec`) are sent only when a mode is named; mode
 `default` sends none, so vLLM or SGLang are measured with the same requests.
 """
 
@@ -43,6 +43,7 @@ class EndpointConfig:
     block_length: int | None = None
     threshold: float | None = None
     control: bool = False  # the A/A control: a second measurement of the same configuration
+    spec: str | None = None  # self-spec's kind (`--spec`); None leaves the server's default
 
     @property
     def load(self) -> int:
@@ -55,6 +56,8 @@ class EndpointConfig:
             parts.append(f"B{self.block_length}")
         if self.threshold is not None:
             parts.append(f"t{self.threshold:g}")
+        if self.spec is not None and self.spec != "linear":
+            parts.append(self.spec)
         return " ".join(parts + ["(A/A)"] * self.control)
 
     def request_mode(self, k: int) -> str | None:
@@ -102,6 +105,8 @@ def request_body(
             body["block_length"] = cfg.block_length
         if uses(mode, "threshold") and cfg.threshold is not None:
             body["threshold"] = cfg.threshold
+        if uses(mode, "spec") and cfg.spec is not None:
+            body["spec"] = cfg.spec
     if prompt.messages:
         return "/chat/completions", {**body, "messages": prompt.chat()}
     return "/completions", {**body, "prompt": prompt.prompt}
@@ -267,6 +272,7 @@ async def bench_endpoint(
             "concurrency": cfg.concurrency,
             "block_length": cfg.block_length,
             "threshold": cfg.threshold,
+            "spec": cfg.spec,
             "control": cfg.control,
             **summarize_load(samples, seconds),
         }
@@ -288,10 +294,14 @@ def _concurrency(r: dict[str, Any]) -> int:
 
 
 def endpoint_configs(
-    modes: list[str], concurrencies: list[int], block_lengths: list[int | None], thresholds: list[float | None]
+    modes: list[str],
+    concurrencies: list[int],
+    block_lengths: list[int | None],
+    thresholds: list[float | None],
+    specs: list[str | None] | None = None,
 ) -> list[EndpointConfig]:
-    """Block lengths apply to every mode but AR, thresholds to diffusion and mixed; None leaves the
-    server's default."""
+    """Block lengths apply to every mode but AR, thresholds to diffusion and mixed, self-spec's
+    kinds to selfspec and mixed; None leaves the server's default."""
     configs = []
     for c in concurrencies:
         for mode in modes:
@@ -299,5 +309,6 @@ def endpoint_configs(
             sends = MODES if mode == "mixed" else [] if mode == "default" else [mode]
             blocks = block_lengths if any(uses(m, "block_length") for m in sends) else [None]
             ts = thresholds if any(uses(m, "threshold") for m in sends) else [None]
-            configs += [EndpointConfig(mode, c, b, t) for b in blocks for t in ts]
+            kinds = specs if specs and any(uses(m, "spec") for m in sends) else [None]
+            configs += [EndpointConfig(mode, c, b, t, spec=s) for b in blocks for s in kinds for t in ts]
     return configs
