@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +15,7 @@ from trimode.tokenizer import Tokenizer
 
 
 def task_accuracy(
-    llm: LLM, modes: list[str], n: int = 100, tasks: tuple[str, ...] = TASKS, max_tokens: int = 48, **params: object
+    llm: LLM, modes: list[str], n: int = 100, tasks: tuple[str, ...] = TASKS, max_tokens: int = 48, **params: Any
 ) -> dict[str, dict[str, float]]:
     """{mode: {task: accuracy, ..., "tokens_per_forward": x}} on the first n held-out examples per task.
 

@@ -278,6 +278,7 @@ class KVCache:
         (B, 1, T, S) bool mask, True = attend. Called after `begin`, whose lengths it reads."""
         device = self.pool.device
         if pattern is not None:
+            assert self._pass_lengths is not None, "attention_mask() before begin()"
             # (B, S): key j's index among the row's new tokens (negative: its prefix).
             new = torch.arange(span, device=device)[None] - self._pass_lengths[:, None]
             rows = pattern.to(device).expand(self.batch_size, num_tokens, num_tokens)

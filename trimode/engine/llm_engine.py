@@ -55,7 +55,7 @@ from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import Scheduler
 from trimode.engine.step import StepPart, run_parts
 from trimode.kv_cache import PAGE_SIZE, KVPoolExhausted
-from trimode.sampling_params import SamplingParams
+from trimode.sampling_params import SamplingParams, Spec
 from trimode.structured import Grammars
 from trimode.tokenizer import Tokenizer
 
@@ -176,7 +176,7 @@ class LLMEngine:
         req = Request(None, ids, params)
         if req.pass_width > self.max_num_batched_tokens:
             raise ValueError(
-                f"block_length {params.block_length} with spec {params.spec.value!r} feeds {req.pass_width} "
+                f"block_length {params.block_length} with spec {Spec(params.spec).value!r} feeds {req.pass_width} "
                 f"tokens per row per pass, more than the engine's max_num_batched_tokens of "
                 f"{self.max_num_batched_tokens}: lower block_length or raise max_num_batched_tokens"
             )
