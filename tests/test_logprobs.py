@@ -28,10 +28,12 @@ def test_ar_logprobs_are_the_models_and_selfspec_reports_the_same(llm):
     params = dict(max_tokens=16, ignore_eos=True, logprobs=3)
     ar = llm.generate(PROMPTS[:3], SamplingParams(mode="ar", **params))
     spec = llm.generate(PROMPTS[:3], SamplingParams(mode="selfspec", block_length=4, **params))
-    for a, s in zip(ar, spec):
-        assert a.token_ids == s.token_ids and len(a.logprobs) == len(a.token_ids)
+    quadratic = llm.generate(PROMPTS[:3], SamplingParams(mode="selfspec", spec="quadratic", block_length=4, **params))
+    for a, s, q in zip(ar, spec, quadratic):
+        assert a.token_ids == s.token_ids == q.token_ids and len(a.logprobs) == len(a.token_ids)
         want = causal_logprobs(llm, a.prompt_token_ids + a.token_ids)[len(a.prompt_token_ids) - 1 :]
         assert chosen(a) == pytest.approx(want, abs=1e-4) and chosen(s) == pytest.approx(want, abs=1e-4)
+        assert chosen(q) == pytest.approx(want, abs=1e-4)
         for position, token in zip(a.logprobs, a.token_ids):
             (first, *top) = position.items()
             assert first[0] == token and first[1].rank == 1  # greedy: the most likely token
