@@ -179,7 +179,7 @@ def test_selfspec_rows_join_at_either_stage_of_a_cycle(embedded, alone, running,
     engine.add_request("running.0", PROMPTS[0], jobs[0][2][0])
     engine.step()  # its prefill
     group = next(iter(engine.groups.values()))
-    while group.batch.state(SelfSpecRows).drafting != [drafting] or engine._prefilled_last:
+    while group.batch.state(SelfSpecRows).drafting != [drafting] or engine.scheduler._prefilled_last:
         engine.step()  # its passes (a step after a prefill is a pass: the next one prefills)
     for j, sample in enumerate(jobs[1][2]):
         engine.add_request(f"newcomer.{j}", PROMPTS[1], sample)

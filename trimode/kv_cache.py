@@ -199,8 +199,12 @@ class KVCache:
 
     def pages_needed(self, num_tokens: int | list[int]) -> int:
         """New pages a forward of `num_tokens` per row (one count, or one per row) would allocate."""
+        return sum(self.row_pages_needed(num_tokens))
+
+    def row_pages_needed(self, num_tokens: int | list[int]) -> list[int]:
+        """`pages_needed`, per row."""
         p, fed = self.pool.page_size, num_tokens if isinstance(num_tokens, list) else [num_tokens] * self.batch_size
-        return sum(max(0, num_pages(n + f, p) - len(pages)) for n, f, pages in zip(self.lengths, fed, self.pages))
+        return [max(0, num_pages(n + f, p) - len(pages)) for n, f, pages in zip(self.lengths, fed, self.pages)]
 
     def add_row(self, context: list[int]) -> int:
         """A new empty row; the longest cached prefix of `context` becomes its prefix. Returns the

@@ -74,6 +74,11 @@ class Request:
         return pass_width(self.params)
 
     @property
+    def prefill_tail(self) -> int:
+        """Masks its prefill feeds after its context (`decoding.prefill_tail`)."""
+        return prefill_tail(self.params)
+
+    @property
     def wants_prompt_logprobs(self) -> bool:
         """Whether its prefill must score the prompt: asked, and not all scored (by earlier chunks,
         or before a preemption)."""
@@ -269,7 +274,7 @@ def plan_prefill(
     batch = new_batch(runner, pool, requests, eos_ids)
     starts = list(batch.kv.lengths)  # cached prefixes are not fed again
     todo = [len(r.context_ids) - n for r, n in zip(requests, starts)]
-    tails = [prefill_tail(r.params) for r in requests]
+    tails = [r.prefill_tail for r in requests]
     fed = [t + k for t, k in zip(todo, tails)]
     width = max(fed)
     padded = torch.zeros(len(requests), width, dtype=torch.long)

@@ -3,8 +3,8 @@ one decode batch, whose decoder plans one pass over all its rows.
 
 A group holds at most `cap` rows (the step's token budget over the pass's width), so no pass feeds
 more than a step's worth of tokens; rows past that form further groups of the same key. Groups take
-turns by forward time per row (`vtime`): the one that has had the least leads the next step, so
-every row gets an equal share of forward time whatever its mode.
+turns by forward time per row (`vtime`): the one that has had the least leads the next step
+(`Scheduler.schedule`), so every row gets an equal share of forward time whatever its mode.
 """
 
 from __future__ import annotations
@@ -64,10 +64,6 @@ class Groups(dict[tuple, Group]):
                 if req.request_id == request_id:
                     return key, row
         return None
-
-    def next_lead(self) -> tuple | None:
-        """The group with the least forward time per row so far."""
-        return min(self, key=lambda k: self[k].vtime) if self else None
 
     def charge(self, rows: list[tuple[tuple, int]], seconds: float) -> None:
         """A forward of `seconds` ran these (group key, rows it had) parts."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -52,9 +51,9 @@ from trimode.engine.generate import (
 from trimode.engine.groups import Groups
 from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
 from trimode.engine.model_runner import ModelRunner
-from trimode.engine.scheduler import Scheduler
+from trimode.engine.scheduler import PoolPages, Prefilling, RunningGroup, Scheduler
 from trimode.engine.step import StepPart, run_parts
-from trimode.kv_cache import PAGE_SIZE, KVPoolExhausted
+from trimode.kv_cache import PAGE_SIZE
 from trimode.sampling_params import SamplingParams, Spec
 from trimode.structured import Grammars
 from trimode.tokenizer import Tokenizer
@@ -85,7 +84,7 @@ class LLMEngine:
     ) -> None:
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {max_num_batched_tokens}")
-        self.scheduler = Scheduler(max_batch, max_queue, kv_cache_tokens, page_size)
+        self.scheduler = Scheduler(max_batch, max_queue, kv_cache_tokens, page_size, max_num_batched_tokens)
         self.pool = runner.new_pool(kv_cache_tokens, page_size)  # all the KV memory this engine will use
         self.num_preemptions = 0
         logger.info(
@@ -100,11 +99,9 @@ class LLMEngine:
         self.runner, self.tokenizer, self.eos_token_ids = runner, tokenizer, eos_token_ids
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
-        self._chunk_turn = False
         self.groups = Groups()
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
         self._ids: set[str] = set()
-        self._prefilled_last = False
 
     @property
     def num_running(self) -> int:
@@ -200,26 +197,19 @@ class LLMEngine:
             return True
         return False
 
-    def _make_room(self, pages_needed: Callable[[], int]) -> None:
-        """Preempt the most recently arrived running requests until `pages_needed()` pages are free
-        (vLLM's recompute preemption: the oldest requests keep making progress)."""
-        while pages_needed() > self.pool.num_free_pages:
-            running = self.running()
-            if not running:  # cannot happen: a request is refused unless it fits the pool alone
-                raise KVPoolExhausted(f"{pages_needed()} KV pages needed, the pool has {self.pool.num_pages}")
-            self._preempt(max(running, key=lambda r: r.arrival))
-
-    def _preempt(self, req: Request, why: str = "KV pool full") -> None:
+    def _release(self, req: Request, why: str) -> None:
+        """Carry out a planned preemption (`Scheduler.schedule` has requeued `req`): its row leaves
+        its group, or its chunked prefill stops, and its pages return to the pool."""
         for job in self._chunked:
-            if job.request is req:  # mid-prefill: it starts that prefill again, from where it started
+            if job.request is req:
                 self._chunked.remove(job)
                 job.batch.release()
                 break
         else:
-            key, row = self.groups.find(req.request_id)
-            req.preempt(self.groups[key].decoder.pending_commit(self.groups[key].batch)[row])
-            self.groups.drop_row(key, row)
-        self.scheduler.add_preempted(req)
+            found = self.groups.find(req.request_id)
+            if found is None:
+                raise RuntimeError(f"planned to preempt {req.request_id}, which is not running")
+            self.groups.drop_row(*found)
         self.num_preemptions += 1
         logger.info("request %s preempted (%s); it resumes where it was when it is admitted again", req.request_id, why)
 
@@ -231,38 +221,62 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> run -> update. Returns the requests that committed something this step.
 
-        A step is one model forward. Its lead is either a prefill or one running group's pass (the
-        group with the least forward time per row so far), alternating while there is prefill work:
-        a newcomer's first token returns after its prefill instead of after the running batches'
-        decode (TTFT). A prefill feeds at most `max_num_batched_tokens` prompt tokens: newcomers
-        whose prompts fit go together; a longer prompt is fed a chunk per prefill step, taking turns
-        with newcomers, so it never stalls the other requests. Groups whose pass feeds one token per
-        row (AR) ride in every step's forward besides its lead (`_riders`) when forwards run eager
-        (`ModelRunner.fuses_parts`); while only such groups run, every step with prefill work then
-        prefills, since their rows advance in it anyway."""
-        if not self._prefilled_last or (self.runner.fuses_parts and all(g.rides for g in self.groups.values())):
-            planned = self._plan_prefill()
-            if planned is not None:
-                self._prefilled_last = True
-                lead, outputs = planned
-                return outputs + self._run(lead)
-        self._prefilled_last = False
-        key = self.groups.next_lead()
-        if key is None:
-            return []
-        group = self.groups[key]
-        self._make_room(lambda: group.batch.kv.pages_needed(group.decoder.width) if key in self.groups else 0)
-        if key not in self.groups:
-            return []
-        return self._run([self._decode_part(key)])
+        A step is one model forward, planned by `Scheduler.schedule` (its preemptions, its lead:
+        newcomers' prefill, a long prompt's next chunk or a running group's pass, and the groups
+        riding with it), then run, and each part's requests updated from what it emitted."""
+        groups = [self._running_group(key) for key in self.groups]
+        prefilling = [self._prefilling(job) for job in self._chunked]
+        pool = PoolPages(self.pool.num_free_pages, self.pool.refs)
+        plan = self.scheduler.schedule(groups, prefilling, pool, self.runner.fuses_parts)
+        for req, why in plan.preempt:
+            self._release(req, why)
+        outputs: list[RequestOutput] = []
+        if plan.prefill and plan.chunked:
+            req = plan.prefill[0]
+            try:
+                self._chunked.append(_Chunked(req, new_batch(self.runner, self.pool, [req], self.eos_token_ids)))
+            except Exception as e:
+                return [self._fail(req, e)]
+            lead = [self._chunk_part(self._chunked[-1])]
+        elif plan.prefill:
+            try:
+                lead = [self._prefill_part(list(plan.prefill))]
+            except Exception as e:
+                return self._prefill_isolated(list(plan.prefill), e)
+        elif plan.chunk is not None:
+            lead = [self._chunk_part(next(job for job in self._chunked if job.request is plan.chunk))]
+        elif plan.lead is not None:
+            lead = [self._decode_part(plan.lead)]
+        else:
+            return outputs
+        return outputs + self._run(lead, [self._decode_part(key) for key in plan.riders])
 
-    def _run(self, lead: list[StepPart], ride: bool = True) -> list[RequestOutput]:
-        """One model forward for `lead` and (with `ride`) the riding groups. A forward that fails
-        with riders is run again without them (they have only written scratch slots), so a failed
-        forward is always its lead's."""
-        if not lead:
-            return []
-        riders = self._riders(lead) if ride else []
+    def _running_group(self, key: tuple) -> RunningGroup:
+        """What the scheduler sees of group `key`."""
+        group = self.groups[key]
+        kv = group.batch.kv
+        return RunningGroup(
+            key,
+            tuple(group.requests),
+            tuple(tuple(p) for p in kv.pages),
+            tuple(kv.row_pages_needed(group.decoder.width)),
+            tuple(group.decoder.pending_commit(group.batch)),
+            group.vtime,
+            group.rides,
+        )
+
+    def _prefilling(self, job: _Chunked) -> Prefilling:
+        kv = job.batch.kv
+        return Prefilling(job.request, tuple(kv.pages[0]), kv.pages_needed(self._chunk_tokens(job)))
+
+    def _chunk_tokens(self, job: _Chunked) -> int:
+        """Context tokens the next chunk of `job` feeds."""
+        return min(self.max_num_batched_tokens, len(job.request.context_ids) - job.batch.kv.lengths[0])
+
+    def _run(self, lead: list[StepPart], riders: list[StepPart]) -> list[RequestOutput]:
+        """One model forward for `lead` and `riders`. A forward that fails with riders is run
+        again without them (they have only written scratch slots), so a failed forward is always
+        its lead's."""
         sizes = [(p.group, p.batch.size) for p in lead + riders if p.group is not None]
         try:
             outputs, seconds = run_parts(self.runner, lead + riders)
@@ -270,32 +284,10 @@ class LLMEngine:
             if riders:
                 for p in riders:
                     p.batch.kv.discard()
-                return self._run(lead, ride=False)
+                return self._run(lead, [])
             return [out for p in lead for out in p.fail(e)]
         self.groups.charge(sizes, seconds)
         return outputs
-
-    def _riders(self, lead: list[StepPart]) -> list[StepPart]:
-        """The groups whose pass feeds one token per row, other than the lead's, whose pages are
-        free. Their rows add a few percent to another pass's matrix products, where a forward of
-        their own would cost mostly per-forward overhead on a CPU (and a weight read on a GPU), so
-        an AR row beside block-mode rows gets a token every step instead of waiting for their passes."""
-        if not self.runner.fuses_parts:
-            # Compiled one-part forwards: riders would make the lead's forward eager, which is
-            # slower than the riders' own compiled step (a mixed AR + self-spec batch of 8 on this
-            # CPU: 1.7x and 2.3x the tokens/s without riders, in two interleaved runs).
-            return []
-        free = self.pool.num_free_pages - sum(p.pages for p in lead)
-        taken = {p.group for p in lead}
-        riders = []
-        for key, group in self.groups.items():
-            if key in taken or not group.rides:
-                continue
-            need = group.batch.kv.pages_needed(group.decoder.width)
-            if need <= free:  # planned only if it runs: a plan may update the rows' state
-                free -= need
-                riders.append(self._decode_part(key))
-        return riders
 
     def _decode_part(self, key: tuple) -> StepPart:
         """Group `key`'s next pass: its decoder plans and accepts, its rows take what they emitted."""
@@ -325,35 +317,9 @@ class LLMEngine:
             key,
         )
 
-    def _plan_prefill(self) -> tuple[list[StepPart], list[RequestOutput]] | None:
-        """This step's prefill (and the outputs of requests that failed while it was planned), or
-        None when there is nothing to prefill."""
-        if self._chunked and (self._chunk_turn or not self.scheduler.waiting):
-            self._chunk_turn = False
-            return self._chunk_part(self._chunked[0])
-        self._chunk_turn = True
-        for req in self.scheduler.to_preempt(self.running()):  # a parent holding most rows gives one up
-            self._preempt(req, "its row went to a request holding fewer")
-        admitted = self.scheduler.admit(self.running(), self.pool.num_free_pages, self.max_num_batched_tokens)
-        if not admitted:
-            return self._chunk_part(self._chunked[0]) if self._chunked else None
-        if len(admitted[0].context_ids) > self.max_num_batched_tokens:  # admitted alone: chunk it
-            req = admitted[0]
-            try:
-                self._chunked.append(_Chunked(req, new_batch(self.runner, self.pool, [req], self.eos_token_ids)))
-            except Exception as e:
-                return [], [self._fail(req, e)]
-            return self._chunk_part(self._chunked[-1])
-        try:
-            return [self._prefill_part(admitted)], []
-        except Exception as e:
-            return [], self._prefill_isolated(admitted, e)
-
-    def _chunk_part(self, job: _Chunked) -> tuple[list[StepPart], list[RequestOutput]]:
-        todo = min(self.max_num_batched_tokens, len(job.request.context_ids) - job.batch.kv.lengths[0])
-        self._make_room(lambda: job.batch.kv.pages_needed(todo) if job in self._chunked else 0)
-        if job not in self._chunked:
-            return [], []
+    def _chunk_part(self, job: _Chunked) -> StepPart:
+        """The next chunk of a long prompt's prefill; after its last, the request joins its group."""
+        todo = self._chunk_tokens(job)
 
         def finish(first: list[list[int]] | None, host: HostEmission | None) -> list[RequestOutput]:
             if host is not None and host.prompt_logprobs is not None:
@@ -372,7 +338,7 @@ class LLMEngine:
         chunk_start = job.batch.kv.lengths[0]
         fwd = plan_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
         accept = partial(accept_chunk, job.batch, job.request)
-        return [StepPart(job.batch, fwd, accept, finish, fail, job.batch.kv.pages_needed(todo))], []
+        return StepPart(job.batch, fwd, accept, finish, fail, job.batch.kv.pages_needed(todo))
 
     def _prefill_part(self, admitted: list[Request]) -> StepPart:
         """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
@@ -412,7 +378,7 @@ class LLMEngine:
             except Exception as e:
                 outputs.append(self._fail(req, e))
                 continue
-            outputs += self._run([part], ride=False)
+            outputs += self._run([part], [])
         return outputs
 
     def _join(
