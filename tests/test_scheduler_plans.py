@@ -1,0 +1,110 @@
+"""Step plans (`Scheduler.schedule`), decided without a model: the token budget of a prefill step,
+turns between prefills and passes, the lead by forward time, riders, and preemption counted page by
+page (a page frees only when its last reader lets go)."""
+
+from __future__ import annotations
+
+from trimode import SamplingParams
+from trimode.engine.generate import Request
+from trimode.engine.scheduler import PoolPages, Prefilling, RunningGroup, Scheduler
+
+AR, SPEC = ("ar",), ("selfspec", 8, "linear")
+
+
+def request(rid: str, prompt_tokens: int = 20, arrival: float = 0.0, parent: str | None = None, **params) -> Request:
+    return Request(
+        None, list(range(prompt_tokens)), SamplingParams(**params), request_id=rid, arrival=arrival, parent_id=parent
+    )
+
+
+def group(key: tuple, reqs: list[Request], pages: list[tuple[int, ...]], need: int, vtime: float = 0.0) -> RunningGroup:
+    return RunningGroup(key, tuple(reqs), tuple(pages), (need,) * len(reqs), (False,) * len(reqs), vtime, key == AR)
+
+
+def pool(free: int, held: list[tuple[int, ...]], size: int = 64) -> PoolPages:
+    refs = [0] * size
+    for pages in held:
+        for p in pages:
+            refs[p] += 1
+    return PoolPages(free, refs)
+
+
+def scheduler(max_batch: int = 8, budget: int = 64) -> Scheduler:
+    return Scheduler(max_batch, 16, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=budget)
+
+
+def test_newcomers_share_a_prefill_within_the_budget_and_a_long_one_is_chunked_alone():
+    s = scheduler(budget=64)
+    for rid, n in (("a", 30), ("b", 30), ("c", 30)):
+        s.add(request(rid, n))
+    plan = s.schedule([], [], pool(60, []), fuses_parts=True)
+    assert [r.request_id for r in plan.prefill] == ["a", "b"] and not plan.chunked  # 60 of 64 tokens
+    s = scheduler(budget=64)
+    s.add(request("long", 200))
+    plan = s.schedule([], [], pool(60, []), fuses_parts=True)
+    assert [r.request_id for r in plan.prefill] == ["long"] and plan.chunked
+
+
+def test_prefills_and_passes_take_turns_and_the_least_served_group_leads():
+    s = scheduler()
+    running = [request("x"), request("y")]
+    diffusion = ("diffusion", 8, 0.9)
+    groups = [group(SPEC, running[:1], [(1,)], 1, vtime=0.5), group(diffusion, running[1:], [(2,)], 1, vtime=0.2)]
+    s.add(request("new"))
+    first = s.schedule(groups, [], pool(40, [(1,), (2,)]), fuses_parts=True)
+    assert first.prefills and [r.request_id for r in first.prefill] == ["new"]
+    second = s.schedule(groups, [], pool(40, [(1,), (2,)]), fuses_parts=True)
+    assert not second.prefills and second.lead == diffusion  # the least forward time per row
+
+
+def test_riding_groups_ride_when_their_pages_are_free_and_never_beside_compiled_forwards():
+    s = scheduler()
+    ar, spec = request("ar"), request("spec")
+    groups = [group(AR, [ar], [(1,)], 1, vtime=1.0), group(SPEC, [spec], [(2,)], 2)]
+    plan = s.schedule(groups, [], pool(3, [(1,), (2,)]), fuses_parts=True)
+    assert plan.lead == SPEC and plan.riders == (AR,)
+    assert s.schedule(groups, [], pool(3, [(1,), (2,)]), fuses_parts=False).riders == ()
+    tight = s.schedule(groups, [], pool(2, [(1,), (2,)]), fuses_parts=True)
+    assert tight.lead == SPEC and tight.riders == ()  # the lead takes both free pages
+
+
+def test_a_lead_without_pages_preempts_the_newest_and_counts_shared_pages_once_freed():
+    """The newest request shares page 5 with the oldest: preempting it frees only its own page 6,
+    so the next newest goes too."""
+    s = scheduler()
+    old, mid, new = request("old", arrival=1.0), request("mid", arrival=2.0), request("new", arrival=3.0)
+    pages = [(5, 7), (8,), (5, 6)]
+    groups = [group(SPEC, [old, mid, new], pages, 1)]
+    plan = s.schedule(groups, [], pool(0, pages), fuses_parts=True)
+    assert [(r.request_id, why) for r, why in plan.preempt] == [("new", "KV pool full"), ("mid", "KV pool full")]
+    assert plan.lead == SPEC and [r.request_id for r in s.waiting] == ["mid", "new"]
+
+
+def test_a_lead_that_gives_up_its_own_rows_runs_nothing_this_step():
+    s = scheduler()
+    only = request("only")
+    plan = s.schedule([group(SPEC, [only], [(3,)], 2)], [], pool(0, [(3,)]), fuses_parts=True)
+    assert [r.request_id for r, _ in plan.preempt] == ["only"] and plan.lead is None and not plan.prefills
+
+
+def test_a_parent_holding_every_row_gives_one_to_a_waiting_request_in_the_same_step():
+    s = scheduler(max_batch=2)
+    big = [request(f"big-{j}", parent="big", arrival=float(j)) for j in range(2)]
+    for j, r in enumerate(big):
+        r.token_ids = [7] * (5 - j)
+    s.add(request("short", 8))
+    plan = s.schedule([group(AR, big, [(1,), (2,)], 0)], [], pool(2, [(1,), (2,)]), fuses_parts=True)
+    assert [(r.request_id, why) for r, why in plan.preempt] == [("big-1", "its row went to a request holding fewer")]
+    assert [r.request_id for r in plan.prefill] == ["short"]
+
+
+def test_chunks_alternate_with_newcomers():
+    s = scheduler()
+    long = request("long", 300)
+    job = Prefilling(long, (1, 2), 4)
+    s.add(request("new"))
+    first = s.schedule([], [job], pool(30, [(1, 2)]), fuses_parts=True)
+    assert [r.request_id for r in first.prefill] == ["new"]  # newcomers first, then the chunk
+    s.add(request("newer"))
+    second = s.schedule([], [job], pool(30, [(1, 2)]), fuses_parts=True)
+    assert second.chunk is long and not second.prefill
