@@ -32,7 +32,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from live import MODEL, metric, serving, write_report  # noqa: E402
 
-MODES = ["ar", "diffusion", "selfspec"]
+# "quadratic": selfspec with spec quadratic, at b <= 8 (b(b+1) <= 72 tokens: several rows a pass).
+MODES = ["ar", "diffusion", "selfspec", "quadratic"]
 PROMPTS = ["def parse(line):", "Sort: 42 7 19 3", "import os\n", "class Stack:", "Add: 457 + 268", "Copy: 5 1 9"]
 Body = dict[str, Any]
 
@@ -77,12 +78,13 @@ KINDS: dict[str, Callable[[random.Random], Body]] = {
 def body(kind: str, mode: str, rng: random.Random, stream: bool = False) -> Body:
     """A chat request of family `kind` in `mode` (grammars are refused in diffusion: stop strings there)."""
     extra = KINDS["stop" if kind == "grammar" and mode == "diffusion" else kind](rng)
+    decoding = {"mode": "selfspec", "spec": "quadratic"} if mode == "quadratic" else {"mode": mode}
     return {
         "model": MODEL,
         "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
         "max_tokens": 12,
-        "mode": mode,
-        "block_length": rng.choice([4, 8, 16]),
+        **decoding,
+        "block_length": rng.choice([2, 4, 8] if mode == "quadratic" else [4, 8, 16]),
         "temperature": 0,
         **extra,
         "stream": stream,
