@@ -47,6 +47,7 @@ class GenerationOutput:
     # The mode's per-step statistic: selfspec "tokens_per_cycle", diffusion "denoise_passes_per_block".
     mode_stats: dict[str, list[int]] = field(default_factory=dict)
     forward_ms: dict[str, float] = field(default_factory=dict)  # mean ms per forward kind, in its batch
+    decodings: dict[str, int] | None = None  # mode auto: cycles per decoding that served it
     # Filled when asked for (SamplingParams.logprobs / prompt_logprobs), in vLLM's shapes: per
     # generated token, and per prompt token (None for the first, which nothing predicts).
     logprobs: list[PositionLogprobs] | None = None

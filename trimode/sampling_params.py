@@ -14,9 +14,13 @@ class Mode(str, Enum):
     AR = "ar"
     DIFFUSION = "diffusion"
     SELFSPEC = "selfspec"
+    # The engine picks, per row and cycle, the exact decoding (AR, linear or quadratic self-spec,
+    # and their block lengths) with the most expected tokens per second for the load.
+    AUTO = "auto"
 
 
-MODES = tuple(m.value for m in Mode)
+MODES = ("ar", "diffusion", "selfspec")  # the decoding modes
+REQUEST_MODES = (*MODES, "auto")  # what a request may ask for
 
 
 class Spec(str, Enum):
@@ -77,8 +81,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str) and not isinstance(self.mode, Mode):
-            if self.mode not in MODES:
-                raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+            if self.mode not in REQUEST_MODES:
+                raise ValueError(f"mode must be one of {', '.join(REQUEST_MODES)}; got {self.mode!r}")
             self.mode = Mode(self.mode)
         if not isinstance(self.spec, Spec):
             _check(self.spec in SPECS, "spec", f"one of {', '.join(SPECS)}", self.spec)

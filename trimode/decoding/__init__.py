@@ -1,6 +1,9 @@
-"""The three decoding modes (self-speculation linear or quadratic); the only package that knows what a mode is."""
+"""The three decoding modes (self-speculation linear or quadratic), and the exact decodings `auto`
+chooses among; the only package that knows what a mode is."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from trimode.decoding.autoregressive import AutoregressiveDecoder
 from trimode.decoding.base import Decoder
@@ -15,7 +18,15 @@ MODE_PARAMETERS: dict[str, tuple[str, ...]] = {
     Mode.AR.value: (),
     Mode.DIFFUSION.value: ("block_length", "threshold"),
     Mode.SELFSPEC.value: ("block_length", "spec"),
+    Mode.AUTO.value: (),
 }
+# What `auto` chooses among: the exact decodings (AR's tokens at temperature 0, its distribution
+# above), as (mode, block length, spec). Diffusion is lossy, so it is not one of them.
+EXACT_DECODINGS: tuple[tuple[str, int, str], ...] = (
+    ("ar", 1, "linear"),
+    *(("selfspec", b, "linear") for b in (4, 8, 16, 32)),
+    *(("selfspec", b, "quadratic") for b in (2, 4, 8)),
+)
 
 
 def uses(mode: str, parameter: str) -> bool:
@@ -23,7 +34,30 @@ def uses(mode: str, parameter: str) -> bool:
     return parameter in MODE_PARAMETERS[mode]
 
 
+def decoding(params: SamplingParams, choice: tuple[str, int, str]) -> SamplingParams:
+    """`params` decoded as `choice`, one of EXACT_DECODINGS (an `auto` request's current decoding)."""
+    mode, block_length, spec = choice
+    return dataclasses.replace(params, mode=mode, block_length=block_length, spec=spec)
+
+
+def choice_of(params: SamplingParams) -> tuple[str, int, str]:
+    """The EXACT_DECODINGS entry `params` decodes as."""
+    if params.mode == Mode.AR:
+        return EXACT_DECODINGS[0]
+    return Mode(params.mode).value, params.block_length, Spec(params.spec).value
+
+
+def decoding_name(params: SamplingParams) -> str:
+    """A decoding's short name, as usage reports it: `ar`, `selfspec_b8`, `quadratic_b4`, `diffusion_b32`."""
+    if params.mode == Mode.AR:
+        return "ar"
+    kind = "quadratic" if params.spec == Spec.QUADRATIC else Mode(params.mode).value
+    return f"{kind}_b{params.block_length}"
+
+
 def make_decoder(params: SamplingParams) -> Decoder:
+    if params.mode == Mode.AUTO:
+        raise ValueError("an auto request decodes as the decoding the engine chose (`decoding`)")
     if params.mode == Mode.AR:
         return AutoregressiveDecoder()
     if params.mode == Mode.DIFFUSION:

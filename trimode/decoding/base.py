@@ -254,6 +254,11 @@ class Decoder(ABC):
         """Set up the per-row state of freshly prefilled rows (every row of `batch`), before they
         join a running batch of this mode."""
 
+    def at_boundary(self, batch: DecodeBatch) -> list[bool]:
+        """Per row: whether it is between cycles, so it may move to another exact decoding
+        (mode auto) with nothing lost but drafts: its KV prefix is AR's, its seed not yet fed."""
+        return [True] * batch.size
+
     def pending_commit(self, batch: DecodeBatch) -> list[bool]:
         """Per row: whether its output ends in tokens not yet in its KV prefix besides the seed
         (which the next forward would commit, and whose next token it would give). A preempted row

@@ -47,6 +47,10 @@ class DiffusionDecoder(Decoder):
         self.block_length = self.width = block_length
         self.threshold = threshold
 
+    def at_boundary(self, batch: DecodeBatch) -> list[bool]:
+        """Diffusion is not exact: no auto row decodes with it, so none moves in or out."""
+        return [False] * batch.size
+
     def pending_commit(self, batch: DecodeBatch) -> list[bool]:
         return list(batch.state(DiffusionRows).committing)  # a finished block, emitted, to be committed
 

@@ -48,6 +48,10 @@ class SelfSpecDecoder(Decoder):
         drafts = torch.zeros(batch.size, max(self.block_length - 1, 0), dtype=torch.long, device=batch.seeds.device)
         batch.decoding = SelfSpecRows(drafts, None, [True] * batch.size, [[] for _ in range(batch.size)])
 
+    def at_boundary(self, batch: DecodeBatch) -> list[bool]:
+        """Rows about to draft: their last cycle is verified, the next not begun."""
+        return [True] * batch.size if self.block_length == 1 else list(batch.state(SelfSpecRows).drafting)
+
     def plan(self, batch: DecodeBatch) -> Forward:
         if self.block_length == 1:  # nothing to draft: a plain causal step
             return Forward("verify", batch.seeds[:, None], causal=True)

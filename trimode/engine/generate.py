@@ -4,6 +4,7 @@ leaving the batch)."""
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,14 +12,14 @@ from typing import Any
 import torch
 
 from trimode import logit_controls
-from trimode.decoding import pass_width, prefill_tail
+from trimode.decoding import EXACT_DECODINGS, decoding, decoding_name, pass_width, prefill_tail
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, HostEmission, logprob_table
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.stop_strings import StopMatcher, stop_matcher
 from trimode.kv_cache import KVCache, KVPool
 from trimode.outputs import GenerationOutput, Logprob, PositionLogprobs
 from trimode.sampler import RandomStream, Sampler, new_stream
-from trimode.sampling_params import MAX_LOGPROBS, SamplingParams
+from trimode.sampling_params import MAX_LOGPROBS, Mode, SamplingParams
 from trimode.structured import error_line
 from trimode.tokenizer import DecodeStream, Tokenizer
 
@@ -58,6 +59,10 @@ class Request:
     _stop_state: int = field(default=0, repr=False)
     # Its structured output's grammar state (llguidance), following its emitted tokens.
     grammar: Any = field(default=None, repr=False)
+    # Mode auto: the decoding it runs now (the engine moves it between exact decodings), and the
+    # cycles each decoding served.
+    decoding: SamplingParams | None = None
+    cycles: collections.Counter[str] = field(default_factory=collections.Counter, repr=False)
     error: str | None = None  # why its grammar failed at run time (the engine then fails it)
     # A waiting request with the same context, admitted before it (`Scheduler.add`).
     after: Request | None = field(default=None, repr=False)
@@ -69,14 +74,31 @@ class Request:
         self.logprobs = [] if self.params.logprobs is not None else None
 
     @property
+    def decode_params(self) -> SamplingParams:
+        """How it decodes now: its own params, or for mode auto the decoding the engine chose."""
+        return self.decoding if self.decoding is not None else self.params
+
+    @property
+    def is_auto(self) -> bool:
+        return self.params.mode == Mode.AUTO
+
+    @property
     def pass_width(self) -> int:
-        """Tokens its row feeds per decode pass (`decoding.pass_width`)."""
+        """Tokens its row feeds per decode pass (`decoding.pass_width`); mode auto: the widest of
+        the decodings it may move to."""
+        if self.is_auto:
+            return max(pass_width(decoding(self.params, c)) for c in EXACT_DECODINGS)
         return pass_width(self.params)
 
     @property
     def prefill_tail(self) -> int:
         """Masks its prefill feeds after its context (`decoding.prefill_tail`)."""
-        return prefill_tail(self.params)
+        return 0 if self.is_auto and self.decoding is None else prefill_tail(self.decode_params)
+
+    def cycle(self, tokens: int) -> None:
+        """Mode auto: its current decoding ran one cycle that emitted `tokens`."""
+        if self.is_auto and tokens:
+            self.cycles[decoding_name(self.decode_params)] += 1
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -93,6 +115,7 @@ class Request:
             self.grammar.reset()
         self.token_ids, self.text, self.finish_reason, self.num_forwards, self.error = [], "", None, 0, None
         self.stats.clear()
+        self.cycles.clear()
         self.token_times, self._stream, self._ends, self._stop_state = [], None, [], 0
         self.stream, self.num_resumed, self.resume_seed, self.num_forwards_before = None, 0, None, 0
 
@@ -192,7 +215,7 @@ class Request:
             text=self.text,
             token_ids=self.token_ids,
             finish_reason=self.finish_reason or "length",
-            mode=decoder.mode,
+            mode="auto" if self.is_auto else decoder.mode,
             num_forwards=self.num_forwards,
             seconds=round(seconds, 4),
             token_times=self.token_times,
@@ -200,6 +223,7 @@ class Request:
             forward_ms=forward_ms,
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            decodings=dict(self.cycles) if self.is_auto else None,
         )
 
 

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from trimode.decoding import Decoder, batch_key, make_decoder
+from trimode.decoding import EXACT_DECODINGS, Decoder, batch_key, choice_of, decoding, make_decoder
 from trimode.decoding.base import DecodeBatch, HostEmission
+from trimode.engine.auto import AutoPolicy, PassCosts
 from trimode.engine.generate import (
     Request,
     RequestOutput,
@@ -53,7 +54,7 @@ from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_pro
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.scheduler import PoolPages, Prefilling, RunningGroup, Scheduler
 from trimode.engine.step import StepPart, run_parts
-from trimode.kv_cache import PAGE_SIZE
+from trimode.kv_cache import PAGE_SIZE, KVCache
 from trimode.sampling_params import SamplingParams, Spec
 from trimode.structured import Grammars
 from trimode.tokenizer import Tokenizer
@@ -101,6 +102,7 @@ class LLMEngine:
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
         self.groups = Groups()
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
+        self.auto: AutoPolicy | None = None  # mode auto's policy, made on its first request
         self._ids: set[str] = set()
 
     @property
@@ -157,9 +159,31 @@ class LLMEngine:
             )
         req = Request(text, ids, params, request_id=request_id, arrival=time.perf_counter(), parent_id=parent_id)
         req.grammar = grammar if grammar is not None else self.compile_grammar(params)
+        if req.is_auto:  # its first decoding, for the load it joins (it moves as the load changes)
+            auto_rows = sum(r.is_auto for r in self.running()) + 1
+            req.decoding = decoding(params, self.auto_policy().choose(auto_rows))
         self.scheduler.add(req)
         self._ids.add(request_id)
         self._sent[request_id] = (0, 0)
+
+    def auto_policy(self) -> AutoPolicy:
+        """The policy of mode auto, made (and the runner's forwards timed, once) on first use."""
+        if self.auto is None:
+            if self.runner.pass_costs is None:
+                self.runner.pass_costs = PassCosts()
+                self.runner.pass_costs.calibrate(self._timed_forward)
+            self.auto = AutoPolicy(EXACT_DECODINGS, self.runner.pass_costs)
+        return self.auto
+
+    def _timed_forward(self, tokens: int) -> None:
+        """One causal forward of `tokens` tokens into scratch slots of this engine's pool (calibration)."""
+        kv = KVCache(self.pool, 1)
+        try:
+            self.runner.forward(kv, torch.zeros(1, tokens, dtype=torch.long, device=self.runner.device), True)
+            if self.runner.device.type == "cuda":
+                torch.cuda.synchronize(self.runner.device)
+        finally:
+            kv.release()
 
     def compile_grammar(self, params: SamplingParams) -> Any:
         """A fresh llguidance matcher for `params.structured` (None without one); ValueError naming
@@ -224,6 +248,7 @@ class LLMEngine:
         A step is one model forward, planned by `Scheduler.schedule` (its preemptions, its lead:
         newcomers' prefill, a long prompt's next chunk or a running group's pass, and the groups
         riding with it), then run, and each part's requests updated from what it emitted."""
+        self._rebalance()
         groups = [self._running_group(key) for key in self.groups]
         prefilling = [self._prefilling(job) for job in self._chunked]
         pool = PoolPages(self.pool.num_free_pages, self.pool.refs)
@@ -250,6 +275,41 @@ class LLMEngine:
         else:
             return outputs
         return outputs + self._run(lead, [self._decode_part(key) for key in plan.riders])
+
+    def _rebalance(self) -> None:
+        """Mode auto: rows between cycles move to the decoding the policy picks for the auto rows
+        now (`AutoPolicy.choose`). Every exact decoding keeps AR's KV prefix and emits AR's tokens,
+        so moving loses only drafts not yet verified."""
+        auto = [r for g in self.groups.values() for r in g.requests if r.is_auto]
+        if self.auto is None or not auto:
+            return
+        choice = self.auto.choose(len(auto))
+        for key, group in list(self.groups.items()):
+            boundary = group.decoder.at_boundary(group.batch)
+            target = [decoding(r.params, choice) if r.is_auto else None for r in group.requests]
+            moving = [i for i, t in enumerate(target) if t is not None and boundary[i] and batch_key(t) != key[0]]
+            if moving:
+                self._move(key, moving, [target[i] for i in moving])
+
+    def _move(self, key: tuple, rows: list[int], decodings: list[SamplingParams | None]) -> None:
+        """Rows `rows` of group `key` leave it to decode as `decodings` (one exact decoding): their
+        decoder state starts afresh, as after a prefill without drafting masks."""
+        group = self.groups[key]
+        stay = [i for i in range(len(group.requests)) if i not in rows]
+        movers = [group.requests[i] for i in rows]
+        if stay:
+            group.batch, part = group.batch.split([stay, rows])
+            group.requests = [group.requests[i] for i in stay]
+        else:
+            part = group.batch
+            del self.groups[key]
+        for req, params in zip(movers, decodings):
+            req.decoding = params
+        decoder = make_decoder(movers[0].decode_params)
+        part.decoding = part.prefill_drafts = None
+        decoder.start(part)
+        cap = max(1, self.max_num_batched_tokens // decoder.width)
+        self.groups.add(batch_key(movers[0].decode_params), decoder, part, movers, cap)
 
     def _running_group(self, key: tuple) -> RunningGroup:
         """What the scheduler sees of group `key`."""
@@ -280,6 +340,8 @@ class LLMEngine:
         sizes = [(p.group, p.batch.size) for p in lead + riders if p.group is not None]
         try:
             outputs, seconds = run_parts(self.runner, lead + riders)
+            if self.runner.pass_costs is not None:
+                self.runner.pass_costs.observe(sum(p.forward.tokens.numel() for p in lead + riders), seconds)
         except Exception as e:
             if riders:
                 for p in riders:
@@ -295,6 +357,11 @@ class LLMEngine:
         before = list(group.requests)
 
         def finish(emitted: list[list[int]] | None, host: HostEmission | None) -> list[RequestOutput]:
+            for req, tokens in zip(before, emitted or []):
+                if req.is_auto and tokens:
+                    req.cycle(len(tokens))
+                    if self.auto is not None:
+                        self.auto.cycle(choice_of(req.decode_params), len(tokens))
             group.requests = apply_step(group.batch, before, emitted or [], self.eos_token_ids, self.tokenizer, host)
             if not group.requests:
                 del self.groups[key]
@@ -387,13 +454,13 @@ class LLMEngine:
         """Prefilled requests emit their first token and join their mode's group."""
         by_key: dict[tuple, list[int]] = {}
         for i, req in enumerate(admitted):
-            by_key.setdefault(batch_key(req.params), []).append(i)
+            by_key.setdefault(batch_key(req.decode_params), []).append(i)
         touched: list[tuple[Request, Decoder, DecodeBatch]] = []
         joining: list[tuple[tuple, Decoder, DecodeBatch, list[Request]]] = []
         for (key, rows), part in zip(by_key.items(), batch.split(list(by_key.values()))):
             reqs = [admitted[i] for i in rows]
             left = apply_step(part, reqs, [first[i] for i in rows], self.eos_token_ids, self.tokenizer, host, rows)
-            decoder = make_decoder(reqs[0].params)
+            decoder = make_decoder(reqs[0].decode_params)
             touched += [(r, decoder, part) for r in reqs]
             if left:
                 decoder.start(part)

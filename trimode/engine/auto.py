@@ -1,0 +1,118 @@
+"""`mode="auto"`: which exact decoding an auto row runs next, from what this engine measures.
+
+Every exact decoding (`decoding.EXACT_DECODINGS`: AR, linear self-spec at b 4..32, quadratic at b
+2..8) emits AR's tokens, so a row may move between them at any cycle boundary (its KV prefix is
+AR's in all of them) and the choice is only about speed. The expected rate of running the auto rows
+as decoding d is
+
+    rows x tokens per cycle (d)  /  (forwards per cycle (d) x seconds of a pass of rows x width (d) tokens)
+
+(all rows in one group: a wider pass slows every row in it). Both factors are measured:
+- `PassCosts`: seconds of a forward by the tokens it feeds, from every forward the engine runs,
+  seeded by a calibration of a few forwards when the first auto request arrives (printed);
+- tokens per cycle per decoding: an exponential average over the cycles auto rows ran, seeded with
+  an optimistic prior (half the drafts accepted) so each decoding gets tried, and measured after.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Choice = tuple[str, int, str]  # (mode, block length, spec), one of decoding.EXACT_DECODINGS
+SMOOTHING = 0.2  # weight of the newest observation in the exponential averages
+
+
+def forwards_per_cycle(choice: Choice) -> int:
+    """Linear self-spec drafts and verifies in two forwards; AR and quadratic take one."""
+    mode, block, spec = choice
+    return 2 if mode == "selfspec" and spec == "linear" and block > 1 else 1
+
+
+def width(choice: Choice) -> int:
+    """Tokens a row feeds per pass."""
+    mode, block, spec = choice
+    if mode == "ar":
+        return 1
+    return block * (block + 1) if spec == "quadratic" else block
+
+
+def prior_tokens_per_cycle(choice: Choice) -> float:
+    """Before any cycle of `choice` ran: half its drafts accepted, plus the verifier's token."""
+    mode, block, _ = choice
+    return 1.0 if mode == "ar" else 1.0 + (block - 1) / 2
+
+
+@dataclass
+class PassCosts:
+    """Seconds of one forward by the tokens it feeds: an exponential average per power-of-two
+    bucket of tokens, interpolated between buckets (linearly in tokens) and extrapolated past the
+    largest at its per-token cost."""
+
+    seconds: dict[int, float] = field(default_factory=dict)  # bucket (tokens, a power of two) -> seconds
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A forward of `tokens` took `seconds`: it updates the nearest power of two (in log scale)."""
+        bucket = 1 << round(math.log2(max(tokens, 1)))
+        old = self.seconds.get(bucket)
+        self.seconds[bucket] = seconds if old is None else (1 - SMOOTHING) * old + SMOOTHING * seconds
+
+    def __call__(self, tokens: int) -> float:
+        if not self.seconds:
+            raise ValueError("no forward has been timed yet: calibrate first")
+        buckets = sorted(self.seconds)
+        if tokens <= buckets[0]:
+            return self.seconds[buckets[0]]
+        if tokens >= buckets[-1]:
+            return self.seconds[buckets[-1]] * tokens / buckets[-1]
+        i = bisect.bisect_left(buckets, tokens)
+        lo, hi = buckets[i - 1], buckets[i]
+        share = (tokens - lo) / (hi - lo)
+        return self.seconds[lo] + share * (self.seconds[hi] - self.seconds[lo])
+
+    def calibrate(self, forward: Callable[[int], None], sizes: tuple[int, ...] = (1, 8, 32, 128, 512)) -> None:
+        """Time `forward(tokens)` at each size (best of three, after one warm-up), once, and say so."""
+        began = time.perf_counter()
+        for tokens in sizes:
+            forward(tokens)
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                forward(tokens)
+                runs.append(time.perf_counter() - start)
+            self.seconds[tokens] = min(runs)
+        figures = ", ".join(f"{n} tokens {1e3 * self.seconds[n]:.1f} ms" for n in sizes)
+        print(f"trimode: auto mode timed forwards ({figures}) in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+
+
+@dataclass
+class AutoPolicy:
+    """Picks the decoding of an engine's auto rows, and learns from what they ran."""
+
+    choices: tuple[Choice, ...]
+    costs: PassCosts
+    tokens_per_cycle: dict[Choice, float] = field(default_factory=dict)
+    forced: Callable[[int], Choice] | None = None  # tests: the choice at each decision, by count
+    decisions: int = 0
+
+    def expected_rate(self, choice: Choice, rows: int) -> float:
+        """Tokens per second of `rows` auto rows all decoding as `choice`."""
+        per_cycle = self.tokens_per_cycle.get(choice, prior_tokens_per_cycle(choice))
+        seconds = forwards_per_cycle(choice) * self.costs(rows * width(choice))
+        return rows * per_cycle / seconds if seconds > 0 else math.inf
+
+    def choose(self, rows: int) -> Choice:
+        """The decoding with the most expected tokens per second for `rows` auto rows."""
+        self.decisions += 1
+        if self.forced is not None:
+            return self.forced(self.decisions)
+        return max(self.choices, key=lambda c: self.expected_rate(c, max(rows, 1)))
+
+    def cycle(self, choice: Choice, tokens: int) -> None:
+        """A row decoding as `choice` emitted `tokens` in one cycle."""
+        old = self.tokens_per_cycle.get(choice, prior_tokens_per_cycle(choice))
+        self.tokens_per_cycle[choice] = (1 - SMOOTHING) * old + SMOOTHING * tokens
