@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trimode.kv_cache import PAGE_SIZE
-from trimode.sampling_params import MODES, SPECS
+from trimode.sampling_params import REQUEST_MODES, SPECS
 from trimode.server.logprobs import MAX_LOGPROB_ENTRIES
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def _spec_list(text: str) -> list[str]:
     return specs
 
 
-def _mode_list(text: str, allowed: Sequence[str] = MODES) -> list[str]:
+def _mode_list(text: str, allowed: Sequence[str] = REQUEST_MODES) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     if not modes or any(m not in allowed for m in modes):
         raise ValueError(f"--modes must list some of {', '.join(allowed)}; got {text!r}")
@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text in one of the three modes")
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
     _add_model_flags(g)
-    g.add_argument("--mode", default="ar", help=f"one of {', '.join(MODES)} (default ar)")
+    g.add_argument("--mode", default="ar", help=f"one of {', '.join(REQUEST_MODES)} (default ar)")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -851,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--max-model-len", type=int, help="longest prompt + max_tokens a request may ask for (default: the model's)"
     )
-    v.add_argument("--default-mode", default="ar", help=f"mode of requests that name none: {', '.join(MODES)}")
+    v.add_argument("--default-mode", default="ar", help=f"mode of requests that name none: {', '.join(REQUEST_MODES)}")
     v.add_argument(
         "--served-model-name",
         nargs="+",

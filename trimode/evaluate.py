@@ -7,11 +7,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from trimode.decoding import MODE_PARAMETERS, uses
 from trimode.llm import LLM
 from trimode.model.transformer import ForwardContext
 from trimode.sampling_params import SamplingParams
 from trimode.tasks import TASKS, held_out
 from trimode.tokenizer import Tokenizer
+
+# SamplingParams fields that belong to some modes only (block_length, spec, threshold).
+MODE_FIELDS = {name for names in MODE_PARAMETERS.values() for name in names}
 
 
 def task_accuracy(
@@ -25,7 +29,9 @@ def task_accuracy(
     report: dict[str, dict[str, float]] = {}
     first: list | None = None
     for mode in modes:
-        outs = llm.chat([e.messages() for e in examples], SamplingParams(mode=mode, max_tokens=max_tokens, **params))
+        # A mode's own fields (block_length, spec, threshold) go to the modes that read them.
+        own = {k: v for k, v in params.items() if k not in MODE_FIELDS or uses(mode, k)}
+        outs = llm.chat([e.messages() for e in examples], SamplingParams(mode=mode, max_tokens=max_tokens, **own))
         row: dict[str, float] = {}
         for task in tasks:
             pairs = [(e, o) for e, o in zip(examples, outs) if e.task == task]

@@ -96,8 +96,6 @@ class AutoPolicy:
     choices: tuple[Choice, ...]
     costs: PassCosts
     tokens_per_cycle: dict[Choice, float] = field(default_factory=dict)
-    forced: Callable[[int], Choice] | None = None  # tests: the choice at each decision, by count
-    decisions: int = 0
 
     def expected_rate(self, choice: Choice, rows: int) -> float:
         """Tokens per second of `rows` auto rows all decoding as `choice`."""
@@ -107,9 +105,6 @@ class AutoPolicy:
 
     def choose(self, rows: int) -> Choice:
         """The decoding with the most expected tokens per second for `rows` auto rows."""
-        self.decisions += 1
-        if self.forced is not None:
-            return self.forced(self.decisions)
         return max(self.choices, key=lambda c: self.expected_rate(c, max(rows, 1)))
 
     def cycle(self, choice: Choice, tokens: int) -> None:

@@ -10,7 +10,7 @@ from jinja2.defaults import DEFAULT_NAMESPACE
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from trimode.engine.inputs import chat_messages, message_text
-from trimode.sampling_params import MAX_LOGPROBS, MAX_N, MAX_TOP_K, MODES, SEED_RANGE, SamplingParams
+from trimode.sampling_params import MAX_LOGPROBS, MAX_N, MAX_TOP_K, REQUEST_MODES, SEED_RANGE, SamplingParams
 
 MAX_TOKENS_LIMIT = 4096
 MAX_PROMPT_CHARS = 200_000  # a completion prompt, or all the messages of a chat together
@@ -148,8 +148,8 @@ class _Common(BaseModel):
     @field_validator("mode")
     @classmethod
     def _mode(cls, v: str | None) -> str | None:
-        if v is not None and v not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if v is not None and v not in REQUEST_MODES:
+            raise ValueError(f"mode must be one of {', '.join(REQUEST_MODES)}")
         return v
 
     @model_validator(mode="after")

@@ -1,0 +1,94 @@
+"""Mode auto: the engine moves each auto row between exact decodings (AR, linear and quadratic
+self-spec, their block lengths) by what it measures, so outputs are AR's whatever it picks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from conftest import PROMPTS
+from test_sampling import exact_joint
+
+from trimode import SamplingParams
+from trimode.decoding import EXACT_DECODINGS
+from trimode.engine import auto
+from trimode.engine.auto import AutoPolicy, PassCosts
+
+
+def costs(per_token: float, fixed: float = 1e-3) -> PassCosts:
+    """Pass seconds = fixed + per_token x tokens, at every calibrated size."""
+    return PassCosts({n: fixed + per_token * n for n in (1, 8, 32, 128, 512, 4096)})
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_cheap_block_passes_pick_self_spec_and_dear_ones_pick_ar(rows):
+    """Block passes as cheap as an AR step (a GPU's weight-bound forward): self-spec; passes whose
+    cost grows with every token (a compute-bound forward): AR. At batch 1 and 64 alike."""
+    cheap = AutoPolicy(EXACT_DECODINGS, costs(per_token=1e-6))  # a 72-token pass: 7% dearer than 1 token
+    assert cheap.choose(rows)[0] == "selfspec"
+    dear = AutoPolicy(EXACT_DECODINGS, costs(per_token=1e-3, fixed=0.0))
+    assert dear.choose(rows) == ("ar", 1, "linear")
+    # What the rows accept decides too: drafts never accepted make every block pass a loss.
+    for choice in EXACT_DECODINGS[1:]:
+        for _ in range(30):
+            cheap.cycle(choice, 1)
+    assert cheap.choose(rows) == ("ar", 1, "linear")
+
+
+def test_pass_costs_interpolate_and_extrapolate_what_they_measured():
+    c = PassCosts()
+    with pytest.raises(ValueError, match="calibrate"):
+        c(8)
+    c.observe(8, 0.010)
+    c.observe(32, 0.030)
+    assert c(8) == 0.010 and c(20) == pytest.approx(0.020) and c(64) == pytest.approx(0.060) and c(1) == 0.010
+    c.observe(31, 0.040)  # the nearest power of two: 32, averaged in
+    assert c(32) == pytest.approx(0.8 * 0.030 + 0.2 * 0.040)
+
+
+def switching(monkeypatch) -> None:
+    """Every decision picks the next exact decoding in turn: rows move at every cycle boundary."""
+    turn = itertools.cycle(EXACT_DECODINGS)
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, rows: next(turn))
+
+
+def test_rows_moving_between_decodings_every_cycle_give_ar_tokens(llm, monkeypatch):
+    llm.runner.pass_costs = costs(per_token=0.0)  # no calibration in tests
+    switching(monkeypatch)
+    budgets = [30, 30, 13, 30]
+    ar = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True) for n in budgets])
+    out = llm.generate(PROMPTS, [SamplingParams(mode="auto", max_tokens=n, ignore_eos=True) for n in budgets])
+    assert [o.token_ids for o in out] == [o.token_ids for o in ar]
+    served = {name for o in out for name in o.decodings}
+    assert {"ar", "selfspec_b4", "quadratic_b2"} <= served and all(o.mode == "auto" for o in out)
+    cycles = [o.decodings for o in out]
+    assert all(sum(c.values()) <= o.num_forwards for c, o in zip(cycles, out))
+
+
+def test_switching_rows_sample_the_ar_distribution(llm, monkeypatch):
+    llm.runner.pass_costs = costs(per_token=0.0)
+    switching(monkeypatch)
+    settled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    ids = settled.prompt_token_ids + settled.token_ids
+    base = dict(temperature=1.5, top_k=2, max_tokens=4, ignore_eos=True)
+    exact = exact_joint(llm, ids, SamplingParams(**base), 4)
+    n = 2000
+    outs = llm.generate([ids] * n, [SamplingParams(mode="auto", seed=s, **base) for s in range(n)])
+    counts: dict[tuple, int] = {}
+    for o in outs:
+        counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1
+    tv = 0.5 * sum(abs(counts.get(k, 0) / n - p) for k, p in exact.items())
+    assert set(counts) <= set(exact) and tv < 0.05, tv
+
+
+def test_auto_learns_the_model_it_runs(llm):
+    """Without a scripted choice: the engine times forwards itself, tries what its priors favour
+    and keeps what pays; the output is AR's either way."""
+    llm.runner.pass_costs = None
+    params = SamplingParams(mode="auto", max_tokens=24, ignore_eos=True)
+    out = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in out] == [
+        o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
+    ]
+    assert llm.runner.pass_costs is not None and set(llm.runner.pass_costs.seconds) >= {1, 8, 32, 128, 512}
+    assert auto.prior_tokens_per_cycle(("selfspec", 8, "linear")) == 4.5
