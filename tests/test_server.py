@@ -90,6 +90,17 @@ def test_quadratic_selfspec_is_asked_for_by_spec(client, offline, server):
         assert bad.status_code == 400 and re.search(why, bad.text), bad.text
 
 
+def test_auto_mode_gives_ar_text_and_says_which_decodings_served_it(client, offline, server):
+    want = offline.chat(CHAT, SamplingParams(max_tokens=24))[0]
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=24, extra_body={"mode": "auto"}
+    )
+    assert r.choices[0].message.content == want.text
+    served = r.usage.model_dump()["decodings"]
+    assert served and sum(served.values()) <= r.usage.model_dump()["num_forwards"]
+    assert "trimode_auto_cycles_total" in httpx.get(f"{server}/metrics").text
+
+
 def test_bench_over_http_sends_spec(server, offline, tmp_path):
     from trimode.cli import main
 

@@ -5,6 +5,7 @@ and error shapes here; generation is the engine's."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import random
@@ -79,13 +80,19 @@ def usage(results: list[GenerationOutput]) -> dict[str, Any]:
     prompt = sum(r.num_prompt_tokens for r in results)
     completion = sum(r.num_generated_tokens for r in results)
     forwards = sum(r.num_forwards for r in results)
-    return {
+    out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "num_forwards": forwards,
         "tokens_per_forward": round(completion / max(forwards, 1), 4),
     }
+    served = collections.Counter[str]()
+    for r in results:
+        served.update(r.decodings or {})
+    if any(r.decodings is not None for r in results):  # mode auto: the cycles each decoding served
+        out["decodings"] = dict(served)
+    return out
 
 
 def build_app(

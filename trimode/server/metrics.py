@@ -31,6 +31,12 @@ class Metrics:
         )
         self.tokens = Counter("trimode_generated_tokens", "Generated tokens", ["mode"], registry=r)
         self.forwards = Counter("trimode_forwards", "Forwards taken part in", ["mode"], registry=r)
+        self.cycles = Counter(
+            "trimode_auto_cycles",
+            "Cycles of mode auto's requests, by the decoding that ran them",
+            ["decoding"],
+            registry=r,
+        )
         self.tpf = Gauge("trimode_tokens_per_forward", "Generated tokens / forwards since start", ["mode"], registry=r)
         self.queue = Gauge("trimode_queue_depth", "Requests waiting", registry=r)
         self.running = Gauge("trimode_running_batch", "Requests running", registry=r)
@@ -78,6 +84,8 @@ class Metrics:
         self.requests.labels(res.mode, res.finish_reason).inc()
         self.tokens.labels(res.mode).inc(res.num_generated_tokens)
         self.forwards.labels(res.mode).inc(res.num_forwards)
+        for name, cycles in (res.decodings or {}).items():
+            self.cycles.labels(name).inc(cycles)
         totals = self._totals.setdefault(res.mode, [0, 0])
         totals[0] += res.num_generated_tokens
         totals[1] += res.num_forwards
