@@ -90,5 +90,5 @@ def test_auto_learns_the_model_it_runs(llm):
     assert [o.token_ids for o in out] == [
         o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
     ]
-    assert llm.runner.pass_costs is not None and set(llm.runner.pass_costs.seconds) >= {1, 8, 32, 128, 512}
+    assert llm.runner.pass_costs is not None and set(llm.runner.pass_costs.seconds) >= {1, 8, 32}
     assert auto.prior_tokens_per_cycle(("selfspec", 8, "linear")) == 4.5

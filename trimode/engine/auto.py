@@ -74,7 +74,7 @@ class PassCosts:
         share = (tokens - lo) / (hi - lo)
         return self.seconds[lo] + share * (self.seconds[hi] - self.seconds[lo])
 
-    def calibrate(self, forward: Callable[[int], None], sizes: tuple[int, ...] = (1, 8, 32, 128, 512)) -> None:
+    def calibrate(self, forward: Callable[[int], None], sizes: tuple[int, ...]) -> None:
         """Time `forward(tokens)` at each size (best of three, after one warm-up), once, and say so."""
         began = time.perf_counter()
         for tokens in sizes:

@@ -60,6 +60,7 @@ from trimode.structured import Grammars
 from trimode.tokenizer import Tokenizer
 
 logger = logging.getLogger("trimode.engine")
+CALIBRATION_SIZES = (1, 8, 32, 128, 512)  # tokens of the forwards mode auto times when it starts
 
 
 @dataclass
@@ -170,8 +171,12 @@ class LLMEngine:
         """The policy of mode auto, made (and the runner's forwards timed, once) on first use."""
         if self.auto is None:
             if self.runner.pass_costs is None:
+                # The sizes this engine's pool has room for now (larger ones are extrapolated, then
+                # measured as the engine runs them).
+                room = self.pool.num_free_pages * self.pool.page_size
+                sizes = tuple(n for n in CALIBRATION_SIZES if n < room) or (1,)
                 self.runner.pass_costs = PassCosts()
-                self.runner.pass_costs.calibrate(self._timed_forward)
+                self.runner.pass_costs.calibrate(self._timed_forward, sizes)
             self.auto = AutoPolicy(EXACT_DECODINGS, self.runner.pass_costs)
         return self.auto
 
