@@ -33,6 +33,13 @@ def test_cheap_block_passes_pick_self_spec_and_dear_ones_pick_ar(rows):
         for _ in range(30):
             cheap.cycle(choice, 1)
     assert cheap.choose(rows) == ("ar", 1, "linear")
+    # Rows stay on what they run unless another decoding is expected to be 10% faster.
+    close = AutoPolicy(EXACT_DECODINGS, costs(per_token=0.0))
+    best = close.choose(rows)
+    runner_up = max((c for c in EXACT_DECODINGS if c != best), key=lambda c: close.expected_rate(c, rows))
+    assert close.expected_rate(best, rows) <= 1.1 * close.expected_rate(runner_up, rows)
+    assert close.choose(rows, current=runner_up) == runner_up
+    assert close.choose(rows, current=("ar", 1, "linear")) == best
 
 
 def test_pass_costs_interpolate_and_extrapolate_what_they_measured():
@@ -49,11 +56,11 @@ def test_pass_costs_interpolate_and_extrapolate_what_they_measured():
 def switching(monkeypatch) -> None:
     """Every decision picks the next exact decoding in turn: rows move at every cycle boundary."""
     turn = itertools.cycle(EXACT_DECODINGS)
-    monkeypatch.setattr(AutoPolicy, "choose", lambda self, rows: next(turn))
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, rows, current=None: next(turn))
 
 
 def test_rows_moving_between_decodings_every_cycle_give_ar_tokens(llm, monkeypatch):
-    llm.runner.pass_costs = costs(per_token=0.0)  # no calibration in tests
+    llm.runner.auto = AutoPolicy(EXACT_DECODINGS, costs(per_token=0.0))  # no calibration in tests
     switching(monkeypatch)
     budgets = [30, 30, 13, 30]
     ar = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True) for n in budgets])
@@ -66,7 +73,7 @@ def test_rows_moving_between_decodings_every_cycle_give_ar_tokens(llm, monkeypat
 
 
 def test_switching_rows_sample_the_ar_distribution(llm, monkeypatch):
-    llm.runner.pass_costs = costs(per_token=0.0)
+    llm.runner.auto = AutoPolicy(EXACT_DECODINGS, costs(per_token=0.0))
     switching(monkeypatch)
     settled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))[0]
     ids = settled.prompt_token_ids + settled.token_ids
@@ -84,11 +91,11 @@ def test_switching_rows_sample_the_ar_distribution(llm, monkeypatch):
 def test_auto_learns_the_model_it_runs(llm):
     """Without a scripted choice: the engine times forwards itself, tries what its priors favour
     and keeps what pays; the output is AR's either way."""
-    llm.runner.pass_costs = None
+    llm.runner.auto = None
     params = SamplingParams(mode="auto", max_tokens=24, ignore_eos=True)
     out = llm.generate(PROMPTS, params)
     assert [o.token_ids for o in out] == [
         o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
     ]
-    assert llm.runner.pass_costs is not None and set(llm.runner.pass_costs.seconds) >= {1, 8, 32}
+    assert llm.runner.auto is not None and set(llm.runner.auto.costs.seconds) >= {1, 8, 32}
     assert auto.prior_tokens_per_cycle(("selfspec", 8, "linear")) == 4.5

@@ -12,6 +12,8 @@ as decoding d is
   seeded by a calibration of a few forwards when the first auto request arrives (printed);
 - tokens per cycle per decoding: an exponential average over the cycles auto rows ran, seeded with
   an optimistic prior (half the drafts accepted) so each decoding gets tried, and measured after.
+Both belong to the model runner, so every engine over it (each `LLM.generate` call, a server's
+engine) starts from what the ones before it measured.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Choice = tuple[str, int, str]  # (mode, block length, spec), one of decoding.EXACT_DECODINGS
-SMOOTHING = 0.2  # weight of the newest observation in the exponential averages
+SMOOTHING = 0.2  # weight of the newest forward's seconds in `PassCosts`' averages
+# Weight of one row's cycle in a decoding's tokens-per-cycle average: a batch of 64 rows updates it
+# 64 times a step, and a cycle cut short by its row's end is one observation among many.
+ACCEPTANCE_SMOOTHING = 0.05
+# Rows move off their decoding only for one expected to be this much faster: a move costs a draft
+# (linear: a draft pass emits nothing; quadratic: its first pass accepts nothing), and estimates
+# this close are within their noise.
+SWITCH_MARGIN = 0.1
 
 
 def forwards_per_cycle(choice: Choice) -> int:
@@ -103,11 +112,18 @@ class AutoPolicy:
         seconds = forwards_per_cycle(choice) * self.costs(rows * width(choice))
         return rows * per_cycle / seconds if seconds > 0 else math.inf
 
-    def choose(self, rows: int) -> Choice:
-        """The decoding with the most expected tokens per second for `rows` auto rows."""
-        return max(self.choices, key=lambda c: self.expected_rate(c, max(rows, 1)))
+    def choose(self, rows: int, current: Choice | None = None) -> Choice:
+        """The decoding with the most expected tokens per second for `rows` auto rows; `current`
+        (what they run now) unless the best is SWITCH_MARGIN faster."""
+        rows = max(rows, 1)
+        best = max(self.choices, key=lambda c: self.expected_rate(c, rows))
+        if current is not None and self.expected_rate(best, rows) <= (1 + SWITCH_MARGIN) * self.expected_rate(
+            current, rows
+        ):
+            return current
+        return best
 
     def cycle(self, choice: Choice, tokens: int) -> None:
         """A row decoding as `choice` emitted `tokens` in one cycle."""
         old = self.tokens_per_cycle.get(choice, prior_tokens_per_cycle(choice))
-        self.tokens_per_cycle[choice] = (1 - SMOOTHING) * old + SMOOTHING * tokens
+        self.tokens_per_cycle[choice] = (1 - ACCEPTANCE_SMOOTHING) * old + ACCEPTANCE_SMOOTHING * tokens

@@ -26,6 +26,7 @@ half-updated); the other groups go on.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -103,7 +104,6 @@ class LLMEngine:
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
         self.groups = Groups()
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
-        self.auto: AutoPolicy | None = None  # mode auto's policy, made on its first request
         self._ids: set[str] = set()
 
     @property
@@ -161,24 +161,22 @@ class LLMEngine:
         req = Request(text, ids, params, request_id=request_id, arrival=time.perf_counter(), parent_id=parent_id)
         req.grammar = grammar if grammar is not None else self.compile_grammar(params)
         if req.is_auto:  # its first decoding, for the load it joins (it moves as the load changes)
-            auto_rows = sum(r.is_auto for r in self.running()) + 1
-            req.decoding = decoding(params, self.auto_policy().choose(auto_rows))
+            others = [r for r in self.running() + list(self.scheduler.waiting) if r.is_auto]
+            req.decoding = decoding(params, self.auto_policy().choose(len(others) + 1, self._auto_current(others)))
         self.scheduler.add(req)
         self._ids.add(request_id)
         self._sent[request_id] = (0, 0)
 
     def auto_policy(self) -> AutoPolicy:
-        """The policy of mode auto, made (and the runner's forwards timed, once) on first use."""
-        if self.auto is None:
-            if self.runner.pass_costs is None:
-                # The sizes this engine's pool has room for now (larger ones are extrapolated, then
-                # measured as the engine runs them).
-                room = self.pool.num_free_pages * self.pool.page_size
-                sizes = tuple(n for n in CALIBRATION_SIZES if n < room) or (1,)
-                self.runner.pass_costs = PassCosts()
-                self.runner.pass_costs.calibrate(self._timed_forward, sizes)
-            self.auto = AutoPolicy(EXACT_DECODINGS, self.runner.pass_costs)
-        return self.auto
+        """Mode auto's policy: the runner's, made (and its forwards timed) on the first auto request."""
+        if self.runner.auto is None:
+            # The sizes this engine's pool has room for now (larger ones are extrapolated, then
+            # measured as the engine runs them).
+            room = self.pool.num_free_pages * self.pool.page_size
+            costs = PassCosts()
+            costs.calibrate(self._timed_forward, tuple(n for n in CALIBRATION_SIZES if n < room) or (1,))
+            self.runner.auto = AutoPolicy(EXACT_DECODINGS, costs)
+        return self.runner.auto
 
     def _timed_forward(self, tokens: int) -> None:
         """One causal forward of `tokens` tokens into scratch slots of this engine's pool (calibration)."""
@@ -286,15 +284,21 @@ class LLMEngine:
         now (`AutoPolicy.choose`). Every exact decoding keeps AR's KV prefix and emits AR's tokens,
         so moving loses only drafts not yet verified."""
         auto = [r for g in self.groups.values() for r in g.requests if r.is_auto]
-        if self.auto is None or not auto:
+        if self.runner.auto is None or not auto:
             return
-        choice = self.auto.choose(len(auto))
+        choice = self.runner.auto.choose(len(auto), self._auto_current(auto))
         for key, group in list(self.groups.items()):
             boundary = group.decoder.at_boundary(group.batch)
             target = [decoding(r.params, choice) if r.is_auto else None for r in group.requests]
             moving = [i for i, t in enumerate(target) if t is not None and boundary[i] and batch_key(t) != key[0]]
             if moving:
                 self._move(key, moving, [target[i] for i in moving])
+
+    @staticmethod
+    def _auto_current(requests: list[Request]) -> tuple[str, int, str] | None:
+        """The decoding most of these auto requests run now (None: none of them)."""
+        counts = collections.Counter(choice_of(r.decode_params) for r in requests if r.decoding is not None)
+        return counts.most_common(1)[0][0] if counts else None
 
     def _move(self, key: tuple, rows: list[int], decodings: list[SamplingParams | None]) -> None:
         """Rows `rows` of group `key` leave it to decode as `decodings` (one exact decoding): their
@@ -345,8 +349,8 @@ class LLMEngine:
         sizes = [(p.group, p.batch.size) for p in lead + riders if p.group is not None]
         try:
             outputs, seconds = run_parts(self.runner, lead + riders)
-            if self.runner.pass_costs is not None:
-                self.runner.pass_costs.observe(sum(p.forward.tokens.numel() for p in lead + riders), seconds)
+            if self.runner.auto is not None:
+                self.runner.auto.costs.observe(sum(p.forward.tokens.numel() for p in lead + riders), seconds)
         except Exception as e:
             if riders:
                 for p in riders:
@@ -365,8 +369,8 @@ class LLMEngine:
             for req, tokens in zip(before, emitted or []):
                 if req.is_auto and tokens:
                     req.cycle(len(tokens))
-                    if self.auto is not None:
-                        self.auto.cycle(choice_of(req.decode_params), len(tokens))
+                    if self.runner.auto is not None:
+                        self.runner.auto.cycle(choice_of(req.decode_params), len(tokens))
             group.requests = apply_step(group.batch, before, emitted or [], self.eos_token_ids, self.tokenizer, host)
             if not group.requests:
                 del self.groups[key]

@@ -9,7 +9,7 @@ import time
 import torch
 
 from trimode.decoding.base import DecodeBatch, Forward
-from trimode.engine.auto import PassCosts
+from trimode.engine.auto import AutoPolicy
 from trimode.engine.compiled import MAX_WEIGHT_BYTES, CompiledForward
 from trimode.engine.cuda_graphs import CudaGraphs
 from trimode.engine.tp_workers import TensorParallelDriver
@@ -30,9 +30,9 @@ class ModelRunner:
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}")
         self.tp_driver = tp_driver
-        # Seconds of a forward by the tokens it feeds (mode auto's cost model), timed once and kept
-        # for every engine this runner serves.
-        self.pass_costs: PassCosts | None = None
+        # Mode auto's policy and what it measured of this model (`engine/auto.py`), made on the
+        # first auto request and kept for every engine this runner serves.
+        self.auto: AutoPolicy | None = None
         compile = False if tp_driver is not None else compile
         self.config = model.config
         self.device = model.diffusion_head.weight.device
