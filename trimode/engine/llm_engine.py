@@ -160,9 +160,8 @@ class LLMEngine:
             )
         req = Request(text, ids, params, request_id=request_id, arrival=time.perf_counter(), parent_id=parent_id)
         req.grammar = grammar if grammar is not None else self.compile_grammar(params)
-        if req.is_auto:  # its first decoding, for the load it joins (it moves as the load changes)
-            others = [r for r in self.running() + list(self.scheduler.waiting) if r.is_auto]
-            req.decoding = decoding(params, self.auto_policy().choose(len(others) + 1, self._auto_current(others)))
+        if req.is_auto:
+            self.auto_policy()  # made, and the forwards timed, before its first step
         self.scheduler.add(req)
         self._ids.add(request_id)
         self._sent[request_id] = (0, 0)
@@ -258,6 +257,7 @@ class LLMEngine:
         plan = self.scheduler.schedule(groups, prefilling, pool, self.runner.fuses_parts)
         for req, why in plan.preempt:
             self._release(req, why)
+        self._first_decodings(list(plan.prefill))
         outputs: list[RequestOutput] = []
         if plan.prefill and plan.chunked:
             req = plan.prefill[0]
@@ -293,6 +293,17 @@ class LLMEngine:
             moving = [i for i, t in enumerate(target) if t is not None and boundary[i] and batch_key(t) != key[0]]
             if moving:
                 self._move(key, moving, [target[i] for i in moving])
+
+    def _first_decodings(self, admitted: list[Request]) -> None:
+        """Mode auto: newcomers about to be prefilled decode as the policy picks for every auto row
+        then running (their prefill drafts for them if that is quadratic self-spec)."""
+        new = [r for r in admitted if r.is_auto and r.decoding is None]
+        if not new:
+            return
+        running = [r for r in self.running() if r.is_auto]
+        choice = self.auto_policy().choose(len(running) + len(new), self._auto_current(running))
+        for req in new:
+            req.decoding = decoding(req.params, choice)
 
     @staticmethod
     def _auto_current(requests: list[Request]) -> tuple[str, int, str] | None:
