@@ -4,6 +4,7 @@ chooses among; the only package that knows what a mode is."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from trimode.decoding.autoregressive import AutoregressiveDecoder
 from trimode.decoding.base import Decoder
@@ -65,6 +66,12 @@ def make_decoder(params: SamplingParams) -> Decoder:
     if params.spec == Spec.QUADRATIC:
         return QuadraticSelfSpecDecoder(params.block_length)
     return SelfSpecDecoder(params.block_length)
+
+
+@functools.cache
+def widest_exact_pass() -> int:
+    """Tokens per row of the widest exact decoding's pass: what an auto row may come to feed."""
+    return max(make_decoder(SamplingParams(mode=m, block_length=b, spec=s)).width for m, b, s in EXACT_DECODINGS)
 
 
 def pass_width(params: SamplingParams) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from trimode import logit_controls
-from trimode.decoding import EXACT_DECODINGS, decoding, decoding_name, pass_width, prefill_tail
+from trimode.decoding import decoding_name, pass_width, prefill_tail, widest_exact_pass
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, HostEmission, logprob_table
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.stop_strings import StopMatcher, stop_matcher
@@ -86,9 +86,7 @@ class Request:
     def pass_width(self) -> int:
         """Tokens its row feeds per decode pass (`decoding.pass_width`); mode auto: the widest of
         the decodings it may move to."""
-        if self.is_auto:
-            return max(pass_width(decoding(self.params, c)) for c in EXACT_DECODINGS)
-        return pass_width(self.params)
+        return widest_exact_pass() if self.is_auto else pass_width(self.params)
 
     @property
     def prefill_tail(self) -> int:

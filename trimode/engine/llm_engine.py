@@ -287,12 +287,14 @@ class LLMEngine:
         if self.runner.auto is None or not auto:
             return
         choice = self.runner.auto.choose(len(auto), self._auto_current(auto))
+        target = batch_key(decoding(auto[0].params, choice))
         for key, group in list(self.groups.items()):
+            if key[0] == target or not any(r.is_auto for r in group.requests):
+                continue
             boundary = group.decoder.at_boundary(group.batch)
-            target = [decoding(r.params, choice) if r.is_auto else None for r in group.requests]
-            moving = [i for i, t in enumerate(target) if t is not None and boundary[i] and batch_key(t) != key[0]]
+            moving = [i for i, r in enumerate(group.requests) if r.is_auto and boundary[i]]
             if moving:
-                self._move(key, moving, [target[i] for i in moving])
+                self._move(key, moving, [decoding(group.requests[i].params, choice) for i in moving])
 
     def _first_decodings(self, admitted: list[Request]) -> None:
         """Mode auto: newcomers about to be prefilled decode as the policy picks for every auto row
@@ -311,7 +313,7 @@ class LLMEngine:
         counts = collections.Counter(choice_of(r.decode_params) for r in requests if r.decoding is not None)
         return counts.most_common(1)[0][0] if counts else None
 
-    def _move(self, key: tuple, rows: list[int], decodings: list[SamplingParams | None]) -> None:
+    def _move(self, key: tuple, rows: list[int], decodings: list[SamplingParams]) -> None:
         """Rows `rows` of group `key` leave it to decode as `decodings` (one exact decoding): their
         decoder state starts afresh, as after a prefill without drafting masks."""
         group = self.groups[key]
