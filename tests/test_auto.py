@@ -98,3 +98,24 @@ def test_auto_learns_the_model_it_runs(llm):
     ]
     assert llm.runner.auto is not None and set(llm.runner.auto.costs.seconds) >= {1, 8, 32}
     assert auto.prior_tokens_per_cycle(("selfspec", 8, "linear")) == 4.5
+
+
+def test_rows_moving_keep_their_features(llm, monkeypatch):
+    """Penalties, a bias, min_tokens, a grammar and logprobs follow a row through every move: the
+    same tokens and logprobs as AR's."""
+    llm.runner.auto = AutoPolicy(EXACT_DECODINGS, costs(per_token=0.0))
+    switching(monkeypatch)
+    features = [
+        dict(presence_penalty=1.5, logprobs=2),
+        dict(repetition_penalty=1.8, logit_bias={5: 8.0}),
+        dict(min_tokens=10, stop_token_ids=[5]),
+        dict(structured={"regex": "[a-z]+( [a-z]+)*"}, logprobs=0),
+    ]
+    ar = llm.generate(PROMPTS, [SamplingParams(max_tokens=20, **f) for f in features])
+    out = llm.generate(PROMPTS, [SamplingParams(mode="auto", max_tokens=20, **f) for f in features])
+    assert [o.token_ids for o in out] == [o.token_ids for o in ar]
+    for a, o in zip(ar, out):
+        if a.logprobs:
+            want = [p[t].logprob for p, t in zip(a.logprobs, a.token_ids)]
+            assert [p[t].logprob for p, t in zip(o.logprobs, o.token_ids)] == pytest.approx(want, abs=1e-4)
+    assert len({name for o in out for name in o.decodings}) > 2
