@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 from conftest import PROMPTS
-from test_sampling import exact_joint
+from test_sampling import exact_joint, total_variation
 
 from trimode import SamplingParams
 from trimode.decoding import EXACT_DECODINGS
@@ -80,11 +80,8 @@ def test_switching_rows_sample_the_ar_distribution(llm, monkeypatch):
     exact = exact_joint(llm, ids, SamplingParams(**base), 4)
     n = 2000
     outs = llm.generate([ids] * n, [SamplingParams(mode="auto", seed=s, **base) for s in range(n)])
-    counts: dict[tuple, int] = {}
-    for o in outs:
-        counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1
-    tv = 0.5 * sum(abs(counts.get(k, 0) / n - p) for k, p in exact.items())
-    assert set(counts) <= set(exact) and tv < 0.05, tv
+    tv = total_variation(outs, exact)
+    assert tv < 0.05, tv
 
 
 def test_auto_learns_the_model_it_runs(llm):

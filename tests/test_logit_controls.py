@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import PROMPTS
-from test_sampling import exact_joint
+from test_sampling import exact_joint, total_variation
 
 from trimode import SamplingParams
 
@@ -60,11 +60,8 @@ def test_selfspec_samples_the_ar_distribution_under_penalties(llm):
     exact = exact_joint(llm, ids, SamplingParams(**base), 3, penalised=True)
     n = 2000
     outs = llm.generate([ids] * n, [SamplingParams(mode="selfspec", block_length=4, seed=s, **base) for s in range(n)])
-    counts: dict[tuple, int] = {}
-    for o in outs:
-        counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1
-    tv = 0.5 * sum(abs(counts.get(k, 0) / n - p) for k, p in exact.items())
-    assert set(counts) <= set(exact) and tv < 0.06, tv
+    tv = total_variation(outs, exact)
+    assert tv < 0.06, tv
 
 
 def test_n_samples_share_the_prompt_and_equal_seeded_singles(llm):
