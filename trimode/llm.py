@@ -155,9 +155,11 @@ class LLM:
         kv_cache_tokens: int = 65536,
         max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS,
         page_size: int = PAGE_SIZE,
+        max_decode_tokens: int | None = None,
     ) -> LLMEngine:
         """A continuous-batching engine over this model (what `trimode serve` runs); its KV pool
-        of `kv_cache_tokens` slots is allocated now."""
+        of `kv_cache_tokens` slots is allocated now. `max_num_batched_tokens`: prompt tokens per
+        prefill step, and unless `max_decode_tokens` is given, tokens per decode pass."""
         return LLMEngine(
             self.runner,
             self.tokenizer,
@@ -168,6 +170,7 @@ class LLM:
             kv_cache_tokens,
             max_num_batched_tokens,
             page_size,
+            max_decode_tokens,
         )
 
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:
@@ -255,13 +258,15 @@ class LLM:
         ]
         requests = [Request(None, p, sp) for _, _, p, _, sp in rows]
         need = sum(num_pages(kv_slots(r), PAGE_SIZE) + 1 for r in requests)
-        # A step's token budget that holds every row's decode pass (up to OFFLINE_BATCHED_TOKENS), so
-        # the rows of one mode decode in one pass as the call asks, and any one row's widest pass
-        # (quadratic self-spec: b(b+1) tokens).
+        # A decode pass that holds every row's (up to OFFLINE_BATCHED_TOKENS), so the rows of one
+        # mode decode in one pass as the call asks, and any one row's widest (quadratic self-spec:
+        # b(b+1) tokens). Prefill steps keep the default budget: a prefill of every prompt at once,
+        # right-padded to the longest, computes the padding (64 task prompts: 276 ms against 221 ms
+        # for the five 512-token steps, decode rows riding in them).
         widths = [r.pass_width for r in requests]
-        budget = max(DEFAULT_BATCHED_TOKENS, min(sum(widths), OFFLINE_BATCHED_TOKENS), max(widths))
+        decode = max(DEFAULT_BATCHED_TOKENS, min(sum(widths), OFFLINE_BATCHED_TOKENS), max(widths))
         engine = self.engine(
-            max_batch=len(rows), max_queue=len(rows), kv_cache_tokens=need * PAGE_SIZE, max_num_batched_tokens=budget
+            max_batch=len(rows), max_queue=len(rows), kv_cache_tokens=need * PAGE_SIZE, max_decode_tokens=decode
         )
         for i, j, p, text, sp in rows:
             # One parent: the engine serves this call alone, and samples of equal prompts share pages.

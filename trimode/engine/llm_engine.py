@@ -84,9 +84,16 @@ class LLMEngine:
         kv_cache_tokens: int = 65536,
         max_num_batched_tokens: int = 512,
         page_size: int = PAGE_SIZE,
+        max_decode_tokens: int | None = None,
     ) -> None:
+        """`max_num_batched_tokens`: prompt tokens a prefill step feeds (longer prompts go in chunks),
+        and by default also `max_decode_tokens`: the tokens one decode pass of a group may feed
+        (rows x pass width; a group holds that many rows)."""
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {max_num_batched_tokens}")
+        if max_decode_tokens is not None and max_decode_tokens < 1:
+            raise ValueError(f"max_decode_tokens must be >= 1; got {max_decode_tokens}")
+        self.max_decode_tokens = max_decode_tokens or max_num_batched_tokens
         self.scheduler = Scheduler(max_batch, max_queue, kv_cache_tokens, page_size, max_num_batched_tokens)
         self.pool = runner.new_pool(kv_cache_tokens, page_size)  # all the KV memory this engine will use
         self.num_preemptions = 0
@@ -197,11 +204,11 @@ class LLMEngine:
         fit the KV pool even alone."""
         check_fits(ids, params, self.max_model_len, name)
         req = Request(None, ids, params)
-        if req.pass_width > self.max_num_batched_tokens:
+        if req.pass_width > self.max_decode_tokens:
             raise ValueError(
                 f"block_length {params.block_length} with spec {Spec(params.spec).value!r} feeds {req.pass_width} "
                 f"tokens per row per pass, more than the engine's max_num_batched_tokens of "
-                f"{self.max_num_batched_tokens}: lower block_length or raise max_num_batched_tokens"
+                f"{self.max_decode_tokens}: lower block_length or raise max_num_batched_tokens"
             )
         self.scheduler.check_fits(req)
 
@@ -280,13 +287,14 @@ class LLMEngine:
         return outputs + self._run(lead, [self._decode_part(key) for key in plan.riders])
 
     def _rebalance(self) -> None:
-        """Mode auto: rows between cycles move to the decoding the policy picks for the auto rows
-        now (`AutoPolicy.choose`). Every exact decoding keeps AR's KV prefix and emits AR's tokens,
-        so moving loses only drafts not yet verified."""
+        """Mode auto: rows between cycles move to the decoding the policy picks for the auto load
+        (`AutoPolicy.choose`: the auto rows running, and those waiting to join them). Every exact
+        decoding keeps AR's KV prefix and emits AR's tokens, so moving loses only drafts not yet
+        verified."""
         auto = [r for g in self.groups.values() for r in g.requests if r.is_auto]
         if self.runner.auto is None or not auto:
             return
-        choice = self.runner.auto.choose(len(auto), self._auto_current(auto))
+        choice = self.runner.auto.choose(len(auto) + self._auto_waiting(), self._auto_current(auto))
         target = batch_key(decoding(auto[0].params, choice))
         for key, group in list(self.groups.items()):
             if key[0] == target or not any(r.is_auto for r in group.requests):
@@ -297,15 +305,21 @@ class LLMEngine:
                 self._move(key, moving, [decoding(group.requests[i].params, choice) for i in moving])
 
     def _first_decodings(self, admitted: list[Request]) -> None:
-        """Mode auto: newcomers about to be prefilled decode as the policy picks for every auto row
-        then running (their prefill drafts for them if that is quadratic self-spec)."""
+        """Mode auto: newcomers about to be prefilled decode as the policy picks for the auto load:
+        the auto rows running and the auto requests admitted or waiting (their prefill drafts for
+        them if that is quadratic self-spec)."""
         new = [r for r in admitted if r.is_auto and r.decoding is None]
         if not new:
             return
         running = [r for r in self.running() if r.is_auto]
-        choice = self.auto_policy().choose(len(running) + len(new), self._auto_current(running))
+        load = len(running) + sum(r.is_auto for r in admitted) + self._auto_waiting()
+        choice = self.auto_policy().choose(load, self._auto_current(running))
         for req in new:
             req.decoding = decoding(req.params, choice)
+
+    def _auto_waiting(self) -> int:
+        """Auto requests queued or being prefilled: rows the auto groups are about to hold."""
+        return sum(r.is_auto for r in self.scheduler.waiting) + sum(j.request.is_auto for j in self._chunked)
 
     @staticmethod
     def _auto_current(requests: list[Request]) -> tuple[str, int, str] | None:
@@ -330,7 +344,7 @@ class LLMEngine:
         decoder = make_decoder(movers[0].decode_params)
         part.decoding = part.prefill_drafts = None
         decoder.start(part)
-        cap = max(1, self.max_num_batched_tokens // decoder.width)
+        cap = max(1, self.max_decode_tokens // decoder.width)
         self.groups.add(batch_key(movers[0].decode_params), decoder, part, movers, cap)
 
     def _running_group(self, key: tuple) -> RunningGroup:
@@ -490,7 +504,7 @@ class LLMEngine:
                 joining.append((key, decoder, part, left))
         outputs = [self._output(r, d, b) for r, d, b in touched]
         for key, decoder, part, left in joining:
-            self.groups.add(key, decoder, part, left, max(1, self.max_num_batched_tokens // decoder.width))
+            self.groups.add(key, decoder, part, left, max(1, self.max_decode_tokens // decoder.width))
         return outputs
 
     def _fail(self, req: Request, error: Exception) -> RequestOutput:
