@@ -131,6 +131,16 @@ def test_expand_configs():
     ]
 
 
+def test_endpoint_configs_send_each_mode_its_own_fields():
+    from trimode.bench.endpoint import EndpointConfig, endpoint_configs, request_body
+    from trimode.bench.suites import task_suite
+
+    cfgs = endpoint_configs(["ar", "selfspec", "auto"], [1], [16], [None], ["quadratic"])
+    assert [c.label for c in cfgs] == ["ar c1", "selfspec c1 B16 quadratic", "auto c1"]
+    _, body = request_body(task_suite(1)[0], "m", EndpointConfig("auto", 1, 16), "auto", 8, 0)
+    assert body["mode"] == "auto" and "block_length" not in body and "spec" not in body
+
+
 def test_speedup_is_measured_against_ar_in_the_same_run(llm):
     prompts = task_suite(2)
     results = sweep(

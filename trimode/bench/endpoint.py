@@ -31,14 +31,14 @@ from trimode.bench.metrics import add_speedup_vs_ar, latency
 from trimode.bench.runner import Unit, add_intervals, unit_samples
 from trimode.bench.suites import BenchPrompt
 from trimode.decoding import uses
-from trimode.sampling_params import MODES
+from trimode.sampling_params import MODES, REQUEST_MODES
 
-ENDPOINT_MODES = (*MODES, "mixed", "default")
+ENDPOINT_MODES = (*REQUEST_MODES, "mixed", "default")
 
 
 @dataclass(frozen=True)
 class EndpointConfig:
-    mode: str  # a decoding mode, "mixed" (round-robin over the three) or "default" (the server's)
+    mode: str  # a mode (auto too), "mixed" (round-robin over the three decoding modes) or "default" (the server's)
     concurrency: int
     block_length: int | None = None
     threshold: float | None = None
