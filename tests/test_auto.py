@@ -41,6 +41,16 @@ def test_cheap_block_passes_pick_self_spec_and_dear_ones_pick_ar(rows):
     assert close.choose(rows, current=b8) == b16
 
 
+def test_a_step_budget_that_splits_a_decoding_into_groups_counts_their_passes():
+    """64 rows of b 16 under a 512-token budget are two groups, two passes a cycle each: with a
+    forward's cost fixed plus per token, AR's one 64-token pass wins where one 1024-token pass
+    would not."""
+    policy = AutoPolicy((("ar", 1, "linear"), ("selfspec", 16, "linear")), costs(per_token=2e-5, fixed=1e-2))
+    policy.tokens_per_cycle[("selfspec", 16, "linear")] = 6.0
+    assert policy.choose(64)[0] == "selfspec"
+    assert policy.choose(64, pass_tokens=512) == ("ar", 1, "linear")
+
+
 def test_pass_costs_interpolate_and_extrapolate_what_they_measured():
     c = PassCosts()
     with pytest.raises(ValueError, match="calibrate"):
@@ -55,7 +65,7 @@ def test_pass_costs_interpolate_and_extrapolate_what_they_measured():
 def switching(monkeypatch) -> None:
     """Every decision picks the next exact decoding in turn: rows move at every cycle boundary."""
     turn = itertools.cycle(EXACT_DECODINGS)
-    monkeypatch.setattr(AutoPolicy, "choose", lambda self, rows, current=None: next(turn))
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, rows, current=None, pass_tokens=None: next(turn))
 
 
 def test_rows_moving_between_decodings_every_cycle_give_ar_tokens(llm, monkeypatch):

@@ -106,20 +106,25 @@ class AutoPolicy:
     costs: PassCosts
     tokens_per_cycle: dict[Choice, float] = field(default_factory=dict)
 
-    def expected_rate(self, choice: Choice, rows: int) -> float:
-        """Tokens per second of `rows` auto rows all decoding as `choice`."""
+    def expected_rate(self, choice: Choice, rows: int, pass_tokens: int | None = None) -> float:
+        """Tokens per second of `rows` auto rows all decoding as `choice`, in groups of at most
+        `pass_tokens` tokens a pass (the engine's step budget), each group its own passes."""
         per_cycle = self.tokens_per_cycle.get(choice, prior_tokens_per_cycle(choice))
-        seconds = forwards_per_cycle(choice) * self.costs(rows * width(choice))
+        per_group = rows if pass_tokens is None else max(1, min(rows, pass_tokens // width(choice)))
+        groups = -(-rows // per_group)
+        seconds = forwards_per_cycle(choice) * groups * self.costs(per_group * width(choice))
         return rows * per_cycle / seconds if seconds > 0 else math.inf
 
-    def choose(self, rows: int, current: Choice | None = None) -> Choice:
+    def choose(self, rows: int, current: Choice | None = None, pass_tokens: int | None = None) -> Choice:
         """The decoding with the most expected tokens per second for `rows` auto rows; `current`
         (what they run now) unless the best is SWITCH_MARGIN faster."""
         rows = max(rows, 1)
-        best = max(self.choices, key=lambda c: self.expected_rate(c, rows))
-        if current is not None and self.expected_rate(best, rows) <= (1 + SWITCH_MARGIN) * self.expected_rate(
-            current, rows
-        ):
+
+        def rate(c: Choice) -> float:
+            return self.expected_rate(c, rows, pass_tokens)
+
+        best = max(self.choices, key=rate)
+        if current is not None and rate(best) <= (1 + SWITCH_MARGIN) * rate(current):
             return current
         return best
 

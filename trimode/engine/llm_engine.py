@@ -294,7 +294,8 @@ class LLMEngine:
         auto = [r for g in self.groups.values() for r in g.requests if r.is_auto]
         if self.runner.auto is None or not auto:
             return
-        choice = self.runner.auto.choose(len(auto) + self._auto_waiting(), self._auto_current(auto))
+        load = len(auto) + self._auto_waiting()
+        choice = self.runner.auto.choose(load, self._auto_current(auto), self.max_decode_tokens)
         target = batch_key(decoding(auto[0].params, choice))
         for key, group in list(self.groups.items()):
             if key[0] == target or not any(r.is_auto for r in group.requests):
@@ -313,7 +314,7 @@ class LLMEngine:
             return
         running = [r for r in self.running() if r.is_auto]
         load = len(running) + sum(r.is_auto for r in admitted) + self._auto_waiting()
-        choice = self.auto_policy().choose(load, self._auto_current(running))
+        choice = self.auto_policy().choose(load, self._auto_current(running), self.max_decode_tokens)
         for req in new:
             req.decoding = decoding(req.params, choice)
 
