@@ -417,13 +417,11 @@ class LLMEngine:
             lambda logits: group.decoder.accept(group.batch, logits),
             finish,
             fail,
-            group.batch.kv.pages_needed(group.decoder.width),
             key,
         )
 
     def _chunk_part(self, job: _Chunked) -> StepPart:
         """The next chunk of a long prompt's prefill; after its last, the request joins its group."""
-        todo = self._chunk_tokens(job)
 
         def finish(first: list[list[int]] | None, host: HostEmission | None) -> list[RequestOutput]:
             if host is not None and host.prompt_logprobs is not None:
@@ -442,7 +440,7 @@ class LLMEngine:
         chunk_start = job.batch.kv.lengths[0]
         fwd = plan_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
         accept = partial(accept_chunk, job.batch, job.request)
-        return StepPart(job.batch, fwd, accept, finish, fail, job.batch.kv.pages_needed(todo))
+        return StepPart(job.batch, fwd, accept, finish, fail)
 
     def _prefill_part(self, admitted: list[Request]) -> StepPart:
         """A prefill is the same causal pass in every mode: one forward for all newcomers, then each
@@ -466,7 +464,6 @@ class LLMEngine:
             partial(accept_prefill, batch, admitted, fwd),
             finish,
             fail,
-            batch.kv.pages_needed(fwd.num_fed),
         )
 
     def _prefill_isolated(self, admitted: list[Request], error: Exception) -> list[RequestOutput]:

@@ -26,7 +26,6 @@ class StepPart:
     # read from, whose logprob entries go with them.
     finish: Callable[[list[list[int]] | None, HostEmission | None], list[RequestOutput]]
     fail: Callable[[Exception], list[RequestOutput]]
-    pages: int  # KV pages its forward allocates
     group: tuple | None = None  # the running group it decodes, if any
 
 
