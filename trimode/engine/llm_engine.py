@@ -355,7 +355,7 @@ class LLMEngine:
         return RunningGroup(
             key,
             tuple(group.requests),
-            tuple(tuple(p) for p in kv.pages),
+            tuple(kv.pages),
             tuple(kv.row_pages_needed(group.decoder.width)),
             tuple(group.decoder.pending_commit(group.batch)),
             group.vtime,
@@ -364,7 +364,7 @@ class LLMEngine:
 
     def _prefilling(self, job: _Chunked) -> Prefilling:
         kv = job.batch.kv
-        return Prefilling(job.request, tuple(kv.pages[0]), kv.pages_needed(self._chunk_tokens(job)))
+        return Prefilling(job.request, kv.pages[0], kv.pages_needed(self._chunk_tokens(job)))
 
     def _chunk_tokens(self, job: _Chunked) -> int:
         """Context tokens the next chunk of `job` feeds."""

@@ -40,7 +40,7 @@ class RunningGroup:
 
     key: tuple
     requests: tuple[Request, ...]
-    pages: tuple[tuple[int, ...], ...]
+    pages: tuple[Sequence[int], ...]  # per row, its page table (read, never changed, by the scheduler)
     need: tuple[int, ...]
     pending_commit: tuple[bool, ...]
     vtime: float
@@ -53,7 +53,7 @@ class Prefilling:
     allocates."""
 
     request: Request
-    pages: tuple[int, ...]
+    pages: Sequence[int]
     need: int
 
 
@@ -93,7 +93,8 @@ class _Simulated:
     groups: list[RunningGroup]
     prefilling: list[Prefilling]
     free: int
-    refs: Counter[int]
+    refs: Sequence[int]  # the pool's readers per page, before the plan's preemptions
+    dropped: Counter[int] = field(default_factory=Counter)  # readers the plan's preemptions took away
     preempt: list[tuple[Request, str]] = field(default_factory=list)
 
     def running(self) -> list[Request]:
@@ -129,10 +130,10 @@ class _Simulated:
         self.preempt.append((req, why))
         return None
 
-    def _release(self, pages: tuple[int, ...]) -> None:
+    def _release(self, pages: Sequence[int]) -> None:
         for page in pages:
-            self.refs[page] -= 1
-            if self.refs[page] == 0:
+            self.dropped[page] += 1
+            if self.refs[page] == self.dropped[page]:
                 self.free += 1
 
 
@@ -185,7 +186,7 @@ class Scheduler:
         lead when parts fuse (`fuses_parts`: eager forwards); while only such groups run, every
         step with prefill work then prefills, since their rows advance in it anyway. A lead whose
         pages are not free first preempts the most recently arrived requests."""
-        sim = _Simulated(list(groups), list(prefilling), pool.free, Counter(dict(enumerate(pool.refs))))
+        sim = _Simulated(list(groups), list(prefilling), pool.free, pool.refs)
         if not self._prefilled_last or (fuses_parts and all(g.rides for g in groups)):
             plan = self._plan_prefill(sim, fuses_parts)
             if plan is not None:
