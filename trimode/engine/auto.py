@@ -128,7 +128,12 @@ class AutoPolicy:
             return current
         return best
 
-    def cycle(self, choice: Choice, tokens: int) -> None:
-        """A row decoding as `choice` emitted `tokens` in one cycle."""
+    def cycles(self, choice: Choice, tokens: list[int]) -> None:
+        """Rows decoding as `choice` emitted `tokens` (one count a row) in one step's cycles: the
+        average moves as far as that many one-row updates would, towards their mean. An AR cycle
+        always emits one token, so AR has nothing to learn."""
+        if not tokens or choice[0] == "ar":
+            return
         old = self.tokens_per_cycle.get(choice, prior_tokens_per_cycle(choice))
-        self.tokens_per_cycle[choice] = (1 - ACCEPTANCE_SMOOTHING) * old + ACCEPTANCE_SMOOTHING * tokens
+        keep = (1 - ACCEPTANCE_SMOOTHING) ** len(tokens)
+        self.tokens_per_cycle[choice] = keep * old + (1 - keep) * sum(tokens) / len(tokens)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from trimode import logit_controls
-from trimode.decoding import decoding_name, pass_width, prefill_tail, widest_exact_pass
+from trimode.decoding import pass_width, prefill_tail, widest_exact_pass
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, HostEmission, logprob_table
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.stop_strings import StopMatcher, stop_matcher
@@ -92,11 +92,6 @@ class Request:
     def prefill_tail(self) -> int:
         """Masks its prefill feeds after its context (`decoding.prefill_tail`)."""
         return 0 if self.is_auto and self.decoding is None else prefill_tail(self.decode_params)
-
-    def cycle(self, tokens: int) -> None:
-        """Mode auto: its current decoding ran one cycle that emitted `tokens`."""
-        if self.is_auto and tokens:
-            self.cycles[decoding_name(self.decode_params)] += 1
 
     @property
     def wants_prompt_logprobs(self) -> bool:

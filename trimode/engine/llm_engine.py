@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from trimode.decoding import EXACT_DECODINGS, Decoder, batch_key, choice_of, decoding, make_decoder
+from trimode.decoding import EXACT_DECODINGS, Decoder, batch_key, choice_of, decoding, decoding_name, make_decoder
 from trimode.decoding.base import DecodeBatch, HostEmission
 from trimode.engine.auto import AutoPolicy, PassCosts
 from trimode.engine.generate import (
@@ -70,6 +70,16 @@ class _Chunked:
 
     request: Request
     batch: DecodeBatch
+
+
+def _decodings(requests: list[Request], choice: tuple[str, int, str]) -> list[SamplingParams]:
+    """Each auto request's params decoded as `choice`, made once per params object (an offline
+    batch shares one)."""
+    made: dict[int, SamplingParams] = {}
+    for req in requests:
+        if id(req.params) not in made:
+            made[id(req.params)] = decoding(req.params, choice)
+    return [made[id(r.params)] for r in requests]
 
 
 class LLMEngine:
@@ -291,19 +301,20 @@ class LLMEngine:
         (`AutoPolicy.choose`: the auto rows running, and those waiting to join them). Every exact
         decoding keeps AR's KV prefix and emits AR's tokens, so moving loses only drafts not yet
         verified."""
-        auto = [r for g in self.groups.values() for r in g.requests if r.is_auto]
-        if self.runner.auto is None or not auto:
+        if self.runner.auto is None:
             return
-        load = len(auto) + self._auto_waiting()
-        choice = self.runner.auto.choose(load, self._auto_current(auto), self.max_decode_tokens)
-        target = batch_key(decoding(auto[0].params, choice))
+        running = sum(r.is_auto for g in self.groups.values() for r in g.requests)
+        if not running:
+            return
+        choice = self.runner.auto.choose(running + self._auto_waiting(), self._auto_current(), self.max_decode_tokens)
         for key, group in list(self.groups.items()):
-            if key[0] == target or not any(r.is_auto for r in group.requests):
+            auto = [i for i, r in enumerate(group.requests) if r.is_auto]
+            if not auto or choice_of(group.requests[auto[0]].decode_params) == choice:
                 continue
             boundary = group.decoder.at_boundary(group.batch)
-            moving = [i for i, r in enumerate(group.requests) if r.is_auto and boundary[i]]
+            moving = [i for i in auto if boundary[i]]
             if moving:
-                self._move(key, moving, [decoding(group.requests[i].params, choice) for i in moving])
+                self._move(key, moving, _decodings([group.requests[i] for i in moving], choice))
 
     def _first_decodings(self, admitted: list[Request]) -> None:
         """Mode auto: newcomers about to be prefilled decode as the policy picks for the auto load:
@@ -314,18 +325,22 @@ class LLMEngine:
             return
         running = [r for r in self.running() if r.is_auto]
         load = len(running) + sum(r.is_auto for r in admitted) + self._auto_waiting()
-        choice = self.auto_policy().choose(load, self._auto_current(running), self.max_decode_tokens)
-        for req in new:
-            req.decoding = decoding(req.params, choice)
+        choice = self.auto_policy().choose(load, self._auto_current(), self.max_decode_tokens)
+        for req, params in zip(new, _decodings(new, choice)):
+            req.decoding = params
 
     def _auto_waiting(self) -> int:
         """Auto requests queued or being prefilled: rows the auto groups are about to hold."""
         return sum(r.is_auto for r in self.scheduler.waiting) + sum(j.request.is_auto for j in self._chunked)
 
-    @staticmethod
-    def _auto_current(requests: list[Request]) -> tuple[str, int, str] | None:
-        """The decoding most of these auto requests run now (None: none of them)."""
-        counts = collections.Counter(choice_of(r.decode_params) for r in requests if r.decoding is not None)
+    def _auto_current(self) -> tuple[str, int, str] | None:
+        """The decoding most running auto rows run now (None: none runs). A group's rows share
+        their decoding, so it is counted per group."""
+        counts: collections.Counter[tuple[str, int, str]] = collections.Counter()
+        for group in self.groups.values():
+            auto = [r for r in group.requests if r.is_auto]
+            if auto:
+                counts[choice_of(auto[0].decode_params)] += len(auto)
         return counts.most_common(1)[0][0] if counts else None
 
     def _move(self, key: tuple, rows: list[int], decodings: list[SamplingParams]) -> None:
@@ -394,11 +409,7 @@ class LLMEngine:
         before = list(group.requests)
 
         def finish(emitted: list[list[int]] | None, host: HostEmission | None) -> list[RequestOutput]:
-            for req, tokens in zip(before, emitted or []):
-                if req.is_auto and tokens:
-                    req.cycle(len(tokens))
-                    if self.runner.auto is not None:
-                        self.runner.auto.cycle(choice_of(req.decode_params), len(tokens))
+            self._count_cycles(before, emitted or [])
             group.requests = apply_step(group.batch, before, emitted or [], self.eos_token_ids, self.tokenizer, host)
             if not group.requests:
                 del self.groups[key]
@@ -419,6 +430,20 @@ class LLMEngine:
             fail,
             key,
         )
+
+    def _count_cycles(self, requests: list[Request], emitted: list[list[int]]) -> None:
+        """Mode auto: one group's rows ran a cycle of their (shared) decoding; the auto ones that
+        emitted count it, and the policy learns their tokens per cycle."""
+        tokens = [len(t) for r, t in zip(requests, emitted) if r.is_auto and t]
+        if not tokens:
+            return
+        params = next(r.decode_params for r in requests if r.is_auto)
+        name = decoding_name(params)
+        for req, t in zip(requests, emitted):
+            if req.is_auto and t:
+                req.cycles[name] += 1
+        if self.runner.auto is not None:
+            self.runner.auto.cycles(choice_of(params), tokens)
 
     def _chunk_part(self, job: _Chunked) -> StepPart:
         """The next chunk of a long prompt's prefill; after its last, the request joins its group."""
