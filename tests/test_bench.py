@@ -139,6 +139,11 @@ def test_endpoint_configs_send_each_mode_its_own_fields():
     assert [c.label for c in cfgs] == ["ar c1", "selfspec c1 B16 quadratic", "auto c1"]
     _, body = request_body(task_suite(1)[0], "m", EndpointConfig("auto", 1, 16), "auto", 8, 0)
     assert body["mode"] == "auto" and "block_length" not in body and "spec" not in body
+    (mix,) = endpoint_configs(["diffusion+auto"], [4], [16], [0.9])
+    assert mix.label == "diffusion+auto c4 B16 t0.9"
+    assert [mix.request_mode(k) for k in range(4)] == ["diffusion", "auto", "diffusion", "auto"]
+    with pytest.raises(ValueError, match="diffusion\\+auto"):
+        endpoint_configs(["diffusion+fast"], [4], [None], [None])
 
 
 def test_speedup_is_measured_against_ar_in_the_same_run(llm):

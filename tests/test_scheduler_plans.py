@@ -1,12 +1,15 @@
 """Step plans (`Scheduler.schedule`), decided without a model: the token budget of a prefill step,
-turns between prefills and passes, the lead by forward time, riders, and preemption counted page by
-page (a page frees only when its last reader lets go)."""
+turns between prefills and passes, the lead by forward time, riders within the step's budget,
+preemption counted page by page (a page frees only when its last reader lets go), and mode auto's
+moves and first decodings."""
 
 from __future__ import annotations
 
 from trimode import SamplingParams
+from trimode.decoding import EXACT_DECODINGS
+from trimode.engine.auto import AutoPolicy, PassCosts
 from trimode.engine.generate import Request
-from trimode.engine.scheduler import PoolPages, Prefilling, RunningGroup, Scheduler
+from trimode.engine.scheduler import Move, PoolPages, Prefilling, RunningGroup, Scheduler
 
 AR, SPEC = ("ar",), ("selfspec", 8, "linear")
 
@@ -18,7 +21,8 @@ def request(rid: str, prompt_tokens: int = 20, arrival: float = 0.0, parent: str
 
 
 def group(key: tuple, reqs: list[Request], pages: list[tuple[int, ...]], need: int, vtime: float = 0.0) -> RunningGroup:
-    return RunningGroup(key, tuple(reqs), tuple(pages), (need,) * len(reqs), (False,) * len(reqs), vtime, key == AR)
+    width = 1 if key == AR else key[1]
+    return RunningGroup(key, tuple(reqs), tuple(pages), (need,) * len(reqs), (False,) * len(reqs), vtime, width)
 
 
 def pool(free: int, held: list[tuple[int, ...]], size: int = 64) -> PoolPages:
@@ -108,3 +112,74 @@ def test_chunks_alternate_with_newcomers():
     s.add(request("newer"))
     second = s.schedule([], [job], pool(30, [(1, 2)]), fuses_parts=True)
     assert second.chunk is long and not second.prefill
+
+
+def test_block_groups_ride_together_while_their_tokens_fit_the_step_budget():
+    """Two shards of b8 rows (32 tokens each) and a diffusion group (16): under a 64-token budget
+    the lead takes one shard beside it, least forward time first; AR rows ride beyond the budget."""
+    s = scheduler(budget=64)
+    rows = [request(f"r{i}") for i in range(11)]
+    shard0, shard1, diffusion = ("selfspec", 8, "linear", 0), ("selfspec", 8, "linear", 1), ("diffusion", 16, 0.9)
+    groups = [
+        group(shard0, rows[:4], [(i,) for i in range(4)], 0, vtime=0.1),
+        group(shard1, rows[4:8], [(i,) for i in range(4, 8)], 0, vtime=0.3),
+        group(diffusion, rows[8:9], [(8,)], 0, vtime=0.2),
+        group(AR, rows[9:], [(9,), (10,)], 0, vtime=0.5),
+    ]
+    plan = s.schedule(groups, [], pool(40, [(i,) for i in range(11)]), fuses_parts=True)
+    assert plan.lead == shard0 and plan.riders == (diffusion, AR)  # 32 + 16 tokens; shard1's 32 would not fit
+    wide = Scheduler(8, 16, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=64, max_decode_tokens=96)
+    assert wide.schedule(groups, [], pool(40, []), fuses_parts=True).riders == (diffusion, shard1, AR)
+
+
+def auto_policy(per_token: float) -> AutoPolicy:
+    """Block passes as cheap as an AR step (`per_token` ~ 0: self-spec wins) or dear (AR wins)."""
+    return AutoPolicy(EXACT_DECODINGS, PassCosts({n: 1e-3 + per_token * n for n in (1, 8, 32, 128, 512, 4096)}))
+
+
+def test_auto_rows_between_cycles_move_to_the_policys_pick_and_nothing_else_moves():
+    s = scheduler(budget=512)
+    plain, auto_free, auto_busy = request("plain"), request("a", mode="auto"), request("b", mode="auto")
+    for r in (auto_free, auto_busy):
+        r.decoding = SamplingParams(mode="ar")
+    ar_group = RunningGroup(
+        AR, (plain, auto_free, auto_busy), ((1,), (2,), (3,)), (0, 0, 0), (False,) * 3, 0.0, 1,
+        choice=EXACT_DECODINGS[0], boundary=(True, True, False),
+    )  # fmt: skip
+    plan = s.schedule([ar_group], [], pool(40, [(1,), (2,), (3,)]), fuses_parts=True, policy=auto_policy(1e-7))
+    (move,) = plan.moves
+    assert move.key == AR and move.rows == (1,) and move.choice[0] == "selfspec"  # not the plain row, nor b mid-cycle
+    assert not plan.prefills and plan.lead is None  # the forward is planned on the groups the move forms
+    # The plan after a move runs a pass; once moved, the same pick holds and nothing moves.
+    moved = RunningGroup(
+        move.choice, (auto_free,), ((2,),), (0,), (False,), 0.0, move.choice[1], choice=move.choice, boundary=(True,)
+    )
+    rest = RunningGroup(
+        AR, (plain, auto_busy), ((1,), (3,)), (0, 0), (False,) * 2, 0.0, 1, choice=EXACT_DECODINGS[0],
+        boundary=(False, False),
+    )  # fmt: skip
+    again = s.schedule([rest, moved], [], pool(40, [(1,), (2,), (3,)]), fuses_parts=True, policy=auto_policy(1e-7))
+    assert not again.moves and again.lead is not None
+    assert not s.schedule([rest, moved], [], pool(40, [(1,), (2,), (3,)]), False, auto_policy(1e-7)).moves
+    # Dear block passes: auto rows stay on (or move back to) AR.
+    assert s.schedule([moved], [], pool(40, [(2,)]), fuses_parts=True, policy=auto_policy(1e-3)).moves == (
+        Move(move.choice, (0,), EXACT_DECODINGS[0]),
+    )
+
+
+def test_auto_newcomers_get_the_decoding_picked_for_the_whole_auto_load():
+    """One auto newcomer alone decodes as self-spec when block passes are cheap; the same newcomer
+    admitted beside 63 waiting auto requests, each of whose passes costs per token, decodes as AR."""
+    s = scheduler(budget=512)
+    s.add(request("new", mode="auto"))
+    plan = s.schedule([], [], pool(40, []), fuses_parts=True, policy=auto_policy(1e-7))
+    assert [r.request_id for r in plan.prefill] == ["new"] and plan.decoding is not None
+    assert plan.decoding[0] == "selfspec"
+    s = Scheduler(1, 128, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=512)
+    for i in range(64):
+        s.add(request(f"w{i}", mode="auto"))
+    plan = s.schedule([], [], pool(40, []), fuses_parts=True, policy=auto_policy(2e-4))
+    assert len(plan.prefill) == 1 and plan.decoding == EXACT_DECODINGS[0]
+    plain = scheduler()
+    plain.add(request("ar"))
+    assert plain.schedule([], [], pool(40, []), fuses_parts=True, policy=auto_policy(1e-7)).decoding is None

@@ -33,12 +33,29 @@ from trimode.bench.suites import BenchPrompt
 from trimode.decoding import uses
 from trimode.sampling_params import MODES, REQUEST_MODES
 
-ENDPOINT_MODES = (*REQUEST_MODES, "mixed", "default")
+ENDPOINT_MODES = (*REQUEST_MODES, "mixed", "default")  # and mixes of request modes, "diffusion+auto"
+
+
+def client_modes(mode: str) -> tuple[str, ...] | None:
+    """The request modes a configuration's clients take turns over: a mix such as
+    "diffusion+auto", "mixed" (the three decoding modes), or one mode; None for "default" (the
+    server's). ValueError naming the parts that are not modes."""
+    if mode == "default":
+        return None
+    if mode == "mixed":
+        return MODES
+    parts = tuple(m.strip() for m in mode.split("+"))
+    if not all(m in REQUEST_MODES for m in parts):
+        raise ValueError(
+            f"mode {mode!r}: each part of a mix must be one of {', '.join(REQUEST_MODES)} (e.g. diffusion+auto), "
+            f"or give mixed or default"
+        )
+    return parts
 
 
 @dataclass(frozen=True)
 class EndpointConfig:
-    mode: str  # a mode (auto too), "mixed" (round-robin over the three decoding modes) or "default" (the server's)
+    mode: str  # a mode (auto too), a mix "diffusion+auto" or "mixed" (clients round-robin), or "default"
     concurrency: int
     block_length: int | None = None
     threshold: float | None = None
@@ -61,9 +78,9 @@ class EndpointConfig:
         return " ".join(parts + ["(A/A)"] * self.control)
 
     def request_mode(self, k: int) -> str | None:
-        if self.mode == "mixed":
-            return MODES[k % len(MODES)]
-        return None if self.mode == "default" else self.mode
+        """The mode client `k` asks for (None: the server's default)."""
+        modes = client_modes(self.mode)
+        return None if modes is None else modes[k % len(modes)]
 
 
 @dataclass
@@ -276,8 +293,9 @@ async def bench_endpoint(
             "control": cfg.control,
             **summarize_load(samples, seconds),
         }
-        if cfg.mode == "mixed":
-            result["by_mode"] = {m: summarize_load([s for s in samples if s.mode == m], seconds) for m in MODES}
+        mix = client_modes(cfg.mode)
+        if mix is not None and len(mix) > 1:
+            result["by_mode"] = {m: summarize_load([s for s in samples if s.mode == m], seconds) for m in mix}
         results.append(result)
     units = {
         cfg: [
@@ -305,8 +323,7 @@ def endpoint_configs(
     configs = []
     for c in concurrencies:
         for mode in modes:
-            # mixed sends each mode's own fields; default sends none
-            sends = MODES if mode == "mixed" else [] if mode == "default" else [mode]
+            sends = client_modes(mode) or ()  # a mix sends each mode's own fields; default sends none
             blocks = block_lengths if any(uses(m, "block_length") for m in sends) else [None]
             ts = thresholds if any(uses(m, "threshold") for m in sends) else [None]
             kinds = specs if specs and any(uses(m, "spec") for m in sends) else [None]

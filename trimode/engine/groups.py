@@ -2,9 +2,10 @@
 one decode batch, whose decoder plans one pass over all its rows.
 
 A group holds at most `cap` rows (the step's token budget over the pass's width), so no pass feeds
-more than a step's worth of tokens; rows past that form further groups of the same key. Groups take
-turns by forward time per row (`vtime`): the one that has had the least leads the next step
-(`Scheduler.schedule`), so every row gets an equal share of forward time whatever its mode.
+more than a step's worth of tokens; rows past that form further groups of the same key, which ride
+together again once their rows fit one step (`Scheduler.schedule`). Groups take turns by forward
+time per row (`vtime`): the one that has had the least leads the next step, so every row gets an
+equal share of forward time whatever its mode.
 """
 
 from __future__ import annotations
@@ -21,11 +22,6 @@ class Group:
     batch: DecodeBatch
     requests: list[Request] = field(default_factory=list)
     vtime: float = 0.0  # forward seconds spent per row so far: the group with the least goes next
-
-    @property
-    def rides(self) -> bool:
-        """Its pass feeds one token per row (AR), so it rides in every step's forward."""
-        return self.decoder.width == 1
 
 
 class Groups(dict[tuple, Group]):

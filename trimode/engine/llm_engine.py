@@ -5,10 +5,12 @@ Continuous batching: each step is one model forward, and returns what each reque
 committed. Its lead is a prefill (newcomers together, within `max_num_batched_tokens` prompt tokens;
 a longer prompt a chunk at a time) or one running group's pass (`Groups`: requests of one mode and
 block shape share a decode batch, at most a step's token budget of rows). Groups whose pass feeds
-one token per row (AR) ride in every step's forward beside the lead (`trimode.engine.step`): the
-dense layers run over all parts' tokens at once and attention per part, so an AR row beside
-block-mode rows or a prefill gets a token every step for a few percent of that forward's work.
-Different block shapes stay separate parts, never padded to the widest pass. Decoders treat rows
+one token per row (AR) ride in every step's forward beside the lead (`trimode.engine.step`), and
+block-mode groups beside a pass while the step's block tokens fit its budget: the dense layers run
+over all parts' tokens at once and attention per part, so an AR row beside block-mode rows or a
+prefill gets a token every step for a few percent of that forward's work. Different block shapes
+stay separate parts, never padded to the widest pass. Mode-auto rows move between exact decodings
+at cycle boundaries as the scheduler plans (`StepPlan.moves`). Decoders treat rows
 independently, so a request decodes exactly as it would alone (temperature 0; and with the same seed
 at temperature > 0), whatever else is running or riding.
 
@@ -26,7 +28,6 @@ half-updated); the other groups go on.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from trimode.engine.generate import (
 from trimode.engine.groups import Groups
 from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
 from trimode.engine.model_runner import ModelRunner
-from trimode.engine.scheduler import PoolPages, Prefilling, RunningGroup, Scheduler
+from trimode.engine.scheduler import PoolPages, Prefilling, RunningGroup, Scheduler, StepPlan
 from trimode.engine.step import StepPart, run_parts
 from trimode.kv_cache import PAGE_SIZE, KVCache
 from trimode.sampling_params import SamplingParams, Spec
@@ -104,7 +105,9 @@ class LLMEngine:
         if max_decode_tokens is not None and max_decode_tokens < 1:
             raise ValueError(f"max_decode_tokens must be >= 1; got {max_decode_tokens}")
         self.max_decode_tokens = max_decode_tokens or max_num_batched_tokens
-        self.scheduler = Scheduler(max_batch, max_queue, kv_cache_tokens, page_size, max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            max_batch, max_queue, kv_cache_tokens, page_size, max_num_batched_tokens, self.max_decode_tokens
+        )
         self.pool = runner.new_pool(kv_cache_tokens, page_size)  # all the KV memory this engine will use
         self.num_preemptions = 0
         logger.info(
@@ -267,14 +270,18 @@ class LLMEngine:
         A step is one model forward, planned by `Scheduler.schedule` (its preemptions, its lead:
         newcomers' prefill, a long prompt's next chunk or a running group's pass, and the groups
         riding with it), then run, and each part's requests updated from what it emitted."""
-        self._rebalance()
-        groups = [self._running_group(key) for key in self.groups]
-        prefilling = [self._prefilling(job) for job in self._chunked]
-        pool = PoolPages(self.pool.num_free_pages, self.pool.refs)
-        plan = self.scheduler.schedule(groups, prefilling, pool, self.runner.fuses_parts)
+        plan = self._plan()
+        if plan.moves:  # mode auto: rows change decoding, and the forward is planned on their groups
+            for move in plan.moves:
+                group = self.groups[move.key]
+                self._move(move.key, list(move.rows), _decodings([group.requests[i] for i in move.rows], move.choice))
+            plan = self._plan()
         for req, why in plan.preempt:
             self._release(req, why)
-        self._first_decodings(list(plan.prefill))
+        if plan.decoding is not None:
+            new = [r for r in plan.prefill if r.is_auto and r.decoding is None]
+            for req, params in zip(new, _decodings(new, plan.decoding)):
+                req.decoding = params
         outputs: list[RequestOutput] = []
         if plan.prefill and plan.chunked:
             req = plan.prefill[0]
@@ -296,52 +303,11 @@ class LLMEngine:
             return outputs
         return outputs + self._run(lead, [self._decode_part(key) for key in plan.riders])
 
-    def _rebalance(self) -> None:
-        """Mode auto: rows between cycles move to the decoding the policy picks for the auto load
-        (`AutoPolicy.choose`: the auto rows running, and those waiting to join them). Every exact
-        decoding keeps AR's KV prefix and emits AR's tokens, so moving loses only drafts not yet
-        verified."""
-        if self.runner.auto is None:
-            return
-        running = sum(r.is_auto for g in self.groups.values() for r in g.requests)
-        if not running:
-            return
-        choice = self.runner.auto.choose(running + self._auto_waiting(), self._auto_current(), self.max_decode_tokens)
-        for key, group in list(self.groups.items()):
-            auto = [i for i, r in enumerate(group.requests) if r.is_auto]
-            if not auto or choice_of(group.requests[auto[0]].decode_params) == choice:
-                continue
-            boundary = group.decoder.at_boundary(group.batch)
-            moving = [i for i in auto if boundary[i]]
-            if moving:
-                self._move(key, moving, _decodings([group.requests[i] for i in moving], choice))
-
-    def _first_decodings(self, admitted: list[Request]) -> None:
-        """Mode auto: newcomers about to be prefilled decode as the policy picks for the auto load:
-        the auto rows running and the auto requests admitted or waiting (their prefill drafts for
-        them if that is quadratic self-spec)."""
-        new = [r for r in admitted if r.is_auto and r.decoding is None]
-        if not new:
-            return
-        running = [r for r in self.running() if r.is_auto]
-        load = len(running) + sum(r.is_auto for r in admitted) + self._auto_waiting()
-        choice = self.auto_policy().choose(load, self._auto_current(), self.max_decode_tokens)
-        for req, params in zip(new, _decodings(new, choice)):
-            req.decoding = params
-
-    def _auto_waiting(self) -> int:
-        """Auto requests queued or being prefilled: rows the auto groups are about to hold."""
-        return sum(r.is_auto for r in self.scheduler.waiting) + sum(j.request.is_auto for j in self._chunked)
-
-    def _auto_current(self) -> tuple[str, int, str] | None:
-        """The decoding most running auto rows run now (None: none runs). A group's rows share
-        their decoding, so it is counted per group."""
-        counts: collections.Counter[tuple[str, int, str]] = collections.Counter()
-        for group in self.groups.values():
-            auto = [r for r in group.requests if r.is_auto]
-            if auto:
-                counts[choice_of(auto[0].decode_params)] += len(auto)
-        return counts.most_common(1)[0][0] if counts else None
+    def _plan(self) -> StepPlan:
+        groups = [self._running_group(key) for key in self.groups]
+        prefilling = [self._prefilling(job) for job in self._chunked]
+        pool = PoolPages(self.pool.num_free_pages, self.pool.refs)
+        return self.scheduler.schedule(groups, prefilling, pool, self.runner.fuses_parts, self.runner.auto)
 
     def _move(self, key: tuple, rows: list[int], decodings: list[SamplingParams]) -> None:
         """Rows `rows` of group `key` leave it to decode as `decodings` (one exact decoding): their
@@ -367,6 +333,7 @@ class LLMEngine:
         """What the scheduler sees of group `key`."""
         group = self.groups[key]
         kv = group.batch.kv
+        auto = next((r for r in group.requests if r.is_auto), None)
         return RunningGroup(
             key,
             tuple(group.requests),
@@ -374,7 +341,9 @@ class LLMEngine:
             tuple(kv.row_pages_needed(group.decoder.width)),
             tuple(group.decoder.pending_commit(group.batch)),
             group.vtime,
-            group.rides,
+            group.decoder.width,
+            None if auto is None else choice_of(auto.decode_params),
+            () if auto is None else tuple(group.decoder.at_boundary(group.batch)),
         )
 
     def _prefilling(self, job: _Chunked) -> Prefilling:

@@ -24,6 +24,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from trimode.engine.auto import AutoPolicy, Choice
 from trimode.engine.generate import Request
 from trimode.kv_cache import KVPoolExhausted, num_pages
 
@@ -36,7 +37,9 @@ class QueueFull(Exception):
 class RunningGroup:
     """What the scheduler sees of a running decode group: its rows, the pages each holds and its
     next pass allocates, whether a preempted row resumes with its last token committed
-    (`Decoder.pending_commit`), its forward time per row so far, and whether its pass rides."""
+    (`Decoder.pending_commit`), its forward time per row so far and the tokens a row feeds per
+    pass; for a group holding mode-auto rows, the exact decoding they run and which rows are
+    between cycles (`Decoder.at_boundary`), free to move to another."""
 
     key: tuple
     requests: tuple[Request, ...]
@@ -44,7 +47,27 @@ class RunningGroup:
     need: tuple[int, ...]
     pending_commit: tuple[bool, ...]
     vtime: float
-    rides: bool
+    width: int
+    choice: Choice | None = None
+    boundary: tuple[bool, ...] = ()
+
+    @property
+    def rides(self) -> bool:
+        """Its pass feeds one token per row (AR): it rides beside any lead, outside the budget."""
+        return self.width == 1
+
+    @property
+    def tokens(self) -> int:
+        return self.width * len(self.requests)
+
+
+@dataclass(frozen=True)
+class Move:
+    """Mode auto: rows `rows` of group `key` decode as `choice` from this step on."""
+
+    key: tuple
+    rows: tuple[int, ...]
+    choice: Choice
 
 
 @dataclass(frozen=True)
@@ -67,13 +90,17 @@ class PoolPages:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One engine step, decided before it runs. First the preemptions, in order, each with why;
-    then the lead: newcomers prefilled together (`prefill`; one longer than the step's budget
-    starts a chunked prefill, `chunked`), a chunked prompt's next chunk (`chunk`), or a running
-    group's pass (`lead`); then the groups whose passes ride in the same forward."""
+    """One engine step, decided before it runs. A plan with `moves` does only that: mode-auto rows
+    move to the decoding the policy picks, and the step's forward is planned on the groups they
+    form. Otherwise first the preemptions, in order, each with why; then the lead: newcomers
+    prefilled together (`prefill`, the auto ones decoding as `decoding` after; one longer than the
+    step's budget starts a chunked prefill, `chunked`), a chunked prompt's next chunk (`chunk`),
+    or a running group's pass (`lead`); then the groups whose passes ride in the same forward."""
 
+    moves: tuple[Move, ...] = ()
     preempt: tuple[tuple[Request, str], ...] = ()
     prefill: tuple[Request, ...] = ()
+    decoding: Choice | None = None
     chunked: bool = False
     chunk: Request | None = None
     lead: tuple | None = None
@@ -118,7 +145,9 @@ class _Simulated:
                     tuple(g.need[j] for j in keep),
                     tuple(g.pending_commit[j] for j in keep),
                     g.vtime,
-                    g.rides,
+                    g.width,
+                    g.choice,
+                    tuple(g.boundary[j] for j in keep) if g.boundary else (),
                 )
                 if not keep:
                     del self.groups[i]
@@ -155,7 +184,10 @@ class Scheduler:
         kv_cache_tokens: int,
         page_size: int,
         max_num_batched_tokens: int | None = None,
+        max_decode_tokens: int | None = None,
     ) -> None:
+        """`max_num_batched_tokens`: prompt tokens per prefill step; `max_decode_tokens` (by default
+        the same): the tokens a step's block-mode passes feed together (AR rows ride beyond it)."""
         for name, value in (
             ("max_batch", max_batch),
             ("max_queue", max_queue),
@@ -166,49 +198,101 @@ class Scheduler:
                 raise ValueError(f"{name} must be >= 1; got {value}")
         self.max_batch, self.max_queue, self.page_size = max_batch, max_queue, page_size
         self.kv_cache_tokens = num_pages(kv_cache_tokens, page_size) * page_size  # what the pool holds: whole pages
-        self.max_num_batched_tokens = max_num_batched_tokens  # prompt tokens per prefill step
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_decode_tokens = max_decode_tokens or max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self._places: Counter[str] = Counter()  # parent -> its waiting requests; a parent takes one place
         # Turns: a step after a prefill step runs a group's pass (TTFT without starving decode),
         # and a chunked prompt's chunks alternate with newcomers' prefills.
         self._prefilled_last = False
         self._chunk_turn = False
+        self._moved = False  # the last plan moved rows: this one plans the step's forward on them
 
     def schedule(
-        self, groups: list[RunningGroup], prefilling: list[Prefilling], pool: PoolPages, fuses_parts: bool
+        self,
+        groups: list[RunningGroup],
+        prefilling: list[Prefilling],
+        pool: PoolPages,
+        fuses_parts: bool,
+        policy: AutoPolicy | None = None,
     ) -> StepPlan:
-        """The next step. Its lead is a prefill or one running group's pass (the group with the
-        least forward time per row so far), alternating while there is prefill work: a newcomer's
-        first token returns after its prefill instead of after the running batches' decode (TTFT).
-        Newcomers whose prompts fit `max_num_batched_tokens` go together; a longer prompt is fed a
-        chunk per prefill step, taking turns with newcomers, so it never stalls the others.
-        Groups whose pass feeds one token per row (AR) ride in every step's forward besides its
-        lead when parts fuse (`fuses_parts`: eager forwards); while only such groups run, every
-        step with prefill work then prefills, since their rows advance in it anyway. A lead whose
-        pages are not free first preempts the most recently arrived requests."""
+        """The next step. Mode-auto rows between cycles first move to the decoding `policy` picks
+        for the auto load (a plan of moves only). Then the lead is a prefill or one running
+        group's pass (the group with the least forward time per row so far), alternating while
+        there is prefill work: a newcomer's first token returns after its prefill instead of after
+        the running batches' decode (TTFT). Newcomers whose prompts fit `max_num_batched_tokens` go
+        together; a longer prompt is fed a chunk per prefill step, taking turns with newcomers, so
+        it never stalls the others. Other groups ride in the lead's forward when parts fuse
+        (`fuses_parts`: eager forwards): those whose pass feeds one token per row (AR) in every
+        step, block-mode ones beside a pass while the step's block tokens stay within
+        `max_decode_tokens`; while only AR groups run, every step with prefill work then prefills,
+        since their rows advance in it anyway. A lead whose pages are not free first preempts the
+        most recently arrived requests."""
+        moves = () if self._moved else self._moves(groups, prefilling, policy)
+        self._moved = bool(moves)
+        if moves:
+            return StepPlan(moves)
         sim = _Simulated(list(groups), list(prefilling), pool.free, pool.refs)
         if not self._prefilled_last or (fuses_parts and all(g.rides for g in groups)):
-            plan = self._plan_prefill(sim, fuses_parts)
+            plan = self._plan_prefill(sim, fuses_parts, policy)
             if plan is not None:
                 self._prefilled_last = True
                 return plan
         self._prefilled_last = False
         lead = min(sim.groups, key=lambda g: g.vtime).key if sim.groups else None
         if lead is None:
-            return StepPlan(tuple(sim.preempt))
+            return StepPlan(preempt=tuple(sim.preempt))
 
         def need() -> int:
             group = sim.group(lead)
             return sum(group.need) if group is not None else 0
 
         self._make_room(sim, need)
-        if sim.group(lead) is None:  # it gave its own rows up
-            return StepPlan(tuple(sim.preempt))
-        return StepPlan(tuple(sim.preempt), lead=lead, riders=self._riders(sim, {lead}, need(), fuses_parts))
+        group = sim.group(lead)
+        if group is None:  # it gave its own rows up
+            return StepPlan(preempt=tuple(sim.preempt))
+        room = (self.max_decode_tokens or 0) - (0 if group.rides else group.tokens)
+        riders = self._riders(sim, {lead}, need(), fuses_parts, room)
+        return StepPlan(preempt=tuple(sim.preempt), lead=lead, riders=riders)
 
-    def _plan_prefill(self, sim: _Simulated, fuses_parts: bool) -> StepPlan | None:
+    def _auto_choice(
+        self, groups: list[RunningGroup], prefilling: list[Prefilling], policy: AutoPolicy, admitted: int = 0
+    ) -> Choice:
+        """The decoding `policy` picks for the auto load: the auto rows running, being prefilled,
+        `admitted` and waiting (rows the auto groups are about to hold), staying on what most of
+        the running ones decode as unless another is clearly faster."""
+        counts: Counter[Choice] = Counter()
+        for g in groups:
+            if g.choice is not None:
+                counts[g.choice] += sum(r.is_auto for r in g.requests)
+        load = sum(counts.values()) + admitted
+        load += sum(p.request.is_auto for p in prefilling) + sum(r.is_auto for r in self.waiting)
+        current = counts.most_common(1)[0][0] if counts else None
+        return policy.choose(load, current, self.max_decode_tokens)
+
+    def _moves(
+        self, groups: list[RunningGroup], prefilling: list[Prefilling], policy: AutoPolicy | None
+    ) -> tuple[Move, ...]:
+        """Mode auto: the rows between cycles of groups whose auto rows decode other than the
+        policy's pick. Every exact decoding keeps AR's KV prefix and emits AR's tokens, so a move
+        loses only drafts not yet verified. The plan after a move never moves (`_moved`), so every
+        step runs a forward whatever the policy says."""
+        if policy is None or all(g.choice is None for g in groups):
+            return ()
+        choice = self._auto_choice(groups, prefilling, policy)
+        moves = []
+        for g in groups:
+            if g.choice is None or g.choice == choice:
+                continue
+            rows = tuple(i for i, (r, free) in enumerate(zip(g.requests, g.boundary)) if r.is_auto and free)
+            if rows:
+                moves.append(Move(g.key, rows, choice))
+        return tuple(moves)
+
+    def _plan_prefill(self, sim: _Simulated, fuses_parts: bool, policy: AutoPolicy | None) -> StepPlan | None:
         """A prefill step, or None when there is nothing to prefill (the fairness preemptions it
-        decided stay in `sim`)."""
+        decided stay in `sim`). Admitted auto requests get their first decoding (their prefill
+        drafts for them if it is quadratic self-spec)."""
         if sim.prefilling and (self._chunk_turn or not self.waiting):
             self._chunk_turn = False
             return self._plan_chunk(sim, sim.prefilling[0].request, fuses_parts)
@@ -218,12 +302,17 @@ class Scheduler:
         admitted = self.admit(sim.running(), sim.free, self.max_num_batched_tokens)
         if not admitted:
             return self._plan_chunk(sim, sim.prefilling[0].request, fuses_parts) if sim.prefilling else None
+        new_auto = sum(r.is_auto and r.decoding is None for r in admitted)
+        decoding = None
+        if policy is not None and new_auto:
+            decoding = self._auto_choice(sim.groups, sim.prefilling, policy, sum(r.is_auto for r in admitted))
+        preempt, prefill = tuple(sim.preempt), tuple(admitted)
         budget = self.max_num_batched_tokens
         if budget is not None and len(admitted[0].context_ids) > budget:  # admitted alone: chunk it
-            return StepPlan(tuple(sim.preempt), prefill=tuple(admitted), chunked=True)
+            return StepPlan(preempt=preempt, prefill=prefill, decoding=decoding, chunked=True)
         pages = sum(num_pages(len(r.context_ids) + r.prefill_tail, self.page_size) for r in admitted)
-        riders = self._riders(sim, set(), pages, fuses_parts)
-        return StepPlan(tuple(sim.preempt), prefill=tuple(admitted), riders=riders)
+        riders = self._riders(sim, set(), pages, fuses_parts, 0)
+        return StepPlan(preempt=preempt, prefill=prefill, decoding=decoding, riders=riders)
 
     def _plan_chunk(self, sim: _Simulated, req: Request, fuses_parts: bool) -> StepPlan:
         def need() -> int:
@@ -231,8 +320,8 @@ class Scheduler:
 
         self._make_room(sim, need)
         if all(p.request is not req for p in sim.prefilling):  # it gave its own pages up
-            return StepPlan(tuple(sim.preempt))
-        return StepPlan(tuple(sim.preempt), chunk=req, riders=self._riders(sim, set(), need(), fuses_parts))
+            return StepPlan(preempt=tuple(sim.preempt))
+        return StepPlan(preempt=tuple(sim.preempt), chunk=req, riders=self._riders(sim, set(), need(), fuses_parts, 0))
 
     def _make_room(self, sim: _Simulated, need: Callable[[], int]) -> None:
         """Preempt the most recently arrived running requests until `need()` pages are free
@@ -251,24 +340,29 @@ class Scheduler:
             req.preempt(pending)
         self.add_preempted(req)
 
-    def _riders(self, sim: _Simulated, taken: set[tuple], lead_pages: int, fuses_parts: bool) -> tuple[tuple, ...]:
-        """The groups whose pass feeds one token per row, other than the lead, whose pages are
-        free. Their rows add a few percent to another pass's matrix products, where a forward of
-        their own would cost mostly per-forward overhead on a CPU (and a weight read on a GPU), so
-        an AR row beside block-mode rows gets a token every step instead of waiting for their
-        passes. Compiled one-part forwards take no riders: a rider would make the lead's forward
-        eager, which is slower than the riders' own compiled step (a mixed AR + self-spec batch of
-        8 on this CPU: 1.7x and 2.3x the tokens/s without riders, in two interleaved runs)."""
+    def _riders(
+        self, sim: _Simulated, taken: set[tuple], lead_pages: int, fuses_parts: bool, room: int
+    ) -> tuple[tuple, ...]:
+        """The groups other than the lead that ride in its forward, whose pages are free: every
+        group whose pass feeds one token per row (AR), and block-mode groups (least forward time
+        first) while their tokens fit `room`. An AR row adds a few percent to another pass's
+        matrix products, where a forward of its own would cost mostly per-forward overhead on a
+        CPU (and a weight read on a GPU), so it gets a token every step instead of waiting for the
+        block passes; block groups that fit the step's budget together (rows of one decoding split
+        by an earlier budget, or different decodings) share one forward instead of taking turns.
+        Compiled one-part forwards take no riders: a rider would make the lead's forward eager,
+        which is slower than the riders' own compiled step (a mixed AR + self-spec batch of 8 on
+        this CPU: 1.7x and 2.3x the tokens/s without riders, in two interleaved runs)."""
         if not fuses_parts:
             return ()
         free = sim.free - lead_pages
         riders = []
-        for g in sim.groups:
-            if g.key in taken or not g.rides:
+        for g in sorted(sim.groups, key=lambda g: g.vtime):
+            if g.key in taken or sum(g.need) > free or (not g.rides and g.tokens > room):
                 continue
-            if sum(g.need) <= free:
-                free -= sum(g.need)
-                riders.append(g.key)
+            free -= sum(g.need)
+            room -= 0 if g.rides else g.tokens
+            riders.append(g.key)
         return tuple(riders)
 
     @property
