@@ -51,6 +51,21 @@ def test_a_step_budget_that_splits_a_decoding_into_groups_counts_their_passes():
     assert policy.choose(64, pass_tokens=512) == ("ar", 1, "linear")
 
 
+def test_prefill_steps_between_passes_favour_ar_which_rides_in_them():
+    """A server whose arrivals prefill every other step: AR rows emit a token in those steps,
+    block-mode rows only wait, so a decoding that wins between passes alone loses to AR."""
+    ar, b16 = ("ar", 1, "linear"), ("selfspec", 16, "linear")
+    policy = AutoPolicy((ar, b16), costs(per_token=2e-5, fixed=1e-2), {b16: 6.0})
+    assert policy.choose(64) == b16
+    for i in range(200):
+        policy.step(prefill=i % 2 == 0, seconds=0.02 if i % 2 == 0 else 0.01)
+    assert policy.prefill_share == pytest.approx(0.5, abs=0.03) and policy.prefill_seconds == pytest.approx(0.02)
+    assert policy.choose(64) == ar
+    for _ in range(200):  # arrivals stop: passes only again
+        policy.step(prefill=False, seconds=0.01)
+    assert policy.choose(64) == b16
+
+
 def test_pass_costs_interpolate_and_extrapolate_what_they_measured():
     c = PassCosts()
     with pytest.raises(ValueError, match="calibrate"):

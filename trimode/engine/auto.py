@@ -11,7 +11,9 @@ as decoding d is
 - `PassCosts`: seconds of a forward by the tokens it feeds, from every forward the engine runs,
   seeded by a calibration of a few forwards when the first auto request arrives (printed);
 - tokens per cycle per decoding: an exponential average over the cycles auto rows ran, seeded with
-  an optimistic prior (half the drafts accepted) so each decoding gets tried, and measured after.
+  an optimistic prior (half the drafts accepted) so each decoding gets tried, and measured after;
+- the share of steps that prefill arriving requests, and their seconds: every decoding waits for
+  them, but AR rows ride in them (a token each), which under a server's arrivals favours AR.
 Both belong to the model runner, so every engine over it (each `LLM.generate` call, a server's
 engine) starts from what the ones before it measured.
 """
@@ -30,6 +32,8 @@ SMOOTHING = 0.2  # weight of the newest forward's seconds in `PassCosts`' averag
 # Weight of one row's cycle in a decoding's tokens-per-cycle average: a batch of 64 rows updates it
 # 64 times a step, and a cycle cut short by its row's end is one observation among many.
 ACCEPTANCE_SMOOTHING = 0.05
+STEP_SMOOTHING = 0.05  # weight of the newest step in the share of steps a prefill leads
+MAX_PREFILL_SHARE = 0.9  # a share of 1 would leave no pass: rows still decode between prefills
 # Rows move off their decoding only for one expected to be this much faster: a move costs a draft
 # (linear: a draft pass emits nothing; quadratic: its first pass accepts nothing), and estimates
 # this close are within their noise.
@@ -105,15 +109,33 @@ class AutoPolicy:
     choices: tuple[Choice, ...]
     costs: PassCosts
     tokens_per_cycle: dict[Choice, float] = field(default_factory=dict)
+    prefill_share: float = 0.0  # of the engine's recent steps, those a prefill led
+    prefill_seconds: float = 0.0  # their forwards' seconds, an exponential average
 
     def expected_rate(self, choice: Choice, rows: int, pass_tokens: int | None = None) -> float:
         """Tokens per second of `rows` auto rows all decoding as `choice`, in groups of at most
-        `pass_tokens` tokens a pass (the engine's step budget), each group its own passes."""
+        `pass_tokens` tokens a pass (the engine's step budget), each group its own passes.
+
+        Between passes run the prefill steps of arriving requests, `prefill_share` of all steps
+        (a server under load: up to every other step): every decoding waits for them, and AR rows,
+        which ride in them, emit a token in each. So per cycle, with r = share / (1 - share)
+        prefill steps per pass:
+            tokens  = rows x tokens per cycle  (+ rows x r per pass for AR)
+            seconds = passes x (pass seconds + r x prefill seconds)."""
         per_cycle = self.tokens_per_cycle.get(choice, prior_tokens_per_cycle(choice))
         per_group = rows if pass_tokens is None else max(1, min(rows, pass_tokens // width(choice)))
-        groups = -(-rows // per_group)
-        seconds = forwards_per_cycle(choice) * groups * self.costs(per_group * width(choice))
-        return rows * per_cycle / seconds if seconds > 0 else math.inf
+        passes = forwards_per_cycle(choice) * -(-rows // per_group)
+        between = self.prefill_share / (1 - self.prefill_share)
+        tokens = rows * per_cycle + (rows * passes * between if width(choice) == 1 else 0.0)
+        seconds = passes * (self.costs(per_group * width(choice)) + between * self.prefill_seconds)
+        return tokens / seconds if seconds > 0 else math.inf
+
+    def step(self, prefill: bool, seconds: float) -> None:
+        """The engine ran a step of `seconds`, led by a prefill or not."""
+        self.prefill_share = (1 - STEP_SMOOTHING) * self.prefill_share + STEP_SMOOTHING * prefill
+        self.prefill_share = min(self.prefill_share, MAX_PREFILL_SHARE)
+        if prefill:
+            self.prefill_seconds = (1 - SMOOTHING) * self.prefill_seconds + SMOOTHING * seconds
 
     def choose(self, rows: int, current: Choice | None = None, pass_tokens: int | None = None) -> Choice:
         """The decoding with the most expected tokens per second for `rows` auto rows; `current`

@@ -363,6 +363,7 @@ class LLMEngine:
             outputs, seconds = run_parts(self.runner, lead + riders)
             if self.runner.auto is not None:
                 self.runner.auto.costs.observe(sum(p.forward.tokens.numel() for p in lead + riders), seconds)
+                self.runner.auto.step(lead[0].group is None, seconds)
         except Exception as e:
             if riders:
                 for p in riders:
