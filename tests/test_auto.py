@@ -10,7 +10,7 @@ from conftest import PROMPTS
 from test_sampling import exact_joint, total_variation
 
 from trimode import SamplingParams
-from trimode.decoding import EXACT_DECODINGS
+from trimode.decoding import EXACT_DECODINGS, LOSSY_DECODINGS
 from trimode.engine import auto
 from trimode.engine.auto import AutoPolicy, PassCosts
 
@@ -52,14 +52,15 @@ def test_a_step_budget_that_splits_a_decoding_into_groups_counts_their_passes():
 
 
 def test_prefill_steps_between_passes_favour_ar_which_rides_in_them():
-    """A server whose arrivals prefill every other step: AR rows emit a token in those steps,
-    block-mode rows only wait, so a decoding that wins between passes alone loses to AR."""
+    """A server whose arrivals prefill every other step (two thirds of the time): AR rows emit a
+    token in those steps, block-mode rows only wait, so a decoding that wins between passes alone
+    loses to AR."""
     ar, b16 = ("ar", 1, "linear"), ("selfspec", 16, "linear")
     policy = AutoPolicy((ar, b16), costs(per_token=2e-5, fixed=1e-2), {b16: 6.0})
     assert policy.choose(64) == b16
     for i in range(200):
         policy.step(prefill=i % 2 == 0, seconds=0.02 if i % 2 == 0 else 0.01)
-    assert policy.prefill_share == pytest.approx(0.5, abs=0.03) and policy.prefill_seconds == pytest.approx(0.02)
+    assert policy.prefill_seconds / policy.step_seconds == pytest.approx(2 / 3, abs=0.02)
     assert policy.choose(64) == ar
     for _ in range(200):  # arrivals stop: passes only again
         policy.step(prefill=False, seconds=0.01)
@@ -80,7 +81,7 @@ def test_pass_costs_interpolate_and_extrapolate_what_they_measured():
 def switching(monkeypatch) -> None:
     """Every decision picks the next exact decoding in turn: rows move at every cycle boundary."""
     turn = itertools.cycle(EXACT_DECODINGS)
-    monkeypatch.setattr(AutoPolicy, "choose", lambda self, rows, current=None, pass_tokens=None: next(turn))
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, *args, **kwargs: next(turn))
 
 
 def test_rows_moving_between_decodings_every_cycle_give_ar_tokens(llm, monkeypatch):
@@ -141,3 +142,46 @@ def test_rows_moving_keep_their_features(llm, monkeypatch):
             want = [p[t].logprob for p, t in zip(a.logprobs, a.token_ids)]
             assert [p[t].logprob for p, t in zip(o.logprobs, o.token_ids)] == pytest.approx(want, abs=1e-4)
     assert len({name for o in out for name in o.decodings}) > 2
+
+
+def test_only_rows_that_opted_in_may_run_diffusion():
+    """Diffusion revealing 20 tokens a pass beats every exact decoding, but only `auto_lossy` rows
+    may take it; a pass where a diffusion row's block is not done counts 0 tokens."""
+    d32 = LOSSY_DECODINGS[-1]
+    policy = AutoPolicy(EXACT_DECODINGS, costs(per_token=1e-6), {d32: 20.0}, lossy=LOSSY_DECODINGS)
+    assert policy.choose(4, lossy=True) == d32 and policy.choose(4)[0] == "selfspec"
+    # Rows with one token left gain nothing from a block: exact rows at their end stay AR.
+    assert policy.choose(4, left=[1, 1, 1, 1]) == EXACT_DECODINGS[0]
+    policy.cycles(d32, [0, 0, 0, 32])
+    assert policy.tokens_per_cycle[d32] == pytest.approx(0.95**4 * 20 + (1 - 0.95**4) * 8)
+    with pytest.raises(ValueError, match="auto_lossy.*mode='auto'"):
+        SamplingParams(mode="ar", auto_lossy=True)
+    with pytest.raises(ValueError, match="without auto_lossy"):
+        SamplingParams(mode="auto", auto_lossy=True, structured={"regex": "[a-z]+"})
+
+
+def test_a_lossy_row_decodes_as_diffusion_from_where_it_moved(llm, monkeypatch):
+    """A lossy auto row that runs AR for a few cycles and then diffusion gives AR's tokens, then
+    what a diffusion request continuing from them gives; an exact auto row beside it, AR's."""
+    llm.runner.auto = AutoPolicy(EXACT_DECODINGS, costs(per_token=0.0), lossy=LOSSY_DECODINGS)
+    calls = itertools.count()
+
+    def choose(self, rows, current=None, pass_tokens=None, lossy=False, left=()):
+        return LOSSY_DECODINGS[-1] if lossy and next(calls) >= 4 else EXACT_DECODINGS[0]
+
+    monkeypatch.setattr(AutoPolicy, "choose", choose)
+    base = dict(max_tokens=40, ignore_eos=True)
+    lossy, exact = llm.generate(
+        PROMPTS[:2], [SamplingParams(mode="auto", auto_lossy=True, **base), SamplingParams(mode="auto", **base)]
+    )
+    ar = llm.generate(PROMPTS[:2], SamplingParams(**base))
+    assert exact.token_ids == ar[1].token_ids and set(exact.decodings) == {"ar"}
+    assert set(lossy.decodings) == {"ar", "diffusion_b32"}
+    # The first token comes from the prefill, then one per AR cycle; the last of those seeds the block.
+    k = 1 + lossy.decodings["ar"]
+    assert lossy.token_ids[:k] == ar[0].token_ids[:k]
+    rest = llm.generate(
+        lossy.prompt_token_ids + lossy.token_ids[: k - 1],
+        SamplingParams(mode="diffusion", block_length=32, max_tokens=40 - k + 1, ignore_eos=True),
+    )[0]
+    assert lossy.token_ids[k - 1 :] == rest.token_ids

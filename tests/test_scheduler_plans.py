@@ -6,7 +6,7 @@ moves and first decodings."""
 from __future__ import annotations
 
 from trimode import SamplingParams
-from trimode.decoding import EXACT_DECODINGS
+from trimode.decoding import EXACT_DECODINGS, LOSSY_DECODINGS
 from trimode.engine.auto import AutoPolicy, PassCosts
 from trimode.engine.generate import Request
 from trimode.engine.scheduler import Move, PoolPages, Prefilling, RunningGroup, Scheduler
@@ -173,13 +173,21 @@ def test_auto_newcomers_get_the_decoding_picked_for_the_whole_auto_load():
     s = scheduler(budget=512)
     s.add(request("new", mode="auto"))
     plan = s.schedule([], [], pool(40, []), fuses_parts=True, policy=auto_policy(1e-7))
-    assert [r.request_id for r in plan.prefill] == ["new"] and plan.decoding is not None
-    assert plan.decoding[0] == "selfspec"
+    assert [r.request_id for r in plan.prefill] == ["new"] and [r.request_id for r, _ in plan.first] == ["new"]
+    assert plan.first[0][1][0] == "selfspec"
     s = Scheduler(1, 128, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=512)
     for i in range(64):
         s.add(request(f"w{i}", mode="auto"))
     plan = s.schedule([], [], pool(40, []), fuses_parts=True, policy=auto_policy(2e-4))
-    assert len(plan.prefill) == 1 and plan.decoding == EXACT_DECODINGS[0]
+    assert len(plan.prefill) == 1 and plan.first[0][1] == EXACT_DECODINGS[0]
+    # Rows that opted in to diffusion are a load of their own, with diffusion among their choices.
+    s = scheduler(budget=512)
+    s.add(request("exact", mode="auto"))
+    s.add(request("lossy", mode="auto", auto_lossy=True))
+    policy = auto_policy(1e-7)
+    policy.lossy, policy.tokens_per_cycle[LOSSY_DECODINGS[0]] = LOSSY_DECODINGS, 15.0
+    first = dict((r.request_id, c) for r, c in s.schedule([], [], pool(40, []), True, policy).first)
+    assert first["lossy"] == LOSSY_DECODINGS[0] and first["exact"][0] == "selfspec"
     plain = scheduler()
     plain.add(request("ar"))
-    assert plain.schedule([], [], pool(40, []), fuses_parts=True, policy=auto_policy(1e-7)).decoding is None
+    assert plain.schedule([], [], pool(40, []), fuses_parts=True, policy=auto_policy(1e-7)).first == ()

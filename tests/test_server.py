@@ -268,7 +268,7 @@ def test_structured_output_through_the_client(client, offline):
         model=MODEL, prompt="Answer:", max_tokens=8, temperature=0, extra_body={"guided_choice": ["yes", "no"]}
     )
     assert r.choices[0].text in ("yes", "no")
-    with pytest.raises(openai.BadRequestError, match="structured output needs mode ar or selfspec"):
+    with pytest.raises(openai.BadRequestError, match="structured output needs mode ar, selfspec or auto"):
         client.chat.completions.create(
             model=MODEL, messages=CHAT, response_format={"type": "json_object"}, extra_body={"mode": "diffusion"}
         )

@@ -62,7 +62,7 @@ def test_selfspec_accepts_drafts_under_a_grammar_and_samples_valid_outputs(embed
 
 
 def test_diffusion_and_bad_grammars_are_refused_by_name(embedded):
-    with pytest.raises(ValueError, match="structured output needs mode ar or selfspec"):
+    with pytest.raises(ValueError, match="structured output needs mode ar, selfspec or auto"):
         SamplingParams(mode="diffusion", structured={"regex": "a+"})
     with pytest.raises(ValueError, match="SamplingParams.structured must be one of"):
         SamplingParams(structured={"xml": "<a/>"})

@@ -57,6 +57,9 @@ class SamplingParams:
     spec: Spec | str = Spec.LINEAR  # self-spec only: linear or quadratic (see `Spec`)
     # diffusion: also reveal every masked position at least this confident; None = one per pass
     threshold: float | None = 0.9
+    # mode auto: may also pick diffusion (block 16 or 32, at `threshold`), which is faster where it
+    # reveals several tokens a pass but does not give AR's tokens. Once diffusion, a row stays so.
+    auto_lossy: bool = False
     # Log-probabilities (see README, "Logprobs"): None = off; k = each generated token's and the k
     # most likely at its position (0 <= k <= MAX_LOGPROBS). `prompt_logprobs`: the same for every
     # prompt token but the first, from one causal pass over the prompt (then max_tokens may be 0).
@@ -170,12 +173,17 @@ class SamplingParams:
             "token ids (integers >= 0)",
             self.stop_token_ids,
         )
+        _check(isinstance(self.auto_lossy, bool), "auto_lossy", "True or False", self.auto_lossy)
+        if self.auto_lossy and self.mode != Mode.AUTO:
+            raise ValueError(
+                f"auto_lossy lets mode auto pick diffusion too: give it with mode='auto'; got mode {self.mode.value!r}"
+            )
         if self.structured is not None:
             check_spec(self.structured)
-            if self.mode == Mode.DIFFUSION:
+            if self.mode == Mode.DIFFUSION or self.auto_lossy:
                 raise ValueError(
-                    "structured output needs mode ar or selfspec: diffusion reveals a block's positions in any "
-                    "order, which a left-to-right grammar cannot check"
+                    "structured output needs mode ar, selfspec or auto (without auto_lossy): diffusion reveals a "
+                    "block's positions in any order, which a left-to-right grammar cannot check"
                 )
         if isinstance(self.stop, str):
             self.stop = [self.stop]

@@ -22,12 +22,14 @@ MODE_PARAMETERS: dict[str, tuple[str, ...]] = {
     Mode.AUTO.value: (),
 }
 # What `auto` chooses among: the exact decodings (AR's tokens at temperature 0, its distribution
-# above), as (mode, block length, spec). Diffusion is lossy, so it is not one of them.
+# above), as (mode, block length, spec). Diffusion is lossy, so it is not one of them; a request
+# with `auto_lossy` may also run LOSSY_DECODINGS (at its own threshold).
 EXACT_DECODINGS: tuple[tuple[str, int, str], ...] = (
     ("ar", 1, "linear"),
     *(("selfspec", b, "linear") for b in (4, 8, 16, 32)),
     *(("selfspec", b, "quadratic") for b in (2, 4, 8)),
 )
+LOSSY_DECODINGS: tuple[tuple[str, int, str], ...] = tuple(("diffusion", b, "linear") for b in (16, 32))
 
 
 def uses(mode: str, parameter: str) -> bool:
@@ -36,13 +38,14 @@ def uses(mode: str, parameter: str) -> bool:
 
 
 def decoding(params: SamplingParams, choice: tuple[str, int, str]) -> SamplingParams:
-    """`params` decoded as `choice`, one of EXACT_DECODINGS (an `auto` request's current decoding)."""
+    """`params` decoded as `choice`, one of EXACT_DECODINGS or LOSSY_DECODINGS (an `auto` request's
+    current decoding)."""
     mode, block_length, spec = choice
-    return dataclasses.replace(params, mode=mode, block_length=block_length, spec=spec)
+    return dataclasses.replace(params, mode=mode, block_length=block_length, spec=spec, auto_lossy=False)
 
 
 def choice_of(params: SamplingParams) -> tuple[str, int, str]:
-    """The EXACT_DECODINGS entry `params` decodes as."""
+    """The EXACT_DECODINGS (or LOSSY_DECODINGS) entry `params` decodes as."""
     if params.mode == Mode.AR:
         return EXACT_DECODINGS[0]
     return Mode(params.mode).value, params.block_length, Spec(params.spec).value

@@ -12,8 +12,9 @@ as decoding d is
   seeded by a calibration of a few forwards when the first auto request arrives (printed);
 - tokens per cycle per decoding: an exponential average over the cycles auto rows ran, seeded with
   an optimistic prior (half the drafts accepted) so each decoding gets tried, and measured after;
-- the share of steps that prefill arriving requests, and their seconds: every decoding waits for
-  them, but AR rows ride in them (a token each), which under a server's arrivals favours AR.
+- the share of time that steps prefilling arriving requests take, and how many there are: every
+  decoding waits for them, but AR rows ride in them (a token each), which under a server's
+  arrivals favours AR.
 Both belong to the model runner, so every engine over it (each `LLM.generate` call, a server's
 engine) starts from what the ones before it measured.
 """
@@ -24,7 +25,7 @@ import bisect
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 Choice = tuple[str, int, str]  # (mode, block length, spec), one of decoding.EXACT_DECODINGS
@@ -32,8 +33,7 @@ SMOOTHING = 0.2  # weight of the newest forward's seconds in `PassCosts`' averag
 # Weight of one row's cycle in a decoding's tokens-per-cycle average: a batch of 64 rows updates it
 # 64 times a step, and a cycle cut short by its row's end is one observation among many.
 ACCEPTANCE_SMOOTHING = 0.05
-STEP_SMOOTHING = 0.05  # weight of the newest step in the share of steps a prefill leads
-MAX_PREFILL_SHARE = 0.9  # a share of 1 would leave no pass: rows still decode between prefills
+STEP_DECAY = 0.95  # per step: the weight the steps before keep in the prefill share (~20 steps)
 # Rows move off their decoding only for one expected to be this much faster: a move costs a draft
 # (linear: a draft pass emits nothing; quadratic: its first pass accepts nothing), and estimates
 # this close are within their noise.
@@ -41,7 +41,8 @@ SWITCH_MARGIN = 0.1
 
 
 def forwards_per_cycle(choice: Choice) -> int:
-    """Linear self-spec drafts and verifies in two forwards; AR and quadratic take one."""
+    """Linear self-spec drafts and verifies in two forwards; AR and quadratic take one. A
+    diffusion cycle is one denoising pass (its tokens per cycle: those it reveals per pass)."""
     mode, block, spec = choice
     return 2 if mode == "selfspec" and spec == "linear" and block > 1 else 1
 
@@ -51,12 +52,15 @@ def width(choice: Choice) -> int:
     mode, block, spec = choice
     if mode == "ar":
         return 1
-    return block * (block + 1) if spec == "quadratic" else block
+    return block * (block + 1) if spec == "quadratic" and mode == "selfspec" else block
 
 
 def prior_tokens_per_cycle(choice: Choice) -> float:
-    """Before any cycle of `choice` ran: half its drafts accepted, plus the verifier's token."""
+    """Before any cycle of `choice` ran: half its drafts accepted, plus the verifier's token
+    (diffusion: a quarter of its block revealed per pass)."""
     mode, block, _ = choice
+    if mode == "diffusion":
+        return block / 4
     return 1.0 if mode == "ar" else 1.0 + (block - 1) / 2
 
 
@@ -109,51 +113,72 @@ class AutoPolicy:
     choices: tuple[Choice, ...]
     costs: PassCosts
     tokens_per_cycle: dict[Choice, float] = field(default_factory=dict)
-    prefill_share: float = 0.0  # of the engine's recent steps, those a prefill led
-    prefill_seconds: float = 0.0  # their forwards' seconds, an exponential average
+    lossy: tuple[Choice, ...] = ()  # also open to rows that opted in (`SamplingParams.auto_lossy`)
+    # Decayed sums over the engine's recent steps: steps a prefill led, their seconds, all seconds.
+    prefill_steps: float = 0.0
+    prefill_seconds: float = 0.0
+    step_seconds: float = 0.0
 
-    def expected_rate(self, choice: Choice, rows: int, pass_tokens: int | None = None) -> float:
+    def expected_rate(
+        self, choice: Choice, rows: int, pass_tokens: int | None = None, left: Sequence[int] = ()
+    ) -> float:
         """Tokens per second of `rows` auto rows all decoding as `choice`, in groups of at most
-        `pass_tokens` tokens a pass (the engine's step budget), each group its own passes.
+        `pass_tokens` tokens a pass (the engine's step budget), each group its own passes. `left`:
+        each row's tokens left in its budget, which no cycle emits more than (rows near their end
+        gain nothing from a long block, and a move's first cycle may be their last).
 
-        Between passes run the prefill steps of arriving requests, `prefill_share` of all steps
-        (a server under load: up to every other step): every decoding waits for them, and AR rows,
-        which ride in them, emit a token in each. So per cycle, with r = share / (1 - share)
-        prefill steps per pass:
-            tokens  = rows x tokens per cycle  (+ rows x r per pass for AR)
-            seconds = passes x (pass seconds + r x prefill seconds)."""
+        Prefill steps of arriving requests take their share of the time whatever the auto rows
+        run (arrivals set it, not the decoding), and AR rows ride in them, a token each:
+            rate = (1 - prefill time share) x rows x tokens per cycle / seconds per cycle
+                   (+ rows x prefill steps per second, for AR)."""
         per_cycle = self.tokens_per_cycle.get(choice, prior_tokens_per_cycle(choice))
+        if left:
+            per_cycle = sum(min(per_cycle, n) for n in left) / len(left)
         per_group = rows if pass_tokens is None else max(1, min(rows, pass_tokens // width(choice)))
-        passes = forwards_per_cycle(choice) * -(-rows // per_group)
-        between = self.prefill_share / (1 - self.prefill_share)
-        tokens = rows * per_cycle + (rows * passes * between if width(choice) == 1 else 0.0)
-        seconds = passes * (self.costs(per_group * width(choice)) + between * self.prefill_seconds)
-        return tokens / seconds if seconds > 0 else math.inf
+        seconds = forwards_per_cycle(choice) * -(-rows // per_group) * self.costs(per_group * width(choice))
+        if seconds <= 0:
+            return math.inf
+        share, rides = 0.0, 0.0
+        if self.step_seconds > 0:
+            share = self.prefill_seconds / self.step_seconds
+            rides = self.prefill_steps / self.step_seconds if width(choice) == 1 else 0.0
+        return (1 - share) * rows * per_cycle / seconds + rides * rows
 
     def step(self, prefill: bool, seconds: float) -> None:
         """The engine ran a step of `seconds`, led by a prefill or not."""
-        self.prefill_share = (1 - STEP_SMOOTHING) * self.prefill_share + STEP_SMOOTHING * prefill
-        self.prefill_share = min(self.prefill_share, MAX_PREFILL_SHARE)
-        if prefill:
-            self.prefill_seconds = (1 - SMOOTHING) * self.prefill_seconds + SMOOTHING * seconds
+        self.prefill_steps = STEP_DECAY * self.prefill_steps + prefill
+        self.prefill_seconds = STEP_DECAY * self.prefill_seconds + prefill * seconds
+        self.step_seconds = STEP_DECAY * self.step_seconds + seconds
 
-    def choose(self, rows: int, current: Choice | None = None, pass_tokens: int | None = None) -> Choice:
-        """The decoding with the most expected tokens per second for `rows` auto rows; `current`
-        (what they run now) unless the best is SWITCH_MARGIN faster."""
+    def choose(
+        self,
+        rows: int,
+        current: Choice | None = None,
+        pass_tokens: int | None = None,
+        lossy: bool = False,
+        left: Sequence[int] = (),
+    ) -> Choice:
+        """The decoding with the most expected tokens per second for `rows` auto rows (`lossy`: rows
+        that may also run the lossy decodings; `left`: their tokens left, as `expected_rate`);
+        `current` (what they run now) unless the best is SWITCH_MARGIN faster."""
         rows = max(rows, 1)
 
         def rate(c: Choice) -> float:
-            return self.expected_rate(c, rows, pass_tokens)
+            return self.expected_rate(c, rows, pass_tokens, left)
 
-        best = max(self.choices, key=rate)
+        best = max(self.choices + self.lossy * lossy, key=rate)
         if current is not None and rate(best) <= (1 + SWITCH_MARGIN) * rate(current):
             return current
         return best
 
     def cycles(self, choice: Choice, tokens: list[int]) -> None:
-        """Rows decoding as `choice` emitted `tokens` (one count a row) in one step's cycles: the
-        average moves as far as that many one-row updates would, towards their mean. An AR cycle
-        always emits one token, so AR has nothing to learn."""
+        """Rows decoding as `choice` ran a pass and emitted `tokens` (one count a row, 0 for none):
+        the average moves as far as that many one-row updates would, towards their mean. A
+        diffusion cycle is a pass, so its rows count 0 until their block is done; a self-spec
+        cycle ends in the pass that emits (a linear draft pass emits nothing). An AR cycle always
+        emits one token, so AR has nothing to learn."""
+        if choice[0] != "diffusion":
+            tokens = [n for n in tokens if n]
         if not tokens or choice[0] == "ar":
             return
         old = self.tokens_per_cycle.get(choice, prior_tokens_per_cycle(choice))

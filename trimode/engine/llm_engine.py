@@ -36,7 +36,16 @@ from typing import Any
 
 import torch
 
-from trimode.decoding import EXACT_DECODINGS, Decoder, batch_key, choice_of, decoding, decoding_name, make_decoder
+from trimode.decoding import (
+    EXACT_DECODINGS,
+    LOSSY_DECODINGS,
+    Decoder,
+    batch_key,
+    choice_of,
+    decoding,
+    decoding_name,
+    make_decoder,
+)
 from trimode.decoding.base import DecodeBatch, HostEmission
 from trimode.engine.auto import AutoPolicy, PassCosts
 from trimode.engine.generate import (
@@ -194,7 +203,7 @@ class LLMEngine:
             room = self.pool.num_free_pages * self.pool.page_size
             costs = PassCosts()
             costs.calibrate(self._timed_forward, tuple(n for n in CALIBRATION_SIZES if n < room) or (1,))
-            self.runner.auto = AutoPolicy(EXACT_DECODINGS, costs)
+            self.runner.auto = AutoPolicy(EXACT_DECODINGS, costs, lossy=LOSSY_DECODINGS)
         return self.runner.auto
 
     def _timed_forward(self, tokens: int) -> None:
@@ -278,9 +287,9 @@ class LLMEngine:
             plan = self._plan()
         for req, why in plan.preempt:
             self._release(req, why)
-        if plan.decoding is not None:
-            new = [r for r in plan.prefill if r.is_auto and r.decoding is None]
-            for req, params in zip(new, _decodings(new, plan.decoding)):
+        for choice in {c for _, c in plan.first}:
+            new = [r for r, c in plan.first if c == choice]
+            for req, params in zip(new, _decodings(new, choice)):
                 req.decoding = params
         outputs: list[RequestOutput] = []
         if plan.prefill and plan.chunked:
@@ -402,16 +411,17 @@ class LLMEngine:
         )
 
     def _count_cycles(self, requests: list[Request], emitted: list[list[int]]) -> None:
-        """Mode auto: one group's rows ran a cycle of their (shared) decoding; the auto ones that
-        emitted count it, and the policy learns their tokens per cycle."""
-        tokens = [len(t) for r, t in zip(requests, emitted) if r.is_auto and t]
-        if not tokens:
+        """Mode auto: one group's rows ran a pass of their (shared) decoding; the auto ones that
+        emitted count a cycle, and the policy learns from what each emitted (`AutoPolicy.cycles`)."""
+        auto = [i for i, r in enumerate(requests) if r.is_auto]
+        if not auto:
             return
-        params = next(r.decode_params for r in requests if r.is_auto)
+        params = requests[auto[0]].decode_params
+        tokens = [len(emitted[i]) if i < len(emitted) else 0 for i in auto]
         name = decoding_name(params)
-        for req, t in zip(requests, emitted):
-            if req.is_auto and t:
-                req.cycles[name] += 1
+        for i, n in zip(auto, tokens):
+            if n:
+                requests[i].cycles[name] += 1
         if self.runner.auto is not None:
             self.runner.auto.cycles(choice_of(params), tokens)
 

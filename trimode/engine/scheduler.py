@@ -93,14 +93,14 @@ class StepPlan:
     """One engine step, decided before it runs. A plan with `moves` does only that: mode-auto rows
     move to the decoding the policy picks, and the step's forward is planned on the groups they
     form. Otherwise first the preemptions, in order, each with why; then the lead: newcomers
-    prefilled together (`prefill`, the auto ones decoding as `decoding` after; one longer than the
+    prefilled together (`prefill`, the auto ones decoding as `first` says; one longer than the
     step's budget starts a chunked prefill, `chunked`), a chunked prompt's next chunk (`chunk`),
     or a running group's pass (`lead`); then the groups whose passes ride in the same forward."""
 
     moves: tuple[Move, ...] = ()
     preempt: tuple[tuple[Request, str], ...] = ()
     prefill: tuple[Request, ...] = ()
-    decoding: Choice | None = None
+    first: tuple[tuple[Request, Choice], ...] = ()  # admitted auto requests, each with its decoding
     chunked: bool = False
     chunk: Request | None = None
     lead: tuple | None = None
@@ -256,37 +256,53 @@ class Scheduler:
         return StepPlan(preempt=tuple(sim.preempt), lead=lead, riders=riders)
 
     def _auto_choice(
-        self, groups: list[RunningGroup], prefilling: list[Prefilling], policy: AutoPolicy, admitted: int = 0
+        self,
+        groups: list[RunningGroup],
+        prefilling: list[Prefilling],
+        policy: AutoPolicy,
+        lossy: bool,
+        admitted: Sequence[Request] = (),
     ) -> Choice:
-        """The decoding `policy` picks for the auto load: the auto rows running, being prefilled,
-        `admitted` and waiting (rows the auto groups are about to hold), staying on what most of
-        the running ones decode as unless another is clearly faster."""
+        """The decoding `policy` picks for one class of auto rows (`lossy`: those that opted in to
+        diffusion, `SamplingParams.auto_lossy`), by their load: running, being prefilled,
+        `admitted` and waiting (rows their groups are about to hold), staying on what most of the
+        running ones decode as unless another is clearly faster."""
+
+        def ours(r: Request) -> bool:
+            return r.is_auto and r.params.auto_lossy == lossy
+
         counts: Counter[Choice] = Counter()
         for g in groups:
             if g.choice is not None:
-                counts[g.choice] += sum(r.is_auto for r in g.requests)
-        load = sum(counts.values()) + admitted
-        load += sum(p.request.is_auto for p in prefilling) + sum(r.is_auto for r in self.waiting)
-        current = counts.most_common(1)[0][0] if counts else None
-        return policy.choose(load, current, self.max_decode_tokens)
+                counts[g.choice] += sum(map(ours, g.requests))
+        rows = [r for g in groups for r in g.requests] + list(admitted) + [p.request for p in prefilling]
+        rows = [r for r in rows + list(self.waiting) if ours(r)]
+        left = [r.params.max_tokens - len(r.token_ids) for r in rows]
+        current = next((c for c, n in counts.most_common(1) if n), None)
+        return policy.choose(len(rows), current, self.max_decode_tokens, lossy, left)
 
     def _moves(
         self, groups: list[RunningGroup], prefilling: list[Prefilling], policy: AutoPolicy | None
     ) -> tuple[Move, ...]:
         """Mode auto: the rows between cycles of groups whose auto rows decode other than the
-        policy's pick. Every exact decoding keeps AR's KV prefix and emits AR's tokens, so a move
-        loses only drafts not yet verified. The plan after a move never moves (`_moved`), so every
-        step runs a forward whatever the policy says."""
+        policy's pick for their class. Every exact decoding keeps AR's KV prefix and emits AR's
+        tokens, so a move loses only drafts not yet verified; a lossy row may move into diffusion
+        the same way (its prefix is all it reads), but never out of it (`at_boundary`). The plan
+        after a move never moves (`_moved`), so every step runs a forward whatever the policy says."""
         if policy is None or all(g.choice is None for g in groups):
             return ()
-        choice = self._auto_choice(groups, prefilling, policy)
         moves = []
-        for g in groups:
-            if g.choice is None or g.choice == choice:
+        for lossy in (False, True):
+            if not any(r.is_auto and r.params.auto_lossy == lossy for g in groups for r in g.requests):
                 continue
-            rows = tuple(i for i, (r, free) in enumerate(zip(g.requests, g.boundary)) if r.is_auto and free)
-            if rows:
-                moves.append(Move(g.key, rows, choice))
+            choice = self._auto_choice(groups, prefilling, policy, lossy)
+            for g in groups:
+                if g.choice is None or g.choice == choice:
+                    continue
+                free = zip(g.requests, g.boundary)
+                rows = tuple(i for i, (r, ok) in enumerate(free) if ok and r.is_auto and r.params.auto_lossy == lossy)
+                if rows:
+                    moves.append(Move(g.key, rows, choice))
         return tuple(moves)
 
     def _plan_prefill(self, sim: _Simulated, fuses_parts: bool, policy: AutoPolicy | None) -> StepPlan | None:
@@ -302,17 +318,19 @@ class Scheduler:
         admitted = self.admit(sim.running(), sim.free, self.max_num_batched_tokens)
         if not admitted:
             return self._plan_chunk(sim, sim.prefilling[0].request, fuses_parts) if sim.prefilling else None
-        new_auto = sum(r.is_auto and r.decoding is None for r in admitted)
-        decoding = None
-        if policy is not None and new_auto:
-            decoding = self._auto_choice(sim.groups, sim.prefilling, policy, sum(r.is_auto for r in admitted))
+        first = []
+        new = [r for r in admitted if r.is_auto and r.decoding is None]
+        if policy is not None:
+            for lossy in {r.params.auto_lossy for r in new}:
+                choice = self._auto_choice(sim.groups, sim.prefilling, policy, lossy, admitted)
+                first += [(r, choice) for r in new if r.params.auto_lossy == lossy]
         preempt, prefill = tuple(sim.preempt), tuple(admitted)
         budget = self.max_num_batched_tokens
         if budget is not None and len(admitted[0].context_ids) > budget:  # admitted alone: chunk it
-            return StepPlan(preempt=preempt, prefill=prefill, decoding=decoding, chunked=True)
+            return StepPlan(preempt=preempt, prefill=prefill, first=tuple(first), chunked=True)
         pages = sum(num_pages(len(r.context_ids) + r.prefill_tail, self.page_size) for r in admitted)
         riders = self._riders(sim, set(), pages, fuses_parts, 0)
-        return StepPlan(preempt=preempt, prefill=prefill, decoding=decoding, riders=riders)
+        return StepPlan(preempt=preempt, prefill=prefill, first=tuple(first), riders=riders)
 
     def _plan_chunk(self, sim: _Simulated, req: Request, fuses_parts: bool) -> StepPlan:
         def need() -> int:

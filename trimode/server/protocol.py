@@ -115,6 +115,7 @@ class _Common(BaseModel):
     block_length: int | None = Field(None, ge=1, le=256)
     spec: Literal["linear", "quadratic"] | None = None  # self-spec: one draft pass per verify, or one pass
     threshold: float | None = Field(None, ge=0, le=1)
+    auto_lossy: bool = False  # mode auto may pick diffusion too
     ignore_eos: bool = False
     # Structured output: OpenAI's response_format ({"type": "text" | "json_object" | "json_schema",
     # "json_schema": {"schema": ...}}), or vLLM's guided_* fields / structured_outputs in extra_body.
@@ -187,6 +188,7 @@ class _Common(BaseModel):
             block_length=self.block_length or 32,
             spec=self.spec or "linear",
             threshold=0.9 if self.threshold is None else self.threshold,
+            auto_lossy=self.auto_lossy,
             n=self.n,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
