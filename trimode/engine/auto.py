@@ -33,7 +33,7 @@ SMOOTHING = 0.2  # weight of the newest forward's seconds in `PassCosts`' averag
 # Weight of one row's cycle in a decoding's tokens-per-cycle average: a batch of 64 rows updates it
 # 64 times a step, and a cycle cut short by its row's end is one observation among many.
 ACCEPTANCE_SMOOTHING = 0.05
-STEP_DECAY = 0.95  # per step: the weight the steps before keep in the prefill share (~20 steps)
+STEP_DECAY = 0.99  # per step: the weight the steps before keep in the prefill share (~100 steps)
 # Rows move off their decoding only for one expected to be this much faster: a move costs a draft
 # (linear: a draft pass emits nothing; quadratic: its first pass accepts nothing), and estimates
 # this close are within their noise.
