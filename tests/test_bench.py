@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 
 import pytest
 from conftest import fake_output
@@ -187,6 +188,12 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert {"command", "versions", "machine", "suite", "num_prompts", "results", "baseline", "plots"} <= doc.keys()
     assert {"device", "dtype", "threads", "parameters", "weight_bytes"} <= doc["machine"].keys()
+    card = doc["machine"]
+    assert card["cpu_isa"] and card["peak_bandwidth_source"].startswith("measured")
+    assert card["ar_step_speed_of_light_ms"] == pytest.approx(
+        1000 * card["weight_bytes"] / card["peak_bandwidth_bytes_per_s"], rel=1e-3
+    )
+    assert "## AR steps against the speed of light" in (out / "report.md").read_text()
     assert len(doc["results"]) == 2 * 3 + 2 and doc["num_prompts"] == 2 and doc["repeats"] == 2
     control = [r for r in doc["results"] if r.get("control")]
     assert [(r["mode"], r["batch_size"]) for r in control] == [("ar", 1)]  # the A/A control
@@ -341,3 +348,18 @@ def test_bench_long_suite_flags_are_checked(tiny_dir, capsys):
     for extra, message in cases:
         code, err = run_cli(["bench", "--model", str(tiny_dir), "--dtype", "float32", *extra], capsys)
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_the_cpu_card_names_its_isa_and_measures_bandwidth_once(tmp_path, monkeypatch):
+    from trimode.bench import machine
+
+    assert machine.cpu_isa({"avx2", "avx512f", "avx512_bf16"}) == "avx512_bf16"
+    assert machine.cpu_isa({"avx2", "avx512_bf16", "amx_bf16"}) == "amx_bf16"
+    assert machine.cpu_isa({"sse4_2"}) == platform.machine()
+    # A real probe, small: any machine reads more than 100 MB/s.
+    assert machine.measure_read_bandwidth(num_bytes=32 * 2**20, runs=2) > 1e8
+    calls = []
+    monkeypatch.setattr(machine, "measure_read_bandwidth", lambda: calls.append(1) or 12.5e9)
+    cache = tmp_path / "bandwidth.json"
+    assert machine.cpu_read_bandwidth(cache) == 12.5e9 == machine.cpu_read_bandwidth(cache)
+    assert len(calls) == 1 and len(json.loads(cache.read_text())) == 1

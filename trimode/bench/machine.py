@@ -1,14 +1,24 @@
-"""The machine card: what the figures were measured on."""
+"""The machine card: what the figures were measured on, and its speed of light.
+
+A batch-1 AR step reads every weight once, so weight bytes / memory read bandwidth is the fastest
+it can run (`ar_step_speed_of_light_ms`). GPUs have data-sheet bandwidths. A CPU's depends on its
+memory channels and on what a VM grants, so it is measured once per machine and cached: a sum over
+a tensor far larger than any cache, best of several runs, on the threads torch uses.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trimode.engine.compiled import default_cache_dir
 from trimode.llm import LLM
 
 # Peak HBM bandwidth (bytes/s) by GPU name, from the vendors' data sheets.
@@ -22,6 +32,60 @@ PEAK_BANDWIDTH = {
 }
 
 
+# cpuinfo flags, best first: native bf16 matrix math (AMX tiles, AVX-512 dot products), then the
+# widest vectors without it.
+CPU_ISAS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+PROBE_BYTES = 512 * 2**20  # the bandwidth probe: far past any L3 cache (tens of MiB), small beside RAM
+PROBE_RUNS = 5
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_isa(flags: set[str]) -> str:
+    """The best of CPU_ISAS the flags name, else the machine's architecture."""
+    return next((isa for isa in CPU_ISAS if isa in flags), platform.machine())
+
+
+def measure_read_bandwidth(num_bytes: int = PROBE_BYTES, runs: int = PROBE_RUNS) -> float:
+    """Bytes per second a sum over `num_bytes` of float32 reads, the best of `runs` after a warm-up
+    (which also faults the pages in)."""
+    x = torch.ones(num_bytes // 4, dtype=torch.float32)
+    x.sum()
+    best = math.inf
+    for _ in range(runs):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best
+
+
+def default_bandwidth_cache() -> Path:
+    """Beside the compiled programs' cache: ~/.cache/trimode/bandwidth.json by default."""
+    return default_cache_dir().parent / "bandwidth.json"
+
+
+def cpu_read_bandwidth(cache: Path | None = None) -> float:
+    """This machine's measured read bandwidth (bytes/s), from `cache` when this CPU, core count,
+    thread count and torch were measured before; measured and saved there otherwise."""
+    path = cache or default_bandwidth_cache()
+    key = f"{cpu_name()} | {os.cpu_count()} cores | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in known:
+        known[key] = measure_read_bandwidth()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1) + "\n")
+    return float(known[key])
+
+
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -31,7 +95,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_card(llm: LLM) -> dict[str, Any]:
+def machine_card(llm: LLM, bandwidth_cache: Path | None = None) -> dict[str, Any]:
     params = sum(p.numel() for p in llm.model.parameters())
     weight_bytes = llm.model.weight_bytes
     card: dict[str, Any] = {
@@ -55,13 +119,20 @@ def machine_card(llm: LLM) -> dict[str, Any]:
     if graphs is not None:
         # What the run's CUDA graphs cost: capture time and the GPU memory they reserved.
         card["cuda_graphs"] = {"count": len(graphs.buckets), "seconds": round(graphs.seconds, 2), "bytes": graphs.bytes}
+    peak: float | None = None
     if llm.device.type == "cuda":
         name = card["device"]
         peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
-        if peak:
-            # Batch-1 AR speed of light: every weight is read once per token.
-            card["peak_bandwidth_bytes_per_s"] = peak
-            card["ar_step_speed_of_light_ms"] = round(1000 * weight_bytes / peak, 4)
+        source = "data sheet"
+    else:
+        card["cpu_isa"] = cpu_isa(cpu_flags())
+        peak = cpu_read_bandwidth(bandwidth_cache)
+        source = f"measured: a float32 sum over {PROBE_BYTES // 2**20} MiB, best of {PROBE_RUNS}, cached per machine"
+    if peak:
+        # Batch-1 AR speed of light: every weight is read once per token.
+        card["peak_bandwidth_bytes_per_s"] = round(peak)
+        card["peak_bandwidth_source"] = source
+        card["ar_step_speed_of_light_ms"] = round(1000 * weight_bytes / peak, 4)
     return card
 
 

@@ -194,6 +194,7 @@ def markdown(doc: dict[str, Any]) -> str:
             for m, b in r["by_mode"].items()
         ]
         parts.append("")
+    parts += _speed_of_light(doc)
     if "warnings" in doc:
         checks = "\n".join(f"- warning: {w}" for w in doc["warnings"]) or (
             "- the A/A control's ratio interval contains 1.0, and no speed-up exceeds its tokens-per-forward prediction"
@@ -204,6 +205,23 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc.get("crossover"):
         parts.append(f"\n## Crossover\n\n{doc['crossover']}\n")
     return "\n".join(parts) + "\n"
+
+
+def _speed_of_light(doc: dict[str, Any]) -> list[str]:
+    """Each measured AR step against the machine's speed of light (every weight read once per step
+    at the peak read bandwidth), where the card has one."""
+    light = doc["machine"].get("ar_step_speed_of_light_ms")
+    ar = [r for r in measured(doc["results"]) if "ar" in r.get("forward_ms", {})]
+    if not light or not ar:
+        return []
+    rows = [f"| {_label(r)} | {r['forward_ms']['ar']:.2f} | {100 * light / r['forward_ms']['ar']:.0f}% |" for r in ar]
+    return [
+        f"## AR steps against the speed of light\n\n{doc['machine']['weight_bytes']} weight bytes at "
+        f"{doc['machine']['peak_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({doc['machine']['peak_bandwidth_source']}): "
+        f"{light:.3f} ms per AR step at best.\n\n| config | AR step ms | of the speed of light |\n|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def crossover(results: list[dict[str, Any]]) -> str | None:
