@@ -190,8 +190,8 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
     assert {"device", "dtype", "threads", "parameters", "weight_bytes"} <= doc["machine"].keys()
     card = doc["machine"]
     assert card["cpu_isa"] and card["peak_bandwidth_source"].startswith("measured")
-    assert card["ar_step_speed_of_light_ms"] == pytest.approx(
-        1000 * card["weight_bytes"] / card["peak_bandwidth_bytes_per_s"], rel=1e-3
+    assert card["ar_step_speed_of_light_ms"] == pytest.approx(  # the card rounds to 0.1 us
+        1000 * card["weight_bytes"] / card["peak_bandwidth_bytes_per_s"], abs=1e-4
     )
     assert "## AR steps against the speed of light" in (out / "report.md").read_text()
     assert len(doc["results"]) == 2 * 3 + 2 and doc["num_prompts"] == 2 and doc["repeats"] == 2
