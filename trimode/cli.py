@@ -413,17 +413,15 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     import asyncio
 
     from trimode import __version__
-    from trimode.bench.endpoint import ENDPOINT_MODES, bench_endpoint, client_modes, endpoint_configs
+    from trimode.bench.endpoint import ENDPOINT_MODES, bench_endpoint, endpoint_configs
     from trimode.bench.machine import client_card
     from trimode.bench.report import table, write
     from trimode.bench.runner import with_control
     from trimode.bench.suites import load_suite
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]  # endpoint_configs checks each
     if not modes:
         raise ValueError(f"--modes must list some of {', '.join(ENDPOINT_MODES)} or mixes such as diffusion+auto")
-    for mode in modes:
-        client_modes(mode)
     if args.baseline or args.batch_sizes is not None:
         raise ValueError("--baseline and --batch-sizes are for the offline bench; over HTTP use --concurrency")
     if args.min_seconds != MIN_SECONDS:

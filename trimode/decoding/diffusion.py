@@ -48,7 +48,8 @@ class DiffusionDecoder(Decoder):
         self.threshold = threshold
 
     def at_boundary(self, batch: DecodeBatch) -> list[bool]:
-        """Diffusion is not exact: no auto row decodes with it, so none moves in or out."""
+        """Never: a diffusion row's output ends in blocks that are not AR's, so it stays diffusion
+        (an `auto_lossy` row moves in at another decoding's boundary, never out)."""
         return [False] * batch.size
 
     def pending_commit(self, batch: DecodeBatch) -> list[bool]:

@@ -7,7 +7,7 @@ as decoding d is
 
     rows x tokens per cycle (d)  /  (forwards per cycle (d) x seconds of a pass of rows x width (d) tokens)
 
-(all rows in one group: a wider pass slows every row in it). Both factors are measured:
+(all rows in one group: a wider pass slows every row in it). What it needs is measured:
 - `PassCosts`: seconds of a forward by the tokens it feeds, from every forward the engine runs,
   seeded by a calibration of a few forwards when the first auto request arrives (printed);
 - tokens per cycle per decoding: an exponential average over the cycles auto rows ran, seeded with
@@ -15,7 +15,7 @@ as decoding d is
 - the share of time that steps prefilling arriving requests take, and how many there are: every
   decoding waits for them, but AR rows ride in them (a token each), which under a server's
   arrivals favours AR.
-Both belong to the model runner, so every engine over it (each `LLM.generate` call, a server's
+All of it belongs to the model runner, so every engine over it (each `LLM.generate` call, a server's
 engine) starts from what the ones before it measured.
 """
 
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-Choice = tuple[str, int, str]  # (mode, block length, spec), one of decoding.EXACT_DECODINGS
+Choice = tuple[str, int, str]  # (mode, block length, spec): decoding.EXACT_DECODINGS or LOSSY_DECODINGS
 SMOOTHING = 0.2  # weight of the newest forward's seconds in `PassCosts`' averages
 # Weight of one row's cycle in a decoding's tokens-per-cycle average: a batch of 64 rows updates it
 # 64 times a step, and a cycle cut short by its row's end is one observation among many.

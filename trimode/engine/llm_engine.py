@@ -319,8 +319,9 @@ class LLMEngine:
         return self.scheduler.schedule(groups, prefilling, pool, self.runner.fuses_parts, self.runner.auto)
 
     def _move(self, key: tuple, rows: list[int], decodings: list[SamplingParams]) -> None:
-        """Rows `rows` of group `key` leave it to decode as `decodings` (one exact decoding): their
-        decoder state starts afresh, as after a prefill without drafting masks."""
+        """Rows `rows` of group `key` leave it to decode as `decodings` (one decoding of
+        `EXACT_DECODINGS`, or for lossy rows `LOSSY_DECODINGS`): their decoder state starts afresh,
+        as after a prefill without drafting masks."""
         group = self.groups[key]
         stay = [i for i in range(len(group.requests)) if i not in rows]
         movers = [group.requests[i] for i in rows]

@@ -171,6 +171,12 @@ def kv_slots(req: Request) -> int:
     return len(req.prompt_ids) + req.params.max_tokens + req.pass_width + 1
 
 
+def auto_class(req: Request) -> bool | None:
+    """Which load of mode-auto rows `req` counts in (its `auto_lossy`: diffusion allowed or not);
+    None when it is not an auto request."""
+    return req.params.auto_lossy if req.is_auto else None
+
+
 def parent_of(req: Request) -> str:
     """The client request `req` is a sample of (itself when it has no parent)."""
     return req.parent_id if req.parent_id is not None else req.request_id
@@ -267,16 +273,12 @@ class Scheduler:
         diffusion, `SamplingParams.auto_lossy`), by their load: running, being prefilled,
         `admitted` and waiting (rows their groups are about to hold), staying on what most of the
         running ones decode as unless another is clearly faster."""
-
-        def ours(r: Request) -> bool:
-            return r.is_auto and r.params.auto_lossy == lossy
-
         counts: Counter[Choice] = Counter()
         for g in groups:
             if g.choice is not None:
-                counts[g.choice] += sum(map(ours, g.requests))
+                counts[g.choice] += sum(auto_class(r) == lossy for r in g.requests)
         rows = [r for g in groups for r in g.requests] + list(admitted) + [p.request for p in prefilling]
-        rows = [r for r in rows + list(self.waiting) if ours(r)]
+        rows = [r for r in rows + list(self.waiting) if auto_class(r) == lossy]
         left = [r.params.max_tokens - len(r.token_ids) for r in rows]
         current = next((c for c, n in counts.most_common(1) if n), None)
         return policy.choose(len(rows), current, self.max_decode_tokens, lossy, left)
@@ -293,14 +295,14 @@ class Scheduler:
             return ()
         moves = []
         for lossy in (False, True):
-            if not any(r.is_auto and r.params.auto_lossy == lossy for g in groups for r in g.requests):
+            if not any(auto_class(r) == lossy for g in groups for r in g.requests):
                 continue
             choice = self._auto_choice(groups, prefilling, policy, lossy)
             for g in groups:
                 if g.choice is None or g.choice == choice:
                     continue
                 free = zip(g.requests, g.boundary)
-                rows = tuple(i for i, (r, ok) in enumerate(free) if ok and r.is_auto and r.params.auto_lossy == lossy)
+                rows = tuple(i for i, (r, ok) in enumerate(free) if ok and auto_class(r) == lossy)
                 if rows:
                     moves.append(Move(g.key, rows, choice))
         return tuple(moves)
@@ -321,9 +323,9 @@ class Scheduler:
         first = []
         new = [r for r in admitted if r.is_auto and r.decoding is None]
         if policy is not None:
-            for lossy in {r.params.auto_lossy for r in new}:
-                choice = self._auto_choice(sim.groups, sim.prefilling, policy, lossy, admitted)
-                first += [(r, choice) for r in new if r.params.auto_lossy == lossy]
+            for lossy in {auto_class(r) for r in new}:
+                choice = self._auto_choice(sim.groups, sim.prefilling, policy, bool(lossy), admitted)
+                first += [(r, choice) for r in new if auto_class(r) == lossy]
         preempt, prefill = tuple(sim.preempt), tuple(admitted)
         budget = self.max_num_batched_tokens
         if budget is not None and len(admitted[0].context_ids) > budget:  # admitted alone: chunk it
