@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from trimode.config import DTYPES
+from trimode.cpu import cpu_auto_dtype
 from trimode.distributed import launched_by_torchrun
 from trimode.engine.generate import Request
 from trimode.engine.inputs import Message, PromptInput, chat_messages, tokenize_prompt
@@ -52,12 +53,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, num_parameters: int) -> torch.dtype:
+    """ "auto": bf16 on a GPU; on a CPU, `cpu_auto_dtype`'s choice, printed."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto" and device.type == "cpu":
+        auto, why = cpu_auto_dtype(num_parameters)
+        print(f"trimode: cpu: {str(auto).removeprefix('torch.')} ({why})", file=sys.stderr)
+        return auto
     if dtype == "auto":
-        # This CPU has no bf16 instructions (bf16 is ~30x slower than fp32 there); GPUs want bf16.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
@@ -89,7 +94,7 @@ class LLM:
             )
         path = Path(model) if model is not None else EMBEDDED_MODEL_DIR
         self.device = resolve_device(device)
-        dtype = resolve_dtype(dtype, self.device)
+        dtype = resolve_dtype(dtype, self.device, load_config(path).num_parameters)
         driver = None
         if tensor_parallel_size != 1:
             self.device, driver = self._join_tensor_parallel(path, dtype, load_draft_lora, tensor_parallel_size)

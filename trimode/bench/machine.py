@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from trimode.cpu import cpu_auto_dtype, cpu_flags, cpu_isa, cpu_name
 from trimode.engine.compiled import default_cache_dir
 from trimode.llm import LLM
 
@@ -32,27 +33,8 @@ PEAK_BANDWIDTH = {
 }
 
 
-# cpuinfo flags, best first: native bf16 matrix math (AMX tiles, AVX-512 dot products), then the
-# widest vectors without it.
-CPU_ISAS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 PROBE_BYTES = 512 * 2**20  # the bandwidth probe: far past any L3 cache (tens of MiB), small beside RAM
 PROBE_RUNS = 5
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_isa(flags: set[str]) -> str:
-    """The best of CPU_ISAS the flags name, else the machine's architecture."""
-    return next((isa for isa in CPU_ISAS if isa in flags), platform.machine())
 
 
 def measure_read_bandwidth(num_bytes: int = PROBE_BYTES, runs: int = PROBE_RUNS) -> float:
@@ -86,15 +68,6 @@ def cpu_read_bandwidth(cache: Path | None = None) -> float:
     return float(known[key])
 
 
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine_card(llm: LLM, bandwidth_cache: Path | None = None) -> dict[str, Any]:
     params = sum(p.numel() for p in llm.model.parameters())
     weight_bytes = llm.model.weight_bytes
@@ -126,6 +99,8 @@ def machine_card(llm: LLM, bandwidth_cache: Path | None = None) -> dict[str, Any
         source = "data sheet"
     else:
         card["cpu_isa"] = cpu_isa(cpu_flags())
+        auto, why = cpu_auto_dtype(llm.config.num_parameters)
+        card["cpu_auto_dtype"] = f"{str(auto).removeprefix('torch.')} ({why})"  # what dtype="auto" picks here
         peak = cpu_read_bandwidth(bandwidth_cache)
         source = f"measured: a float32 sum over {PROBE_BYTES // 2**20} MiB, best of {PROBE_RUNS}, cached per machine"
     if peak:
