@@ -185,21 +185,25 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
     )
     assert status == 0
     doc = json.loads((out / "results.json").read_text())
-    assert {"command", "versions", "machine", "suite", "num_prompts", "results", "baseline", "plots"} <= doc.keys()
+    assert {"command", "versions", "machine", "suite", "num_prompts", "results", "baselines", "plots"} <= doc.keys()
     assert {"device", "dtype", "threads", "parameters", "weight_bytes"} <= doc["machine"].keys()
     card = doc["machine"]
     assert card["cpu_isa"] and card["cpu_auto_dtype"] and card["peak_bandwidth_source"].startswith("measured")
     assert card["ar_step_speed_of_light_ms"] == pytest.approx(  # the card rounds to 0.1 us
-        1000 * card["weight_bytes"] / card["peak_bandwidth_bytes_per_s"], abs=1e-4
+        1000 * card["ar_step_bytes"] / card["peak_bandwidth_bytes_per_s"], abs=1e-4
     )
+    embed = 1024 * 64 * 4  # the tiny model's fp32 input embedding: an AR step reads one of its rows
+    assert card["ar_step_bytes"] == card["weight_bytes"] - embed + 64 * 4
     assert "## AR steps against the speed of light" in (out / "report.md").read_text()
     assert len(doc["results"]) == 2 * 3 + 2 and doc["num_prompts"] == 2 and doc["repeats"] == 2
     control = [r for r in doc["results"] if r.get("control")]
     assert [(r["mode"], r["batch_size"]) for r in control] == [("ar", 1)]  # the A/A control
     (hf,) = [r for r in doc["results"] if r["engine"] == "hf"]  # the baseline, interleaved with the rest
-    ci = doc["baseline"]["speed_ratio_ci"]
+    ci = doc["baselines"][0]["speed_ratio_ci"]
     assert (
-        hf["batch_size"] == 1 and ci["lo"] <= ci["median"] <= ci["hi"] and hf["accuracy"] == doc["baseline"]["accuracy"]
+        hf["batch_size"] == 1
+        and ci["lo"] <= ci["median"] <= ci["hi"]
+        and hf["accuracy"] == doc["baselines"][0]["accuracy"]
     )
     assert isinstance(doc["warnings"], list) and "## Checks" in (out / "report.md").read_text()
     assert {len(v) for v in doc["samples"].values()} == {2 * 2, 2 * 1}  # (batches, repeats) per batch size
@@ -223,10 +227,35 @@ def test_bench_cli_on_a_tiny_checkpoint_writes_every_field(tiny_dir, tmp_path):
     spec = [r for r in doc["results"] if r["mode"] == "selfspec"]
     assert all("tokens_per_cycle" in r and r["acceptance_histogram"] for r in spec)
     assert all("denoise_passes_per_block" in r for r in doc["results"] if r["mode"] == "diffusion")
-    assert doc["baseline"]["identical_outputs"] == 1.0  # same weights, greedy: token for token
+    assert doc["baselines"][0]["identical_outputs"] == 1.0  # same weights, greedy: token for token
     for name in doc["plots"]:
         assert (out / name).stat().st_size > 1000
     assert (out / "report.md").read_text().startswith("# trimode bench")
+
+
+def test_bench_sweeps_dtypes_interleaved_each_with_its_baseline(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--model", str(tiny_dir), "--modes", "ar,selfspec", "--batch-sizes", "1", "--block-lengths", "8"]
+    args += ["--num-prompts", "2", "--max-tokens", "4", "--repeats", "2", "--baseline", "hf"]
+    code, err = run_cli([*args, "--dtype", "float32,bfloat16", "--out", str(out)], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["dtypes"]["bfloat16"]["weight_bytes"] * 2 == doc["dtypes"]["float32"]["weight_bytes"]
+    for dtype, card in doc["dtypes"].items():
+        assert card["dtype"] == dtype and card["ar_step_speed_of_light_ms"] > 0
+        mine = {r["label"]: r for r in doc["results"] if r["dtype"] == dtype and not r.get("control")}
+        assert mine.keys() == {f"ar bs1 {dtype}", f"selfspec bs1 B8 {dtype}", f"hf bs1 {dtype}"}
+        spec = mine[f"selfspec bs1 B8 {dtype}"]  # its speed-up is over AR in the same dtype
+        assert spec["speedup_vs_ar"] == pytest.approx(
+            spec["output_tokens_per_s"] / mine[f"ar bs1 {dtype}"]["output_tokens_per_s"], rel=0.01
+        )
+    assert [b["dtype"] for b in doc["baselines"]] == ["float32", "bfloat16"]
+    assert doc["baselines"][0]["identical_outputs"] == 1.0  # same weights in fp32, greedy
+    report = (out / "report.md").read_text()
+    assert "## Block passes in AR steps" in report and "| selfspec bs1 B8 bfloat16 | draft " in report
+    assert "## Hugging Face baseline, bfloat16" in report
+    code, err = run_cli([*args, "--dtype", "float32,float32"], capsys)
+    assert code == 2 and "distinct dtypes" in err
 
 
 def test_bench_bad_flags_exit_2(capsys):
@@ -279,7 +308,7 @@ def test_any_hugging_face_causal_lm_directory_is_a_baseline(tiny_dir, tmp_path, 
     code, err = run_cli(["bench", *args, "--out", str(out)], capsys)
     assert code == 0, err
     doc = json.loads((out / "results.json").read_text())
-    base = doc["baseline"]
+    base = doc["baselines"][0]
     assert base["engine"] == f"hf:{hf_dir}" and "identical_outputs" not in base
     assert base["speed_ratio_ci"]["lo"] <= base["speed_ratio_ci"]["median"] <= base["speed_ratio_ci"]["hi"]
     assert {"accuracy", "trimode_ar_accuracy"} <= base.keys()

@@ -202,6 +202,18 @@ def _mode_list(text: str, allowed: Sequence[str] = REQUEST_MODES) -> list[str]:
     return modes
 
 
+def _dtype_sweep(flag: str) -> list[str]:
+    """`--dtype float32,bfloat16` (the bench): the dtypes to sweep; [] for a single dtype."""
+    from trimode.config import DTYPES
+
+    if "," not in flag:
+        return []
+    dtypes = flag.split(",")
+    if len(set(dtypes)) != len(dtypes) or not set(dtypes) <= DTYPES.keys():
+        raise ValueError(f"--dtype lists distinct dtypes to sweep, of {', '.join(DTYPES)}; got {flag!r}")
+    return dtypes
+
+
 def _load_llm(args: argparse.Namespace, **kwargs: Any) -> LLM:
     """The model of a command's `_add_model_flags`."""
     from trimode.llm import LLM
@@ -304,7 +316,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from trimode import __version__
     from trimode.bench.hf_baseline import baseline_summary
-    from trimode.bench.machine import machine_card
+    from trimode.bench.machine import dtype_card, machine_card
     from trimode.bench.report import crossover, table, write
     from trimode.bench.runner import BenchConfig, expand_configs, sweep, with_control
     from trimode.bench.suites import load_suite, long_suite, parse_length
@@ -316,6 +328,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
     long = args.suite == "long"
     lengths = [parse_length(x) for x in (args.context_lengths or "1k,4k,16k,32k").split(",")] if long else [None]
+    dtypes = _dtype_sweep(args.dtype)
     configs = expand_configs(
         modes,
         _int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
@@ -325,8 +338,12 @@ def _bench(args: argparse.Namespace) -> int:
         _spec_list(args.spec) if args.spec else None,
         _int_list("--logprobs", args.logprobs) if args.logprobs else None,
         _structured_flag(args.structured),
+        dtypes,
     )
-    llm = _load_llm(args)
+    # The generators by name (`BenchConfig.generator`): the model in each swept dtype (the first is
+    # `llm`, whose card leads the report), and the baseline beside it.
+    llms = {f"trimode@{d}": _load_llm(argparse.Namespace(**{**vars(args), "dtype": d})) for d in dtypes}
+    llm = next(iter(llms.values())) if llms else _load_llm(args)
     if long:
         longest = max(lengths) + args.max_tokens
         if longest > llm.max_model_len:
@@ -338,10 +355,13 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         prompts = load_suite(args.suite, args.num_prompts)
     versions = {"trimode": __version__, "torch": torch.__version__}
-    configs, baselines = with_control(configs), {}
-    # The baseline runs beside trimode AR at batch 1 (and the shortest context, where there are several).
-    ar1 = BenchConfig("ar", 1, context_length=min(lengths) if long else None)
-    hf1 = dataclasses.replace(ar1, engine=args.baseline or "hf")
+    configs, others = with_control(configs), dict(llms)
+    # The baseline runs beside trimode AR at batch 1 (and the shortest context, where there are
+    # several), in each dtype.
+    pairs = []  # (baseline, trimode AR) configurations
+    for d in dtypes or [None]:
+        ar1 = BenchConfig("ar", 1, context_length=min(lengths) if long else None, dtype=d)
+        pairs.append((dataclasses.replace(ar1, engine=args.baseline or "hf"), ar1))
     if args.baseline:
         import transformers
 
@@ -349,12 +369,14 @@ def _bench(args: argparse.Namespace) -> int:
 
         versions["transformers"] = transformers.__version__
         path = args.baseline.removeprefix("hf").removeprefix(":")
-        baselines[args.baseline] = (
-            HFGenerator.from_path(path, llm.device, llm.model.diffusion_head.weight.dtype)
-            if path
-            else HFGenerator.same_weights(llm)
-        )
-        configs += [ar1] * (ar1 not in configs) + [hf1]  # the baseline beside trimode AR on the same batches
+        for hf1, ar1 in pairs:
+            mine = others.get(ar1.generator, llm)
+            others[hf1.generator] = (
+                HFGenerator.from_path(path, mine.device, mine.model.diffusion_head.weight.dtype)
+                if path
+                else HFGenerator.same_weights(mine)
+            )
+            configs += [ar1] * (ar1 not in configs) + [hf1]  # the baseline beside trimode AR on the same batches
     run = sweep(
         llm,
         prompts,
@@ -364,13 +386,14 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         min_seconds=args.min_seconds,
         seed=args.seed,
-        baselines=baselines,
+        others=others,
     )
     results, outputs = run.results, run.outputs
     doc = {
         "command": "trimode " + " ".join(sys.argv[1:]),
         "versions": versions,
         "machine": machine_card(llm),
+        **({"dtypes": {d: dtype_card(llms[f"trimode@{d}"]) for d in dtypes}} if dtypes else {}),
         "suite": args.suite,
         **({"context_lengths": lengths, "depth": args.depth} if long else {}),
         "num_prompts": len(prompts),
@@ -382,16 +405,19 @@ def _bench(args: argparse.Namespace) -> int:
         "warnings": run.warnings,
         "samples": run.samples(),
     }
-    if baselines:
+    if args.baseline:
         by_config = dict(zip(run.units, results))
-        doc["baseline"] = baseline_summary(by_config[hf1], by_config[ar1], outputs[hf1], outputs[ar1], hf1.engine)
+        doc["baselines"] = [
+            baseline_summary(by_config[hf1], by_config[ar1], outputs[hf1], outputs[ar1], hf1.engine, hf1.dtype)
+            for hf1, ar1 in pairs
+        ]
     print(table(results))
     if doc["crossover"]:
         print(doc["crossover"])
-    if doc.get("baseline"):
-        b = doc["baseline"]
+    for b in doc.get("baselines", []):
         print(
-            f"HF generate: {b['output_tokens_per_s']} tokens/s; trimode AR {b['trimode_ar_tokens_per_s']} "
+            f"HF generate{' ' + b['dtype'] if 'dtype' in b else ''}: {b['output_tokens_per_s']} tokens/s; "
+            f"trimode AR {b['trimode_ar_tokens_per_s']} "
             f"({b['speed_ratio_trimode_over_hf']}x [{b['speed_ratio_ci']['lo']}, {b['speed_ratio_ci']['hi']}], "
             f"paired)"
             + (f"; identical outputs {100 * b['identical_outputs']:.1f}%" if "identical_outputs" in b else "")

@@ -126,7 +126,12 @@ class HFGenerator:
 
 
 def baseline_summary(
-    hf: dict[str, Any], ar: dict[str, Any], theirs: list[GenerationOutput], ours: list[GenerationOutput], engine: str
+    hf: dict[str, Any],
+    ar: dict[str, Any],
+    theirs: list[GenerationOutput],
+    ours: list[GenerationOutput],
+    engine: str,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """The baseline's figures beside trimode AR at batch 1 (`hf`, `ar`: their sweep results, run
     interleaved): speed ratio with its paired interval, accuracy, and for the same weights
@@ -134,6 +139,7 @@ def baseline_summary(
     ci = hf["speedup_vs_ar_ci"]  # the baseline over trimode AR: inverted below
     summary = {
         "engine": engine,
+        **({"dtype": dtype} if dtype else {}),
         "num_requests": len(theirs),
         "output_tokens_per_s": hf["output_tokens_per_s"],
         "trimode_ar_tokens_per_s": ar["output_tokens_per_s"],

@@ -1,9 +1,10 @@
 """The machine card: what the figures were measured on, and its speed of light.
 
-A batch-1 AR step reads every weight once, so weight bytes / memory read bandwidth is the fastest
-it can run (`ar_step_speed_of_light_ms`). GPUs have data-sheet bandwidths. A CPU's depends on its
-memory channels and on what a VM grants, so it is measured once per machine and cached: a sum over
-a tensor far larger than any cache, best of several runs, on the threads torch uses.
+A batch-1 AR step reads every weight once (of the input embedding, one row), so those bytes over the
+memory's read bandwidth are the fastest it can run (`ar_step_speed_of_light_ms`). GPUs have
+data-sheet bandwidths. A CPU's depends on its memory channels and on what a VM grants, so it is
+measured once per machine and cached: a sum over a tensor far larger than any cache, best of
+several runs, on the threads torch uses.
 """
 
 from __future__ import annotations
@@ -68,13 +69,39 @@ def cpu_read_bandwidth(cache: Path | None = None) -> float:
     return float(known[key])
 
 
+def ar_step_bytes(llm: LLM) -> int:
+    """Bytes a batch-1 AR step reads: every weight, but of the input embedding only its token's row."""
+    embed = llm.model.encoder.embed_tokens.weight
+    return llm.model.weight_bytes - (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+
+
+def dtype_card(llm: LLM, bandwidth_cache: Path | None = None) -> dict[str, Any]:
+    """What depends on the model's dtype: its bytes and its AR step's speed of light (the step's
+    bytes at the peak read bandwidth: GPUs' from the data sheet, a CPU's measured)."""
+    card: dict[str, Any] = {
+        "dtype": str(llm.model.diffusion_head.weight.dtype).removeprefix("torch."),
+        # With tensor parallelism, one rank's share: what each device reads per step.
+        "weight_bytes": llm.model.weight_bytes,
+        "ar_step_bytes": ar_step_bytes(llm),
+    }
+    if llm.device.type == "cuda":
+        name = torch.cuda.get_device_name(llm.device)
+        peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+        source = "data sheet"
+    else:
+        peak = cpu_read_bandwidth(bandwidth_cache)
+        source = f"measured: a float32 sum over {PROBE_BYTES // 2**20} MiB, best of {PROBE_RUNS}, cached per machine"
+    if peak:
+        card["peak_bandwidth_bytes_per_s"] = round(peak)
+        card["peak_bandwidth_source"] = source
+        card["ar_step_speed_of_light_ms"] = round(1000 * card["ar_step_bytes"] / peak, 4)
+    return card
+
+
 def machine_card(llm: LLM, bandwidth_cache: Path | None = None) -> dict[str, Any]:
-    params = sum(p.numel() for p in llm.model.parameters())
-    weight_bytes = llm.model.weight_bytes
     card: dict[str, Any] = {
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else cpu_name(),
         "device_type": llm.device.type,
-        "dtype": str(llm.model.diffusion_head.weight.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
@@ -82,33 +109,18 @@ def machine_card(llm: LLM, bandwidth_cache: Path | None = None) -> dict[str, Any
         "compiled": {k: round(t, 2) for k, t in sorted(llm.runner.compiled.seconds.items())}
         if llm.runner.compiled is not None
         else {},
-        # With tensor parallelism, `parameters` and `weight_bytes` are one rank's share: what each
-        # device reads per step, so the speed of light below stays per device.
         "tensor_parallel_size": llm.runner.tp_driver.tp.world if llm.runner.tp_driver is not None else 1,
-        "parameters": params,
-        "weight_bytes": weight_bytes,
+        "parameters": sum(p.numel() for p in llm.model.parameters()),
     }
     graphs = llm.runner.graphs
     if graphs is not None:
         # What the run's CUDA graphs cost: capture time and the GPU memory they reserved.
         card["cuda_graphs"] = {"count": len(graphs.buckets), "seconds": round(graphs.seconds, 2), "bytes": graphs.bytes}
-    peak: float | None = None
-    if llm.device.type == "cuda":
-        name = card["device"]
-        peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
-        source = "data sheet"
-    else:
+    if llm.device.type == "cpu":
         card["cpu_isa"] = cpu_isa(cpu_flags())
         auto, why = cpu_auto_dtype(llm.config.num_parameters)
         card["cpu_auto_dtype"] = f"{str(auto).removeprefix('torch.')} ({why})"  # what dtype="auto" picks here
-        peak = cpu_read_bandwidth(bandwidth_cache)
-        source = f"measured: a float32 sum over {PROBE_BYTES // 2**20} MiB, best of {PROBE_RUNS}, cached per machine"
-    if peak:
-        # Batch-1 AR speed of light: every weight is read once per token.
-        card["peak_bandwidth_bytes_per_s"] = round(peak)
-        card["peak_bandwidth_source"] = source
-        card["ar_step_speed_of_light_ms"] = round(1000 * weight_bytes / peak, 4)
-    return card
+    return card | dtype_card(llm, bandwidth_cache)
 
 
 def client_card() -> dict[str, Any]:

@@ -200,28 +200,52 @@ def markdown(doc: dict[str, Any]) -> str:
             "- the A/A control's ratio interval contains 1.0, and no speed-up exceeds its tokens-per-forward prediction"
         )
         parts.append(f"## Checks\n\n{checks}\n")
-    if doc.get("baseline"):
-        parts.append("## Hugging Face baseline\n\n" + "\n".join(f"- {k}: {v}" for k, v in doc["baseline"].items()))
+    for b in doc.get("baselines", []):
+        title = f"## Hugging Face baseline{', ' + b['dtype'] if 'dtype' in b else ''}"
+        parts.append(f"{title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in b.items()) + "\n")
     if doc.get("crossover"):
         parts.append(f"\n## Crossover\n\n{doc['crossover']}\n")
     return "\n".join(parts) + "\n"
 
 
 def _speed_of_light(doc: dict[str, Any]) -> list[str]:
-    """Each measured AR step against the machine's speed of light (every weight read once per step
-    at the peak read bandwidth), where the card has one."""
-    light = doc["machine"].get("ar_step_speed_of_light_ms")
+    """Each measured AR step against its speed of light (the step's bytes read once at the peak read
+    bandwidth; per dtype where dtypes were swept), where the card has one."""
+    cards = doc.get("dtypes") or {None: doc["machine"]}
     ar = [r for r in measured(doc["results"]) if "ar" in r.get("forward_ms", {})]
-    if not light or not ar:
+    if not ar or not all(c.get("ar_step_speed_of_light_ms") for c in cards.values()):
         return []
-    rows = [f"| {_label(r)} | {r['forward_ms']['ar']:.2f} | {100 * light / r['forward_ms']['ar']:.0f}% |" for r in ar]
-    return [
-        f"## AR steps against the speed of light\n\n{doc['machine']['weight_bytes']} weight bytes at "
-        f"{doc['machine']['peak_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({doc['machine']['peak_bandwidth_source']}): "
-        f"{light:.3f} ms per AR step at best.\n\n| config | AR step ms | of the speed of light |\n|---|---|---|",
-        *rows,
-        "",
+    lines = [
+        f"- {name or c['dtype']}: {c['ar_step_bytes']} bytes per step at {c['peak_bandwidth_bytes_per_s'] / 1e9:.1f} "
+        f"GB/s ({c['peak_bandwidth_source']}): {c['ar_step_speed_of_light_ms']:.3f} ms at best"
+        for name, c in cards.items()
     ]
+    rows = []
+    for r in ar:
+        light = cards[r.get("dtype")]["ar_step_speed_of_light_ms"]
+        rows.append(f"| {_label(r)} | {r['forward_ms']['ar']:.2f} | {100 * light / r['forward_ms']['ar']:.0f}% |")
+    head = "| config | AR step ms | of the speed of light |\n|---|---|---|"
+    return ["## AR steps against the speed of light\n", *lines, "", head, *rows, "", *_pass_costs(doc)]
+
+
+def _pass_costs(doc: dict[str, Any]) -> list[str]:
+    """Every block pass's forward time in AR steps of the same batch size, context and dtype: what
+    the block modes' tokens per forward must buy back (a GPU's block pass costs about one step)."""
+    results = measured(doc["results"])
+    step = {
+        (r["batch_size"], r.get("context_length"), r.get("dtype")): r["forward_ms"]["ar"]
+        for r in results
+        if "ar" in r["forward_ms"]
+    }
+    rows = []
+    for r in results:
+        ar = step.get((r["batch_size"], r.get("context_length"), r.get("dtype")))
+        costs = {k: ms / ar for k, ms in r["forward_ms"].items() if k not in ("ar", "prefill")} if ar else {}
+        if costs:
+            rows.append(f"| {_label(r)} | " + ", ".join(f"{k} {c:.2f}" for k, c in costs.items()) + " |")
+    if not rows:
+        return []
+    return ["## Block passes in AR steps\n\n| config | forward ms / AR step ms |\n|---|---|", *rows, ""]
 
 
 def crossover(results: list[dict[str, Any]]) -> str | None:

@@ -1,4 +1,5 @@
-"""Sweeps of benchmark configurations (mode, batch size, block length, threshold; or a baseline engine) over a suite.
+"""Sweeps of benchmark configurations (mode, batch size, block length, threshold, dtype; or a
+baseline engine) over a suite.
 
 A sweep interleaves its configurations (a shared machine drifts, and neighbours come and go: what
 runs back to back absorbs that unevenly): repeat by repeat, in a shuffled order per repeat (reversed
@@ -50,6 +51,12 @@ class BenchConfig:
     context_length: int | None = None  # the long suite: runs the prompts of this length
     logprobs: int | None = None  # SamplingParams.logprobs: what reporting them costs, beside the plain run
     structured: str | None = None  # SamplingParams.structured as JSON: what the grammar's masks cost
+    dtype: str | None = None  # with several dtypes swept (`--dtype float32,bfloat16`), the model's here
+
+    @property
+    def generator(self) -> str:
+        """The name of the generator that runs it: its engine, in its dtype when dtypes are swept."""
+        return self.engine if self.dtype is None else f"{self.engine}@{self.dtype}"
 
     @property
     def load(self) -> tuple[int, int]:
@@ -73,6 +80,8 @@ class BenchConfig:
             parts.append(f"lp{self.logprobs}")
         if self.structured is not None:
             parts.append("structured")
+        if self.dtype is not None:
+            parts.append(self.dtype)
         if self.control:
             parts.append("(A/A)")
         return " ".join(parts)
@@ -87,10 +96,12 @@ def expand_configs(
     specs: list[str] | None = None,
     logprobs: list[int] | None = None,
     structured: str | None = None,
+    dtypes: list[str] | None = None,
 ) -> list[BenchConfig]:
     """Every configuration (with `specs`, self-spec's in each of those kinds); with `logprobs`, each
     once more per count, asking for that many; with `structured` (SamplingParams.structured as
-    JSON), each once more under that grammar (diffusion, which takes none, excepted)."""
+    JSON), each once more under that grammar (diffusion, which takes none, excepted); with `dtypes`,
+    all of that in each dtype."""
     configs = []
     for length in context_lengths or [None]:
         for bs in batch_sizes:
@@ -104,7 +115,7 @@ def expand_configs(
     extra = [replace(c, logprobs=k) for k in logprobs or [] for c in configs]
     if structured is not None:
         extra += [replace(c, structured=structured) for c in configs if c.mode != "diffusion"]
-    return configs + extra
+    return [replace(c, dtype=d) for d in dtypes or [None] for c in configs + extra]
 
 
 def encode(llm: Generator, prompts: list[BenchPrompt]) -> list[list[int]]:
@@ -123,8 +134,9 @@ def with_control(configs: list[C]) -> list[C]:
 
 
 def reference_key(r: dict[str, Any]) -> tuple[Any, ...]:
-    """What a result's speed-up is measured at: AR's run of the same batch size and context length."""
-    return r["batch_size"], r.get("context_length")
+    """What a result's speed-up is measured at: AR's run of the same batch size, context length and
+    dtype."""
+    return r["batch_size"], r.get("context_length"), r.get("dtype")
 
 
 def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int) -> list[SamplingParams]:
@@ -184,13 +196,16 @@ def sweep(
     repeats: int = 1,
     min_seconds: float = 0.0,
     seed: int = 0,
-    baselines: dict[str, Generator] | None = None,
+    others: dict[str, Generator] | None = None,
 ) -> Sweep:
     """Run `configs` interleaved: warm-up batches round-robin, then per repeat a shuffled order of
     the configurations and, batch by batch, that batch of each (in reverse on odd batches).
     `repeats` 0: repeat until every configuration has `min_seconds` of timed batches (at most
-    MAX_REPEATS). A configuration whose `engine` is a baseline's name runs on `baselines[engine]`."""
-    engines = {"trimode": llm, **(baselines or {})}
+    MAX_REPEATS). A configuration runs on `llm`, or on `others[cfg.generator]` where that names one
+    (a baseline's engine; `trimode@bfloat16`: the model in another dtype)."""
+    engines = {"trimode": llm, **(others or {})}
+    if missing := {cfg.generator for cfg in configs} - engines.keys():
+        raise ValueError(f"no generator for {', '.join(sorted(missing))}")
     ids = {name: encode(g, prompts) for name, g in engines.items()}  # each engine's own tokens
     own = {cfg: [i for i, p in enumerate(prompts) if p.context_length == cfg.context_length] for cfg in configs}
     if empty := [cfg.label for cfg in configs if not own[cfg]]:
@@ -200,9 +215,9 @@ def sweep(
 
     def run(cfg: BenchConfig, k: int) -> tuple[list[GenerationOutput], float]:
         s, n = starts[cfg][k], cfg.batch_size
-        batch = [ids[cfg.engine][i] for i in own[cfg][s : s + n]]
+        batch = [ids[cfg.generator][i] for i in own[cfg][s : s + n]]
         t0 = time.perf_counter()
-        outs = engines[cfg.engine].generate(batch, params[cfg][s : s + n])
+        outs = engines[cfg.generator].generate(batch, params[cfg][s : s + n])
         return outs, time.perf_counter() - t0
 
     for k in range(warmup):

@@ -173,7 +173,9 @@ class CompiledForward:
         return self._programs[kind]([*tensors, *k, *v, *extra])[0]
 
     def path(self, kind: str) -> Path:
-        return self.cache_dir / f"{kind}-{self._key}.pt2"
+        # The key hashes the weights, so it differs by dtype already; the name says it to a reader.
+        dtype = str(self.model.diffusion_head.weight.dtype).removeprefix("torch.")
+        return self.cache_dir / f"{kind}-{dtype}-{self._key}.pt2"
 
     def _load(self, kind: str) -> bool:
         path = self.path(kind)

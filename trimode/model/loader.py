@@ -34,6 +34,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> ModelConfig:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = read_json(Path(path) / "config.json")
     try:
         return ModelConfig.from_hf(cfg)
@@ -120,8 +122,6 @@ def load_model(
 ) -> Transformer:
     """`tp`: load only this rank's tensor-parallel slices (`shard_model`), read from disk as slices."""
     path, device = Path(path), torch.device(device)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = load_config(path)
     with torch.device("meta"):  # no memory until the real tensors are assigned
         model = Transformer(cfg)
