@@ -318,7 +318,7 @@ def _bench(args: argparse.Namespace) -> int:
     from trimode.bench.hf_baseline import baseline_summary
     from trimode.bench.machine import dtype_card, machine_card
     from trimode.bench.report import crossover, table, write
-    from trimode.bench.runner import BenchConfig, expand_configs, sweep, with_control
+    from trimode.bench.runner import BenchConfig, Generator, expand_configs, sweep, with_control
     from trimode.bench.suites import load_suite, long_suite, parse_length
 
     modes = _mode_list(args.modes)
@@ -355,11 +355,12 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         prompts = load_suite(args.suite, args.num_prompts)
     versions = {"trimode": __version__, "torch": torch.__version__}
-    configs, others = with_control(configs), dict(llms)
+    configs, others = with_control(configs), dict[str, Generator](llms)
     # The baseline runs beside trimode AR at batch 1 (and the shortest context, where there are
     # several), in each dtype.
     pairs = []  # (baseline, trimode AR) configurations
-    for d in dtypes or [None]:
+    swept: list[str | None] = list(dtypes) if dtypes else [None]
+    for d in swept:
         ar1 = BenchConfig("ar", 1, context_length=min(lengths) if long else None, dtype=d)
         pairs.append((dataclasses.replace(ar1, engine=args.baseline or "hf"), ar1))
     if args.baseline:
@@ -370,7 +371,7 @@ def _bench(args: argparse.Namespace) -> int:
         versions["transformers"] = transformers.__version__
         path = args.baseline.removeprefix("hf").removeprefix(":")
         for hf1, ar1 in pairs:
-            mine = others.get(ar1.generator, llm)
+            mine = llms.get(ar1.generator, llm)
             others[hf1.generator] = (
                 HFGenerator.from_path(path, mine.device, mine.model.diffusion_head.weight.dtype)
                 if path

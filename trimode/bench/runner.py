@@ -33,7 +33,7 @@ from trimode.tokenizer import Tokenizer
 class Generator(Protocol):
     tokenizer: Tokenizer
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationOutput]: ...
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams], /) -> list[GenerationOutput]: ...
 
 
 C = TypeVar("C")  # a frozen configuration dataclass with `mode`, `load` and `control`: offline or over HTTP
@@ -115,7 +115,8 @@ def expand_configs(
     extra = [replace(c, logprobs=k) for k in logprobs or [] for c in configs]
     if structured is not None:
         extra += [replace(c, structured=structured) for c in configs if c.mode != "diffusion"]
-    return [replace(c, dtype=d) for d in dtypes or [None] for c in configs + extra]
+    swept: list[str | None] = list(dtypes) if dtypes else [None]
+    return [replace(c, dtype=d) for d in swept for c in configs + extra]
 
 
 def encode(llm: Generator, prompts: list[BenchPrompt]) -> list[list[int]]:

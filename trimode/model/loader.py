@@ -6,10 +6,11 @@ mapping is the identity; the draft LoRA's PEFT names map onto `self_attn.draft_l
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -104,7 +105,7 @@ def _read_tensors(
     return out
 
 
-def _data_spans(raw: BinaryIO) -> dict[str, tuple[torch.dtype, int, int]]:
+def _data_spans(raw: io.BufferedReader) -> dict[str, tuple[torch.dtype, int, int]]:
     """A safetensors file's floating tensors: name -> (dtype, first byte, end byte) in the file."""
     header_size = int.from_bytes(raw.read(8), "little")
     header = json.loads(raw.read(header_size))
@@ -119,7 +120,9 @@ def _data_spans(raw: BinaryIO) -> dict[str, tuple[torch.dtype, int, int]]:
     }
 
 
-def _read_aligned(raw: BinaryIO, span: tuple[torch.dtype, int, int], shape: torch.Size, name: str) -> torch.Tensor:
+def _read_aligned(
+    raw: io.BufferedReader, span: tuple[torch.dtype, int, int], shape: torch.Size, name: str
+) -> torch.Tensor:
     """A tensor's bytes read from the file into a fresh CPU tensor. Safetensors aligns data to 8
     bytes, so a tensor used in place from the file's mapping starts mid cache line, and oneDNN's bf16
     matmuls streamed such weights ~6% slower (an nld-3b AR step, interleaved); a fresh tensor starts
@@ -128,7 +131,7 @@ def _read_aligned(raw: BinaryIO, span: tuple[torch.dtype, int, int], shape: torc
     dtype, begin, end = span
     t = torch.empty(shape, dtype=dtype)
     raw.seek(begin)
-    if raw.readinto(t.view(-1).view(torch.uint8).numpy()) != end - begin:
+    if raw.readinto(t.view(-1).view(torch.uint8).numpy().data) != end - begin:
         raise ValueError(f"tensor `{name}` is cut short in its file")
     return t
 
