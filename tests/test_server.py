@@ -277,7 +277,7 @@ def test_structured_output_through_the_client(client, offline):
 @pytest.mark.parametrize(
     "body,message",
     [
-        ({"tool_choice": "required"}, "does not parse tool calls"),
+        ({"tool_choice": "required"}, "needs `tools`"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "'image_url'"),
         ({"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "may not set \\['chat_template'\\]"),
     ],
@@ -553,3 +553,9 @@ def test_bench_over_http_counts_failures_and_runs_for_a_duration(server, tmp_pat
     assert (r["num_requests"], r["num_failed"]) == (0, 4) and "HTTP 404" in r["failures"][0]
     assert main(["bench", "--endpoint", "http://127.0.0.1:9/v1", "--concurrency", "1"]) == 2
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_forced_tool_calls_need_a_parser(client):
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError, match="--tool-call-parser"):
+        client.chat.completions.create(model=MODEL, messages=CHAT, tools=[tool], tool_choice="required", max_tokens=4)

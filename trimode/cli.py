@@ -539,8 +539,12 @@ def _serve(args: argparse.Namespace) -> int:
     from trimode.server.app import build_app
     from trimode.server.async_engine import AsyncEngine
     from trimode.server.http_server import serve
+    from trimode.server.tool_parsers import tool_parser
 
     SamplingParams(mode=args.default_mode)  # validates the mode with the usual message
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME (mistral or hermes)")
+    parser = tool_parser(args.tool_call_parser) if args.tool_call_parser is not None else None
     for flag, value in (
         ("--shutdown-timeout", args.shutdown_timeout),
         ("--read-timeout", args.read_timeout),
@@ -585,6 +589,8 @@ def _serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         generation_defaults=defaults,
         max_logprob_entries=args.max_logprob_entries,
+        tool_parser=parser,
+        auto_tool_choice=args.enable_auto_tool_choice,
     )
     name = names[0]
 
@@ -913,6 +919,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_LOGPROB_ENTRIES,
         help="log-probabilities one request may ask for: n x the sum over its prompts of (prompt tokens with "
         f"echo + max_tokens) x (logprobs + 1); more is refused with 400 (default {MAX_LOGPROB_ENTRIES:,})",
+    )
+    v.add_argument(
+        "--tool-call-parser",
+        help="the model's tool-call format (mistral: NLD's and Ministral's; hermes: <tool_call> JSON): "
+        "tool_choice 'required' or a named function then forces a valid call with a grammar",
+    )
+    v.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="also read tool calls out of answers under tool_choice 'auto' (needs --tool-call-parser)",
     )
     v.add_argument("--access-log", action="store_true", help="log one line per request (never the prompt)")
     v.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")

@@ -28,15 +28,31 @@ SPECIAL_TOKEN_IDS = {UNK: 0, BOS: 1, EOS: 2, PAD: 3, THINK: 4, END_THINK: 5, IM_
 NUM_RESERVED_IDS = 128  # ids [0, 128) are special; unnamed ones become <SPECIAL_i>
 
 # ChatML with an empty system turn and reasoning off by default (the assistant turn then starts
-# with an empty <think></think>), as the release's template does.
+# with an empty <think></think>), as the release's template does. Tools, assistant tool calls and
+# tool results are written in Hermes' format (`--tool-call-parser hermes` reads the calls back): the
+# tools as JSON lines in <tools> at the end of the system turn, each call in <tool_call>, each
+# result as a user turn in <tool_response>. A chat without them renders as it always has.
 CHATML_TEMPLATE = (
     "{{ bos_token }}"
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n<|im_end|>\n{% endif %}"
+    "{% set tools_block %}{% if tools %}{% if messages[0]['role'] == 'system' %}\n\n{% endif %}"
+    "# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>{% endif %}{% endset %}"
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n{{ tools_block }}<|im_end|>\n{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user, assistant or tool') }}"
     "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% if message['role'] == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response><|im_end|>\n"
+    "{% else %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "{% if loop.first and message['role'] == 'system' %}{{ tools_block }}{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{% if message['content'] or not loop.first %}\n{% endif %}"
+    "<tool_call>\n{\"name\": \"{{ call['function']['name'] }}\", "
+    "\"arguments\": {{ call['function']['arguments'] }}}\n</tool_call>"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking %}<think>\n{% else %}<think></think>{% endif %}"

@@ -40,6 +40,7 @@ from trimode.server.protocol import (
     TokenizeRequest,
     template_messages,
 )
+from trimode.server.tool_parsers import Delta, ToolParser, ToolStream
 
 MAX_BODY_BYTES = 1_000_000
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -107,11 +108,15 @@ def build_app(
     seed: int | None = None,
     generation_defaults: dict[str, Any] | None = None,
     max_logprob_entries: int = MAX_LOGPROB_ENTRIES,
+    tool_parser: ToolParser | None = None,
+    auto_tool_choice: bool = False,
 ) -> FastAPI:
     """The app over a running `engine`. `model_name`: the name, or names, clients may send (the
     first is the one responses carry); `seed`: where requests without one get theirs (reproducible
     runs); `generation_defaults`: sampling defaults for fields requests leave unset;
-    `max_logprob_entries`: the most log-probabilities one request may ask for (`logprobs.py`)."""
+    `max_logprob_entries`: the most log-probabilities one request may ask for (`logprobs.py`);
+    `tool_parser`: the model's tool-call format, which tool_choice "required" or a named function
+    forces with a grammar, and which `auto_tool_choice` also reads out of free answers."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     model_name = names[0]
     seeds = random.Random(seed) if seed is not None else None
@@ -255,14 +260,25 @@ def build_app(
         return {"prompt": await engine.run_blocking(tokenizer.decode, body.tokens)}
 
     async def start(
-        body: CompletionRequest | ChatCompletionRequest, prepare: list[Callable[[], list[int]]], prefix: str
+        body: CompletionRequest | ChatCompletionRequest,
+        prepare: list[Callable[[], list[int]]],
+        prefix: str,
+        structured: dict[str, Any] | None = None,
     ) -> tuple[str, list[AsyncIterator[RequestOutput]]]:
         """Tokenize each prompt (`prepare`, on a worker thread), then hand them to the engine, one
-        request each; if one is refused, those already queued are aborted."""
+        request each; if one is refused, those already queued are aborted. `structured`: a
+        grammar the request's own fields may not also set (a forced tool call's)."""
         request_id = engine.new_request_id(prefix)
         submitted, streams = [], []
         try:
             params = body.sampling_params(default_mode, generation_defaults)
+            if structured is not None:
+                if params.structured is not None:
+                    raise ValueError(
+                        "tool_choice 'required' or a named function makes the answer a tool call: leave out "
+                        "response_format and the guided_* fields"
+                    )
+                params = dataclasses.replace(params, structured=structured)
             if params.seed is None and seeds is not None:
                 params = dataclasses.replace(params, seed=seeds.getrandbits(63))
             samples = params.samples()  # n samples of a prompt: n requests, sharing its pages
@@ -307,8 +323,21 @@ def build_app(
         def prepare() -> list[int]:
             return chat_ids(body.chat(), body.add_special_tokens, **body.template_kwargs())
 
-        request_id, streams = await start(body, [prepare], "chatcmpl")
-        return await respond(body, request_id, streams, http, chat=True)
+        forced, structured = body.forced_tools(), None
+        if forced is not None:
+            if tool_parser is None:
+                raise APIError(
+                    400,
+                    "tool_choice 'required' or a named function needs a server started with --tool-call-parser NAME "
+                    "(the model's tool-call format)",
+                    "invalid_request_error",
+                    "tool_choice",
+                )
+            structured = {"grammar": tool_parser.grammar(forced, body.parallel_tool_calls is not False)}
+        reads_calls = forced is not None or (auto_tool_choice and body.tool_choice in (None, "auto"))
+        tools = tool_parser if body.tools and reads_calls else None
+        request_id, streams = await start(body, [prepare], "chatcmpl", structured)
+        return await respond(body, request_id, streams, http, chat=True, tools=tools)
 
     async def collect(streams: list[AsyncIterator[RequestOutput]], http: Request) -> list[GenerationOutput] | None:
         """Every prompt's finished result, in order; None if the client hung up first. Cancelling a
@@ -367,12 +396,14 @@ def build_app(
         http: Request,
         chat: bool,
         echo: list[str] | None = None,
+        tools: ToolParser | None = None,
     ) -> Any:
+        """`tools`: the parser that reads tool calls out of each chat choice's text."""
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                sse(body, request_id, created, streams, chat, include_usage, http, echo),
+                sse(body, request_id, created, streams, chat, include_usage, http, echo, tools),
                 media_type="text/event-stream",
             )
         try:
@@ -384,7 +415,7 @@ def build_app(
         http.state.usage = usage(finals)
         # Built and serialised on a worker thread: with logprobs the answer can run to megabytes,
         # and the event loop serves /health and every stream meanwhile.
-        return await engine.run_blocking(document, body, request_id, created, finals, chat, echo)
+        return await engine.run_blocking(document, body, request_id, created, finals, chat, echo, tools)
 
     def document(
         body: CompletionRequest | ChatCompletionRequest,
@@ -393,18 +424,31 @@ def build_app(
         finals: list[GenerationOutput],
         chat: bool,
         echo: list[str] | None,
+        tools: ToolParser | None = None,
     ) -> JSONResponse:
         """A whole (not streamed) answer."""
         if chat:
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": f.text},
-                    "logprobs": chat_choice_logprobs(body, f.token_ids, f.logprobs),
-                    "finish_reason": f.finish_reason,
-                }
-                for i, f in enumerate(finals)
-            ]
+            choices = []
+            for i, f in enumerate(finals):
+                message: dict[str, Any] = {"role": "assistant", "content": f.text}
+                finish = f.finish_reason
+                calls = tools.parse(f.text, f.finish_reason == "length") if tools is not None else (f.text, [])
+                if calls[1]:
+                    kept = calls[1][:1] if body.parallel_tool_calls is False else calls[1]
+                    message = {
+                        "role": "assistant",
+                        "content": calls[0] or None,
+                        "tool_calls": [c.message() for c in kept],
+                    }
+                    finish = "tool_calls"
+                choices.append(
+                    {
+                        "index": i,
+                        "message": message,
+                        "logprobs": chat_choice_logprobs(body, f.token_ids, f.logprobs),
+                        "finish_reason": finish,
+                    }
+                )
         else:
             choices = [
                 completion_choice(
@@ -437,17 +481,28 @@ def build_app(
         include_usage: bool,
         http: Request,
         echo: list[str] | None,
+        tools: ToolParser | None = None,
     ) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         sent = [0] * len(streams)  # characters of each choice's text streamed so far
+        # Per choice, its text split into content and tool calls as it streams.
+        limit = 1 if isinstance(body, ChatCompletionRequest) and body.parallel_tool_calls is False else None
+        calls = [ToolStream(tools, limit) for _ in streams] if tools is not None else None
 
         def chunk(index: int, out: RequestOutput | None, finish: str | None, first: bool = False) -> str:
             text, ids = (out.delta_text, out.new_token_ids) if out is not None else ("", [])
             positions = out.new_logprobs if out is not None else None
             if chat:
-                delta: dict[str, Any] = (
-                    {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-                )
+                split = Delta(content=text)
+                if calls is not None:
+                    split = calls[index].feed(text) if finish is None else calls[index].finish(finish == "length")
+                    if calls[index].calls and finish is not None:
+                        finish = "tool_calls"
+                delta: dict[str, Any] = {"role": "assistant", "content": split.content} if first else {}
+                if split.content and not first:
+                    delta["content"] = split.content
+                if split.tool_calls:
+                    delta["tool_calls"] = split.tool_calls
                 choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
                 if ids and body.logprobs:
                     choice["logprobs"] = chat_choice_logprobs(body, ids, positions)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from trimode.engine.inputs import chat_messages, message_text
 from trimode.sampling_params import MAX_LOGPROBS, MAX_N, MAX_TOP_K, REQUEST_MODES, SEED_RANGE, SamplingParams
+from trimode.server.tool_parsers.base import NAME
 
 MAX_TOKENS_LIMIT = 4096
 MAX_PROMPT_CHARS = 200_000  # a completion prompt, or all the messages of a chat together
@@ -37,6 +38,10 @@ def _unicode(text: str, what: str) -> str:
             f"{what} holds a lone UTF-16 surrogate at character {e.start}: send valid Unicode text"
         ) from None
     return text
+
+
+def _function_name(name: object) -> bool:
+    return isinstance(name, str) and NAME.fullmatch(name) is not None
 
 
 def _is_ids(v: object) -> bool:
@@ -305,15 +310,57 @@ class ChatCompletionRequest(_Common):
             raise ValueError(f"chat_template_kwargs may not set {taken}")
         return v
 
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, tool in enumerate(v or []):
+            fn = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(fn, dict) or not _function_name(fn.get("name")):
+                raise ValueError(
+                    f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": {{...}}}}}}, '
+                    "its name 1 to 64 letters, digits, _ . or -"
+                )
+            if not isinstance(fn.get("parameters", {}), dict):
+                raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+        return v
+
     @field_validator("tool_choice")
     @classmethod
     def _tool_choice(cls, v: str | dict | None) -> str | dict | None:
-        if v not in (None, "none", "auto"):
+        if v in (None, "none", "auto", "required"):
+            return v
+        fn = v.get("function") if isinstance(v, dict) else None
+        if (
+            isinstance(v, dict)
+            and v.get("type") == "function"
+            and isinstance(fn, dict)
+            and _function_name(fn.get("name"))
+        ):
+            return v
+        raise ValueError(
+            'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+        )
+
+    @model_validator(mode="after")
+    def _chosen_tool_exists(self) -> ChatCompletionRequest:
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+        if forced and not self.tools:
+            raise ValueError("tool_choice 'required' or a named function needs `tools`")
+        if isinstance(self.tool_choice, dict) and not self.forced_tools():
             raise ValueError(
-                "trimode does not parse tool calls out of the model's text yet, so it cannot force one: "
-                "use tool_choice 'auto' or 'none' (the tools still reach the chat template)"
+                f"tool_choice names {self.tool_choice['function']['name']!r}, which is not among the tools"
             )
-        return v
+        return self
+
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the answer must call (tool_choice "required": any of them; a named function:
+        that one); None when the model may answer in text."""
+        if self.tool_choice == "required":
+            return self.tools
+        if isinstance(self.tool_choice, dict):
+            name = self.tool_choice["function"]["name"]
+            return [t for t in self.tools or [] if t["function"]["name"] == name]
+        return None
 
     def chat(self) -> list[dict[str, Any]]:
         return template_messages(self.messages)
