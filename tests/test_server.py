@@ -145,6 +145,7 @@ def test_the_request_shapes_clients_send(client, offline):
     )
     assert r.choices[0].text == chat.text and r.usage.prompt_tokens == chat.num_prompt_tokens
     plain = [{"role": "system", "content": "Be brief."}, *CHAT]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]  # rendered in the system turn
     parts = [
         {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
         {"role": "user", "content": [{"type": "text", "text": CHAT[0]["content"]}]},
@@ -158,11 +159,11 @@ def test_the_request_shapes_clients_send(client, offline):
         store=False,
         metadata={"run": "test"},
         response_format={"type": "text"},  # the default: no structure
-        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        tools=tools,
         tool_choice="auto",
         parallel_tool_calls=False,
     )
-    assert r.choices[0].message.content == offline.chat(plain, params)[0].text
+    assert r.choices[0].message.content == offline.chat(plain, params, tools=tools)[0].text
     r = client.completions.create(model="alias", prompt=texts[0], temperature=0, max_tokens=8)
     assert r.choices[0].text == want[0] and r.model == MODEL
 

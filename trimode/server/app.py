@@ -434,7 +434,8 @@ def build_app(
                 finish = f.finish_reason
                 calls = tools.parse(f.text, f.finish_reason == "length") if tools is not None else (f.text, [])
                 if calls[1]:
-                    kept = calls[1][:1] if body.parallel_tool_calls is False else calls[1]
+                    one = isinstance(body, ChatCompletionRequest) and body.parallel_tool_calls is False
+                    kept = calls[1][:1] if one else calls[1]
                     message = {
                         "role": "assistant",
                         "content": calls[0] or None,

@@ -132,9 +132,9 @@ class ToolStream:
             keep = next(
                 (k for k in range(min(len(start) - 1, len(self.text)), 0, -1) if start.startswith(self.text[-k:])), 0
             )
-            out = self.text[self.sent : len(self.text) - keep]
-            self.sent += len(out)
-            return Delta(content=out)
+            content = self.text[self.sent : len(self.text) - keep]
+            self.sent += len(content)
+            return Delta(content=content)
         out = Delta(content=self.text[self.sent : at] if at >= 0 and self.calls == 0 else "")
         if at >= 0:
             self.sent = max(self.sent, at)
