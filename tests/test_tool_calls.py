@@ -202,3 +202,52 @@ def test_a_call_and_its_result_round_trip_through_the_template(client):
     assert "<tool_response>\nsunny\n</tool_response>" in text
     again = client.chat.completions.create(model=MODEL, messages=turns, tools=[WEATHER], temperature=0, max_tokens=8)
     assert again.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_langchain_binds_tools_and_gets_structured_output(client):
+    """LangChain's two tool paths: `bind_tools(...).invoke` and `with_structured_output(method=
+    "function_calling")`, which names its schema as the one function to call."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        """The weather in a city over some days."""
+
+        city: str
+        days: int
+
+    chat = langchain_openai.ChatOpenAI(
+        model=MODEL, base_url=str(client.base_url), api_key="unused", temperature=0, max_tokens=80, max_retries=0
+    )
+    message = chat.bind_tools([WEATHER], tool_choice="any").invoke("Weather in Paris for 3 days?")
+    (call,) = message.tool_calls
+    assert (
+        call["name"] == "get_weather"
+        and isinstance(call["args"]["city"], str)
+        and isinstance(call["args"]["days"], int)
+    )
+    weather = chat.with_structured_output(Weather, method="function_calling").invoke("Weather in Oslo for 2 days?")
+    assert isinstance(weather, Weather)
+
+
+def test_forced_arguments_take_no_properties_their_schema_does_not_list():
+    """JSON Schema allows extra properties unless told otherwise; a forced model given that freedom
+    invents keys until max_tokens, so the grammar closes every listed object (not open ones, nor
+    ones whose schema speaks of others), at every depth."""
+    from trimode.server.tool_parsers.base import closed
+
+    nested = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    schema = {
+        "type": "object",
+        "properties": {"properties": nested, "list": {"type": "array", "items": nested}},
+        "$defs": {"open": {"type": "object", "properties": {}, "additionalProperties": True}},
+        "anyOf": [nested, {"type": "object"}],
+    }
+    shut = {**nested, "additionalProperties": False}
+    assert closed(schema) == {
+        **schema,
+        "properties": {"properties": shut, "list": {"type": "array", "items": shut}},
+        "anyOf": [shut, {"type": "object"}],
+        "additionalProperties": False,
+    }
+    assert '"additionalProperties": false' in tool_parser("hermes").grammar([WEATHER], False)

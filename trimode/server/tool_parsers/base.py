@@ -61,8 +61,30 @@ def function_name(tool: dict[str, Any]) -> str:
 
 def arguments_rule(index: int, tool: dict[str, Any]) -> str:
     """The Lark rule `args_<index>`: JSON matching the tool's `parameters` schema (any object
-    without one)."""
-    return f"args_{index}: %json {json.dumps(tool['function'].get('parameters') or {'type': 'object'})}"
+    without one), closed: an object whose schema lists its properties gets no others unless the
+    schema says so. JSON Schema allows extra properties by default, and a forced model left that
+    freedom (measured on the embedded model with a Pydantic schema) invents keys until max_tokens."""
+    return f"args_{index}: %json {json.dumps(closed(tool['function'].get('parameters') or {'type': 'object'}))}"
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` wherever it lists `properties` and says nothing
+    of others, at every depth (through properties, $defs, items, anyOf and the like)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in ("properties", "patternProperties", "$defs", "definitions"):
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    for key in ("items", "additionalItems", "additionalProperties", "contains", "not", "if", "then", "else"):
+        if key in out:
+            out[key] = closed(out[key])
+    for key in ("anyOf", "allOf", "oneOf", "prefixItems"):
+        if isinstance(out.get(key), list):
+            out[key] = [closed(sub) for sub in out[key]]
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def lark_string(text: str) -> str:
