@@ -8,6 +8,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,12 +39,16 @@ from trimode.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    ignored_fields,
     template_messages,
 )
 from trimode.server.tool_parsers import Delta, ToolParser, ToolStream
 
+log = logging.getLogger("trimode.server")
+
 MAX_BODY_BYTES = 1_000_000
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+IGNORED_HEADER = "x-trimode-ignored-fields"  # a response's: the request fields trimode did not use
 STALL_S = 30.0  # /health fails once the engine thread has not come round its loop for this long
 # What validation and the engine raise for one request; APIError.of says what the client is told.
 SERVING_ERRORS = (ValueError, QueueFull, ShuttingDown, WorkerDead, EngineError)
@@ -300,9 +305,30 @@ def build_app(
             raise APIError.of(e) from e
         return request_id, streams
 
+    logged: set[str] = set()  # ignored field names already logged
+
+    def ignore_unknown(body: CompletionRequest | ChatCompletionRequest) -> list[str]:
+        """The request's unknown fields (refusing those that change the answer), each logged the
+        first time the server meets it."""
+        try:
+            names = ignored_fields(body)
+        except ValueError as e:
+            raise APIError.of(e) from e
+        for name in sorted(set(names) - logged):
+            logged.add(name)
+            log.info("ignoring the request field `%s`, which trimode does not use", name)
+        return names
+
+    def flag_ignored(response: Any, names: list[str]) -> Any:
+        """`response` with the header naming the fields it ignored."""
+        if names and isinstance(response, Response):
+            response.headers[IGNORED_HEADER] = ", ".join(names)
+        return response
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
         check_model(body.model)
+        ignored = ignore_unknown(body)
         many = len(body.prompt) > 1
 
         def prepare(i: int, prompt: str | list[int]) -> Callable[[], list[int]]:
@@ -314,11 +340,12 @@ def build_app(
         if body.echo:  # each choice's text begins with its prompt's
             texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompt]
             echo = [t for t in texts for _ in range(body.n)]
-        return await respond(body, request_id, streams, http, chat=False, echo=echo)
+        return flag_ignored(await respond(body, request_id, streams, http, chat=False, echo=echo), ignored)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Any:
         check_model(body.model)
+        ignored = ignore_unknown(body)
 
         def prepare() -> list[int]:
             return chat_ids(body.chat(), body.add_special_tokens, **body.template_kwargs())
@@ -337,7 +364,7 @@ def build_app(
         reads_calls = forced is not None or (auto_tool_choice and body.tool_choice in (None, "auto"))
         tools = tool_parser if body.tools and reads_calls else None
         request_id, streams = await start(body, [prepare], "chatcmpl", structured)
-        return await respond(body, request_id, streams, http, chat=True, tools=tools)
+        return flag_ignored(await respond(body, request_id, streams, http, chat=True, tools=tools), ignored)
 
     async def collect(streams: list[AsyncIterator[RequestOutput]], http: Request) -> list[GenerationOutput] | None:
         """Every prompt's finished result, in order; None if the client hung up first. Cancelling a

@@ -1,6 +1,9 @@
-"""Request bodies of the OpenAI API as trimode accepts them. Unknown fields and unsupported values
-are refused with a message naming the field, never silently ignored. Types are strict: `true`,
-`1.0` or `"1"` is not an integer, a number is not text."""
+"""Request bodies of the OpenAI API as trimode accepts them. Unknown fields are accepted and
+ignored, as vLLM does: clients (SDK upgrades, agent frameworks, proxies) send fields a server does
+not know. The server names them in a log line and a response header (`ignored_fields`). Unknown
+fields that change what the answer must be (`REFUSED_FIELDS`) and unsupported values are refused
+with a message naming the field. Types are strict: `true`, `1.0` or `"1"` is not an integer, a
+number is not text."""
 
 from __future__ import annotations
 
@@ -53,16 +56,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Unknown fields trimode cannot ignore: each asks for an answer of another kind than it gives.
+REFUSED_FIELDS = {
+    "functions": "the legacy function-calling API: send `tools` instead",
+    "function_call": "the legacy function-calling API: send `tool_choice` instead",
+    "audio": "trimode answers in text only",
+    "modalities": "trimode answers in text only",
+    "web_search_options": "trimode does not search the web",
+}
+
+
 def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
-    """Request messages as the chat template reads them (`inputs.chat_messages`)."""
-    return chat_messages([m.model_dump(exclude_none=True) for m in messages])
+    """Request messages as the chat template reads them (`inputs.chat_messages`), without fields
+    trimode does not know."""
+    return chat_messages([m.model_dump(exclude_none=True, exclude=set(m.model_extra or {})) for m in messages])
+
+
+def ignored_fields(body: BaseModel) -> list[str]:
+    """The fields of a request trimode does not know (a message's as `messages.NAME`), which it
+    ignores; ValueError naming the first that would change the answer (REFUSED_FIELDS)."""
+    names = list(body.model_extra or {})
+    for m in getattr(body, "messages", None) or []:
+        names += [f"messages.{k}" for k in m.model_extra or {} if f"messages.{k}" not in names]
+    for name in names:
+        if name in REFUSED_FIELDS:
+            raise ValueError(f"`{name}` is not supported: {REFUSED_FIELDS[name]}")
+    return names
 
 
 class Message(BaseModel):
     """An OpenAI chat message. Content is text or a list of text parts (`inputs.message_text`);
     tool calls and results reach the chat template as they are."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)  # before content, which reads it
     content: str | list[dict[str, Any]] | None = Field(None, validate_default=True)
@@ -85,7 +111,7 @@ class Message(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)  # 0: score the prompt only (echo)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
