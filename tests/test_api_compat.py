@@ -57,3 +57,35 @@ def test_openai_message_shapes_and_template_options(llm):
     assert out.prompt == "[system|be brief][user|a\nb]1"
     with pytest.raises(ValueError, match="does not parse"):
         llm.chat(plain, sp, chat_template="{% for %}")
+
+
+def test_vllm_constructor_arguments_run_unchanged():
+    """A vLLM script's LLM(...) call: enforce_eager and seed mean what they mean there; the
+    options that mean nothing here warn once each; a misspelt one is still a TypeError."""
+    from trimode import LLM
+
+    with pytest.warns(UserWarning, match="gpu_memory_utilization=...\\) is ignored"):
+        a = LLM(gpu_memory_utilization=0.9, enforce_eager=True, seed=3, trust_remote_code=True, max_model_len=256)
+    assert a.runner.compiled is None and a.max_model_len == 256
+    b = LLM(enforce_eager=True, seed=3)
+    sampled = SamplingParams(temperature=1.0, max_tokens=12)  # unseeded: the LLM's seed decides
+    assert [o.token_ids for o in a.generate(PROMPTS, sampled)] == [o.token_ids for o in b.generate(PROMPTS, sampled)]
+    with pytest.raises(TypeError, match="gpu_memory_utilisation"):
+        LLM(gpu_memory_utilisation=0.9)
+
+
+def test_vllm_output_fields(llm):
+    assert llm.get_tokenizer() is llm.tokenizer
+    first = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    then = llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, logprobs=1), use_tqdm=False)[0]
+    ids = [int(o.request_id) for o in first + [then]]
+    assert ids == list(range(ids[0], ids[0] + 3)) and all(o.finished for o in first)
+    (done,) = then.outputs
+    assert done.cumulative_logprob == pytest.approx(sum(p[t].logprob for p, t in zip(then.logprobs, then.token_ids)))
+    assert first[0].outputs[0].cumulative_logprob is None and first[0].outputs[0].stop_reason is None  # length
+    text = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    by_string = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True, stop=[text.text[2:4]]))[0]
+    assert by_string.outputs[0].stop_reason == text.text[2:4] and by_string.finish_reason == "stop"
+    stop_id = text.token_ids[3]
+    by_id = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id]))[0]
+    assert by_id.outputs[0].stop_reason == stop_id and by_id.finish_reason == "stop"

@@ -82,7 +82,7 @@ class FakeLLM:
         self.tokenizer = tokenizer
         self.calls = 0
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, use_tqdm=False):
         self.calls += 1
         outs = []
         for p, sp in zip(prompts, params):

@@ -29,7 +29,7 @@ class ClockedLLM:
     def perf_counter(self) -> float:
         return self.now
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, use_tqdm=False):
         sp = params[0]
         self.calls.append((sp.mode, sp.block_length, prompts[0][-1]))
         n = sp.max_tokens

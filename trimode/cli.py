@@ -44,9 +44,9 @@ def _generate(args: argparse.Namespace) -> int:
     llm = _load_llm(args)
     start = time.perf_counter()
     if args.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=False)
     else:
-        outputs = llm.generate(args.prompts, params)
+        outputs = llm.generate(args.prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     for out in outputs:
         if args.json:

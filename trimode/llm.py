@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,30 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, num_parameters
     return DTYPES[dtype]
 
 
+# vLLM `LLM` arguments trimode accepts and ignores: what each would have done, and why not here.
+VLLM_OPTIONS = {
+    "gpu_memory_utilization": "offline generation sizes its KV pool to the call's requests",
+    "trust_remote_code": "trimode runs NLD checkpoints with its own code",
+    "swap_space": "trimode preempts by recomputing, never swapping",
+    "max_num_seqs": "offline generation batches every prompt of a call",
+    "enable_prefix_caching": "prefix caching is always on",
+    "disable_log_stats": "trimode logs no engine statistics offline",
+    "tokenizer_mode": "the checkpoint's tokenizer.json is always used",
+}
+_warned: set[str] = set()
+
+
+def check_vllm_options(options: dict[str, Any]) -> None:
+    """TypeError for an argument neither trimode nor VLLM_OPTIONS knows; a warning, once per
+    process, for each known one."""
+    unknown = sorted(set(options) - VLLM_OPTIONS.keys())
+    if unknown:
+        raise TypeError(f"LLM() got unexpected keyword arguments {unknown}")
+    for name in sorted(set(options) - _warned):
+        _warned.add(name)
+        warnings.warn(f"LLM({name}=...) is ignored: {VLLM_OPTIONS[name]}", stacklevel=3)
+
+
 class LLM:
     def __init__(
         self,
@@ -78,15 +104,28 @@ class LLM:
         load_draft_lora: bool = True,
         compile: str | bool = "auto",
         tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
+        seed: int | None = None,
+        **vllm_options: Any,
     ) -> None:
         """`compile`: on a CPU, one-batch forwards as compiled programs (`engine/compiled.py`):
         "auto" runs those in the cache, True also compiles the missing ones (once). On a GPU,
-        "auto" and True run decode passes as CUDA graphs (`engine/cuda_graphs.py`). False: eager.
+        "auto" and True run decode passes as CUDA graphs (`engine/cuda_graphs.py`). False (or
+        vLLM's `enforce_eager=True`): eager.
 
         `tensor_parallel_size` N > 1 splits the weights and the KV heads over N processes
         (`engine/tp_workers.py`): under torchrun, the N ranks it launched (ranks > 0 serve
         forwards inside this call and exit with rank 0); otherwise N - 1 worker processes it
-        spawns, on cuda:1.. or the CPU. `close()` stops them."""
+        spawns, on cuda:1.. or the CPU. `close()` stops them.
+
+        `seed` (vLLM's): requests without a seed of their own get one drawn from it, so a run
+        repeats. `vllm_options`: vLLM's other common arguments (VLLM_OPTIONS), accepted with a
+        warning where they mean nothing here, so vLLM scripts run unchanged."""
+        check_vllm_options(vllm_options)
+        if enforce_eager:
+            compile = False
+        self._seeds = random.Random(seed) if seed is not None else None
+        self._requests = 0  # prompts given so far: their request ids
         if model is None and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
             raise ValueError(
                 f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "
@@ -136,6 +175,10 @@ class LLM:
             run_worker(load_model(path, dtype, device, load_draft_lora, tp=tp), control)
             raise SystemExit(0)
         return device, TensorParallelDriver(tp, control, not torchrun and device.type == "cpu", workers)
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (vLLM's name): encode, decode, apply_chat_template."""
+        return self.tokenizer
 
     def close(self) -> None:
         """Stop this LLM's tensor-parallel workers, if it has any (also done at exit)."""
@@ -197,7 +240,7 @@ class LLM:
         self,
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
         *,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[GenerationOutput]:
@@ -213,7 +256,7 @@ class LLM:
         self,
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
@@ -252,6 +295,12 @@ class LLM:
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(ids)
         if len(per_prompt) != len(ids):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(ids)} prompts: give one, or one each")
+        if self._seeds is not None:  # LLM(seed=...): each unseeded prompt draws its seed, in order
+            per_prompt = [
+                sp if sp.seed is not None else dataclasses.replace(sp, seed=self._seeds.getrandbits(63))
+                for sp in per_prompt
+            ]
+        first, self._requests = self._requests, self._requests + len(ids)
         # A pool that holds every request at its largest (rounded to pages, plus the page of
         # headroom per row the scheduler keeps), so offline generation never preempts.
         # n samples of a prompt are n requests (`SamplingParams.samples`), sharing its cached pages.
@@ -287,7 +336,10 @@ class LLM:
                     if out.output is not None:
                         results[out.request_id] = out.output
                         bar.update()
-        return [_with_samples([results[f"{i}.{j}"] for j in range(len(s))]) for i, s in enumerate(samples)]
+        outs = [_with_samples([results[f"{i}.{j}"] for j in range(len(s))]) for i, s in enumerate(samples)]
+        for i, result in enumerate(outs):
+            result.request_id = str(first + i)
+        return outs
 
 
 def _with_samples(outs: list[GenerationOutput]) -> GenerationOutput:

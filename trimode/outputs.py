@@ -28,6 +28,14 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[PositionLogprobs] | None = None  # per token, when logprobs were asked for
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it (EOS: None)
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the chosen tokens' logprobs (vLLM's), when logprobs were asked for."""
+        if self.logprobs is None:
+            return None
+        return sum(p[t].logprob for p, t in zip(self.logprobs, self.token_ids))
 
 
 @dataclass
@@ -54,11 +62,20 @@ class GenerationOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     # With n > 1: every sample (the fields above are the first's; num_forwards counts all of them).
     completions: list[CompletionOutput] = field(default_factory=list)
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it (EOS: None)
+    request_id: str = ""  # offline: its place among every prompt this LLM was given ("0", "1", ...)
+
+    @property
+    def finished(self) -> bool:
+        """vLLM's: a result here is always whole."""
+        return True
 
     @property
     def outputs(self) -> list[CompletionOutput]:
         """Every sample (n > 1), or this one."""
-        return self.completions or [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
+        return self.completions or [
+            CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs, self.stop_reason)
+        ]
 
     @property
     def num_prompt_tokens(self) -> int:

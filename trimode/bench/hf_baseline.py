@@ -97,7 +97,9 @@ class HFGenerator:
         return cls(model.to(device).eval(), HFTokenizer(tok), eos, pad, device)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationOutput]:
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams], use_tqdm: bool = False
+    ) -> list[GenerationOutput]:
         return [self._one(p, sp.max_tokens) for p, sp in zip(prompts, params)]
 
     def _one(self, prompt: list[int], max_tokens: int) -> GenerationOutput:

@@ -33,7 +33,9 @@ from trimode.tokenizer import Tokenizer
 class Generator(Protocol):
     tokenizer: Tokenizer
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams], /) -> list[GenerationOutput]: ...
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams], use_tqdm: bool, /
+    ) -> list[GenerationOutput]: ...
 
 
 C = TypeVar("C")  # a frozen configuration dataclass with `mode`, `load` and `control`: offline or over HTTP
@@ -218,7 +220,7 @@ def sweep(
         s, n = starts[cfg][k], cfg.batch_size
         batch = [ids[cfg.generator][i] for i in own[cfg][s : s + n]]
         t0 = time.perf_counter()
-        outs = engines[cfg.generator].generate(batch, params[cfg][s : s + n])
+        outs = engines[cfg.generator].generate(batch, params[cfg][s : s + n], False)  # the sweep has its own bar
         return outs, time.perf_counter() - t0
 
     for k in range(warmup):

@@ -39,6 +39,7 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it
     num_forwards: int = 0
     stats: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
@@ -107,6 +108,7 @@ class Request:
         if self.grammar is not None:
             self.grammar.reset()
         self.token_ids, self.text, self.finish_reason, self.num_forwards, self.error = [], "", None, 0, None
+        self.stop_reason = None
         self.stats.clear()
         self.cycles.clear()
         self.token_times, self._stream, self._ends, self._stop_state = [], None, [], 0
@@ -160,6 +162,7 @@ class Request:
             self._ends.append(len(self.text))
             if (t in eos_ids and not self.params.ignore_eos) or t in self.params.stop_token_ids:
                 self.finish_reason = "stop"
+                self.stop_reason = t if t in self.params.stop_token_ids else None  # EOS: None, as vLLM
                 break
             if self.grammar is not None and self.grammar.is_stopped():  # complete: only EOS could follow
                 if len(self.token_ids) < self.params.min_tokens:
@@ -197,6 +200,7 @@ class Request:
         self.token_ids, self.token_times, self._ends = self.token_ids[:n], self.token_times[:n], self._ends[:n]
         if self.logprobs is not None:
             self.logprobs = self.logprobs[:n]
+        self.stop_reason = self.text[cut:end]
         self.text = self.text[: end if self.params.include_stop_str_in_output else cut]
         self.finish_reason = "stop"
         return True
@@ -208,6 +212,7 @@ class Request:
             text=self.text,
             token_ids=self.token_ids,
             finish_reason=self.finish_reason or "length",
+            stop_reason=self.stop_reason,
             mode="auto" if self.is_auto else decoder.mode,
             num_forwards=self.num_forwards,
             seconds=round(seconds, 4),
