@@ -374,7 +374,7 @@ def bad_requests():
         json.dumps({**ok, "messages": []}).encode(),
         json.dumps({**ok, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
         json.dumps({**ok, "frequency_penalty": 5.0}).encode(),
-        json.dumps({**ok, "surprise": 1}).encode(),
+        json.dumps({**ok, "functions": [{"name": "f"}]}).encode(),  # unknown fields are ignored, not this one
         json.dumps({"messages": ok["messages"]}).encode(),
         json.dumps({**ok, "model": "gpt-9"}).encode(),
         json.dumps({**ok, "seed": "abc"}).encode(),
