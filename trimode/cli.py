@@ -220,6 +220,7 @@ def _load_llm(args: argparse.Namespace, **kwargs: Any) -> LLM:
 
     return LLM(
         model=args.model,
+        revision=args.revision,
         dtype=args.dtype,
         device=args.device,
         compile=args.compile,
@@ -231,7 +232,8 @@ def _load_llm(args: argparse.Namespace, **kwargs: Any) -> LLM:
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --device, --tensor-parallel-size, --compile / --enforce-eager: how every
     command that runs a model loads it."""
-    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--model", help="checkpoint directory or Hugging Face hub id (default: the embedded model)")
+    p.add_argument("--revision", help="the hub id's branch, tag or commit (default: main)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
@@ -535,6 +537,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
+    from trimode.hub import is_hub_id, resolve_model
     from trimode.sampling_params import SamplingParams
     from trimode.server.app import build_app
     from trimode.server.async_engine import AsyncEngine
@@ -563,6 +566,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model_path is not None and args.model not in (None, args.model_path):
         raise ValueError(f"give the model once: as MODEL ({args.model_path}) or --model ({args.model}), not both")
     args.model = args.model or args.model_path
+    if args.model is not None and is_hub_id(args.model):  # served under the id, read from its snapshot
+        args.served_model_name = args.served_model_name or [args.model]
+        args.model, args.revision = str(resolve_model(args.model, args.revision)), None
     defaults = _generation_defaults(args.generation_config, args.model)
     llm = _load_llm(args, max_model_len=args.max_model_len)
     if args.chat_template is not None:
@@ -857,7 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     v = sub.add_parser("serve", help="OpenAI-compatible server: every request picks its mode")
-    v.add_argument("model_path", nargs="?", metavar="MODEL", help="checkpoint directory (the same as --model)")
+    v.add_argument(
+        "model_path", nargs="?", metavar="MODEL", help="checkpoint directory or hub id (the same as --model)"
+    )
     _add_model_flags(v)
     v.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     v.add_argument("--port", type=int, default=8000)

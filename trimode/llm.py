@@ -30,6 +30,7 @@ from trimode.engine.tp_workers import (
     run_worker,
     spawn_workers,
 )
+from trimode.hub import resolve_model
 from trimode.kv_cache import PAGE_SIZE, num_pages
 from trimode.model.loader import load_config, load_model
 from trimode.model.tensor_parallel import check_tp
@@ -106,6 +107,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         enforce_eager: bool = False,
         seed: int | None = None,
+        revision: str | None = None,
         **vllm_options: Any,
     ) -> None:
         """`compile`: on a CPU, one-batch forwards as compiled programs (`engine/compiled.py`):
@@ -118,8 +120,9 @@ class LLM:
         forwards inside this call and exit with rank 0); otherwise N - 1 worker processes it
         spawns, on cuda:1.. or the CPU. `close()` stops them.
 
-        `seed` (vLLM's): requests without a seed of their own get one drawn from it, so a run
-        repeats. `vllm_options`: vLLM's other common arguments (VLLM_OPTIONS), accepted with a
+        `model`: a checkpoint directory, or a Hugging Face hub id (`hub.resolve_model`, at
+        `revision`). `seed` (vLLM's): requests without a seed of their own get one drawn from it,
+        so a run repeats. `vllm_options`: vLLM's other common arguments (VLLM_OPTIONS), accepted with a
         warning where they mean nothing here, so vLLM scripts run unchanged."""
         check_vllm_options(vllm_options)
         if enforce_eager:
@@ -131,7 +134,7 @@ class LLM:
                 f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "
                 "checkpoint directory"
             )
-        path = Path(model) if model is not None else EMBEDDED_MODEL_DIR
+        path = resolve_model(model, revision) if model is not None else EMBEDDED_MODEL_DIR
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device, load_config(path).num_parameters)
         driver = None
