@@ -122,3 +122,11 @@ def test_stop_strings_cut_the_text(llm):
     out = llm.generate("def main():", SamplingParams(max_tokens=20, stop=[stop], ignore_eos=True))[0]
     assert out.finish_reason == "stop" and out.text == full.text[: full.text.index(stop)]
     assert out.token_ids == full.token_ids[: len(out.token_ids)] and stop in llm.tokenizer.decode(out.token_ids)
+
+
+def test_generate_says_which_prompt_each_answer_answers(tiny_dir, capsys):
+    from trimode.cli import main
+
+    assert main(["generate", "--model", str(tiny_dir), "--max-tokens", "2", "def f():", "import re"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "== prompt 1: 'def f():'" and "== prompt 2: 'import re'" in out

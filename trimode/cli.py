@@ -1,9 +1,12 @@
-"""`trimode generate | make-checkpoint`. Bad input prints one line (no traceback) and exits 2."""
+"""trimode: NVIDIA's Nemotron-Labs-Diffusion models in all three decoding modes (ar, diffusion,
+selfspec). Commands: generate, chat, serve, bench, eval, train, train-tokenizer, make-checkpoint;
+each takes --help. Bad input prints one line (no traceback) and exits 2."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -48,10 +51,12 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         outputs = llm.generate(args.prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    for out in outputs:
+    for i, out in enumerate(outputs):
         if args.json:
             print(json.dumps(out.summary()))
         else:
+            if len(outputs) > 1:  # which prompt each answer answers
+                print(f"== prompt {i + 1}: {args.prompts[i]!r}")
             print(out.text)
             print(
                 f"[{out.mode}: {out.num_generated_tokens} tokens, {out.num_forwards} forwards, "
@@ -62,6 +67,54 @@ def _generate(args: argparse.Namespace) -> int:
     print(
         f"[{len(outputs)} prompts, {total} tokens in {seconds:.3f}s: {total / seconds:.1f} tokens/s]", file=sys.stderr
     )
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """A chat in the terminal: each answer streams as it commits; the conversation so far is the
+    prompt of the next turn. Line editing and input history come from readline where Python has it."""
+    try:
+        import readline  # noqa: F401  (input() then edits lines and keeps a history)
+    except ImportError:
+        pass
+    from trimode.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        mode=args.mode,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        block_length=args.block_length,
+    )
+    llm = _load_llm(args)
+    engine = llm.engine(max_batch=1, max_queue=1)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("trimode chat: /reset forgets the conversation, /exit (or Ctrl-D) leaves", file=sys.stderr)
+    for turn in itertools.count():
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        engine.add_tokenized(f"turn-{turn}", llm.tokenizer.encode_chat(history), params)
+        answer = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.error is not None:
+                    raise ValueError(out.error)
+                print(out.delta_text, end="", flush=True)
+                answer = out.output or answer
+        print()
+        if answer is not None:
+            history.append({"role": "assistant", "content": answer.text})
     return 0
 
 
@@ -694,11 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
     _add_model_flags(g)
     g.add_argument("--mode", default="ar", help=f"one of {', '.join(REQUEST_MODES)} (default ar)")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most per prompt (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); up to 2")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability (default 1)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 keeps all (the default)")
+    g.add_argument("--seed", type=int, help="seed of a sampled answer (default: a random one)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="generate max_tokens even past EOS (benchmarks)")
     g.add_argument("--block-length", type=int, default=32)
@@ -707,6 +760,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     g.set_defaults(func=_generate)
+
+    c = sub.add_parser("chat", help="chat in the terminal, each answer streamed as it is decoded")
+    _add_model_flags(c)
+    c.add_argument("--mode", default="ar", help=f"one of {', '.join(REQUEST_MODES)} (default ar)")
+    c.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    c.add_argument("--seed", type=int, help="seed of sampled answers")
+    c.add_argument("--block-length", type=int, default=32, help="block length of diffusion and selfspec")
+    c.add_argument("--system", help="a system message to start the conversation with")
+    c.set_defaults(func=_chat)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the release's format")
     _add_model_shape_flags(m, preset_required=True)
