@@ -84,3 +84,18 @@ def fake_output(prompt_ids: list[int], mode: str, n: int, num_forwards: int, **e
         token_times=[0.001 * (i + 1) for i in range(n)],
         **extra,
     )
+
+
+@pytest.fixture(scope="session")
+def tool_server():
+    """The embedded model served with the hermes tool-call parser (its template's format) reading
+    calls under every tool_choice: (process, base URL), shared by the server tests that need it."""
+    from live import MODEL, start_server
+
+    from trimode.llm import EMBEDDED_MODEL_DIR
+
+    flags = ("--served-model-name", MODEL, "--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--seed", "0")
+    proc, url = start_server(str(EMBEDDED_MODEL_DIR), *flags)
+    yield proc, url
+    proc.terminate()
+    proc.wait(timeout=10)

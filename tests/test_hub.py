@@ -52,6 +52,7 @@ def test_a_missing_id_offline_is_one_clear_line(offline, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_the_server_serves_a_hub_id_under_its_name(hub_cache):
     proc, url = start_server(
         "acme/nld-tiny", "--dtype", "float32", env={"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}

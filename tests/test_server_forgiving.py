@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from live import MODEL, server_log, start_server
+from live import MODEL, server_log
 
-from trimode.llm import EMBEDDED_MODEL_DIR
 from trimode.server.app import IGNORED_HEADER
 from trimode.server.protocol import REFUSED_FIELDS
 
@@ -16,11 +15,8 @@ CHAT = [{"role": "user", "content": "Sort: 3 1 2", "refusal": None}]
 
 
 @pytest.fixture(scope="module")
-def served():
-    proc, url = start_server(str(EMBEDDED_MODEL_DIR), "--served-model-name", MODEL)
-    yield proc, url
-    proc.terminate()
-    proc.wait(timeout=10)
+def served(tool_server):
+    return tool_server
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -9,7 +9,7 @@ import random
 
 import httpx
 import pytest
-from live import MODEL, start_server
+from live import MODEL
 
 from trimode.llm import EMBEDDED_MODEL_DIR
 from trimode.server.tool_parsers import PARSERS, ToolStream, tool_parser
@@ -119,20 +119,8 @@ def test_an_unknown_parser_is_named():
 
 
 @pytest.fixture(scope="module")
-def client():
-    proc, url = start_server(
-        str(EMBEDDED_MODEL_DIR),
-        "--served-model-name",
-        MODEL,
-        "--tool-call-parser",
-        "hermes",
-        "--enable-auto-tool-choice",
-        "--seed",
-        "0",
-    )
-    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    proc.terminate()
-    proc.wait(timeout=10)
+def client(tool_server):
+    return openai.OpenAI(base_url=tool_server[1] + "/v1", api_key="unused", max_retries=0)
 
 
 ASK = [{"role": "user", "content": "What is the weather in Paris for 3 days?"}]
