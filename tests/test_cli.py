@@ -130,3 +130,15 @@ def test_generate_says_which_prompt_each_answer_answers(tiny_dir, capsys):
     assert main(["generate", "--model", str(tiny_dir), "--max-tokens", "2", "def f():", "import re"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "== prompt 1: 'def f():'" and "== prompt 2: 'import re'" in out
+
+
+def test_generate_chat_and_train_flags_say_what_they_do():
+    from trimode.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("generate", "chat", "train"):
+        silent = [a.option_strings for a in commands[name]._actions if a.option_strings and not a.help]
+        assert not silent, (name, silent)
+    train_help = commands["train"].format_help()
+    assert "weight of the diffusion loss in L = L_AR + alpha * L_diff (default 0.3)" in " ".join(train_help.split())

@@ -735,11 +735,51 @@ def _add_model_shape_flags(p: argparse.ArgumentParser, preset_required: bool) ->
         default=None if preset_required else "tiny",
         help="nld-3b, nld-8b, nld-14b or tiny",
     )
-    for flag in ("--layers", "--hidden", "--vocab", "--intermediate", "--heads", "--kv-heads", "--head-dim"):
-        p.add_argument(flag, type=int)
+    shape = {
+        "--layers": "decoder layers",
+        "--hidden": "hidden size",
+        "--vocab": "vocabulary size",
+        "--intermediate": "MLP intermediate size",
+        "--heads": "attention heads",
+        "--kv-heads": "key/value heads (GQA)",
+        "--head-dim": "dimension of each head",
+    }
+    for flag, what in shape.items():
+        p.add_argument(flag, type=int, help=f"{what} (default: the preset's)")
+
+
+# `trimode train`'s TrainConfig flags: type and what each sets (the defaults are TrainConfig's).
+TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "steps": (int, "optimizer steps in all"),
+    "ar-steps": (int, "first steps with the AR loss alone (stage one), before the joint objective"),
+    "batch-size": (int, "sequences per micro-batch"),
+    "grad-accum": (int, "micro-batches per optimizer step"),
+    "seq-len": (int, "tokens per training sequence"),
+    "lr": (float, "peak learning rate (AdamW)"),
+    "min-lr-ratio": (float, "the schedule's floor, as a fraction of --lr"),
+    "warmup-steps": (int, "steps of linear warmup"),
+    "schedule": (str, "cosine, or wsd (warmup, stable, then linear decay over the last 20%%)"),
+    "weight-decay": (float, "AdamW weight decay"),
+    "grad-clip": (float, "gradient norm clipping"),
+    "alpha": (float, "weight of the diffusion loss in L = L_AR + alpha * L_diff"),
+    "block-size": (int, "diffusion block length the model learns to denoise"),
+    "masking": (str, "position (Efficient-DLM: few masks sit at the block's end) or uniform"),
+    "half-life-ratio": (float, "position masking's half-life, as a fraction of the block"),
+    "eval-every": (int, "steps between quick task evals; 0 evaluates only at the end"),
+    "eval-examples": (int, "examples per task and mode in each quick eval"),
+    "save-every": (int, "steps between checkpoints"),
+    "keep": (int, "checkpoints kept besides the latest"),
+    "seed": (int, "seed of the data order, masks and initialisation"),
+    "device": (str, "auto, cpu or cuda"),
+    "autocast": (str, "auto (bf16 on CUDA, off on a CPU), bf16 or off"),
+    "save-dtype": (str, "dtype of saved checkpoints: float32, bfloat16 or float16"),
+    "tp": (int, "tensor-parallel ranks per model replica, under torchrun"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trimode.train.trainer import TrainConfig
+
     parser = argparse.ArgumentParser(prog="trimode", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -754,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="seed of a sampled answer (default: a random one)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="generate max_tokens even past EOS (benchmarks)")
-    g.add_argument("--block-length", type=int, default=32)
+    g.add_argument("--block-length", type=int, default=32, help="block length of diffusion and selfspec (default 32)")
     g.add_argument("--spec", default="linear", help=SPEC_HELP)
     g.add_argument("--threshold", type=_threshold, default=0.9, help=THRESHOLD_HELP)
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
@@ -797,33 +837,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", help="tokenizer directory (default: the --init one, else one trained here)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/latest exactly")
     t.add_argument("--stop-at", type=int, help="end this run after step N with a checkpoint (resume later)")
-    for name, kind in (
-        ("steps", int),
-        ("ar-steps", int),
-        ("batch-size", int),
-        ("grad-accum", int),
-        ("seq-len", int),
-        ("lr", float),
-        ("min-lr-ratio", float),
-        ("warmup-steps", int),
-        ("schedule", str),
-        ("weight-decay", float),
-        ("grad-clip", float),
-        ("alpha", float),
-        ("block-size", int),
-        ("masking", str),
-        ("half-life-ratio", float),
-        ("eval-every", int),
-        ("eval-examples", int),
-        ("save-every", int),
-        ("keep", int),
-        ("seed", int),
-        ("device", str),
-        ("autocast", str),
-        ("save-dtype", str),
-        ("tp", int),
-    ):
-        t.add_argument(f"--{name}", type=kind)
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        default = TrainConfig.__dataclass_fields__[name.replace("-", "_")].default
+        t.add_argument(f"--{name}", type=kind, help=f"{text} (default {default})")
     t.add_argument(
         "--activation-checkpointing",
         action="store_const",
