@@ -39,7 +39,7 @@ def tiny_dir(tmp_path_factory):
     cycles accept 0, some, or all drafts."""
     path = make_checkpoint(tiny_config(), tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32", draft_lora_rank=8)
     ar = LLM(path, dtype="float32", device="cpu", compile=False).generate(
-        PROMPTS, SamplingParams(max_tokens=45, ignore_eos=True)
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=45, ignore_eos=True)
     )
     repeated = collections.Counter(t for o in ar for t in o.token_ids).most_common(1)[0][0]
     weights = load_file(path / "model.safetensors")

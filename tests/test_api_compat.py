@@ -13,7 +13,7 @@ from trimode import SamplingParams
 def test_chat_honours_sampling_params_by_keyword(llm):
     """The silent drop: `chat(m, sampling_params=sp)` once fell into the template's keywords and
     decoded AR with the defaults."""
-    sp = SamplingParams(mode="selfspec", max_tokens=2, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, mode="selfspec", max_tokens=2, ignore_eos=True)
     out = llm.chat([{"role": "user", "content": "hi"}], sampling_params=sp)[0]
     assert out.mode == "selfspec" and len(out.token_ids) == 2
     with pytest.raises(TypeError):
@@ -21,7 +21,7 @@ def test_chat_honours_sampling_params_by_keyword(llm):
 
 
 def test_generate_by_keyword_and_prompt_dicts(llm, capsys):
-    sp = SamplingParams(max_tokens=5, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     want = [o.token_ids for o in llm.generate(PROMPTS[:2], sp)]
     ids = llm.tokenizer.encode(PROMPTS[1])
     got = llm.generate([{"prompt": PROMPTS[0]}, {"prompt_token_ids": ids}], sampling_params=sp, use_tqdm=True)
@@ -33,7 +33,7 @@ def test_generate_by_keyword_and_prompt_dicts(llm, capsys):
 
 
 def test_outputs_have_vllms_shape(llm):
-    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
     (completion,) = out.outputs
     assert (completion.index, completion.text, completion.token_ids) == (0, out.text, out.token_ids)
     assert completion.finish_reason == out.finish_reason == "length"
@@ -43,7 +43,7 @@ def test_outputs_have_vllms_shape(llm):
 def test_openai_message_shapes_and_template_options(llm):
     """Text parts are the text joined by newlines; `developer` is the system turn; a template of
     one's own and its variables reach the render."""
-    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
     parts = [
         {"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
@@ -76,16 +76,20 @@ def test_vllm_constructor_arguments_run_unchanged():
 
 def test_vllm_output_fields(llm):
     assert llm.get_tokenizer() is llm.tokenizer
-    first = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
-    then = llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, logprobs=1), use_tqdm=False)[0]
+    first = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    then = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=3, logprobs=1), use_tqdm=False)[0]
     ids = [int(o.request_id) for o in first + [then]]
     assert ids == list(range(ids[0], ids[0] + 3)) and all(o.finished for o in first)
     (done,) = then.outputs
     assert done.cumulative_logprob == pytest.approx(sum(p[t].logprob for p, t in zip(then.logprobs, then.token_ids)))
     assert first[0].outputs[0].cumulative_logprob is None and first[0].outputs[0].stop_reason is None  # length
-    text = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
-    by_string = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True, stop=[text.text[2:4]]))[0]
+    text = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    by_string = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop=[text.text[2:4]])
+    )[0]
     assert by_string.outputs[0].stop_reason == text.text[2:4] and by_string.finish_reason == "stop"
     stop_id = text.token_ids[3]
-    by_id = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id]))[0]
+    by_id = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id])
+    )[0]
     assert by_id.outputs[0].stop_reason == stop_id and by_id.finish_reason == "stop"

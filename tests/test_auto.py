@@ -88,8 +88,10 @@ def test_rows_moving_between_decodings_every_cycle_give_ar_tokens(llm, monkeypat
     llm.runner.auto = AutoPolicy(EXACT_DECODINGS, costs(per_token=0.0))  # no calibration in tests
     switching(monkeypatch)
     budgets = [30, 30, 13, 30]
-    ar = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True) for n in budgets])
-    out = llm.generate(PROMPTS, [SamplingParams(mode="auto", max_tokens=n, ignore_eos=True) for n in budgets])
+    ar = llm.generate(PROMPTS, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in budgets])
+    out = llm.generate(
+        PROMPTS, [SamplingParams(temperature=0.0, mode="auto", max_tokens=n, ignore_eos=True) for n in budgets]
+    )
     assert [o.token_ids for o in out] == [o.token_ids for o in ar]
     served = {name for o in out for name in o.decodings}
     assert {"ar", "selfspec_b4", "quadratic_b2"} <= served and all(o.mode == "auto" for o in out)
@@ -100,7 +102,7 @@ def test_rows_moving_between_decodings_every_cycle_give_ar_tokens(llm, monkeypat
 def test_switching_rows_sample_the_ar_distribution(llm, monkeypatch):
     llm.runner.auto = AutoPolicy(EXACT_DECODINGS, costs(per_token=0.0))
     switching(monkeypatch)
-    settled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    settled = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
     ids = settled.prompt_token_ids + settled.token_ids
     base = dict(temperature=1.5, top_k=2, max_tokens=4, ignore_eos=True)
     exact = exact_joint(llm, ids, SamplingParams(**base), 4)
@@ -114,10 +116,10 @@ def test_auto_learns_the_model_it_runs(llm):
     """Without a scripted choice: the engine times forwards itself, tries what its priors favour
     and keeps what pays; the output is AR's either way."""
     llm.runner.auto = None
-    params = SamplingParams(mode="auto", max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, mode="auto", max_tokens=24, ignore_eos=True)
     out = llm.generate(PROMPTS, params)
     assert [o.token_ids for o in out] == [
-        o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
+        o.token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     ]
     assert llm.runner.auto is not None and set(llm.runner.auto.costs.seconds) >= {1, 8, 32}
     assert auto.prior_tokens_per_cycle(("selfspec", 8, "linear")) == 4.5
@@ -134,8 +136,8 @@ def test_rows_moving_keep_their_features(llm, monkeypatch):
         dict(min_tokens=10, stop_token_ids=[5]),
         dict(structured={"regex": "[a-z]+( [a-z]+)*"}, logprobs=0),
     ]
-    ar = llm.generate(PROMPTS, [SamplingParams(max_tokens=20, **f) for f in features])
-    out = llm.generate(PROMPTS, [SamplingParams(mode="auto", max_tokens=20, **f) for f in features])
+    ar = llm.generate(PROMPTS, [SamplingParams(temperature=0.0, max_tokens=20, **f) for f in features])
+    out = llm.generate(PROMPTS, [SamplingParams(mode="auto", temperature=0.0, max_tokens=20, **f) for f in features])
     assert [o.token_ids for o in out] == [o.token_ids for o in ar]
     for a, o in zip(ar, out):
         if a.logprobs:
@@ -155,9 +157,9 @@ def test_only_rows_that_opted_in_may_run_diffusion():
     policy.cycles(d32, [0, 0, 0, 32])
     assert policy.tokens_per_cycle[d32] == pytest.approx(0.95**4 * 20 + (1 - 0.95**4) * 8)
     with pytest.raises(ValueError, match="auto_lossy.*mode='auto'"):
-        SamplingParams(mode="ar", auto_lossy=True)
+        SamplingParams(temperature=0.0, mode="ar", auto_lossy=True)
     with pytest.raises(ValueError, match="without auto_lossy"):
-        SamplingParams(mode="auto", auto_lossy=True, structured={"regex": "[a-z]+"})
+        SamplingParams(temperature=0.0, mode="auto", auto_lossy=True, structured={"regex": "[a-z]+"})
 
 
 def test_a_lossy_row_decodes_as_diffusion_from_where_it_moved(llm, monkeypatch):
@@ -170,7 +172,7 @@ def test_a_lossy_row_decodes_as_diffusion_from_where_it_moved(llm, monkeypatch):
         return LOSSY_DECODINGS[-1] if lossy and next(calls) >= 4 else EXACT_DECODINGS[0]
 
     monkeypatch.setattr(AutoPolicy, "choose", choose)
-    base = dict(max_tokens=40, ignore_eos=True)
+    base = dict(temperature=0.0, max_tokens=40, ignore_eos=True)
     lossy, exact = llm.generate(
         PROMPTS[:2], [SamplingParams(mode="auto", auto_lossy=True, **base), SamplingParams(mode="auto", **base)]
     )
@@ -182,6 +184,6 @@ def test_a_lossy_row_decodes_as_diffusion_from_where_it_moved(llm, monkeypatch):
     assert lossy.token_ids[:k] == ar[0].token_ids[:k]
     rest = llm.generate(
         lossy.prompt_token_ids + lossy.token_ids[: k - 1],
-        SamplingParams(mode="diffusion", block_length=32, max_tokens=40 - k + 1, ignore_eos=True),
+        SamplingParams(temperature=0.0, mode="diffusion", block_length=32, max_tokens=40 - k + 1, ignore_eos=True),
     )[0]
     assert lossy.token_ids[k - 1 :] == rest.token_ids

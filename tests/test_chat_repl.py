@@ -39,7 +39,7 @@ def test_chat_streams_answers_and_keeps_the_conversation(tiny_dir):
         proc.kill()
         os.close(master)
     llm = LLM(tiny_dir, dtype="float32", compile=False)
-    params = SamplingParams(max_tokens=6)
+    params = SamplingParams(temperature=0.0, max_tokens=6)
     first = llm.chat([{"role": "user", "content": "hello"}], params, use_tqdm=False)[0].text
     turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}]
     second = llm.chat([[*turns, {"role": "user", "content": "again"}]], params, use_tqdm=False)[0].text

@@ -46,7 +46,7 @@ def run(engine, jobs):
 def test_a_chunked_prefill_decodes_as_a_whole_one(embedded, mode):
     prompt = long_prompt(embedded, 300)
     kind = dict(mode="selfspec", spec="quadratic", block_length=4) if mode == "quadratic" else dict(mode=mode)
-    params = SamplingParams(**kind, max_tokens=24)
+    params = SamplingParams(**kind, temperature=0.0, max_tokens=24)
     whole, _ = run(embedded.engine(max_num_batched_tokens=4096), [("r", prompt, params)])
     chunked, _ = run(embedded.engine(max_num_batched_tokens=64), [("r", prompt, params)])
     assert chunked["r"].token_ids == whole["r"].token_ids
@@ -64,21 +64,24 @@ def test_a_long_newcomer_does_not_delay_short_ones_admitted_with_it(embedded):
     12, while the long prompt's prefill (12 chunks, taking turns with the newcomers, then with the
     short requests' decode) ends well after that, past step 20."""
     shorts = [e.messages() for t in TASKS for e in held_out(t, 2)][:8]
-    jobs = [("long", long_prompt(embedded, 1500), SamplingParams(max_tokens=4))]
-    jobs += [(f"s{i}", m, SamplingParams(mode="selfspec", max_tokens=16)) for i, m in enumerate(shorts)]
+    jobs = [("long", long_prompt(embedded, 1500), SamplingParams(temperature=0.0, max_tokens=4))]
+    jobs += [
+        (f"s{i}", m, SamplingParams(temperature=0.0, mode="selfspec", max_tokens=16)) for i, m in enumerate(shorts)
+    ]
     results, first = run(embedded.engine(max_num_batched_tokens=128), jobs)
     assert first["long"] >= 20
     assert max(first[f"s{i}"] for i in range(len(shorts))) <= 12
     for i, m in enumerate(shorts):
         assert (
-            results[f"s{i}"].token_ids == embedded.chat(m, SamplingParams(mode="selfspec", max_tokens=16))[0].token_ids
+            results[f"s{i}"].token_ids
+            == embedded.chat(m, SamplingParams(temperature=0.0, mode="selfspec", max_tokens=16))[0].token_ids
         )
 
 
 def test_aborting_a_prompt_mid_prefill_frees_its_cache(embedded):
     engine = embedded.engine(max_num_batched_tokens=64)
-    engine.add_request("long", long_prompt(embedded, 1000), SamplingParams(max_tokens=8))
-    engine.add_request("short", "def f(x):", SamplingParams(max_tokens=8))
+    engine.add_request("long", long_prompt(embedded, 1000), SamplingParams(temperature=0.0, max_tokens=8))
+    engine.add_request("short", "def f(x):", SamplingParams(temperature=0.0, max_tokens=8))
     while not any(out.finished for out in engine.step()):  # until "short" is done
         pass
     # "long", some chunks of 64 in, holds the pages of those chunks, not of its whole prompt
@@ -98,12 +101,12 @@ def test_a_32k_token_prompt_completes_in_bounded_memory_while_short_requests_flo
     32k x 32k masks and attention weights, tens of GB), and short requests sent during the prefill
     get their first token within a few steps."""
     engine = embedded.engine(max_num_batched_tokens=512)
-    engine.add_request("long", long_prompt(embedded, 32768), SamplingParams(max_tokens=8))
+    engine.add_request("long", long_prompt(embedded, 32768), SamplingParams(temperature=0.0, max_tokens=8))
     sent, first, step = {}, {}, 0
     while engine.has_unfinished_requests():
         if step % 10 == 0 and len(sent) < 5:
             sent[f"s{len(sent)}"] = step
-            engine.add_request(f"s{len(sent) - 1}", "def f(x):", SamplingParams(max_tokens=4))
+            engine.add_request(f"s{len(sent) - 1}", "def f(x):", SamplingParams(temperature=0.0, max_tokens=4))
         for out in engine.step():
             if out.new_token_ids:
                 first.setdefault(out.request_id, step)
@@ -126,9 +129,11 @@ def test_a_slow_converging_diffusion_request_does_not_stall_other_streams(embedd
     engine.add_request(
         "slow",
         "def f(x):",
-        SamplingParams(mode="diffusion", block_length=256, threshold=1.0, max_tokens=255, ignore_eos=True),
+        SamplingParams(
+            temperature=0.0, mode="diffusion", block_length=256, threshold=1.0, max_tokens=255, ignore_eos=True
+        ),
     )
-    engine.add_request("ar", "import os\n", SamplingParams(max_tokens=16, ignore_eos=True))
+    engine.add_request("ar", "import os\n", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
     steps, done = 0, {}
     while "ar" not in done:
         for out in engine.step():

@@ -117,9 +117,9 @@ def test_console_script_and_chat(tiny_dir):
 def test_stop_strings_cut_the_text(llm):
     from trimode import SamplingParams
 
-    full = llm.generate("def main():", SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    full = llm.generate("def main():", SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0]
     stop = full.text[5:8]
-    out = llm.generate("def main():", SamplingParams(max_tokens=20, stop=[stop], ignore_eos=True))[0]
+    out = llm.generate("def main():", SamplingParams(temperature=0.0, max_tokens=20, stop=[stop], ignore_eos=True))[0]
     assert out.finish_reason == "stop" and out.text == full.text[: full.text.index(stop)]
     assert out.token_ids == full.token_ids[: len(out.token_ids)] and stop in llm.tokenizer.decode(out.token_ids)
 

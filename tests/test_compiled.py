@@ -41,7 +41,7 @@ def _generate(llm, runner, prompts, params):
 
 
 def _same_tokens(llm, runner, prompts, mode, spec="linear"):
-    params = SamplingParams(mode=mode, spec=spec, max_tokens=12, block_length=4, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, mode=mode, spec=spec, max_tokens=12, block_length=4, ignore_eos=True)
     assert _generate(llm, runner, prompts, params) == [o.token_ids for o in llm.generate(prompts, params)]
 
 
@@ -73,7 +73,10 @@ def test_compiled_forwards_run_alone(llm, compiled_runner):
     sizes = []
     execute = auto.execute
     auto.execute = lambda parts: (sizes.append(len(parts)), execute(parts))[1]
-    mixed = [SamplingParams(mode=m, max_tokens=8, block_length=4, ignore_eos=True) for m in ("ar", "selfspec")]
+    mixed = [
+        SamplingParams(temperature=0.0, mode=m, max_tokens=8, block_length=4, ignore_eos=True)
+        for m in ("ar", "selfspec")
+    ]
     assert _generate(llm, auto, PROMPTS[:2], mixed) == [o.token_ids for o in llm.generate(PROMPTS[:2], mixed)]
     assert sizes and max(sizes) == 1
 
@@ -106,11 +109,12 @@ def test_compiled_block_modes_give_the_eager_tokens_at_batch_1_and_3(llm, compil
 
 @pytest.mark.slow
 def test_compiled_without_the_draft_lora_and_mixed_modes(llm, llm_nolora):
-    spec = SamplingParams(mode="selfspec", max_tokens=12, block_length=4, ignore_eos=True)
+    spec = SamplingParams(temperature=0.0, mode="selfspec", max_tokens=12, block_length=4, ignore_eos=True)
     runner = ModelRunner(llm_nolora.model, compile=True)
     assert _generate(llm_nolora, runner, PROMPTS, spec) == [o.token_ids for o in llm_nolora.generate(PROMPTS, spec)]
     mixed = [
-        SamplingParams(mode=m, max_tokens=10, block_length=4, ignore_eos=True) for m in ("ar", "diffusion", "selfspec")
+        SamplingParams(temperature=0.0, mode=m, max_tokens=10, block_length=4, ignore_eos=True)
+        for m in ("ar", "diffusion", "selfspec")
     ]
     assert _generate(llm, ModelRunner(llm.model, compile=True), PROMPTS, mixed) == [
         o.token_ids for o in llm.generate(PROMPTS, mixed)
@@ -131,7 +135,7 @@ def test_compiled_bfloat16_agrees_with_eager_bfloat16(tiny_dir):
     llm = LLM(tiny_dir, dtype="bfloat16", device="cpu", compile=False)
     runner = ModelRunner(llm.model, compile=True)
     assert runner.compiled is not None and "-bfloat16-" in runner.compiled.path("last").name
-    params = SamplingParams(max_tokens=1, logprobs=5)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
     for ours, eager in zip(_generate_outputs(llm, runner, PROMPTS, params), llm.generate(PROMPTS, params)):
         (top,), (top_eager,) = ours.logprobs, eager.logprobs
         assert eager.token_ids[0] in top

@@ -96,7 +96,7 @@ def _params(kind: str, shape: int, role: str, variant: int) -> SamplingParams:
     extra = KINDS[kind](rng)
     if SHAPES[shape]["mode"] == "diffusion" and "structured" in extra:  # refused by name
         extra = {k: v for k, v in extra.items() if k != "structured"} | dict(stop=["e"])
-    return SamplingParams(**{"max_tokens": TOKENS, **SHAPES[shape], **extra})
+    return SamplingParams(**{"max_tokens": TOKENS, "temperature": 0.0, **SHAPES[shape], **extra})
 
 
 def _logprob_values(out: GenerationOutput) -> list[float]:

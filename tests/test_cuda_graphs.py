@@ -22,7 +22,9 @@ MODES = ("ar", "diffusion", "selfspec", "quadratic")
 
 def _params(mode: str, **extra) -> SamplingParams:
     kind = dict(mode="selfspec", spec="quadratic") if mode == "quadratic" else dict(mode=mode)
-    return SamplingParams(**kind, max_tokens=12, block_length=4, ignore_eos=True, **extra)
+    return SamplingParams(
+        **{"temperature": 0.0, **kind, "max_tokens": 12, "block_length": 4, "ignore_eos": True, **extra}
+    )
 
 
 def _buffered_runner(model, capture=None) -> ModelRunner:

@@ -20,6 +20,7 @@ def test_cached_diffusion_equals_recompute_everything_reference(llm, block_lengt
     """Tokens, passes, and each token's logprob: a seed's from its commit (or prefill) pass, a
     revealed token's from the pass that revealed it."""
     params = SamplingParams(
+        temperature=0.0,
         mode="diffusion",
         max_tokens=max_tokens,
         block_length=block_length,
@@ -39,7 +40,10 @@ def test_cached_diffusion_equals_recompute_everything_reference(llm, block_lengt
 
 def test_threshold_one_reveals_one_token_per_pass(llm):
     out = llm.generate(
-        PROMPTS, SamplingParams(mode="diffusion", max_tokens=24, block_length=8, threshold=1.0, ignore_eos=True)
+        PROMPTS,
+        SamplingParams(
+            temperature=0.0, mode="diffusion", max_tokens=24, block_length=8, threshold=1.0, ignore_eos=True
+        ),
     )
     for o in out:
         assert o.mode_stats["denoise_passes_per_block"] == [7, 7, 7]
@@ -49,7 +53,10 @@ def test_threshold_one_reveals_one_token_per_pass(llm):
 
 def test_threshold_zero_fills_a_block_in_one_pass(llm):
     out = llm.generate(
-        PROMPTS, SamplingParams(mode="diffusion", max_tokens=40, block_length=8, threshold=0.0, ignore_eos=True)
+        PROMPTS,
+        SamplingParams(
+            temperature=0.0, mode="diffusion", max_tokens=40, block_length=8, threshold=0.0, ignore_eos=True
+        ),
     )
     for o in out:
         assert o.mode_stats["denoise_passes_per_block"] == [1] * 5
@@ -59,15 +66,17 @@ def test_threshold_zero_fills_a_block_in_one_pass(llm):
 
 def test_diffusion_stops_at_eos_without_waiting_for_the_rest_of_the_block(llm):
     """A row whose revealed EOS has no mask to its left stops denoising and finishes with 'stop'."""
-    params = SamplingParams(mode="diffusion", max_tokens=64, block_length=8, threshold=0.0, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, mode="diffusion", max_tokens=64, block_length=8, threshold=0.0, ignore_eos=True
+    )
     base = llm.generate(PROMPTS[0], params)[0]
     # Treat the 4th generated token as EOS: the run must end there, in the same block.
     eos = base.token_ids[3]
     llm.eos_token_ids.add(eos)
     try:
-        out = llm.generate(PROMPTS[0], SamplingParams(mode="diffusion", max_tokens=64, block_length=8, threshold=0.0))[
-            0
-        ]
+        out = llm.generate(
+            PROMPTS[0], SamplingParams(temperature=0.0, mode="diffusion", max_tokens=64, block_length=8, threshold=0.0)
+        )[0]
     finally:
         llm.eos_token_ids.discard(eos)
     first = base.token_ids.index(eos)
@@ -86,7 +95,7 @@ def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[l
 
     batch = DecodeBatch(
         kv=KVCache(KVPool(1, 4, 4, 1, 2, dtype=torch.float32, device="cpu"), rows=1),
-        sampler=Sampler.of([SamplingParams()], torch.device("cpu")),
+        sampler=Sampler.of([SamplingParams(temperature=0.0)], torch.device("cpu")),
         seeds=torch.tensor([0]),
         remaining=torch.tensor([10]),
         eos_ids=torch.tensor([99]),
@@ -138,6 +147,9 @@ def test_no_threshold_reveals_one_position_per_pass(llm):
     sure = [0.0, NEG, NEG, NEG]
     assert denoise([[[0.0] * 4, sure, sure]] * 2, threshold=None) == ([0, 0], [2])
     out = llm.generate(
-        PROMPTS, SamplingParams(mode="diffusion", max_tokens=24, block_length=8, threshold=None, ignore_eos=True)
+        PROMPTS,
+        SamplingParams(
+            temperature=0.0, mode="diffusion", max_tokens=24, block_length=8, threshold=None, ignore_eos=True
+        ),
     )
     assert all(o.mode_stats["denoise_passes_per_block"] == [7, 7, 7] for o in out)

@@ -95,7 +95,7 @@ def test_two_ranks_reproduce_one_and_resume_anywhere(one_rank, tmp_path):
     assert json.loads((last / "trainer_state.json").read_text())["world_size"] == 2
     assert len(list((last / "trainer").glob("shard-*.safetensors"))) == 2  # one per rank
     out = LLM(last, dtype="float32", device="cpu", compile=False).generate(
-        "def f(x):", SamplingParams(max_tokens=6, ignore_eos=True)
+        "def f(x):", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     )
     assert len(out[0].outputs[0].token_ids) == 6
 
@@ -136,7 +136,7 @@ def _tokens(llm: LLM) -> dict[str, list[list[int]]]:
     """Greedy tokens of a batch of prompts in every mode (self-spec with the draft LoRA)."""
     out = {}
     for mode in ("ar", "diffusion", "selfspec"):
-        params = SamplingParams(mode=mode, max_tokens=20, ignore_eos=True, block_length=8)
+        params = SamplingParams(temperature=0.0, mode=mode, max_tokens=20, ignore_eos=True, block_length=8)
         out[mode] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
     return out
 
@@ -167,7 +167,7 @@ def test_tensor_parallel_server_matches_one_process(llm, tiny_dir):
     )
     try:
         for mode in ("ar", "diffusion", "selfspec"):
-            params = SamplingParams(mode=mode, max_tokens=12, ignore_eos=True, block_length=8)
+            params = SamplingParams(temperature=0.0, mode=mode, max_tokens=12, ignore_eos=True, block_length=8)
             expected = [o.outputs[0].text for o in llm.generate(PROMPTS[:2], params)]
             body = {"model": "tiny", "prompt": PROMPTS[:2], "max_tokens": 12, "temperature": 0}
             body.update({"mode": mode, "ignore_eos": True, "block_length": 8})
@@ -225,7 +225,7 @@ def test_more_ranks_than_kv_heads_replicate_them(llm, tiny_dir):
 def test_generate_under_torchrun_matches_one_process(llm, tiny_dir):
     """`torchrun --nproc-per-node 2 -m trimode generate -tp 2`: rank 1 becomes the worker inside
     LLM(...) and exits with rank 0; rank 0 prints TP=1's tokens."""
-    params = SamplingParams(mode="selfspec", max_tokens=16, ignore_eos=True, block_length=8)
+    params = SamplingParams(temperature=0.0, mode="selfspec", max_tokens=16, ignore_eos=True, block_length=8)
     expected = llm.generate(PROMPTS[0], params)[0].outputs[0].token_ids
     cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "trimode", "generate", PROMPTS[0], "-tp", "2"]
     cmd += ["--model", str(tiny_dir), "--dtype", "float32", "--device", "cpu", "--mode", "selfspec", "--json"]

@@ -25,9 +25,9 @@ def test_loaded_by_default_and_small(embedded):
 def test_modes_on_held_out_tasks(embedded):
     examples = [e for t in TASKS for e in held_out(t, 6)]
     convs = [e.messages() for e in examples]
-    ar = embedded.chat(convs, SamplingParams(mode="ar", max_tokens=40))
-    spec = embedded.chat(convs, SamplingParams(mode="selfspec", max_tokens=40))
-    diff = embedded.chat(convs, SamplingParams(mode="diffusion", max_tokens=40))
+    ar = embedded.chat(convs, SamplingParams(temperature=0.0, mode="ar", max_tokens=40))
+    spec = embedded.chat(convs, SamplingParams(temperature=0.0, mode="selfspec", max_tokens=40))
+    diff = embedded.chat(convs, SamplingParams(temperature=0.0, mode="diffusion", max_tokens=40))
     assert [o.token_ids for o in spec] == [o.token_ids for o in ar]  # selfspec greedy == AR greedy
     assert sum(e.is_correct(o.text) for e, o in zip(examples, ar)) >= 0.8 * len(examples)
     assert sum(e.is_correct(o.text) for e, o in zip(examples, diff)) >= 0.7 * len(examples)
@@ -39,8 +39,10 @@ def test_modes_on_held_out_tasks(embedded):
 def test_quadratic_selfspec_gives_ar_tokens_in_fewer_forwards(embedded, block_length):
     """Batched (rows finishing at EOS mid-pass, at different steps) and alone."""
     convs = [e.messages() for t in TASKS for e in held_out(t, 2)]
-    ar = embedded.chat(convs, SamplingParams(mode="ar", max_tokens=40))
-    params = SamplingParams(mode="selfspec", spec="quadratic", block_length=block_length, max_tokens=40)
+    ar = embedded.chat(convs, SamplingParams(temperature=0.0, mode="ar", max_tokens=40))
+    params = SamplingParams(
+        temperature=0.0, mode="selfspec", spec="quadratic", block_length=block_length, max_tokens=40
+    )
     quadratic = embedded.chat(convs, params)
     assert [o.token_ids for o in quadratic] == [o.token_ids for o in ar]
     assert embedded.chat(convs[:1], params)[0].token_ids == ar[0].token_ids

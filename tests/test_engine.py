@@ -18,11 +18,11 @@ def embedded():
 def workload():
     chats = [e.messages() for t in TASKS for e in held_out(t, 3)]
     params = [
-        SamplingParams(mode=m, max_tokens=24, block_length=b)
+        SamplingParams(temperature=0.0, mode=m, max_tokens=24, block_length=b)
         for m, b in (("ar", 32), ("diffusion", 8), ("selfspec", 16), ("diffusion", 32), ("selfspec", 8))
     ]
     jobs = [(f"r{i}", chat, params[i % len(params)]) for i, chat in enumerate(chats)]
-    jobs.append(("code", "def parse(line):", SamplingParams(mode="selfspec", max_tokens=30)))
+    jobs.append(("code", "def parse(line):", SamplingParams(temperature=0.0, mode="selfspec", max_tokens=30)))
     return jobs
 
 
@@ -57,7 +57,9 @@ def test_continuous_batching_equals_offline_generation(embedded, arrive_every):
 def test_streamed_deltas_add_up_to_the_final_text(embedded):
     engine = embedded.engine()
     engine.add_request(
-        "s", "import os\n\n\ndef walk(top):", SamplingParams(mode="selfspec", max_tokens=40, stop=["raise"])
+        "s",
+        "import os\n\n\ndef walk(top):",
+        SamplingParams(temperature=0.0, mode="selfspec", max_tokens=40, stop=["raise"]),
     )
     text, final = "", None
     while engine.has_unfinished_requests():
@@ -69,11 +71,11 @@ def test_streamed_deltas_add_up_to_the_final_text(embedded):
 
 
 def test_stream_holds_back_partial_stop_strings_and_utf8(embedded):
-    req = Request(None, [1], SamplingParams(stop=["STOP"]))
+    req = Request(None, [1], SamplingParams(temperature=0.0, stop=["STOP"]))
     tok = embedded.tokenizer
     req.emit(tok.encode("abc ST", add_special_tokens=False), set(), tok, 0.0)  # the stop search follows emit
     assert streamable_text(req) == "abc "
-    req = Request(None, [1], SamplingParams(stop=["STOP"]))
+    req = Request(None, [1], SamplingParams(temperature=0.0, stop=["STOP"]))
     req.text = "abc \ufffd"
     assert streamable_text(req) == "abc "
     req.finish_reason = "length"
@@ -82,7 +84,7 @@ def test_stream_holds_back_partial_stop_strings_and_utf8(embedded):
 
 def test_abort_frees_the_row_and_others_continue(embedded):
     engine = embedded.engine()
-    p = SamplingParams(mode="ar", max_tokens=30, ignore_eos=True)
+    p = SamplingParams(temperature=0.0, mode="ar", max_tokens=30, ignore_eos=True)
     engine.add_request("keep", "def f(x):", p)
     engine.add_request("drop", "class A:", p)
     engine.step()
@@ -98,16 +100,16 @@ def test_abort_frees_the_row_and_others_continue(embedded):
 
 def test_queue_limit_and_bad_requests(embedded):
     engine = embedded.engine(max_batch=1, max_queue=2, kv_cache_tokens=200)
-    engine.add_request("a", "x", SamplingParams(max_tokens=4))
-    engine.add_request("b", "y", SamplingParams(max_tokens=4))
+    engine.add_request("a", "x", SamplingParams(temperature=0.0, max_tokens=4))
+    engine.add_request("b", "y", SamplingParams(temperature=0.0, max_tokens=4))
     with pytest.raises(QueueFull):
-        engine.add_request("c", "z", SamplingParams(max_tokens=4))
+        engine.add_request("c", "z", SamplingParams(temperature=0.0, max_tokens=4))
     with pytest.raises(ValueError, match="already in use"):
-        engine.add_request("a", "x", SamplingParams(max_tokens=4))
+        engine.add_request("a", "x", SamplingParams(temperature=0.0, max_tokens=4))
     with pytest.raises(ValueError, match="KV slots"):
-        engine.add_request("big", "x", SamplingParams(max_tokens=210))
+        engine.add_request("big", "x", SamplingParams(temperature=0.0, max_tokens=210))
     with pytest.raises(ValueError, match="empty"):
-        engine.add_request("e", "", SamplingParams())
+        engine.add_request("e", "", SamplingParams(temperature=0.0))
     engine.step()
     assert engine.num_running == 1 and engine.num_waiting == 1  # max_batch=1 holds the second back
     assert engine.abort_request("b") and engine.num_waiting == 0
@@ -131,8 +133,10 @@ def test_detokenisation_is_incremental_and_equals_a_full_decode(embedded):
     """Pins: every emitted token re-decoded the whole output (O(L^2) per request). Emitting 600
     tokens one at a time decodes the whole output once (at the end), and the text equals it."""
     tok = CountingTokenizer(embedded.tokenizer)
-    ids = embedded.generate("import os\n", SamplingParams(max_tokens=600, ignore_eos=True))[0].token_ids
-    req = Request(None, [1], SamplingParams(max_tokens=600, ignore_eos=True))
+    ids = embedded.generate("import os\n", SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True))[
+        0
+    ].token_ids
+    req = Request(None, [1], SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True))
     texts = []
     for t in ids:
         req.emit([t], set(), tok, 0.0)
@@ -145,10 +149,12 @@ def test_detokenisation_is_incremental_and_equals_a_full_decode(embedded):
 def test_stop_strings_straddling_emits_cut_at_the_same_token(embedded, stop):
     """A stop string whose characters arrive over several emits (one token at a time) cuts the same
     tokens and text as when they arrive in one emit."""
-    ids = embedded.generate("class Stack:", SamplingParams(max_tokens=200, ignore_eos=True))[0].token_ids
-    whole = Request(None, [1], SamplingParams(max_tokens=200, ignore_eos=True, stop=[stop]))
+    ids = embedded.generate("class Stack:", SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))[
+        0
+    ].token_ids
+    whole = Request(None, [1], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, stop=[stop]))
     whole.emit(ids, set(), embedded.tokenizer, 0.0)
-    one_by_one = Request(None, [1], SamplingParams(max_tokens=200, ignore_eos=True, stop=[stop]))
+    one_by_one = Request(None, [1], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, stop=[stop]))
     for t in ids:
         if one_by_one.finish_reason is None:
             one_by_one.emit([t], set(), embedded.tokenizer, 0.0)

@@ -48,7 +48,7 @@ def test_seeded_sampling_is_the_same_alone_and_batched(embedded, mode):
 def test_tiny_temperatures_are_greedy(embedded, mode):
     """Pins: temperature 1e-38 divided the logits into inf, NaN probabilities and garbage text."""
     conv = chats(1)[:3]
-    greedy = embedded.chat(conv, SamplingParams(mode=mode, max_tokens=24))
+    greedy = embedded.chat(conv, SamplingParams(temperature=0.0, mode=mode, max_tokens=24))
     for t in (1e-38, 1e-300, 5e-324):
         cold = embedded.chat(conv, SamplingParams(mode=mode, max_tokens=24, temperature=t, seed=0))
         assert [o.token_ids for o in cold] == [o.token_ids for o in greedy]
@@ -87,7 +87,9 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(embedded):
     admitted in the same step, and those already running, finish as if it never came."""
     engine = embedded.engine(max_batch=16)
     convs = chats(1)
-    jobs = [(f"r{i}", c, SamplingParams(mode=MODES[i % 3], max_tokens=16)) for i, c in enumerate(convs)]
+    jobs = [
+        (f"r{i}", c, SamplingParams(temperature=0.0, mode=MODES[i % 3], max_tokens=16)) for i, c in enumerate(convs)
+    ]
     engine.add_request(*jobs[0])
     engine.step()  # r0 is running when the poison arrives
     poison = SamplingParams(mode="diffusion", temperature=1.0, seed=1, top_k=5)
@@ -106,8 +108,8 @@ def test_a_decode_step_that_fails_fails_its_group_only(embedded, monkeypatch):
     """A decode failure may leave its batch half-updated, so its group ends; other modes go on."""
     engine = embedded.engine(max_batch=16)
     convs = chats(1)[:2]
-    engine.add_request("ar", convs[0], SamplingParams(mode="ar", max_tokens=12))
-    engine.add_request("spec", convs[1], SamplingParams(mode="selfspec", max_tokens=12))
+    engine.add_request("ar", convs[0], SamplingParams(temperature=0.0, mode="ar", max_tokens=12))
+    engine.add_request("spec", convs[1], SamplingParams(temperature=0.0, mode="selfspec", max_tokens=12))
     engine.step()
     spec_group = next(g for g in engine.groups.values() if g.decoder.mode == "selfspec")
 
@@ -117,7 +119,10 @@ def test_a_decode_step_that_fails_fails_its_group_only(embedded, monkeypatch):
     monkeypatch.setattr(spec_group.decoder, "accept", broken)
     results, errors = run_to_completion(engine)
     assert errors == {"spec": "RuntimeError: injected"}
-    assert results["ar"].token_ids == embedded.chat(convs[0], SamplingParams(mode="ar", max_tokens=12))[0].token_ids
+    assert (
+        results["ar"].token_ids
+        == embedded.chat(convs[0], SamplingParams(temperature=0.0, mode="ar", max_tokens=12))[0].token_ids
+    )
 
 
 def test_special_token_text_in_a_message_cannot_forge_a_turn(embedded):

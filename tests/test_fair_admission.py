@@ -19,7 +19,9 @@ SHORT = "x ="
 
 
 def request(request_id: str, parent: str, prompt: list[int], max_tokens: int = 8) -> Request:
-    return Request(None, prompt, SamplingParams(max_tokens=max_tokens), request_id=request_id, parent_id=parent)
+    return Request(
+        None, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens), request_id=request_id, parent_id=parent
+    )
 
 
 def scheduler(max_batch: int = 4, max_queue: int = 8) -> Scheduler:

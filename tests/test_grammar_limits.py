@@ -71,7 +71,7 @@ def run_to_completion(engine) -> tuple[dict, dict]:
 )
 def test_grammars_past_the_limits_are_refused_when_compiled(embedded, spec, error):
     with pytest.raises(ValueError, match=f"^structured output: .*{re.escape(error)}"):
-        embedded.generate("x", SamplingParams(max_tokens=4, structured=spec))
+        embedded.generate("x", SamplingParams(temperature=0.0, max_tokens=4, structured=spec))
 
 
 def test_real_grammars_compile_within_the_limits(grammars):
@@ -92,8 +92,12 @@ def test_a_choice_shorter_than_min_tokens_is_refused(embedded):
     """Item 6: choice ["yes", "no"] with min_tokens 8 (EOS forbidden until then) emitted "no*\\*\\*..."
     with finish_reason "stop"."""
     with pytest.raises(ValueError, match="min_tokens=8 is more tokens than the longest choice can take"):
-        embedded.generate("x", SamplingParams(max_tokens=16, min_tokens=8, structured={"choice": ["yes", "no"]}))
-    [out] = embedded.generate("x", SamplingParams(max_tokens=16, min_tokens=1, structured={"choice": ["yes", "no"]}))
+        embedded.generate(
+            "x", SamplingParams(temperature=0.0, max_tokens=16, min_tokens=8, structured={"choice": ["yes", "no"]})
+        )
+    [out] = embedded.generate(
+        "x", SamplingParams(temperature=0.0, max_tokens=16, min_tokens=1, structured={"choice": ["yes", "no"]})
+    )
     assert out.text in ("yes", "no") and out.finish_reason == "stop"
 
 
@@ -104,7 +108,7 @@ def test_a_grammar_that_ends_before_min_tokens_fails_its_request_alone(embedded)
     engine = embedded.engine()
     digits = SamplingParams(max_tokens=16, min_tokens=8, temperature=1.0, seed=0, structured={"regex": "[0-9]{3}"})
     engine.add_request("bad", "x", digits)
-    engine.add_request("good", "x", SamplingParams(max_tokens=16, structured={"regex": "[0-9]{3}"}))
+    engine.add_request("good", "x", SamplingParams(temperature=0.0, max_tokens=16, structured={"regex": "[0-9]{3}"}))
     results, errors = run_to_completion(engine)
     assert set(errors) == {"bad"} and "structured output (regex): it ended after" in errors["bad"]
     assert re.fullmatch("[0-9]{3}", results["good"].text) and results["good"].finish_reason == "stop"
@@ -114,7 +118,8 @@ def test_a_complete_grammar_ends_the_request(embedded):
     """Item 6: once the grammar allows nothing more the request stops, even with ignore_eos (which
     went on emitting up to max_tokens)."""
     out = embedded.generate(
-        ["x", "def f():"], SamplingParams(max_tokens=32, ignore_eos=True, structured={"choice": ["yes", "no"]})
+        ["x", "def f():"],
+        SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, structured={"choice": ["yes", "no"]}),
     )
     assert [(o.text in ("yes", "no"), o.finish_reason) for o in out] == [(True, "stop")] * 2
 
@@ -123,7 +128,7 @@ def test_a_token_the_grammar_rejects_ends_the_request_with_an_error(embedded, gr
     """Item 6: a token the matcher rejected (a failed grammar's mask lets junk through) was appended
     and the request went on; `consume_token`'s answer was never read."""
     tok = embedded.tokenizer
-    req = Request(None, [1], SamplingParams(max_tokens=16, structured={"regex": "[0-9]+"}))
+    req = Request(None, [1], SamplingParams(temperature=0.0, max_tokens=16, structured={"regex": "[0-9]+"}))
     req.grammar = grammars.matcher(req.params.structured)
     req.emit(tok.encode("12", add_special_tokens=False) + tok.encode("ab", add_special_tokens=False), set(), tok, 0.0)
     assert req.text == "12" and req.finish_reason == "error"

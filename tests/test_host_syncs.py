@@ -28,10 +28,10 @@ def test_the_counter_sees_reads_and_data_dependent_shapes():
 @pytest.mark.parametrize(
     "params",
     [
-        SamplingParams(mode="ar"),
-        SamplingParams(mode="diffusion", block_length=8),
+        SamplingParams(temperature=0.0, mode="ar"),
+        SamplingParams(temperature=0.0, mode="diffusion", block_length=8),
         SamplingParams(mode="diffusion", block_length=8, threshold=None, temperature=0.7, top_k=5),
-        SamplingParams(mode="selfspec", block_length=8),
+        SamplingParams(temperature=0.0, mode="selfspec", block_length=8),
         SamplingParams(mode="selfspec", block_length=8, temperature=0.8, top_p=0.9),
     ],
     ids=["ar", "diffusion", "diffusion-sampled", "selfspec", "selfspec-sampled"],

@@ -40,7 +40,7 @@ def offline(hub_cache, monkeypatch):
 def test_a_hub_id_loads_from_the_cache_offline_at_a_revision(offline, hub_cache, tiny_dir):
     snapshot = hub_cache / "models--acme--nld-tiny" / "snapshots" / COMMIT
     assert resolve_model("acme/nld-tiny") == resolve_model("acme/nld-tiny", "v1") == snapshot
-    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     by_id = LLM("acme/nld-tiny", revision="v1", dtype="float32", compile=False).generate("x", params)[0]
     assert by_id.token_ids == LLM(tiny_dir, dtype="float32", compile=False).generate("x", params)[0].token_ids
 

@@ -64,7 +64,9 @@ def test_pages_balance_through_mixed_requests_aborts_and_preemptions(llm, num_re
     for i in range(num_requests):
         mode, block = MODES[i % 3][0], 8
         prompt = [rng.randrange(5, 400) for _ in range(rng.randrange(3, 40))]
-        params = SamplingParams(mode=mode, block_length=block, max_tokens=rng.randrange(1, 40), ignore_eos=i % 2 == 0)
+        params = SamplingParams(
+            temperature=0.0, mode=mode, block_length=block, max_tokens=rng.randrange(1, 40), ignore_eos=i % 2 == 0
+        )
         jobs.append((f"r{i}", prompt, params))
     engine = llm.engine(max_batch=12, max_queue=num_requests, kv_cache_tokens=24 * 4, page_size=4)
     results, aborted = drive(engine, jobs, rng, abort_rate=0.05, per_step=3)
@@ -78,7 +80,7 @@ def test_pages_balance_through_mixed_requests_aborts_and_preemptions(llm, num_re
 def test_a_preempted_request_decodes_as_it_would_uninterrupted(llm, mode, block):
     """Four requests whose outputs outgrow a 10-page pool: the newest are preempted and resume by
     recomputing prompt + output; each still decodes exactly its solo greedy tokens."""
-    params = SamplingParams(mode=mode, block_length=block, max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, mode=mode, block_length=block, max_tokens=40, ignore_eos=True)
     jobs = [(f"r{i}", [7 + i, 30, 41 + i, 12, 99, 5, 64 + i, 3, 18, 77], params) for i in range(4)]
     engine = llm.engine(max_batch=4, kv_cache_tokens=10 * 16, page_size=16)
     results, _ = drive(engine, jobs)
@@ -113,7 +115,7 @@ def test_prefix_cache_hits_decode_as_misses(embedded, mode, block):
     """Requests sharing a system turn reuse its pages (hits counted) and decode exactly as alone."""
     system = {"role": "system", "content": "You are a careful Python programmer. " * 6}
     chats = [[system, {"role": "user", "content": q}] for q in ("Sort 3 1 2.", "Reverse abc.", "Add 2 and 5.")]
-    params = SamplingParams(mode=mode, block_length=block, max_tokens=16)
+    params = SamplingParams(temperature=0.0, mode=mode, block_length=block, max_tokens=16)
     engine = embedded.engine(kv_cache_tokens=4096)
     results, _ = drive(engine, [(f"c{i}", c, params) for i, c in enumerate(chats)])
     shared = len(embedded.tokenizer.encode_chat([system, {"role": "user", "content": ""}])) // 16 * 16
@@ -127,7 +129,7 @@ def test_a_budget_holds_what_requests_use_not_their_worst_case(embedded):
     (prompt + max_tokens + block) admits 7 at a time; pages admit all 16, since they end early
     (prefilled in one step, so none has finished before the last is admitted)."""
     chats = [e.messages() for t in TASKS for e in held_out(t, 4)][:16]
-    params = SamplingParams(max_tokens=512)
+    params = SamplingParams(temperature=0.0, max_tokens=512)
     worst = [kv_slots(Request(None, embedded.tokenizer.encode_chat(c), params)) for c in chats]
     assert sum(worst[:8]) > 4096  # a worst-case reservation fits 7 at most
     engine = embedded.engine(max_batch=16, kv_cache_tokens=4096, max_num_batched_tokens=4096)
@@ -144,7 +146,7 @@ def test_a_budget_holds_what_requests_use_not_their_worst_case(embedded):
 def test_a_follow_up_reuses_the_pages_of_a_finished_request_output_included(llm):
     """A finished request's prompt and output stay cached: a follow-up that starts with them (the
     next turn of a chat) prefills only what is new, and decodes as it would from scratch."""
-    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     prompt = [5 + i % 90 for i in range(40)]
     engine = llm.engine(kv_cache_tokens=1024, page_size=16)
     output = drive(engine, [("t1", prompt, params)])[0]["t1"].token_ids

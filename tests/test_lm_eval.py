@@ -46,7 +46,7 @@ def test_generate_until_answers_are_the_offline_engines(server, mode):
     offline = LLM()
     result = evaluate(server, "trimode_sort", gen_kwargs=f"mode={mode}")
     samples = result["samples"]["trimode_sort"]
-    params = SamplingParams(mode=mode, max_tokens=40, stop=["<|im_end|>"])
+    params = SamplingParams(temperature=0.0, mode=mode, max_tokens=40, stop=["<|im_end|>"])
     prompts = [offline.tokenizer.encode(s["arguments"][0][0], add_special_tokens=False) for s in samples]
     want = [o.text for o in offline.generate(prompts, params)]
     assert [s["resps"][0][0] for s in samples] == want
@@ -62,7 +62,7 @@ def test_loglikelihoods_are_the_offline_prompt_logprobs(server):
         for (context, continuation), ((score, greedy),) in zip(sample["arguments"], sample["resps"]):
             ctx = tok.encode(context, add_special_tokens=False)
             full = tok.encode(context + continuation, add_special_tokens=False)
-            out = offline.generate(full, SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+            out = offline.generate(full, SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=1))[0]
             positions = out.prompt_logprobs[len(ctx) :]
             assert score == pytest.approx(sum(p[t].logprob for p, t in zip(positions, full[len(ctx) :])), abs=1e-4)
             assert greedy == all(p[t].rank == 1 for p, t in zip(positions, full[len(ctx) :]))

@@ -79,7 +79,7 @@ def test_bf16_checkpoint_loads_in_every_dtype(tmp_path):
     path = make_checkpoint(tiny_config(), tmp_path / "bf16", dtype="bfloat16")
     for dtype in ("float32", "bfloat16", "float16"):
         llm = LLM(path, dtype=dtype, device="cpu")
-        out = llm.generate("x = 1", SamplingParams(max_tokens=3, ignore_eos=True))[0]
+        out = llm.generate("x = 1", SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
         assert len(out.token_ids) == 3
 
 
@@ -150,7 +150,7 @@ def test_draft_lora_only_changes_draft_passes(tiny_dir):
     assert with_lora.has_draft_lora and not without.has_draft_lora
     assert with_lora.encoder.layers[0].self_attn.draft_lora.scale == 4.0  # alpha / r of the release
     llm_a, llm_b = LLM(tiny_dir, dtype="float32"), LLM(tiny_dir, dtype="float32", load_draft_lora=False)
-    ar = SamplingParams(max_tokens=10, ignore_eos=True)
+    ar = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     assert llm_a.generate("def", ar)[0].token_ids == llm_b.generate("def", ar)[0].token_ids
 
 

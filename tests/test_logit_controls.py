@@ -25,17 +25,22 @@ def tokens(llm, prompts, params) -> list[list[int]]:
 @pytest.mark.parametrize("block_length,spec", [(4, "linear"), (8, "linear"), (4, "quadratic")])
 def test_selfspec_equals_ar_under_every_control(llm, block_length, spec):
     """Rows with different controls in one batch; with the draft LoRA, drafts do get accepted."""
-    params = [SamplingParams(max_tokens=20, ignore_eos=True, block_length=block_length, **c) for c in CONTROLS]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, block_length=block_length, **c)
+        for c in CONTROLS
+    ]
     ar = tokens(llm, PROMPTS, params)
     spec = [SamplingParams(**{**vars(p), "mode": "selfspec", "spec": spec}) for p in params]
     assert tokens(llm, PROMPTS, spec) == ar
-    assert ar != tokens(llm, PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True))  # the controls changed it
+    assert ar != tokens(
+        llm, PROMPTS, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    )  # the controls changed it
 
 
 def test_each_control_does_what_it_says(llm):
     """The random test model falls into repeating a token: penalties break the repeat (more
     distinct tokens, in every mode), a -100 bias bans a token, min_tokens holds off a stop token."""
-    base = dict(max_tokens=24, ignore_eos=True, block_length=4)
+    base = dict(temperature=0.0, max_tokens=24, ignore_eos=True, block_length=4)
     for mode in ("ar", "diffusion", "selfspec"):
         plain = tokens(llm, PROMPTS[:2], SamplingParams(mode=mode, **base))
         for control in CONTROLS[:3]:
@@ -54,7 +59,7 @@ def test_each_control_does_what_it_says(llm):
 def test_selfspec_samples_the_ar_distribution_under_penalties(llm):
     """At temperature > 0 the emitted sequences follow AR's penalised distribution (total variation
     against the exact joint, by tree expansion with the penalties applied per prefix)."""
-    settled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    settled = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
     ids = settled.prompt_token_ids + settled.token_ids
     base = dict(temperature=1.5, top_k=3, max_tokens=3, ignore_eos=True, presence_penalty=1.0)
     exact = exact_joint(llm, ids, SamplingParams(**base), 3, penalised=True)

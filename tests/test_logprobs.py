@@ -25,7 +25,7 @@ def causal_logprobs(llm, ids: list[int]) -> list[float]:
 def test_ar_logprobs_are_the_models_and_selfspec_reports_the_same(llm):
     """AR: each token's log-probability under the causal forward of everything before it, its rank
     and the top k in order. Self-spec at temperature 0 reports the verifier's: the same numbers."""
-    params = dict(max_tokens=16, ignore_eos=True, logprobs=3)
+    params = dict(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
     ar = llm.generate(PROMPTS[:3], SamplingParams(mode="ar", **params))
     spec = llm.generate(PROMPTS[:3], SamplingParams(mode="selfspec", block_length=4, **params))
     quadratic = llm.generate(PROMPTS[:3], SamplingParams(mode="selfspec", spec="quadratic", block_length=4, **params))
@@ -47,15 +47,17 @@ def test_sampled_tokens_have_their_rank_and_stop_strings_cut_logprobs_too(llm):
     ranks = [p[t].rank for p, t in zip(out.logprobs, out.token_ids)]
     assert len(ranks) == len(out.token_ids) and max(ranks) > 1  # sampled: not always the argmax
     assert all(len(p) == 1 for p in out.logprobs)  # logprobs=0: the chosen token only
-    text = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True))[0].text
-    cut = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True, stop=text[3:6], logprobs=1))[0]
+    text = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0].text
+    cut = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=text[3:6], logprobs=1)
+    )[0]
     assert cut.finish_reason == "stop" and len(cut.logprobs) == len(cut.token_ids) < 12
 
 
 def test_prompt_logprobs_equal_one_causal_forward(llm):
     """Prompts of different lengths prefilled together (right-padded), with max_tokens 0: each
     prompt token's log-probability given the tokens before it, the first None."""
-    params = SamplingParams(max_tokens=0, prompt_logprobs=MAX_LOGPROBS)
+    params = SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=MAX_LOGPROBS)
     for out in llm.generate(PROMPTS, params):
         ids = out.prompt_token_ids
         assert out.token_ids == [] and out.finish_reason == "length"
@@ -72,8 +74,8 @@ def test_prompt_logprobs_through_chunks_and_past_a_cached_prefix(llm):
     ids = llm.tokenizer.encode(prompt)
     want = causal_logprobs(llm, ids)
     engine = llm.engine(max_batch=4, kv_cache_tokens=4096, max_num_batched_tokens=16)
-    engine.add_request("warm", prompt, SamplingParams(max_tokens=2))  # caches the prompt's pages
-    engine.add_request("scored", prompt, SamplingParams(max_tokens=3, prompt_logprobs=0, logprobs=0))
+    engine.add_request("warm", prompt, SamplingParams(temperature=0.0, max_tokens=2))  # caches the prompt's pages
+    engine.add_request("scored", prompt, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=0, logprobs=0))
     results = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

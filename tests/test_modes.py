@@ -18,13 +18,15 @@ def ids(outputs):
 def test_selfspec_greedy_equals_ar_greedy(llm, llm_nolora, block_length, lora):
     model = llm if lora else llm_nolora
     assert model.model.has_draft_lora == lora
-    ar = model.generate(PROMPTS, SamplingParams(mode="ar", max_tokens=45, ignore_eos=True))
+    ar = model.generate(PROMPTS, SamplingParams(temperature=0.0, mode="ar", max_tokens=45, ignore_eos=True))
     spec = model.generate(
-        PROMPTS, SamplingParams(mode="selfspec", max_tokens=45, block_length=block_length, ignore_eos=True)
+        PROMPTS,
+        SamplingParams(temperature=0.0, mode="selfspec", max_tokens=45, block_length=block_length, ignore_eos=True),
     )
     assert ids(spec) == ids(ar)
     single = model.generate(
-        PROMPTS[2], SamplingParams(mode="selfspec", max_tokens=45, block_length=block_length, ignore_eos=True)
+        PROMPTS[2],
+        SamplingParams(temperature=0.0, mode="selfspec", max_tokens=45, block_length=block_length, ignore_eos=True),
     )
     assert ids(single) == ids(ar)[2:3]
     cycles = [n for o in spec for n in o.mode_stats["tokens_per_cycle"]]
@@ -38,10 +40,12 @@ def test_selfspec_greedy_equals_ar_greedy(llm, llm_nolora, block_length, lora):
 @pytest.mark.parametrize(
     "params",
     [
-        SamplingParams(mode="ar", max_tokens=37, ignore_eos=True),
-        SamplingParams(mode="diffusion", max_tokens=37, block_length=8, ignore_eos=True),
-        SamplingParams(mode="diffusion", max_tokens=37, block_length=32, threshold=0.5, ignore_eos=True),
-        SamplingParams(mode="selfspec", max_tokens=37, block_length=8, ignore_eos=True),
+        SamplingParams(temperature=0.0, mode="ar", max_tokens=37, ignore_eos=True),
+        SamplingParams(temperature=0.0, mode="diffusion", max_tokens=37, block_length=8, ignore_eos=True),
+        SamplingParams(
+            temperature=0.0, mode="diffusion", max_tokens=37, block_length=32, threshold=0.5, ignore_eos=True
+        ),
+        SamplingParams(temperature=0.0, mode="selfspec", max_tokens=37, block_length=8, ignore_eos=True),
     ],
     ids=["ar", "diffusion-b8", "diffusion-b32", "selfspec-b8"],
 )
@@ -54,14 +58,16 @@ def test_batched_equals_unbatched(llm, params):
 
 
 def test_ar_is_one_token_per_forward(llm):
-    out = llm.generate(PROMPTS, SamplingParams(mode="ar", max_tokens=20, ignore_eos=True))
+    out = llm.generate(PROMPTS, SamplingParams(temperature=0.0, mode="ar", max_tokens=20, ignore_eos=True))
     assert all(o.num_forwards == 20 and o.tokens_per_forward == 1.0 for o in out)
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
 @pytest.mark.parametrize("max_tokens", [1, 7, 33])
 def test_max_tokens_need_not_be_a_multiple_of_block_length(llm, mode, max_tokens):
-    out = llm.generate(PROMPTS[:2], SamplingParams(mode=mode, max_tokens=max_tokens, block_length=8, ignore_eos=True))
+    out = llm.generate(
+        PROMPTS[:2], SamplingParams(temperature=0.0, mode=mode, max_tokens=max_tokens, block_length=8, ignore_eos=True)
+    )
     assert [len(o.token_ids) for o in out] == [max_tokens] * 2
     assert all(o.finish_reason == "length" for o in out)
 
@@ -69,10 +75,10 @@ def test_max_tokens_need_not_be_a_multiple_of_block_length(llm, mode, max_tokens
 def test_finished_row_stops_emitting(llm):
     """A row that ends early (EOS) leaves the batch; the others go on and equal their solo runs."""
     eos = next(iter(llm.eos_token_ids))
-    base = llm.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+    base = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     # Make the first token of prompt 1 an EOS by asking for its stop: treat its first token as a stop id.
     stop_text = llm.tokenizer.decode(base[1].token_ids[:3])
-    out = llm.generate(PROMPTS, SamplingParams(max_tokens=12, stop=[stop_text]) if stop_text else None)
+    out = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12, stop=[stop_text]) if stop_text else None)
     assert out[1].finish_reason == "stop" and len(out[1].token_ids) <= 3
     assert [o.token_ids for i, o in enumerate(out) if i != 1] == [o.token_ids for i, o in enumerate(base) if i != 1]
     assert eos not in out[1].token_ids
@@ -82,7 +88,7 @@ def test_ar_equals_the_uncached_reference(llm):
     from reference import ar_greedy
 
     for prompt in PROMPTS:
-        out = llm.generate(prompt, SamplingParams(max_tokens=20, ignore_eos=True))[0]
+        out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0]
         assert out.token_ids == ar_greedy(llm.model, llm.tokenizer.encode(prompt), 20)
 
 
@@ -95,7 +101,8 @@ def test_selfspec_equals_the_uncached_reference_in_tokens_and_cycles(llm, block_
     cycles_seen = set()
     for prompt in PROMPTS:
         out = llm.generate(
-            prompt, SamplingParams(mode="selfspec", max_tokens=30, block_length=block_length, ignore_eos=True)
+            prompt,
+            SamplingParams(temperature=0.0, mode="selfspec", max_tokens=30, block_length=block_length, ignore_eos=True),
         )[0]
         tokens, cycles = selfspec_greedy(llm.model, llm.tokenizer.encode(prompt), 30, block_length, MASK_ID)
         assert out.token_ids == tokens
@@ -107,9 +114,12 @@ def test_selfspec_equals_the_uncached_reference_in_tokens_and_cycles(llm, block_
 def test_a_diffusion_row_that_ends_early_does_not_end_its_neighbours(llm):
     """NVIDIA's reference stops denoising the whole batch's block when one row reveals EOS; here the
     row that reveals EOS early finishes, and its neighbours decode exactly as they do alone."""
-    params = SamplingParams(mode="diffusion", max_tokens=32, block_length=8, threshold=0.0)
+    params = SamplingParams(temperature=0.0, mode="diffusion", max_tokens=32, block_length=8, threshold=0.0)
     base = llm.generate(
-        PROMPTS[0], SamplingParams(mode="diffusion", max_tokens=32, block_length=8, threshold=0.0, ignore_eos=True)
+        PROMPTS[0],
+        SamplingParams(
+            temperature=0.0, mode="diffusion", max_tokens=32, block_length=8, threshold=0.0, ignore_eos=True
+        ),
     )[0]
     others = llm.generate(PROMPTS[1:], params)
     eos = next(t for t in base.token_ids[2:6] if all(t not in o.token_ids for o in others))
@@ -134,11 +144,13 @@ def test_quadratic_selfspec_equals_ar_and_the_uncached_reference(llm, block_leng
 
     budgets = [30, 30, 13, 30]
     params = [
-        SamplingParams(mode="selfspec", spec="quadratic", block_length=block_length, max_tokens=n, ignore_eos=True)
+        SamplingParams(
+            temperature=0.0, mode="selfspec", spec="quadratic", block_length=block_length, max_tokens=n, ignore_eos=True
+        )
         for n in budgets
     ]
     out = llm.generate(PROMPTS, params)
-    ar = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True) for n in budgets])
+    ar = llm.generate(PROMPTS, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in budgets])
     assert ids(out) == ids(ar)
     cycles_seen = set()
     for prompt, n, o in zip(PROMPTS, budgets, out):
@@ -157,7 +169,7 @@ def test_quadratic_leaves_the_kv_pool_as_ar_does(llm):
     pools = []
     for params in (dict(), dict(mode="selfspec", spec="quadratic", block_length=8)):
         engine = llm.engine(kv_cache_tokens=2048)
-        engine.add_tokenized("first", prompt, SamplingParams(max_tokens=40, ignore_eos=True, **params))
+        engine.add_tokenized("first", prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, **params))
         outs = [o.output for _ in range(200) for o in engine.step() if o.output is not None]
         context = prompt + outs[0].token_ids + [5, 6, 7]
         pages = engine.pool.match_prefix(context)
@@ -171,10 +183,13 @@ def test_quadratic_leaves_the_kv_pool_as_ar_does(llm):
         torch.testing.assert_close(quadratic.pool.v[layer][slots], ar.pool.v[layer][ar_slots])
     quadratic.pool.release(pages)
     hits = quadratic.pool.num_prefix_hits
-    quadratic.add_tokenized("follow-up", context, SamplingParams(max_tokens=12, ignore_eos=True))
+    quadratic.add_tokenized("follow-up", context, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     follow = [o.output for _ in range(50) for o in quadratic.step() if o.output is not None][0]
     assert quadratic.pool.num_prefix_hits - hits == 16 * len(pages)
-    assert follow.token_ids == llm.generate([context], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    assert (
+        follow.token_ids
+        == llm.generate([context], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0].token_ids
+    )
 
 
 def test_quadratic_after_a_chunked_prefill_starts_blind(llm):
@@ -182,9 +197,13 @@ def test_quadratic_after_a_chunked_prefill_starts_blind(llm):
     holds masks, none accepted), then cycles go on as the reference's `blind` start has them."""
     from reference import quadratic_greedy
 
-    settled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=24, ignore_eos=True))[0]  # a repeat drafts foresee
+    settled = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[
+        0
+    ]  # a repeat drafts foresee
     prompt = settled.prompt_token_ids + settled.token_ids
-    params = SamplingParams(mode="selfspec", spec="quadratic", block_length=4, max_tokens=30, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, mode="selfspec", spec="quadratic", block_length=4, max_tokens=30, ignore_eos=True
+    )
     engine = llm.engine(max_num_batched_tokens=20)
     assert len(prompt) > 20
     engine.add_tokenized("r", prompt, params)

@@ -27,7 +27,9 @@ def test_same_seed_same_output_different_seed_different_output(llm, mode):
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
 def test_top_k_one_is_greedy(llm, mode):
-    greedy = llm.generate(PROMPTS, SamplingParams(mode=mode, max_tokens=16, block_length=8, ignore_eos=True))
+    greedy = llm.generate(
+        PROMPTS, SamplingParams(temperature=0.0, mode=mode, max_tokens=16, block_length=8, ignore_eos=True)
+    )
     sampled = llm.generate(
         PROMPTS,
         SamplingParams(mode=mode, temperature=2.0, top_k=1, seed=3, max_tokens=16, block_length=8, ignore_eos=True),
@@ -41,7 +43,7 @@ def test_top_k_and_top_p_filtering():
     assert torch.allclose(p, torch.tensor([[[0.625, 0.375, 0.0, 0.0]]]))  # top-3, then the 0.7 nucleus
     p = Sampler.of([SamplingParams(temperature=1.0, top_k=3)], torch.device("cpu")).probs(logits)
     assert torch.allclose(p, torch.tensor([[[0.5, 0.3, 0.15, 0.0]]]) / 0.95)
-    g = Sampler.of([SamplingParams()], torch.device("cpu")).probs(logits)
+    g = Sampler.of([SamplingParams(temperature=0.0)], torch.device("cpu")).probs(logits)
     assert g.tolist() == [[[1.0, 0.0, 0.0, 0.0]]]
 
 
@@ -100,7 +102,7 @@ def test_sampled_sequences_follow_the_ar_distribution(llm, mode, block_length, s
     of the accepted length, drawn before the bonus token is known."""
     # Continue a greedy run that has settled into the repeat the fixture's drafts can predict, so both
     # accepted and rejected drafts occur.
-    settled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    settled = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
     ids = settled.prompt_token_ids + settled.token_ids
     length, n = 3, 3000
     base = dict(temperature=1.5, top_k=2, max_tokens=length, ignore_eos=True)

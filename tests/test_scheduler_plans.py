@@ -16,7 +16,12 @@ AR, SPEC = ("ar",), ("selfspec", 8, "linear")
 
 def request(rid: str, prompt_tokens: int = 20, arrival: float = 0.0, parent: str | None = None, **params) -> Request:
     return Request(
-        None, list(range(prompt_tokens)), SamplingParams(**params), request_id=rid, arrival=arrival, parent_id=parent
+        None,
+        list(range(prompt_tokens)),
+        SamplingParams(**{"temperature": 0.0, **params}),
+        request_id=rid,
+        arrival=arrival,
+        parent_id=parent,
     )
 
 
@@ -141,7 +146,7 @@ def test_auto_rows_between_cycles_move_to_the_policys_pick_and_nothing_else_move
     s = scheduler(budget=512)
     plain, auto_free, auto_busy = request("plain"), request("a", mode="auto"), request("b", mode="auto")
     for r in (auto_free, auto_busy):
-        r.decoding = SamplingParams(mode="ar")
+        r.decoding = SamplingParams(temperature=0.0, mode="ar")
     ar_group = RunningGroup(
         AR, (plain, auto_free, auto_busy), ((1,), (2,), (3,)), (0, 0, 0), (False,) * 3, 0.0, 1,
         choice=EXACT_DECODINGS[0], boundary=(True, True, False),

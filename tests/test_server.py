@@ -42,7 +42,7 @@ CHAT = [{"role": "user", "content": "Reverse: 12 7 33 4"}]
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "selfspec"])
 def test_chat_and_completion_equal_offline(client, offline, mode):
-    params = SamplingParams(mode=mode, max_tokens=24)
+    params = SamplingParams(temperature=0.0, mode=mode, max_tokens=24)
     want_chat = offline.chat(CHAT, params)[0]
     r = client.chat.completions.create(
         model=MODEL, messages=CHAT, temperature=0, max_tokens=24, extra_body={"mode": mode}
@@ -76,7 +76,7 @@ def test_chat_and_completion_equal_offline(client, offline, mode):
 def test_quadratic_selfspec_is_asked_for_by_spec(client, offline, server):
     """`spec` beside `mode`: quadratic self-spec gives AR's greedy text in one forward per cycle; a
     spec without selfspec, or a pass wider than the server's step budget, is a 400 naming why."""
-    want = offline.chat(CHAT, SamplingParams(max_tokens=24))[0]
+    want = offline.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=24))[0]
     body = {"mode": "selfspec", "spec": "quadratic", "block_length": 4}
     r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24, extra_body=body)
     assert r.choices[0].message.content == want.text
@@ -91,7 +91,7 @@ def test_quadratic_selfspec_is_asked_for_by_spec(client, offline, server):
 
 
 def test_auto_mode_gives_ar_text_and_says_which_decodings_served_it(client, offline, server):
-    want = offline.chat(CHAT, SamplingParams(max_tokens=24))[0]
+    want = offline.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=24))[0]
     r = client.chat.completions.create(
         model=MODEL, messages=CHAT, temperature=0, max_tokens=24, extra_body={"mode": "auto"}
     )
@@ -113,7 +113,7 @@ def test_bench_over_http_sends_spec(server, offline, tmp_path):
     from trimode.bench.runner import encode
     from trimode.bench.suites import task_suite
 
-    params = SamplingParams(mode="selfspec", spec="quadratic", block_length=4, max_tokens=16, seed=0)
+    params = SamplingParams(temperature=0.0, mode="selfspec", spec="quadratic", block_length=4, max_tokens=16, seed=0)
     outs = offline.generate(encode(offline, task_suite(2)), params)
     tokens, forwards = sum(len(o.token_ids) for o in outs), sum(o.num_forwards for o in outs)
     assert spec["tokens_per_forward"] == round(tokens / forwards, 4)
@@ -123,7 +123,7 @@ def test_the_request_shapes_clients_send(client, offline):
     """Token-id prompts and prompt lists (lm-evaluation-harness's defaults), streamed or not, one
     choice per prompt in order; text already rendered by a chat template, sent without a second
     BOS; content parts and the developer role; fields SDKs always send, accepted and ignored."""
-    params = SamplingParams(max_tokens=8)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
     texts = ["def parse(line):", "import os"]
     want = [o.text for o in offline.generate(texts, params)]
     ids = [offline.tokenizer.encode(t) for t in texts]
@@ -172,7 +172,7 @@ def test_logprobs_in_both_shapes_and_lm_eval_scoring(client, offline):
     """Completions: tokens, token_logprobs, top_logprobs, text_offset, streamed or not; echo with
     max_tokens 0 over token-id prompts, as lm-evaluation-harness scores a continuation; chat's
     content list. Every number is the offline engine's."""
-    want = offline.generate("def parse(line):", SamplingParams(max_tokens=6, logprobs=2))[0]
+    want = offline.generate("def parse(line):", SamplingParams(temperature=0.0, max_tokens=6, logprobs=2))[0]
     r = client.completions.create(model=MODEL, prompt="def parse(line):", temperature=0, max_tokens=6, logprobs=2)
     lp = r.choices[0].logprobs
     assert lp.tokens == [offline.tokenizer.decode_token(t) for t in want.token_ids]
@@ -186,7 +186,9 @@ def test_logprobs_in_both_shapes_and_lm_eval_scoring(client, offline):
     ids = [offline.tokenizer.encode(t) for t in ("import os", "class Foo:")]
     scored = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
     for choice, prompt in zip(scored.choices, ids):
-        offline_lp = offline.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=1))[0].prompt_logprobs
+        offline_lp = offline.generate(prompt, SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=1))[
+            0
+        ].prompt_logprobs
         assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.token_logprobs) == len(prompt)
         assert choice.logprobs.token_logprobs[1:] == pytest.approx(
             [p[t].logprob for p, t in zip(offline_lp[1:], prompt[1:])], abs=1e-4
@@ -194,7 +196,7 @@ def test_logprobs_in_both_shapes_and_lm_eval_scoring(client, offline):
         assert choice.text == offline.tokenizer.decode(prompt)
     with pytest.raises(openai.BadRequestError, match="max_tokens 0 only scores a prompt"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=0)
-    chat = offline.chat(CHAT, SamplingParams(max_tokens=6, logprobs=3))[0]
+    chat = offline.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=6, logprobs=3))[0]
     r = client.chat.completions.create(
         model=MODEL, messages=CHAT, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3
     )
@@ -233,7 +235,7 @@ def test_n_and_penalties_through_the_client(client, offline):
                 model=MODEL, messages=repeat, temperature=0, max_tokens=24, extra_body=extra, **fields
             )
             texts[mode] = r.choices[0].message.content
-        want = offline.chat(repeat, SamplingParams(max_tokens=24, **offline_control))[0].text
+        want = offline.chat(repeat, SamplingParams(**{"temperature": 0.0, "max_tokens": 24, **offline_control}))[0].text
         assert texts["ar"] == texts["selfspec"] == want, control
         assert "presence_penalty" in control or want != plain.choices[0].message.content
 
@@ -248,7 +250,7 @@ def test_structured_output_through_the_client(client, offline):
         "additionalProperties": False,
     }
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
-    structured = SamplingParams(max_tokens=48, structured={"json": schema})
+    structured = SamplingParams(temperature=0.0, max_tokens=48, structured={"json": schema})
     want = offline.generate("def parse(line):", structured)[0].text
     doc = json.loads(want)
     assert set(doc) == {"name", "age"} and isinstance(doc["age"], int)
@@ -308,7 +310,9 @@ def test_64_concurrent_streams_mixing_modes(client, offline):
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         texts = list(pool.map(one, range(64)))
     for i, text in enumerate(texts):
-        assert text == offline.chat(prompts[i], SamplingParams(mode=modes[i % 3], max_tokens=16))[0].text
+        assert (
+            text == offline.chat(prompts[i], SamplingParams(temperature=0.0, mode=modes[i % 3], max_tokens=16))[0].text
+        )
 
 
 def aborted(url: str) -> float:
@@ -401,7 +405,7 @@ def test_bad_input_barrage_gets_4xx_and_the_server_stays_healthy(server, client,
     assert 404 in statuses and 400 in statuses
     assert httpx.get(server + "/health").json()["status"] == "ok"
     r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24)
-    assert r.choices[0].message.content == offline.chat(CHAT, SamplingParams(max_tokens=24))[0].text
+    assert r.choices[0].message.content == offline.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=24))[0].text
 
 
 def test_api_key_and_full_queue():
@@ -479,7 +483,10 @@ def test_bench_over_http_measures_what_offline_generates(server, offline, tmp_pa
     ids = encode(offline, prompts)
 
     def offline_figures(modes: list[str]) -> tuple[int, int, float]:
-        outs = [offline.generate([i], SamplingParams(mode=m, max_tokens=16, seed=0))[0] for i, m in zip(ids, modes)]
+        outs = [
+            offline.generate([i], SamplingParams(temperature=0.0, mode=m, max_tokens=16, seed=0))[0]
+            for i, m in zip(ids, modes)
+        ]
         correct = [p.is_correct(o.text) for p, o in zip(prompts, outs)]
         return (
             sum(o.num_generated_tokens for o in outs),

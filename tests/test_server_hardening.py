@@ -87,7 +87,10 @@ def test_values_the_engine_cannot_use_are_refused_and_neighbours_finish(url, off
         for (field, _), r in zip(poison, refused):
             assert r.result().status_code == 400 and r.result().json()["error"]["param"] == field
         for i, f in enumerate(innocents):
-            assert f.result()[0] == offline.chat(chats[i], SamplingParams(mode=modes[i % 3], max_tokens=24))[0].text
+            assert (
+                f.result()[0]
+                == offline.chat(chats[i], SamplingParams(temperature=0.0, mode=modes[i % 3], max_tokens=24))[0].text
+            )
     assert metric(url, "trimode_request_failures_total", 'reason="invalid_request"') == before + 3
     assert httpx.get(url + "/health").json()["status"] == "ok"
 
@@ -100,7 +103,7 @@ def test_tiny_temperatures_answer_greedily(url, offline):
             "/v1/chat/completions",
             {"model": MODEL, "messages": CHAT, "max_tokens": 24, "temperature": 1e-38, "mode": mode},
         )
-        want = offline.chat(CHAT, SamplingParams(mode=mode, max_tokens=24))[0].text
+        want = offline.chat(CHAT, SamplingParams(temperature=0.0, mode=mode, max_tokens=24))[0].text
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
 
 
@@ -405,7 +408,10 @@ def test_an_engine_failure_fails_its_request_alone_with_a_500(inproc, offline, m
             assert r.status_code == 500 and err["type"] == "server_error" and "internal error" in err["message"]
         else:
             assert r.status_code == 200
-            assert r.json()["choices"][0]["text"] == offline.generate(p, SamplingParams(max_tokens=12))[0].text
+            assert (
+                r.json()["choices"][0]["text"]
+                == offline.generate(p, SamplingParams(temperature=0.0, max_tokens=12))[0].text
+            )
     text = run_client(app, lambda c: c.get("/metrics")).text
     assert 'trimode_request_failures_total{reason="internal_error"} 1.0' in text
     assert run_client(app, lambda c: c.get("/health")).json()["status"] == "ok"
@@ -561,7 +567,9 @@ def test_hostile_soak_every_valid_answer_survives(offline):
         for kind, value in results:
             if kind == "valid":
                 i, text = value
-                want = offline.chat(valid(i)["messages"], SamplingParams(mode=modes[i % 3], max_tokens=16))[0].text
+                want = offline.chat(
+                    valid(i)["messages"], SamplingParams(temperature=0.0, mode=modes[i % 3], max_tokens=16)
+                )[0].text
                 assert text == want, i
             else:
                 assert value in (200, 400), (kind, value)

@@ -77,7 +77,9 @@ def test_tokenize_and_detokenize(engine, offline):
     )
     assert with_bos.json() == {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
     assert without.json()["tokens"] == ids[1:] and ids[0] == offline.config.bos_token_id
-    assert chat.json()["tokens"] == offline.chat(CHAT, SamplingParams(max_tokens=1))[0].prompt_token_ids
+    assert (
+        chat.json()["tokens"] == offline.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=1))[0].prompt_token_ids
+    )
     assert chat.json()["tokens"] == tok.encode_chat(chat_messages(CHAT))
     assert back.json() == {"prompt": tok.decode(ids)}
     assert bad.status_code == 400 and "outside" in bad.json()["error"]["message"]
@@ -92,7 +94,7 @@ def test_seed_and_generation_defaults(engine, offline):
     assert first[0].json()["choices"] == first[1].json()["choices"]
     a, b = call(build_app(engine, MODEL, seed=7), *[("POST", "/v1/completions", sampled)] * 2)
     assert a.json()["choices"] == first[0].json()["choices"] and b.json()["choices"] != a.json()["choices"]
-    greedy = offline.generate("def parse(line):", SamplingParams(max_tokens=5))[0].text
+    greedy = offline.generate("def parse(line):", SamplingParams(temperature=0.0, max_tokens=5))[0].text
     app = build_app(engine, MODEL, generation_defaults={"temperature": 0.0, "max_tokens": 5})
     (r,) = call(app, ("POST", "/v1/completions", {"model": MODEL, "prompt": "def parse(line):"}))
     assert r.json()["choices"][0]["text"] == greedy

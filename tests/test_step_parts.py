@@ -45,10 +45,10 @@ def drive(engine, arrivals: dict[int, list[tuple[str, str, SamplingParams]]]) ->
 
 
 def test_ar_rows_ride_in_block_passes_and_prefills_and_decode_as_alone(llm, monkeypatch):
-    ar = SamplingParams(mode="ar", max_tokens=40, ignore_eos=True)
+    ar = SamplingParams(temperature=0.0, mode="ar", max_tokens=40, ignore_eos=True)
     block = [
-        SamplingParams(mode="diffusion", block_length=8, max_tokens=24, ignore_eos=True),
-        SamplingParams(mode="selfspec", block_length=8, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.0, mode="diffusion", block_length=8, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.0, mode="selfspec", block_length=8, max_tokens=24, ignore_eos=True),
     ]
     alone = {p: llm.generate(p, ar)[0] for p in PROMPTS[:2]}
     alone_block = [llm.generate(PROMPTS[2 + i], sp)[0] for i, sp in enumerate(block)]
@@ -79,7 +79,7 @@ def test_ar_rows_ride_in_block_passes_and_prefills_and_decode_as_alone(llm, monk
 def test_a_group_pass_stays_within_the_token_budget(llm):
     """max_num_batched_tokens 16 with blocks of 8: at most 2 rows per diffusion group; the rest
     form further groups, which take turns, and every request decodes as alone."""
-    params = SamplingParams(mode="diffusion", block_length=8, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, mode="diffusion", block_length=8, max_tokens=24, ignore_eos=True)
     prompts = [p[:12] for p in PROMPTS] + ["x = 1"]
     engine = llm.engine(max_batch=8, max_num_batched_tokens=16)
     for i, p in enumerate(prompts):
@@ -99,7 +99,7 @@ def test_a_group_pass_stays_within_the_token_budget(llm):
 def test_a_forward_that_fails_with_riders_fails_its_lead_alone(llm, monkeypatch):
     """A prefill whose forward raises, with AR rows riding in it: the forward is run again without
     them and fails alone, so only that request fails; the riders decode exactly as alone."""
-    ar = SamplingParams(mode="ar", max_tokens=30, ignore_eos=True)
+    ar = SamplingParams(temperature=0.0, mode="ar", max_tokens=30, ignore_eos=True)
     alone = llm.generate(PROMPTS[0], ar)[0]
     poison = llm.tokenizer.encode("zzzz poison", add_special_tokens=False)
     calls, real = [], llm.runner.forward_parts
@@ -111,7 +111,7 @@ def test_a_forward_that_fails_with_riders_fails_its_lead_alone(llm, monkeypatch)
         return real(parts)
 
     monkeypatch.setattr(llm.runner, "forward_parts", forward_parts)
-    arrivals = {0: [("ar", PROMPTS[0], ar)], 3: [("poison", "zzzz poison", SamplingParams(mode="ar"))]}
+    arrivals = {0: [("ar", PROMPTS[0], ar)], 3: [("poison", "zzzz poison", SamplingParams(temperature=0.0, mode="ar"))]}
     results, errors, _ = drive(llm.engine(max_batch=8), arrivals)
     assert list(errors) == ["poison"] and "injected fault" in errors["poison"]
     assert results["ar"].token_ids == alone.token_ids and results["ar"].num_forwards == alone.num_forwards

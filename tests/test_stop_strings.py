@@ -43,7 +43,9 @@ def reference(chunks: list[str], stops: list[str], include: bool) -> tuple[str, 
 
 
 def run(chunks: list[str], stops: list[str], include: bool) -> tuple[str, int, list[str]]:
-    req = Request(None, [1], SamplingParams(max_tokens=10_000, stop=stops, include_stop_str_in_output=include))
+    req = Request(
+        None, [1], SamplingParams(temperature=0.0, max_tokens=10_000, stop=stops, include_stop_str_in_output=include)
+    )
     tok, streamed = CharTokenizer(), []
     for chunk in chunks:
         req.emit([ord(c) for c in chunk], set(), tok, 0.0)
@@ -78,7 +80,7 @@ def test_step_cost_does_not_grow_with_the_stop_strings():
     text = [ord(rng.choice("ab")) for _ in range(400)]
 
     def seconds(stops: list[str]) -> float:
-        req = Request(None, [1], SamplingParams(max_tokens=10_000, stop=stops, ignore_eos=True))
+        req = Request(None, [1], SamplingParams(temperature=0.0, max_tokens=10_000, stop=stops, ignore_eos=True))
         req.emit([ord("c")], set(), CharTokenizer(), 0.0)  # builds the automaton, once per request
         start = time.perf_counter()
         for t in text:

@@ -36,7 +36,7 @@ def embedded():
     ],
 )
 def test_outputs_follow_the_grammar_and_selfspec_equals_ar(embedded, spec, valid):
-    params = dict(max_tokens=48, structured=spec, block_length=8)
+    params = dict(temperature=0.0, max_tokens=48, structured=spec, block_length=8)
     ar = embedded.generate(PROMPTS, SamplingParams(mode="ar", **params))
     spec_out = embedded.generate(PROMPTS, SamplingParams(mode="selfspec", **params))
     assert [o.token_ids for o in spec_out] == [o.token_ids for o in ar]
@@ -48,7 +48,7 @@ def test_outputs_follow_the_grammar_and_selfspec_equals_ar(embedded, spec, valid
 
 def test_selfspec_accepts_drafts_under_a_grammar_and_samples_valid_outputs(embedded):
     for spec, block in (("linear", 32), ("quadratic", 4)):
-        params = dict(spec=spec, block_length=block, max_tokens=48, structured={"json": SCHEMA})
+        params = dict(temperature=0.0, spec=spec, block_length=block, max_tokens=48, structured={"json": SCHEMA})
         out = embedded.generate(PROMPTS, SamplingParams(mode="selfspec", **params))
         assert max(c for o in out for c in o.mode_stats["tokens_per_cycle"]) > 1, spec
     sampled = embedded.generate(
@@ -63,8 +63,8 @@ def test_selfspec_accepts_drafts_under_a_grammar_and_samples_valid_outputs(embed
 
 def test_diffusion_and_bad_grammars_are_refused_by_name(embedded):
     with pytest.raises(ValueError, match="structured output needs mode ar, selfspec or auto"):
-        SamplingParams(mode="diffusion", structured={"regex": "a+"})
+        SamplingParams(temperature=0.0, mode="diffusion", structured={"regex": "a+"})
     with pytest.raises(ValueError, match="SamplingParams.structured must be one of"):
-        SamplingParams(structured={"xml": "<a/>"})
+        SamplingParams(temperature=0.0, structured={"xml": "<a/>"})
     with pytest.raises(ValueError, match="structured output: "):
-        embedded.generate("x", SamplingParams(structured={"json": {"type": "nonsense"}}))
+        embedded.generate("x", SamplingParams(temperature=0.0, structured={"json": {"type": "nonsense"}}))

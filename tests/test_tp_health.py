@@ -74,7 +74,7 @@ def test_a_killed_worker_fails_forwards_clearly_and_close_is_clean(tiny_dir):
     tp = LLM(tiny_dir, dtype="float32", device="cpu", compile=False, tensor_parallel_size=2)
     driver = tp.runner.tp_driver
     try:
-        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         assert len(tp.generate("def f(x):", params)[0].token_ids) == 4
         assert driver.failure is None
         driver.workers[0].kill()

@@ -141,7 +141,8 @@ def test_checkpoint_loads_with_llm_and_records_its_args(tmp_path, tok_dir):
     args = json.loads((ckpt / "training_args.json").read_text())
     assert args["data"] == "tasks.copy" and args["x"] == 1 and args["model"]["vocab_size"] == 512
     out = LLM(ckpt, dtype="float32").chat(
-        [{"role": "user", "content": "Copy: 1 2"}], SamplingParams(mode="selfspec", max_tokens=4, block_length=4)
+        [{"role": "user", "content": "Copy: 1 2"}],
+        SamplingParams(temperature=0.0, mode="selfspec", max_tokens=4, block_length=4),
     )
     assert len(out[0].token_ids) >= 1
     assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left behind

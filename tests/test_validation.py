@@ -50,7 +50,7 @@ def test_sampling_params_reject_bad_values(kwargs, field):
 )
 def test_bad_prompts(llm, prompts, match):
     with pytest.raises(ValueError, match=match):
-        llm.generate(prompts, SamplingParams(max_tokens=2))
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2))
 
 
 def test_prompt_longer_than_the_context(tiny_dir):
@@ -58,9 +58,9 @@ def test_prompt_longer_than_the_context(tiny_dir):
 
     small = LLM(tiny_dir, dtype="float32", max_model_len=16)
     with pytest.raises(ValueError, match="exceed the context of 16"):
-        small.generate("x " * 40, SamplingParams(max_tokens=2))
+        small.generate("x " * 40, SamplingParams(temperature=0.0, max_tokens=2))
     with pytest.raises(ValueError, match="max_tokens"):
-        small.generate("x", SamplingParams(max_tokens=100))
+        small.generate("x", SamplingParams(temperature=0.0, max_tokens=100))
 
 
 def test_bad_chat_messages(llm):
@@ -76,7 +76,7 @@ def test_bad_chat_messages(llm):
 
 def test_wrong_number_of_params(llm):
     with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
-        llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()])
+        llm.generate(["a", "b", "c"], [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0)])
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,9 @@ def task_accuracy(
     for mode in modes:
         # A mode's own fields (block_length, spec, threshold) go to the modes that read them.
         own = {k: v for k, v in params.items() if k not in MODE_FIELDS or uses(mode, k)}
-        outs = llm.chat([e.messages() for e in examples], SamplingParams(mode=mode, max_tokens=max_tokens, **own))
+        outs = llm.chat(
+            [e.messages() for e in examples], SamplingParams(mode=mode, max_tokens=max_tokens, temperature=0.0, **own)
+        )
         row: dict[str, float] = {}
         for task in tasks:
             pairs = [(e, o) for e, o in zip(examples, outs) if e.task == task]

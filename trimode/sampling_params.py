@@ -47,7 +47,8 @@ MAX_LOGPROBS = 20  # most likely tokens reported per position, as OpenAI's top_l
 class SamplingParams:
     mode: Mode | str = Mode.AR
     max_tokens: int = 128
-    temperature: float = 0.0  # 0 (or below GREEDY_TEMPERATURE) = greedy
+    # vLLM's default, so copied code samples alike; 0 (or below GREEDY_TEMPERATURE) is greedy.
+    temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None

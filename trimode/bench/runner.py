@@ -145,6 +145,7 @@ def reference_key(r: dict[str, Any]) -> tuple[Any, ...]:
 def _params(cfg: BenchConfig, prompts: list[BenchPrompt], max_tokens: int) -> list[SamplingParams]:
     return [
         SamplingParams(
+            temperature=0.0,
             mode=cfg.mode,
             max_tokens=p.max_tokens or max_tokens,
             seed=0,
