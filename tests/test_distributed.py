@@ -71,6 +71,7 @@ def one_rank(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # 9 s; tests/test_train.py checks one-process resume in the default suite
 def test_two_ranks_reproduce_one_and_resume_anywhere(one_rank, tmp_path):
     """2 FSDP2 ranks of 4 rows each == 1 process of 8; stopping at step 5 and resuming on 2 ranks ==
     the uninterrupted run (exactly: same layout, same reductions); the 2-rank checkpoint of step 5

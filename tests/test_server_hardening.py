@@ -349,6 +349,7 @@ def test_sigterm_drains_for_a_bounded_time_and_ends_streams_with_an_error():
     assert len(events) > 5  # it kept streaming during the drain
 
 
+@pytest.mark.slow  # a server of its own (4 s); the drain test above covers the first signal
 def test_a_second_signal_exits_at_once():
     proc, url = start_server("--shutdown-timeout", "120")
     events: list[str] = []

@@ -87,6 +87,7 @@ def test_a_killed_worker_fails_forwards_clearly_and_close_is_clean(tiny_dir):
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.slow  # 6 s; the engine-level killed-worker test stays in the default suite
 def test_a_server_whose_worker_is_killed_says_so_and_stops_cleanly(tiny_dir):
     """`trimode serve -tp 2`, the worker SIGKILLed mid-stream: the stream ends with a 503 error
     event, /health answers 503 worker_dead, a new request gets a 503, and SIGTERM exits 0 without
