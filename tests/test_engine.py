@@ -164,3 +164,18 @@ def test_stop_strings_straddling_emits_cut_at_the_same_token(embedded, stop):
     assert whole.token_ids == one_by_one.token_ids and whole.finish_reason == "stop"
     assert embedded.tokenizer.decode(whole.token_ids).find(stop) >= 0  # the cut keeps the whole stop string
     assert stop not in embedded.tokenizer.decode(whole.token_ids[:-1])
+
+
+def test_a_request_past_the_training_length_is_served_with_one_warning(caplog):
+    """The embedded model was trained on 256-token sequences (its training_args.json); longer ones
+    are served, with one warning per engine, not refused."""
+    llm = LLM(compile=False)
+    assert llm.training_seq_len == 256
+    engine = llm.engine()
+    with caplog.at_level("WARNING", logger="trimode.engine"):
+        engine.add_request("short", "x = 1", SamplingParams(temperature=0.0, max_tokens=8))
+        assert not caplog.records
+        for rid in ("long", "longer"):
+            engine.add_request(rid, "x = 1", SamplingParams(temperature=0.0, max_tokens=300))
+    (warning,) = caplog.records
+    assert "past the 256 the model was trained on" in warning.getMessage()

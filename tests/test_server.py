@@ -567,3 +567,8 @@ def test_forced_tool_calls_need_a_parser(client):
     tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
     with pytest.raises(openai.BadRequestError, match="--tool-call-parser"):
         client.chat.completions.create(model=MODEL, messages=CHAT, tools=[tool], tool_choice="required", max_tokens=4)
+
+
+def test_models_say_the_training_length_beside_the_positions(server):
+    (card, *_) = httpx.get(server + "/v1/models", timeout=30).json()["data"]
+    assert card["max_model_len"] == 262144 and card["training_seq_len"] == 256  # the embedded model's

@@ -95,6 +95,16 @@ def check_vllm_options(options: dict[str, Any]) -> None:
         warnings.warn(f"LLM({name}=...) is ignored: {VLLM_OPTIONS[name]}", stacklevel=3)
 
 
+def training_seq_len(path: Path) -> int | None:
+    """The sequence length the checkpoint was trained at, where its `training_args.json` (which
+    `trimode train` writes) says."""
+    args = path / "training_args.json"
+    if not args.is_file():
+        return None
+    seq_len = json.loads(args.read_text()).get("seq_len")
+    return seq_len if isinstance(seq_len, int) and seq_len > 0 else None
+
+
 class LLM:
     def __init__(
         self,
@@ -156,6 +166,7 @@ class LLM:
                 file=sys.stderr,
             )
         self.max_model_len = max_model_len or self.config.max_position_embeddings
+        self.training_seq_len = training_seq_len(path)
         self.eos_token_ids = set(self.config.eos_token_id)
         gen_cfg = path / "generation_config.json"
         if gen_cfg.is_file():
@@ -222,6 +233,7 @@ class LLM:
             max_num_batched_tokens,
             page_size,
             max_decode_tokens,
+            self.training_seq_len,
         )
 
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:

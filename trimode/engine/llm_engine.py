@@ -105,10 +105,14 @@ class LLMEngine:
         max_num_batched_tokens: int = 512,
         page_size: int = PAGE_SIZE,
         max_decode_tokens: int | None = None,
+        training_seq_len: int | None = None,
     ) -> None:
         """`max_num_batched_tokens`: prompt tokens a prefill step feeds (longer prompts go in chunks),
         and by default also `max_decode_tokens`: the tokens one decode pass of a group may feed
-        (rows x pass width; a group holds that many rows)."""
+        (rows x pass width; a group holds that many rows). `training_seq_len`: the longest
+        sequence the model was trained on, where its checkpoint says (a request that may run past
+        it is served, with one warning per engine: positions up to max_model_len work, but answers
+        there are the model's extrapolation)."""
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {max_num_batched_tokens}")
         if max_decode_tokens is not None and max_decode_tokens < 1:
@@ -130,6 +134,7 @@ class LLMEngine:
         self._grammars = Grammars(tokenizer, runner.config.vocab_size, eos_token_ids)
         self.runner, self.tokenizer, self.eos_token_ids = runner, tokenizer, eos_token_ids
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
+        self.training_seq_len, self._warned_past_training = training_seq_len, False
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
         self.groups = Groups()
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) already returned
@@ -183,6 +188,16 @@ class LLMEngine:
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_fits(ids, params, name)
+        longest = len(ids) + params.max_tokens
+        if self.training_seq_len and longest > self.training_seq_len and not self._warned_past_training:
+            self._warned_past_training = True
+            logger.warning(
+                "%s plus max_tokens runs to %d tokens, past the %d the model was trained on: it is served, but "
+                "answers past its training length are extrapolation (said once)",
+                name,
+                longest,
+                self.training_seq_len,
+            )
         if params.n != 1:
             raise ValueError(
                 "the engine takes one sample per request: give n samples as n requests (LLM and the server do)"

@@ -210,7 +210,10 @@ def build_app(
             "object": "model",
             "created": 0,
             "owned_by": "trimode",
-            "max_model_len": engine.engine.max_model_len,
+            "max_model_len": engine.engine.max_model_len,  # positions the model takes
+            # The longest sequence it was trained on, where the checkpoint says: answers past it
+            # are extrapolation (the embedded model: 256 tokens, of 262,144 positions).
+            "training_seq_len": engine.engine.training_seq_len,
         }
 
     @app.get("/v1/models")
