@@ -108,9 +108,22 @@ class ToolParser(ABC):
             return text, []
         return text[:at], calls
 
-    @abstractmethod
     def calls(self, markup: str) -> tuple[list[ToolCall], str]:
-        """The whole calls `markup` (which begins with `start`) starts with, and the text after them."""
+        """The whole calls `markup` (which begins with `start`) starts with, and the text after them:
+        one `call` after each `start`, whitespace allowed between a call and the next `start`."""
+        calls: list[ToolCall] = []
+        while markup.startswith(self.start):
+            one = self.call(markup[len(self.start) :])
+            if one is None:
+                break
+            calls.append(one[0])
+            markup = one[1].lstrip() if one[1].lstrip().startswith(self.start) else one[1]
+        return calls, markup
+
+    @abstractmethod
+    def call(self, body: str) -> tuple[ToolCall, str] | None:
+        """The whole call `body` (the text after one `start`) begins with, and the text after it;
+        None if it begins with none."""
 
     @abstractmethod
     def grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:

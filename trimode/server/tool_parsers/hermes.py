@@ -22,19 +22,12 @@ class HermesParser(ToolParser):
     name = "hermes"
     start = "<tool_call>"
 
-    def calls(self, markup: str) -> tuple[list[ToolCall], str]:
-        calls: list[ToolCall] = []
-        while markup.startswith(self.start):
-            parsed = json_value(markup[len(self.start) :])
-            if parsed is None or not isinstance(parsed[0], dict) or not parsed[1].lstrip().startswith(END):
-                break
-            call = tool_call(parsed[0].get("name"), parsed[0].get("arguments"))
-            if call is None:
-                break
-            calls.append(call)
-            after = parsed[1].lstrip()[len(END) :]
-            markup = after.lstrip() if after.lstrip().startswith(self.start) else after
-        return calls, markup
+    def call(self, body: str) -> tuple[ToolCall, str] | None:
+        parsed = json_value(body)
+        if parsed is None or not isinstance(parsed[0], dict) or not parsed[1].lstrip().startswith(END):
+            return None
+        call = tool_call(parsed[0].get("name"), parsed[0].get("arguments"))
+        return None if call is None else (call, parsed[1].lstrip()[len(END) :])
 
     def grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
         rules = []

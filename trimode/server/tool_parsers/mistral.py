@@ -26,19 +26,13 @@ class MistralParser(ToolParser):
 
     def calls(self, markup: str) -> tuple[list[ToolCall], str]:
         body = markup[len(self.start) :]
-        if body.lstrip().startswith("["):
-            return self._array(markup, body)
-        calls: list[ToolCall] = []
-        while markup.startswith(self.start):
-            body = markup[len(self.start) :]
-            name, sep, after = body.partition(ARGS)
-            parsed = json_value(after) if sep and NAME.fullmatch(name) else None
-            call = tool_call(name, parsed[0]) if parsed else None
-            if parsed is None or call is None:
-                break
-            calls.append(call)
-            markup = parsed[1].lstrip() if parsed[1].lstrip().startswith(self.start) else parsed[1]
-        return calls, markup
+        return self._array(markup, body) if body.lstrip().startswith("[") else super().calls(markup)
+
+    def call(self, body: str) -> tuple[ToolCall, str] | None:
+        name, sep, after = body.partition(ARGS)
+        parsed = json_value(after) if sep and NAME.fullmatch(name) else None
+        call = tool_call(name, parsed[0]) if parsed else None
+        return None if parsed is None or call is None else (call, parsed[1])
 
     def _array(self, markup: str, body: str) -> tuple[list[ToolCall], str]:
         parsed = json_value(body)
