@@ -205,3 +205,13 @@ def test_hf_causal_lm_conversion_keeps_ar_logits(tmp_path, arch):
         want = hf.eval()(tokens).logits
     got = full_forward(ours.eval(), tokens[0].tolist())
     assert (got - want[0]).abs().max().item() < 1e-4
+
+
+def test_quick_eval_runs_on_the_model_in_training(tmp_path, tok_dir):
+    """Regression: the end-of-run eval wraps the model with `LLM.from_parts`, which lacked the
+    attributes `LLM.__init__` had gained (the seed stream), so every `trimode train` failed at its
+    last step with an AttributeError; the suite's runs all set eval_examples=0."""
+    log = train(small_cfg(tmp_path, steps=2, eval_examples=1), model_for(tok_dir), tok_dir, show_progress=False)
+    accuracy = log[-1]["eval"]["accuracy"]
+    assert set(accuracy) == {"ar", "diffusion", "selfspec"}
+    assert all(0.0 <= row["copy"] <= 1.0 for row in accuracy.values())

@@ -19,9 +19,16 @@ MODE_FIELDS = {name for names in MODE_PARAMETERS.values() for name in names}
 
 
 def task_accuracy(
-    llm: LLM, modes: list[str], n: int = 100, tasks: tuple[str, ...] = TASKS, max_tokens: int = 48, **params: Any
+    llm: LLM,
+    modes: list[str],
+    n: int = 100,
+    tasks: tuple[str, ...] = TASKS,
+    max_tokens: int = 48,
+    use_tqdm: bool = True,
+    **params: Any,
 ) -> dict[str, dict[str, float]]:
-    """{mode: {task: accuracy, ..., "tokens_per_forward": x}} on the first n held-out examples per task.
+    """{mode: {task: accuracy, ..., "tokens_per_forward": x}} on the first n held-out examples per task;
+    `use_tqdm`: a progress bar per mode.
 
     Every mode after the first also gets "same_tokens_as_<first mode>": the fraction of examples
     whose generated tokens equal the first mode's (selfspec must give 1.0 against ar)."""
@@ -32,7 +39,9 @@ def task_accuracy(
         # A mode's own fields (block_length, spec, threshold) go to the modes that read them.
         own = {k: v for k, v in params.items() if k not in MODE_FIELDS or uses(mode, k)}
         outs = llm.chat(
-            [e.messages() for e in examples], SamplingParams(mode=mode, max_tokens=max_tokens, temperature=0.0, **own)
+            [e.messages() for e in examples],
+            SamplingParams(mode=mode, max_tokens=max_tokens, temperature=0.0, **own),
+            use_tqdm=use_tqdm,
         )
         row: dict[str, float] = {}
         for task in tasks:

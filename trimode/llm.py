@@ -137,8 +137,6 @@ class LLM:
         check_vllm_options(vllm_options)
         if enforce_eager:
             compile = False
-        self._seeds = random.Random(seed) if seed is not None else None
-        self._requests = 0  # prompts given so far: their request ids
         if model is None and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
             raise ValueError(
                 f"no model given and no embedded model in {EMBEDDED_MODEL_DIR}: pass model=PATH to a "
@@ -150,13 +148,18 @@ class LLM:
         driver = None
         if tensor_parallel_size != 1:
             self.device, driver = self._join_tensor_parallel(path, dtype, load_draft_lora, tensor_parallel_size)
-        self.model = load_model(path, dtype, self.device, load_draft_lora, tp=driver.tp if driver else None)
-        self.config = self.model.config
-        self.tokenizer = Tokenizer.from_dir(path)
-        self.tokenizer.check_special_ids(
-            {"bos_token_id": self.config.bos_token_id, "mask_token_id": self.config.mask_token_id}
+        transformer = load_model(path, dtype, self.device, load_draft_lora, tp=driver.tp if driver else None)
+        tokenizer = Tokenizer.from_dir(path)
+        tokenizer.check_special_ids(
+            {"bos_token_id": transformer.config.bos_token_id, "mask_token_id": transformer.config.mask_token_id}
         )
-        self.runner = ModelRunner(self.model, compile, driver)
+        eos = set(transformer.config.eos_token_id)
+        gen_cfg = path / "generation_config.json"
+        if gen_cfg.is_file():
+            ids = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            eos |= set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        runner = ModelRunner(transformer, compile, driver)
+        self._attach(transformer, tokenizer, runner, eos, max_model_len, seed, training_seq_len(path))
         if compile is True and self.runner.compiled is not None:
             seconds = self.runner.compiled.prepare()
             print(
@@ -165,13 +168,6 @@ class LLM:
                 + f"; cached in {self.runner.compiled.cache_dir})",
                 file=sys.stderr,
             )
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.training_seq_len = training_seq_len(path)
-        self.eos_token_ids = set(self.config.eos_token_id)
-        gen_cfg = path / "generation_config.json"
-        if gen_cfg.is_file():
-            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-            self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def _join_tensor_parallel(
         self, path: Path, dtype: torch.dtype, load_draft_lora: bool, world: int
@@ -203,12 +199,30 @@ class LLM:
     def from_parts(cls, model: Transformer, tokenizer: Tokenizer, eos_token_ids: set[int] | None = None) -> LLM:
         """Wrap an in-memory model (e.g. during training) without reading a checkpoint."""
         llm = cls.__new__(cls)
-        llm.model, llm.config, llm.tokenizer = model, model.config, tokenizer
         llm.device = model.diffusion_head.weight.device
-        llm.runner = ModelRunner(model)
-        llm.max_model_len = model.config.max_position_embeddings
-        llm.eos_token_ids = set(eos_token_ids or model.config.eos_token_id)
+        llm._attach(
+            model, tokenizer, ModelRunner(model), set(eos_token_ids or model.config.eos_token_id), None, None, None
+        )
         return llm
+
+    def _attach(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        runner: ModelRunner,
+        eos_token_ids: set[int],
+        max_model_len: int | None,
+        seed: int | None,
+        training_seq_len: int | None,
+    ) -> None:
+        """The state every LLM holds, however it was made (a checkpoint or `from_parts`): one place,
+        so a new field cannot be missing from one of them."""
+        self.model, self.config, self.tokenizer, self.runner = model, model.config, tokenizer, runner
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.eos_token_ids = eos_token_ids
+        self._seeds = random.Random(seed) if seed is not None else None
+        self._requests = 0  # prompts given so far: their request ids
+        self.training_seq_len = training_seq_len  # what training_args.json says, where it does
 
     def engine(
         self,

@@ -167,7 +167,7 @@ def quick_eval(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, held_
     ar, diff = heldout_losses(model, cfg, held_out)
     report: dict[str, Any] = {"heldout_loss_ar": round(ar, 4), "heldout_loss_diff": round(diff, 4)}
     if cfg.eval_examples:
-        acc = task_accuracy(llm, list(MODES), n=cfg.eval_examples, block_length=cfg.block_size)
+        acc = task_accuracy(llm, list(MODES), n=cfg.eval_examples, use_tqdm=False, block_length=cfg.block_size)
         report["accuracy"] = {m: {k: round(v, 3) for k, v in row.items()} for m, row in acc.items()}
     model.train()
     return report
