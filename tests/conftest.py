@@ -86,6 +86,10 @@ def fake_output(prompt_ids: list[int], mode: str, n: int, num_forwards: int, **e
     )
 
 
+# The tool-call flags of `tool_server`: README.md's `trimode serve` line starts its server with them.
+TOOL_SERVER_FLAGS = ("--tool-call-parser", "hermes", "--enable-auto-tool-choice")
+
+
 @pytest.fixture(scope="session")
 def tool_server():
     """The embedded model served with the hermes tool-call parser (its template's format) reading
@@ -94,8 +98,7 @@ def tool_server():
 
     from trimode.llm import EMBEDDED_MODEL_DIR
 
-    flags = ("--served-model-name", MODEL, "--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--seed", "0")
-    proc, url = start_server(str(EMBEDDED_MODEL_DIR), *flags)
+    proc, url = start_server(str(EMBEDDED_MODEL_DIR), "--served-model-name", MODEL, "--seed", "0", *TOOL_SERVER_FLAGS)
     yield proc, url
     proc.terminate()
     proc.wait(timeout=10)
