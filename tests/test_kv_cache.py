@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention.bias import CausalBias
 
 from trimode.engine.model_runner import ModelRunner
-from trimode.kv_cache import KVCache, KVPool, KVPoolExhausted
+from trimode.kv_cache import CAUSAL, KVCache, KVPool, KVPoolExhausted
 
 
 def pool(pages: int = 8, page_size: int = 4) -> KVPool:
@@ -33,7 +32,11 @@ def test_rows_of_one_length_get_no_materialised_mask():
     kv.commit()
     _, span = kv.begin(2)
     assert kv.attention_mask(2, span, causal=False) is None  # every key visible
-    assert isinstance(kv.attention_mask(2, span, causal=True), CausalBias)  # lower-right causal
+    shared = kv.attention_mask(2, span, causal=True)  # lower-right causal, one mask for both rows
+    assert shared.shape == (1, 1, 2, span) and shared[0, 0].long().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    fresh = KVCache(pool(), rows=2)
+    _, span = fresh.begin(3)
+    assert span == 3 and fresh.attention_mask(3, span, causal=True) == CAUSAL  # no prefix: SDPA's is_causal
     assert kv.attention_mask(1, span, causal=True) is None  # one query sees everything
 
 

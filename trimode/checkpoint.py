@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from trimode.config import DTYPES, ModelConfig
 from trimode.model.loader import LORA_DIR, PEFT_PREFIX, WEIGHTS_FILE, WEIGHTS_INDEX
-from trimode.model.transformer import Transformer
+from trimode.model.transformer import Transformer, on_meta
 from trimode.tokenizer import BOS, IM_END, MASK, PAD, SPECIAL_TOKEN_IDS
 from trimode.tokenizer_build import build_tokenizer, write_tokenizer_files
 
@@ -129,7 +129,7 @@ def make_checkpoint(
             indent=2,
         )
     )
-    with torch.device("meta"):
+    with on_meta():
         specs = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     _write_sharded(specs, out, gen, DTYPES[dtype], shard_bytes)

@@ -24,11 +24,17 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Final, Literal
 
 import torch
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 PAGE_SIZE = 16  # KV slots per page unless configured otherwise
+
+# What a pass's attention is told (`KVCache.attention_mask`): a bool mask, True = attend, broadcast
+# to (B, 1, T, S); None, every key visible; or CAUSAL, causal attention of a pass over itself with
+# no prefix, which SDPA runs as is_causal=True (its own kernels, no mask in memory).
+CAUSAL: Final = "causal"
+Mask = torch.Tensor | Literal["causal"] | None
 
 
 class KVPoolExhausted(RuntimeError):
@@ -271,15 +277,16 @@ class KVCache:
         causal: torch.Tensor | bool,
         dense: bool = False,
         pattern: torch.Tensor | None = None,
-    ) -> torch.Tensor | CausalBias | None:
+    ) -> Mask:
         """What SDPA's attn_mask gets. Key j is visible to query i of row b iff
         j < lengths[b] + (i + 1 if causal else T): the whole clean prefix, plus the new tokens
         causally or bidirectionally (`causal`: one value, or one per row (B,)). `pattern` (T, T),
         or per row (B, T, T), bool, when given, replaces the second part: new token i sees new
         token j iff pattern[(b,) i, j].
         Scratch slots past that are never visible. Rows of one length with one pattern need no
-        materialised mask (none at all, or lower-right causal); otherwise, or when `dense`, a
-        (B, 1, T, S) bool mask, True = attend. Called after `begin`, whose lengths it reads."""
+        per-row mask: none at all, CAUSAL for a causal pass with no prefix, or one lower-right causal
+        (1, 1, T, S) mask shared by the rows; otherwise, or when `dense`, a (B, 1, T, S) bool mask,
+        True = attend. Called after `begin`, whose lengths it reads."""
         device = self.pool.device
         if pattern is not None:
             assert self._pass_lengths is not None, "attention_mask() before begin()"
@@ -293,10 +300,11 @@ class KVCache:
         if isinstance(causal, bool) and len(set(self.lengths)) == 1 and not dense:
             if not causal or num_tokens == 1:
                 return None
-            if device.type == "cpu":
-                return causal_lower_right(num_tokens, span)
-            # Elsewhere CausalBias's lower-right kernels take no enable_gqa (K/V with fewer heads than
-            # Q): one (1, 1, T, S) mask shared by the rows instead.
+            if num_tokens == span:
+                return CAUSAL
+            # Lower-right causal. torch's CausalBias would say the same without a tensor, but on a
+            # CPU it materialises this very mask (bit-identical outputs), on a GPU its kernels take
+            # no enable_gqa, and importing it imports torch._dynamo (a second per process start).
             keys, queries = torch.arange(span, device=device), torch.arange(num_tokens, device=device)
             return (keys[None] <= queries[:, None] + span - num_tokens)[None, None]
         lengths = self._pass_lengths

@@ -37,23 +37,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from trimode.distributed import backend, join_torchrun
-from trimode.kv_cache import KVPool, KVView
+from trimode.kv_cache import KVPool, KVView, Mask
 from trimode.model.tensor_parallel import TensorParallel
 from trimode.model.transformer import ForwardContext, Part, Transformer
 
 
 @dataclass
 class _PartMessage:
-    """One part of a forward, as host tensors (the pool by its id; a lower-right causal mask, which
-    is a tensor subclass, by its sizes)."""
+    """One part of a forward, as host tensors (the pool by its id)."""
 
     pool: int
     input_ids: torch.Tensor
     positions: torch.Tensor
-    mask: torch.Tensor | tuple[int, int] | None
+    mask: Mask
     write_slots: torch.Tensor
     key_slots: torch.Tensor
     run: tuple[int, int] | None
@@ -138,7 +136,7 @@ class TensorParallelDriver:
         messages = []
         for part, pool in zip(parts, pools):
             ctx, view = part.ctx, part.ctx.kv
-            mask = (ctx.mask.seq_len_q, ctx.mask.seq_len_kv) if isinstance(ctx.mask, CausalBias) else _host(ctx.mask)
+            mask = ctx.mask if isinstance(ctx.mask, str) else _host(ctx.mask)
             messages.append(
                 _PartMessage(
                     self._pool_ids[pool],
@@ -205,10 +203,7 @@ def serve_forwards(model: Transformer, control: dist.ProcessGroup) -> None:
         parts = []
         for m in messages:
             pool = pools[m.pool]
-            if isinstance(m.mask, tuple):
-                mask = causal_lower_right(*m.mask)
-            else:
-                mask = m.mask.to(device) if m.mask is not None else None
+            mask = m.mask.to(device) if isinstance(m.mask, torch.Tensor) else m.mask
             view = KVView(pool.k, pool.v, m.write_slots.to(device), m.key_slots.to(device), m.run)
             lora = m.use_draft_lora.to(device) if isinstance(m.use_draft_lora, torch.Tensor) else m.use_draft_lora
             index = m.logit_index.to(device) if m.logit_index is not None else None

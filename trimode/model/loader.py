@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from trimode.config import ModelConfig
 from trimode.model.tensor_parallel import TensorParallel, shard_model, shard_range
-from trimode.model.transformer import Transformer
+from trimode.model.transformer import Transformer, on_meta
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -162,12 +162,12 @@ def load_model(
     """`tp`: load only this rank's tensor-parallel slices (`shard_model`), read from disk as slices."""
     path, device = Path(path), torch.device(device)
     cfg = load_config(path)
-    with torch.device("meta"):  # no memory until the real tensors are assigned
+    with on_meta():  # no memory until the real tensors are assigned
         model = Transformer(cfg)
     lora_dir = path / LORA_DIR
     if load_draft_lora and lora_dir.is_dir():
         rank, scale = _lora_settings(lora_dir, cfg)
-        with torch.device("meta"):
+        with on_meta():
             model.attach_draft_lora(rank, scale)
     expected = {k: v.shape for k, v in model.state_dict().items()}  # full shapes: what the files hold
     cuts = {}

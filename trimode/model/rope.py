@@ -19,9 +19,11 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Returns (inv_freq of shape (head_dim/2,), attention factor applied to cos/sin)."""
+    """Returns (inv_freq of shape (head_dim/2,), attention factor applied to cos/sin). Computed on the
+    CPU whatever the default device (a model built on the meta device too): the same numbers
+    everywhere, and no meta kernels, whose first use imports torch._dynamo."""
     base, dim = rope.rope_theta, head_dim
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     if rope.rope_type == "default":
         return 1.0 / pos_freqs, 1.0
     factor = rope.factor
@@ -37,7 +39,7 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, 
     high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp  # 1: keep the original frequency (high-frequency dims), 0: interpolate
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, attention_factor

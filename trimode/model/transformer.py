@@ -13,17 +13,18 @@ overhead, so a part added to another forward costs its tokens' share of the matr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import CausalBias
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from trimode.config import ModelConfig
-from trimode.kv_cache import KVPool, KVView
+from trimode.kv_cache import KVPool, KVView, Mask
 from trimode.model.rope import RotaryEmbedding, apply_rotary
 from trimode.model.tensor_parallel import TensorParallel
 
@@ -37,7 +38,7 @@ class ForwardContext:
     the keys are the tokens themselves and `mask` is given explicitly, shape (B, 1, T, T)."""
 
     positions: torch.Tensor  # (B, T) absolute positions
-    mask: torch.Tensor | CausalBias | None  # (B, 1, T, S) bool, True = attend; or a pattern SDPA knows
+    mask: Mask  # (B, 1, T, S) bool, True = attend; None: every key; CAUSAL: causal over itself
     kv: KVView | None = None
     use_draft_lora: torch.Tensor | bool = False  # (B,) per row, (B, T) per position, or one value
 
@@ -146,7 +147,11 @@ class Attention(nn.Module):
         if ctx.kv is not None:
             k, v = ctx.kv.write(self.layer_index, k, v)
         # GQA: each KV head serves num_heads / num_kv_heads query heads; scale 1/sqrt(head_dim).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=q.shape[1] != k.shape[1])
+        causal = isinstance(ctx.mask, str)  # CAUSAL
+        mask = None if isinstance(ctx.mask, str) else ctx.mask
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+        )
         return out.transpose(1, 2).reshape(b * t, -1)
 
 
@@ -181,6 +186,24 @@ class Encoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips `torch.nn.init`'s initialisers (they return their tensor untouched)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Build modules on the meta device (shapes, no memory) without running their initialisers:
+    on meta tensors they mean nothing, and torch runs them through Python references whose first
+    use imports torch._dynamo, about a second of every process that loads a model."""
+    with torch.device("meta"), _SkipInit():
+        yield
 
 
 class Transformer(nn.Module):

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from trimode.llm import LLM, resolve_device
-from trimode.model.transformer import Transformer
+from trimode.model.transformer import Transformer, on_meta
 from trimode.sampling_params import MODES
 from trimode.tokenizer import Tokenizer
 from trimode.train.data import Batcher, TextSource, stdlib_texts
@@ -282,7 +282,7 @@ def _eval_on_main(
     state = full_state_dict(model, ranks)
     report = None
     if ranks.is_main:
-        with torch.device("meta"):
+        with on_meta():
             plain = Transformer(model.config)
         plain.assign_weights(state, "cpu")
         report = quick_eval(plain.to(ranks.device), tokenizer, cfg, held_out)
