@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trimode import LLM, SamplingParams
-from trimode.engine.generate import Request, streamable_text
+from trimode.engine.request import Request, streamable_text
 from trimode.engine.scheduler import QueueFull
 from trimode.tasks import TASKS, held_out
 

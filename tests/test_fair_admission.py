@@ -11,7 +11,7 @@ import pytest
 from live import in_process, run_client
 
 from trimode import SamplingParams
-from trimode.engine.generate import Request
+from trimode.engine.request import Request
 from trimode.engine.scheduler import QueueFull, Scheduler
 
 BIG = "def fib(n):"

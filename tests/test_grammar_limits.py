@@ -12,7 +12,7 @@ import pytest
 from live import MODEL, start_server
 
 from trimode import LLM, SamplingParams
-from trimode.engine.generate import Request
+from trimode.engine.request import Request
 from trimode.llm import EMBEDDED_MODEL_DIR
 from trimode.structured import Grammars
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from trimode import LLM, SamplingParams
-from trimode.engine.generate import Request
+from trimode.engine.request import Request
 from trimode.engine.scheduler import kv_slots
 from trimode.tasks import TASKS, held_out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from trimode import SamplingParams
 from trimode.decoding import EXACT_DECODINGS, LOSSY_DECODINGS
 from trimode.engine.auto import AutoPolicy, PassCosts
-from trimode.engine.generate import Request
+from trimode.engine.request import Request
 from trimode.engine.scheduler import Move, PoolPages, Prefilling, RunningGroup, Scheduler
 
 AR, SPEC = ("ar",), ("selfspec", 8, "linear")

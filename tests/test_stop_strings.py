@@ -12,7 +12,7 @@ import time
 import pytest
 
 from trimode import SamplingParams
-from trimode.engine.generate import Request, streamable_text
+from trimode.engine.request import Request, streamable_text
 
 
 class CharTokenizer:

@@ -18,10 +18,10 @@ from tqdm import tqdm
 from trimode.config import DTYPES
 from trimode.cpu import cpu_auto_dtype
 from trimode.distributed import launched_by_torchrun
-from trimode.engine.generate import Request
 from trimode.engine.inputs import Message, PromptInput, chat_messages, tokenize_prompt
 from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.model_runner import ModelRunner
+from trimode.engine.request import Request
 from trimode.engine.scheduler import kv_slots
 from trimode.engine.tp_workers import (
     TensorParallelDriver,

@@ -115,3 +115,20 @@ class GenerationOutput:
         for name, values in self.mode_stats.items():
             d[f"mean_{name}"] = round(sum(values) / len(values), 4) if values else None
         return d
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    delta_text: str  # newly committed text, safe to stream (no split UTF-8, no partial stop string)
+    new_token_ids: list[int]
+    finished: bool
+    output: GenerationOutput | None = None  # the whole result, once finished
+    error: str | None = None  # set when serving the request failed
+    # Whether `error` is the request's own (its grammar failed while decoding: a 400 on the server),
+    # not the engine's (a bug: a 500).
+    is_request_error: bool = False
+    new_logprobs: list[PositionLogprobs] | None = None  # new_token_ids' logprobs, when asked for
+    # In its first output: its prompt's ids, and their logprobs when asked for.
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trimode.decoding.base import DecodeBatch, Decoder
-from trimode.engine.generate import Request, set_remaining
+from trimode.engine.request import Request, set_remaining
 
 
 @dataclass

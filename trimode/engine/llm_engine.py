@@ -48,24 +48,15 @@ from trimode.decoding import (
 )
 from trimode.decoding.base import DecodeBatch, HostEmission
 from trimode.engine.auto import AutoPolicy, PassCosts
-from trimode.engine.generate import (
-    Request,
-    RequestOutput,
-    accept_chunk,
-    accept_prefill,
-    apply_step,
-    new_batch,
-    plan_chunk,
-    plan_prefill,
-    record_prompt_logprobs,
-    streamable_text,
-)
 from trimode.engine.groups import Groups
 from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
 from trimode.engine.model_runner import ModelRunner
+from trimode.engine.prefill import accept_chunk, accept_prefill, new_batch, plan_chunk, plan_prefill
+from trimode.engine.request import Request, apply_step, record_prompt_logprobs, streamable_text
 from trimode.engine.scheduler import PoolPages, Prefilling, RunningGroup, Scheduler, StepPlan
 from trimode.engine.step import StepPart, run_parts
 from trimode.kv_cache import PAGE_SIZE, KVCache
+from trimode.outputs import RequestOutput
 from trimode.sampling_params import SamplingParams, Spec
 from trimode.structured import Grammars
 from trimode.tokenizer import Tokenizer

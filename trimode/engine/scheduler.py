@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from trimode.engine.auto import AutoPolicy, Choice
-from trimode.engine.generate import Request
+from trimode.engine.request import Request
 from trimode.kv_cache import KVPoolExhausted, num_pages
 
 

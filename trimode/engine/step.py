@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from trimode.decoding.base import DecodeBatch, Emission, Forward, HostEmission, transfer
-from trimode.engine.generate import RequestOutput
 from trimode.engine.model_runner import ModelRunner
+from trimode.outputs import RequestOutput
 
 
 @dataclass

@@ -21,11 +21,10 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trimode import __version__
-from trimode.engine.generate import RequestOutput
 from trimode.engine.inputs import tokenize_prompt
 from trimode.engine.scheduler import QueueFull
 from trimode.engine.tp_workers import WorkerDead
-from trimode.outputs import GenerationOutput
+from trimode.outputs import GenerationOutput, RequestOutput
 from trimode.server.async_engine import AsyncEngine, EngineError, ShuttingDown
 from trimode.server.guard import Guard, error_response
 from trimode.server.logprobs import (

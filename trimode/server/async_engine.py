@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from trimode.engine.generate import RequestOutput
 from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.scheduler import QueueFull
 from trimode.engine.tp_workers import WorkerDead
+from trimode.outputs import RequestOutput
 from trimode.sampling_params import SamplingParams
 from trimode.server.metrics import Metrics
 
