@@ -11,6 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -43,7 +44,7 @@ def preset_config(
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}")
     base = PRESETS[preset]
-    changes: dict[str, object] = dict(overrides)
+    changes: dict[str, Any] = dict(overrides)  # ModelConfig fields; the dataclass validates them
     if layers is not None:
         changes["num_hidden_layers"] = layers
     if hidden is not None:

@@ -382,7 +382,8 @@ def _bench(args: argparse.Namespace) -> int:
             f"--baseline must be 'hf' or 'hf:PATH' (a Hugging Face model directory); got {args.baseline!r}"
         )
     long = args.suite == "long"
-    lengths = [parse_length(x) for x in (args.context_lengths or "1k,4k,16k,32k").split(",")] if long else [None]
+    context_lengths = [parse_length(x) for x in (args.context_lengths or "1k,4k,16k,32k").split(",")] if long else []
+    lengths: list[int | None] = list(context_lengths) if long else [None]
     dtypes = _dtype_sweep(args.dtype)
     configs = expand_configs(
         modes,
@@ -400,13 +401,13 @@ def _bench(args: argparse.Namespace) -> int:
     llms = {f"trimode@{d}": _load_llm(argparse.Namespace(**{**vars(args), "dtype": d})) for d in dtypes}
     llm = next(iter(llms.values())) if llms else _load_llm(args)
     if long:
-        longest = max(lengths) + args.max_tokens
+        longest = max(context_lengths) + args.max_tokens
         if longest > llm.max_model_len:
             raise ValueError(
-                f"--context-lengths {max(lengths)} plus --max-tokens {args.max_tokens} exceeds the model's "
+                f"--context-lengths {max(context_lengths)} plus --max-tokens {args.max_tokens} exceeds the model's "
                 f"{llm.max_model_len} positions; give shorter context lengths"
             )
-        prompts = long_suite(llm.tokenizer, lengths, args.num_prompts, args.depth, args.seed)
+        prompts = long_suite(llm.tokenizer, context_lengths, args.num_prompts, args.depth, args.seed)
     else:
         prompts = load_suite(args.suite, args.num_prompts)
     versions = {"trimode": __version__, "torch": torch.__version__}
@@ -416,7 +417,7 @@ def _bench(args: argparse.Namespace) -> int:
     pairs = []  # (baseline, trimode AR) configurations
     swept: list[str | None] = list(dtypes) if dtypes else [None]
     for d in swept:
-        ar1 = BenchConfig("ar", 1, context_length=min(lengths) if long else None, dtype=d)
+        ar1 = BenchConfig("ar", 1, context_length=min(context_lengths) if long else None, dtype=d)
         pairs.append((dataclasses.replace(ar1, engine=args.baseline or "hf"), ar1))
     if args.baseline:
         import transformers
@@ -514,8 +515,8 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
         raise ValueError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1; got {args.endpoint!r}")
     if args.duration is not None and args.duration <= 0:
         raise ValueError(f"--duration must be > 0 seconds; got {args.duration}")
-    blocks = _int_list("--block-lengths", args.block_lengths) if args.block_lengths else [None]
-    thresholds = _float_list("--thresholds", args.thresholds) if args.thresholds else [None]
+    blocks: list[int | None] = list(_int_list("--block-lengths", args.block_lengths)) if args.block_lengths else [None]
+    thresholds: list[float | None] = list(_float_list("--thresholds", args.thresholds)) if args.thresholds else [None]
     specs: list[str | None] = list(_spec_list(args.spec)) if args.spec else [None]
     concurrency = _int_list("--concurrency", args.concurrency or "1,8,32")
     configs = with_control(endpoint_configs(modes, concurrency, blocks, thresholds, specs))

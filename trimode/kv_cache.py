@@ -308,6 +308,7 @@ class KVCache:
             keys, queries = torch.arange(span, device=device), torch.arange(num_tokens, device=device)
             return (keys[None] <= queries[:, None] + span - num_tokens)[None, None]
         lengths = self._pass_lengths
+        assert lengths is not None, "attention_mask() before begin()"
         keys = torch.arange(span, device=device)
         steps = torch.arange(1, num_tokens + 1, device=device)
         if isinstance(causal, torch.Tensor):

@@ -251,18 +251,19 @@ class LLM:
         )
 
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:
+        batch: list[Any]  # each checked by tokenize_prompt
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
         ):
-            prompts = [prompts]  # one prompt: a string, a prompt dict or a list of token ids
-        if not isinstance(prompts, Sequence) or not prompts:
+            batch = [prompts]  # one prompt: a string, a prompt dict or a list of token ids
+        elif isinstance(prompts, Sequence) and prompts:
+            batch = list(prompts)
+        else:
             raise ValueError(
                 "prompts must be a string, a list of strings, or a list of token-id lists; got "
                 f"{type(prompts).__name__} {prompts!r:.60}"
             )
-        pairs = [
-            tokenize_prompt(self.tokenizer, self.config.vocab_size, p, f"prompt {i}") for i, p in enumerate(prompts)
-        ]
+        pairs = [tokenize_prompt(self.tokenizer, self.config.vocab_size, p, f"prompt {i}") for i, p in enumerate(batch)]
         return [ids for ids, _ in pairs], [text for _, text in pairs]
 
     def generate(
@@ -297,7 +298,7 @@ class LLM:
         the chat template (`chat_template`, Jinja, in place of the checkpoint's). Content is a string
         or a list of text parts; `developer` is the system role. `tools` and `chat_template_kwargs`
         (e.g. `{"enable_thinking": True}`) are variables of the template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations: list[Any] = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not conversations:
             raise ValueError("messages must be a conversation (list of {'role', 'content'} dicts) or a list of them")
         template = {

@@ -198,7 +198,7 @@ class Tokenizer:
         marked = self.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks)], **kwargs)
         pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", marked)
         found = pieces[1::2]
-        content_of = dict(zip(marks, contents))
+        content_of: dict[str, str] = dict(zip(marks, contents))
         if found != marks or "".join(content_of.get(p, p) for p in pieces) != text:
             raise ValueError(
                 "a message contains special-token text (such as <|im_start|>) and this chat template "

@@ -213,7 +213,9 @@ def summarize_load(samples: list[Sample], seconds: float) -> dict[str, Any]:
         "output_tokens_per_s": round(tokens / seconds, 2),
         "requests_per_s": round(len(ok) / seconds, 3),
         # Only servers that report forwards in `usage` (trimode) have tokens per forward.
-        "tokens_per_forward": round(tokens / max(sum(forwards), 1), 4) if ok and None not in forwards else None,
+        "tokens_per_forward": round(tokens / max(sum(f or 0 for f in forwards), 1), 4)
+        if ok and None not in forwards
+        else None,
         "ttft_ms": latency([s.ttft for s in ok]),
         "itl_ms": latency([s.itl for s in ok]),
         "chunk_gap_ms": latency(gaps),

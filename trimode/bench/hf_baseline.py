@@ -36,7 +36,8 @@ def hf_model(llm: LLM) -> Any:
         pad_token_id=cfg.pad_token_id,
         rope_parameters={"rope_type": cfg.rope.rope_type, **cfg.rope.to_hf()},
     )
-    model = transformers.Ministral3ForCausalLM(hf_cfg)
+    # Any: transformers types `.to` through a decorator type checkers cannot call.
+    model: Any = transformers.Ministral3ForCausalLM(hf_cfg)
     state = {
         k.replace("encoder.", "model.", 1).replace("diffusion_head", "lm_head"): v
         for k, v in llm.model.state_dict().items()
@@ -86,7 +87,7 @@ class HFGenerator:
         if not Path(path, "config.json").is_file():
             raise ValueError(f"--baseline hf:{path}: no config.json there; give a Hugging Face model directory")
         tok = transformers.AutoTokenizer.from_pretrained(path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        model: Any = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
         eos = (
             model.generation_config.eos_token_id
             if model.generation_config.eos_token_id is not None

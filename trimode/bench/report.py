@@ -353,14 +353,14 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         )
     timed = [r for r in results if "chunk_gap_ms" in r and r["num_requests"]]
     if timed:
-        series = {
+        latency = {
             f"{name} {q}": [r[key][q] for r in timed]
             for name, key in (("TTFT", "ttft_ms"), ("ITL", "itl_ms"))
             for q in ("p50", "p99")
         }
         written.append(
             _save(
-                _bars([_label(r) for r in timed], series, "ms (log scale)", "Latency under load", log=True),
+                _bars([_label(r) for r in timed], latency, "ms (log scale)", "Latency under load", log=True),
                 out / "latency.png",
             )
         )

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from tqdm import tqdm
 
@@ -38,7 +38,20 @@ class Generator(Protocol):
     ) -> list[GenerationOutput]: ...
 
 
-C = TypeVar("C")  # a frozen configuration dataclass with `mode`, `load` and `control`: offline or over HTTP
+class SweepConfig(Protocol):
+    """What a sweep needs of a configuration (a frozen dataclass, offline or over HTTP)."""
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def control(self) -> bool: ...
+
+    @property
+    def load(self) -> Any: ...  # comparable: the lightest load is the A/A control's
+
+
+C = TypeVar("C", bound=SweepConfig)
 
 
 @dataclass(frozen=True)
@@ -133,7 +146,7 @@ def with_control(configs: list[C]) -> list[C]:
     configuration when AR is not swept). Offline and HTTP configurations alike."""
     ar = [c for c in configs if c.mode == "ar"]
     original = min(ar, key=lambda c: c.load) if ar else configs[0]
-    return configs + [replace(original, control=True)]
+    return configs + [replace(cast(Any, original), control=True)]
 
 
 def reference_key(r: dict[str, Any]) -> tuple[Any, ...]:

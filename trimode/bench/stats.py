@@ -50,8 +50,8 @@ def rate_interval(
     the order they ran."""
     if not tokens or len(tokens) != len(seconds):
         raise ValueError(f"need one seconds per unit and at least one unit; got {len(tokens)}, {len(seconds)}")
-    paired = base_tokens is not None and base_seconds is not None
-    if paired and not (len(base_tokens) == len(base_seconds) == len(tokens)):
+    base = (base_tokens, base_seconds) if base_tokens is not None and base_seconds is not None else None
+    if base is not None and not (len(base[0]) == len(base[1]) == len(tokens)):
         raise ValueError("a paired ratio needs the same units on both sides")
     n = len(tokens)
     block = max(1, round(n ** (1 / 3)))
@@ -64,7 +64,7 @@ def rate_interval(
         return t_[draw].sum(1) / s_[draw].sum(1)
 
     stats = rate(tokens, seconds)
-    if paired:
-        stats = stats / rate(base_tokens, base_seconds)
+    if base is not None:
+        stats = stats / rate(*base)
     q = torch.quantile(stats, torch.tensor([0.5, 0.025, 0.975], dtype=torch.float64)).tolist()
     return Interval(*q)

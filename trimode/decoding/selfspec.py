@@ -58,6 +58,7 @@ class SelfSpecDecoder(Decoder):
         s, device = batch.state(SelfSpecRows), batch.seeds.device
         masks = torch.full_like(s.drafts, batch.mask_id)
         kind, drafting = mixed(s.drafting, ("verify", "draft"), device)
+        causal: torch.Tensor | bool
         if isinstance(drafting, torch.Tensor):
             tail, causal = torch.where(drafting[:, None], masks, s.drafts), ~drafting
         else:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,6 +43,9 @@ from trimode.decoding.base import Forward
 from trimode.engine.compiled import PassFunction, flat_inputs, pass_kind
 from trimode.kv_cache import KVCache, KVPool, num_pages
 from trimode.model.transformer import Part, Transformer
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 BATCH_BUCKETS = tuple(2**i for i in range(10))  # 1 .. 512 rows
 
@@ -67,13 +71,12 @@ class StaticPass:
         self.bucket, self.fn = bucket, PassFunction(model, kind, head=False)
         self.pool = pool
         trash = pool.trash * pool.page_size
-        long = {"dtype": torch.long, "device": pool.device}
-        self.input_ids = torch.zeros(batch, width, **long)
-        self.positions = torch.zeros(batch, width, **long)
+        self.input_ids = torch.zeros(batch, width, dtype=torch.long, device=pool.device)
+        self.positions = torch.zeros(batch, width, dtype=torch.long, device=pool.device)
         self.mask = torch.zeros(batch, 1, width, span, dtype=torch.bool, device=pool.device)
         self.mask[..., 0] = True
-        self.write_slots = torch.full((batch, width), trash, **long)
-        self.key_slots = torch.full((batch, span), trash, **long)
+        self.write_slots = torch.full((batch, width), trash, dtype=torch.long, device=pool.device)
+        self.key_slots = torch.full((batch, span), trash, dtype=torch.long, device=pool.device)
         # `last`: the logit index per row; `draft`: the draft LoRA flag per position.
         extras = {"last": ((batch,), torch.long), "draft": ((batch, width), torch.bool)}
         self.extra = []
@@ -117,7 +120,7 @@ class CudaGraphs:
         self.pool: KVPool | None = None
         self._capture = capture or self._cuda_graph
         self._graphs: dict[Bucket, tuple[StaticPass, Replay] | None] = {}  # None: capture failed, eager
-        self._mempool: tuple | None = None
+        self._mempool: _POOL_HANDLE | None = None
         self.seconds = 0.0  # spent capturing
         self.bytes = 0  # GPU memory the graphs and their buffers reserved
 
@@ -149,6 +152,7 @@ class CudaGraphs:
         """`fwd`'s logits, by replaying its bucket's graph (captured now if it is new). `part` is
         the pass begun over `kv` (gathered keys, dense mask), which `takes` accepted."""
         bucket = self.bucket(kv, fwd)  # `begin` left the lengths alone: the bucket `takes` saw
+        assert bucket is not None, "a pass `takes` refused"
         entry = self._graphs[bucket] if bucket in self._graphs else self._add(bucket)
         if entry is None:
             return self.model.forward_parts([part])[0]
@@ -177,10 +181,11 @@ class CudaGraphs:
         return len(self._graphs) - before
 
     def _add(self, bucket: Bucket) -> tuple[StaticPass, Replay] | None:
-        began = time.perf_counter()
-        cuda = self.pool.device.type == "cuda"
-        reserved = torch.cuda.memory_reserved(self.pool.device) if cuda else 0
-        static = StaticPass(self.model, bucket, self.pool)
+        began, pool = time.perf_counter(), self.pool
+        assert pool is not None, "bind() a KV pool first"
+        cuda = pool.device.type == "cuda"
+        reserved = torch.cuda.memory_reserved(pool.device) if cuda else 0
+        static = StaticPass(self.model, bucket, pool)
         try:
             entry = static, self._capture(static)
         except torch.cuda.OutOfMemoryError:
@@ -189,7 +194,7 @@ class CudaGraphs:
         self._graphs[bucket] = entry
         self.seconds += time.perf_counter() - began
         if cuda:
-            self.bytes += torch.cuda.memory_reserved(self.pool.device) - reserved
+            self.bytes += torch.cuda.memory_reserved(pool.device) - reserved
         return entry
 
     def _cuda_graph(self, static: StaticPass) -> Replay:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from trimode.sampling_params import SamplingParams
 from trimode.tokenizer import Tokenizer
@@ -82,10 +82,11 @@ def tokenize_prompt(
             raise ValueError(f"{name} is empty: give at least one character")
         return tokenizer.encode(prompt, add_special_tokens=add_special_tokens), prompt
     if isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        ids = cast(list[int], list(prompt))
+        bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"{name} has token ids outside [0, {vocab_size}): {bad[:5]}")
-        return list(prompt), None
+        return ids, None
     raise ValueError(
         f"{name} must be a non-empty string, a non-empty list of token ids, {{'prompt': text}} or "
         f"{{'prompt_token_ids': ids}}; got {prompt!r:.60}"

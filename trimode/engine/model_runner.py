@@ -110,20 +110,21 @@ class ModelRunner:
         the logits `forward` would give it alone."""
         # Several parts stay eager: compiled programs and CUDA graphs take one.
         (kv0, fwd0), one = parts[0], len(parts) == 1
-        graphed = one and self.graphs is not None and self.graphs.takes(kv0, fwd0)
-        compiled = one and self.compiled is not None and self.compiled.takes(fwd0)
+        graphs = self.graphs if one and self.graphs is not None and self.graphs.takes(kv0, fwd0) else None
+        compiled = self.compiled if one and self.compiled is not None and self.compiled.takes(fwd0) else None
+        dense = graphs is not None or compiled is not None  # gathered keys and a dense mask
         model_parts = []
         for kv, fwd in parts:
             t = fwd.tokens.shape[1]
-            positions, span = kv.begin(t, fwd.num_fed, gather=graphed or compiled, offsets=fwd.offsets)
-            mask = kv.attention_mask(t, span, fwd.causal, dense=graphed or compiled, pattern=fwd.pattern)
+            positions, span = kv.begin(t, fwd.num_fed, gather=dense, offsets=fwd.offsets)
+            mask = kv.attention_mask(t, span, fwd.causal, dense=dense, pattern=fwd.pattern)
             model_parts.append(
                 Part(fwd.tokens, ForwardContext(positions, mask, kv.view, fwd.use_draft_lora), fwd.logit_index)
             )
-        if graphed:
-            return [self.graphs(kv0, model_parts[0], fwd0)]
-        if compiled:
-            return [self.compiled(model_parts[0], fwd0)]
+        if graphs is not None:
+            return [graphs(kv0, model_parts[0], fwd0)]
+        if compiled is not None:
+            return [compiled(model_parts[0], fwd0)]
         if self.tp_driver is not None:
             return self.tp_driver.run(self.model, model_parts, [kv.pool for kv, _ in parts])
         return self.model.forward_parts(model_parts)

@@ -25,9 +25,10 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
         # A prompt to score is fed whole: cached prefix pages would skip its positions.
         kv.add_row([] if r.wants_prompt_logprobs else r.context_ids)
         r.stream = r.stream or new_stream(r.params)
+    streams = [r.stream for r in requests if r.stream is not None]  # every row's, given just above
     batch = DecodeBatch(
         kv=kv,
-        sampler=Sampler.of(params, device, [r.stream for r in requests]),
+        sampler=Sampler.of(params, device, streams),
         seeds=torch.zeros(len(requests), dtype=torch.long, device=device),
         remaining=torch.zeros(len(requests), dtype=torch.long, device=device),  # set_remaining, below
         eos_ids=torch.tensor(sorted(eos_ids), device=device),
@@ -175,5 +176,5 @@ def first_tokens(
         picked[:, None],
         lambda rows: [row if s is None else [] for row, s in zip(rows, known)],
         batch.logprobs_of(logits, picked[:, None]),
-        None if every is None else prompt_table(every, targets),
+        None if every is None or targets is None else prompt_table(every, targets),
     )

@@ -152,7 +152,7 @@ class Request:
             if self.grammar is not None and not self.grammar.consume_token(t):
                 self._grammar_failed(f"token {t} broke it: {error_line(self.grammar.get_error())}")
                 break
-            if self.logprobs is not None and entries is not None:
+            if self.logprobs is not None and entries is not None and self.params.logprobs is not None:
                 self.logprobs.append(position_logprobs(entries[i], t, self.params.logprobs, tokenizer))
             self.token_ids.append(t)
             self.token_times.append(now)
@@ -240,14 +240,16 @@ def record_prompt_logprobs(
     `starts[i]`, and its entry j scores the prompt token at starts[i] + j + 1."""
     for req, table, start in zip(requests, tables, starts):
         k, prompt = req.params.prompt_logprobs, req.prompt_ids
-        if not req.wants_prompt_logprobs:
+        if k is None or not req.wants_prompt_logprobs:
             continue
         if start == 0:
             req.prompt_logprobs = [None]
+        filed = req.prompt_logprobs
+        assert filed is not None, "a prompt's entries arrive from its first position on"
         for j, entry in enumerate(table):
             at = start + j + 1
-            if at < len(prompt) and at == len(req.prompt_logprobs):
-                req.prompt_logprobs.append(position_logprobs(entry, prompt[at], k, tokenizer))
+            if at < len(prompt) and at == len(filed):
+                filed.append(position_logprobs(entry, prompt[at], k, tokenizer))
 
 
 def apply_step(

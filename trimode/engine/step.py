@@ -45,7 +45,7 @@ def run_parts(runner: ModelRunner, parts: list[StepPart]) -> tuple[list[RequestO
     copies = [None if em is None else next(host) for _, em in accepted]
     for (p, em), h in reversed(list(zip(accepted, copies))):
         try:
-            outputs += p.finish(None, None) if em is None else p.finish(em.read(h.values), h)
+            outputs += p.finish(None, None) if em is None or h is None else p.finish(em.read(h.values), h)
         except Exception as e:
             outputs += p.fail(e)
     return outputs, seconds

@@ -34,6 +34,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,8 @@ from trimode.distributed import backend, join_torchrun
 from trimode.kv_cache import KVPool, KVView, Mask
 from trimode.model.tensor_parallel import TensorParallel
 from trimode.model.transformer import ForwardContext, Part, Transformer
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -59,8 +62,9 @@ class _PartMessage:
     logit_index: torch.Tensor | None
 
 
-def _host(x: torch.Tensor | bool | None) -> torch.Tensor | bool | None:
-    return x.cpu() if isinstance(x, torch.Tensor) else x
+def _host(x: _T) -> _T:
+    """A tensor's host copy; anything else as it is."""
+    return cast(_T, x.cpu()) if isinstance(x, torch.Tensor) else x
 
 
 class WorkerDead(RuntimeError):
@@ -136,13 +140,13 @@ class TensorParallelDriver:
         messages = []
         for part, pool in zip(parts, pools):
             ctx, view = part.ctx, part.ctx.kv
-            mask = ctx.mask if isinstance(ctx.mask, str) else _host(ctx.mask)
+            assert view is not None, "a tensor-parallel forward runs over the KV cache"
             messages.append(
                 _PartMessage(
                     self._pool_ids[pool],
                     part.input_ids.cpu(),
                     ctx.positions.cpu(),
-                    mask,
+                    _host(ctx.mask),
                     view.write_slots.cpu(),
                     view.key_slots.cpu(),
                     view.run,
@@ -283,8 +287,8 @@ def worker_main(argv: list[str]) -> None:
     """A spawned rank: join rank 0's group, load this rank's slices, serve forwards."""
     from trimode.model.loader import load_model
 
-    rank, world, address, device_type, path, dtype, lora, parent = argv
-    rank, world = int(rank), int(world)
+    rank_, world_, address, device_type, path, dtype, lora, parent = argv
+    rank, world = int(rank_), int(world_)
     _die_with(int(parent))
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":

@@ -36,7 +36,7 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, 
         )
 
     low = max(math.floor(correction_dim(rope.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    high: float = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
@@ -47,6 +47,8 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, 
 
 class RotaryEmbedding(nn.Module):
     """Computes cos/sin for positions and the per-position Llama-4 query scale."""
+
+    inv_freq: torch.Tensor  # (head_dim/2,) fp32, a buffer
 
     def __init__(self, rope: RopeConfig, head_dim: int) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ each KV head is replicated on the ranks whose query heads read it (vLLM does the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimode.config import ModelConfig
+
+if TYPE_CHECKING:  # the model imports this module
+    from trimode.model.transformer import Transformer
 
 # Each decoder layer's projections, by their path in the layer, and the dim of the weight that
 # splits: 0 (column-parallel: the output features) or 1 (row-parallel: the input features).
@@ -100,24 +104,24 @@ def shard_range(name: str, cfg: ModelConfig, rank: int, world: int) -> tuple[int
     if ".draft_lora." in name:
         return None
     module = name.rsplit(".", 2)[-2]
-    dim = LAYER_PLAN.get(".".join(name.split(".")[3:-1]))  # encoder.layers.N.<path>.weight
+    path = ".".join(name.split(".")[3:-1])  # encoder.layers.N.<path>.weight
     if module in ("q_proj", "o_proj"):
-        return dim, rank * heads * d, heads * d
+        return LAYER_PLAN[path], rank * heads * d, heads * d
     if module in ("k_proj", "v_proj"):
         kv = cfg.num_key_value_heads
         if kv % world == 0:
-            return dim, rank * (kv // world) * d, (kv // world) * d
-        return dim, (rank // (world // kv)) * d, d  # one KV head, shared with world / kv ranks
+            return LAYER_PLAN[path], rank * (kv // world) * d, (kv // world) * d
+        return LAYER_PLAN[path], (rank // (world // kv)) * d, d  # one KV head, shared with world / kv ranks
     if module in ("gate_proj", "up_proj", "down_proj"):
         width = cfg.intermediate_size // world
-        return dim, rank * width, width
+        return LAYER_PLAN[path], rank * width, width
     if module in ("embed_tokens", "diffusion_head"):
         rows = cfg.vocab_size // world
         return 0, rank * rows, rows
     return None
 
 
-def shard_model(model: nn.Module, cfg: ModelConfig, tp: TensorParallel) -> None:
+def shard_model(model: Transformer, cfg: ModelConfig, tp: TensorParallel) -> None:
     """Replace each weight of `model` by this rank's slice of it (on meta tensors too: the loader
     shards before it reads) and give the model its group. Idempotent only on a full model."""
     check_tp(cfg, tp.world)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +188,11 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """`layers`, typed (a ModuleList's items are plain Modules to a type checker)."""
+        return [cast(DecoderLayer, layer) for layer in self.layers]
+
 
 class _SkipInit(TorchFunctionMode):
     """Skips `torch.nn.init`'s initialisers (they return their tensor untouched)."""
@@ -270,7 +276,7 @@ class Transformer(nn.Module):
 
     def attach_draft_lora(self, rank: int, scale: float) -> None:
         """Create (zero-initialised B) draft LoRA modules on every o_proj; the loader fills them."""
-        for layer in self.encoder.layers:
+        for layer in self.encoder.decoder_layers:
             attn = layer.self_attn
             attn.draft_lora = LoRA(attn.o_proj.in_features, attn.o_proj.out_features, rank, scale).to(
                 device=attn.o_proj.weight.device, dtype=attn.o_proj.weight.dtype
@@ -304,9 +310,9 @@ class Transformer(nn.Module):
     @property
     def num_local_kv_heads(self) -> int:
         """KV heads this rank's cache holds (all of them without tensor parallelism)."""
-        attn = self.encoder.layers[0].self_attn
+        attn = self.encoder.decoder_layers[0].self_attn
         return attn.k_proj.weight.shape[0] // attn.head_dim
 
     @property
     def has_draft_lora(self) -> bool:
-        return self.encoder.layers[0].self_attn.draft_lora is not None
+        return self.encoder.decoder_layers[0].self_attn.draft_lora is not None

@@ -250,7 +250,8 @@ def build_app(
                 chat = template_messages(body.messages)
                 return chat_ids(chat, bool(body.add_special_tokens), add_generation_prompt=body.add_generation_prompt)
             special = body.add_special_tokens is not False
-            return tokenize_prompt(tokenizer, config.vocab_size, body.prompt, add_special_tokens=special)[0]
+            prompt = body.prompt or ""  # set: the request validates that one of prompt and messages is
+            return tokenize_prompt(tokenizer, config.vocab_size, prompt, add_special_tokens=special)[0]
 
         try:
             tokens = await engine.run_blocking(ids)
@@ -276,7 +277,8 @@ def build_app(
         request each; if one is refused, those already queued are aborted. `structured`: a
         grammar the request's own fields may not also set (a forced tool call's)."""
         request_id = engine.new_request_id(prefix)
-        submitted, streams = [], []
+        submitted: list[str] = []
+        streams: list[AsyncIterator[RequestOutput]] = []
         try:
             params = body.sampling_params(default_mode, generation_defaults)
             if structured is not None:
@@ -331,18 +333,18 @@ def build_app(
     async def completions(body: CompletionRequest, http: Request) -> Any:
         check_model(body.model)
         ignored = ignore_unknown(body)
-        many = len(body.prompt) > 1
+        many = len(body.prompts) > 1
 
         def prepare(i: int, prompt: str | list[int]) -> Callable[[], list[int]]:
             name = f"prompt {i}" if many else "the prompt"
             return lambda: tokenize_prompt(tokenizer, config.vocab_size, prompt, name, body.add_special_tokens)[0]
 
-        request_id, streams = await start(body, [prepare(i, p) for i, p in enumerate(body.prompt)], "cmpl")
+        request_id, streams = await start(body, [prepare(i, p) for i, p in enumerate(body.prompts)], "cmpl")
         echo = None
         if body.echo:  # each choice's text begins with its prompt's
-            texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompt]
+            texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts]
             echo = [t for t in texts for _ in range(body.n)]
-        return flag_ignored(await respond(body, request_id, streams, http, chat=False, echo=echo), ignored)
+        return flag_ignored(await respond(body, request_id, streams, http, echo=echo), ignored)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Any:
@@ -366,7 +368,7 @@ def build_app(
         reads_calls = forced is not None or (auto_tool_choice and body.tool_choice in (None, "auto"))
         tools = tool_parser if body.tools and reads_calls else None
         request_id, streams = await start(body, [prepare], "chatcmpl", structured)
-        return flag_ignored(await respond(body, request_id, streams, http, chat=True, tools=tools), ignored)
+        return flag_ignored(await respond(body, request_id, streams, http, tools=tools), ignored)
 
     async def collect(streams: list[AsyncIterator[RequestOutput]], http: Request) -> list[GenerationOutput] | None:
         """Every prompt's finished result, in order; None if the client hung up first. Cancelling a
@@ -374,18 +376,20 @@ def build_app(
         once; one prompt failing cancels the others."""
 
         async def last(outputs: AsyncIterator[RequestOutput]) -> GenerationOutput:
-            final = None
+            final: GenerationOutput | None = None
             async for out in outputs:
                 final = out.output or final
+            if final is None:
+                raise EngineError("the engine ended a request without its result")
             return final
 
         tasks = [asyncio.ensure_future(last(o)) for o in streams]
         try:
             while not all(t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION)
-                failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+                failed = next((e for t in tasks if t.done() and (e := t.exception()) is not None), None)
                 if failed is not None:
-                    raise failed.exception()
+                    raise failed
                 if await http.is_disconnected():
                     return None
             return [t.result() for t in tasks]
@@ -401,7 +405,7 @@ def build_app(
         ids: list[int],
         positions: list | None,
         finish: str | None,
-        echo: tuple[str, list[int], list] | None = None,
+        echo: tuple[str, list[int], list | None] | None = None,
         start: int = 0,
     ) -> dict[str, Any]:
         """A completions choice (or a stream chunk's), with its logprobs when asked for; `echo`:
@@ -423,7 +427,6 @@ def build_app(
         request_id: str,
         streams: list[AsyncIterator[RequestOutput]],
         http: Request,
-        chat: bool,
         echo: list[str] | None = None,
         tools: ToolParser | None = None,
     ) -> Any:
@@ -432,7 +435,7 @@ def build_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                sse(body, request_id, created, streams, chat, include_usage, http, echo, tools),
+                sse(body, request_id, created, streams, include_usage, http, echo, tools),
                 media_type="text/event-stream",
             )
         try:
@@ -444,26 +447,26 @@ def build_app(
         http.state.usage = usage(finals)
         # Built and serialised on a worker thread: with logprobs the answer can run to megabytes,
         # and the event loop serves /health and every stream meanwhile.
-        return await engine.run_blocking(document, body, request_id, created, finals, chat, echo, tools)
+        return await engine.run_blocking(document, body, request_id, created, finals, echo, tools)
 
     def document(
         body: CompletionRequest | ChatCompletionRequest,
         request_id: str,
         created: int,
         finals: list[GenerationOutput],
-        chat: bool,
         echo: list[str] | None,
         tools: ToolParser | None = None,
     ) -> JSONResponse:
         """A whole (not streamed) answer."""
-        if chat:
+        chat = isinstance(body, ChatCompletionRequest)
+        if isinstance(body, ChatCompletionRequest):
             choices = []
             for i, f in enumerate(finals):
                 message: dict[str, Any] = {"role": "assistant", "content": f.text}
                 finish = f.finish_reason
                 calls = tools.parse(f.text, f.finish_reason == "length") if tools is not None else (f.text, [])
                 if calls[1]:
-                    one = isinstance(body, ChatCompletionRequest) and body.parallel_tool_calls is False
+                    one = body.parallel_tool_calls is False
                     kept = calls[1][:1] if one else calls[1]
                     message = {
                         "role": "assistant",
@@ -507,12 +510,12 @@ def build_app(
         request_id: str,
         created: int,
         streams: list[AsyncIterator[RequestOutput]],
-        chat: bool,
         include_usage: bool,
         http: Request,
         echo: list[str] | None,
         tools: ToolParser | None = None,
     ) -> AsyncIterator[str]:
+        chat = isinstance(body, ChatCompletionRequest)
         kind = "chat.completion.chunk" if chat else "text_completion"
         sent = [0] * len(streams)  # characters of each choice's text streamed so far
         # Per choice, its text split into content and tool calls as it streams.
@@ -522,7 +525,7 @@ def build_app(
         def chunk(index: int, out: RequestOutput | None, finish: str | None, first: bool = False) -> str:
             text, ids = (out.delta_text, out.new_token_ids) if out is not None else ("", [])
             positions = out.new_logprobs if out is not None else None
-            if chat:
+            if isinstance(body, ChatCompletionRequest):
                 split = Delta(content=text)
                 if calls is not None:
                     split = calls[index].feed(text) if finish is None else calls[index].finish(finish == "length")

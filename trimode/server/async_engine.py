@@ -28,7 +28,7 @@ from trimode.engine.llm_engine import LLMEngine
 from trimode.engine.scheduler import QueueFull
 from trimode.engine.tp_workers import WorkerDead
 from trimode.outputs import RequestOutput
-from trimode.sampling_params import SamplingParams
+from trimode.sampling_params import Mode, SamplingParams
 from trimode.server.metrics import Metrics
 
 logger = logging.getLogger("trimode.server")
@@ -154,7 +154,7 @@ class AsyncEngine:
             self._pending[parent] += 1
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._modes[request_id] = params.mode.value
+        self._modes[request_id] = Mode(params.mode).value
         self._commands.put(("add", request_id, prompt_ids, params, grammar, parent))
         self._wake.set()
         return self._iterate(request_id, stream)

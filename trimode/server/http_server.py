@@ -140,8 +140,8 @@ def serve(
         log_level="warning",
         access_log=False,
         http=bounded_protocol(max_connections, read_timeout),
-        timeout_graceful_shutdown=shutdown_timeout + FLUSH_S,
-    )  # type: ignore[arg-type]
+        timeout_graceful_shutdown=shutdown_timeout + FLUSH_S,  # type: ignore[arg-type]  # seconds; a float works
+    )
     server = Server(
         config,
         on_first_signal=lambda: engine.drain(shutdown_timeout),

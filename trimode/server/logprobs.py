@@ -66,6 +66,6 @@ def chat_logprobs(tokenizer: Tokenizer, ids: list[int], positions: list[Position
 
     content = []
     for p, t in zip(positions, ids):
-        top = [entry(lp.decoded_token, lp.logprob) for lp in _top(p, k)]
+        top = [entry(lp.decoded_token or "", lp.logprob) for lp in _top(p, k)]
         content.append({**entry(tokenizer.decode_token(t), p[t].logprob), "top_logprobs": top})
     return {"content": content}

@@ -7,7 +7,7 @@ number is not text."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from jinja2.defaults import DEFAULT_NAMESPACE
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -235,7 +235,7 @@ class _Common(BaseModel):
 
     def _structured(self) -> dict[str, Any] | None:
         """SamplingParams.structured from whichever way the request asks (at most one)."""
-        asked = []
+        asked: list[dict[str, Any]] = []
         fmt = self.response_format or {"type": "text"}
         kind = fmt.get("type")
         if kind == "json_object":
@@ -288,21 +288,25 @@ class CompletionRequest(_Common):
             )
         return v
 
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """`prompt` as its validator leaves it: every prompt, in order."""
+        return cast(list[str | list[int]], self.prompt)
+
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
         """Every prompt of the request, in order: text or token ids (their range is checked
         against the vocabulary when they are tokenized)."""
-        if isinstance(v, str) or (v and all(isinstance(t, int) for t in v)):
-            v = [v]
-        if not v or len(v) > MAX_PROMPTS:
-            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts; got {len(v)}")
-        for i, p in enumerate(v):
+        prompts: list[Any] = [v] if isinstance(v, str) or (v and all(isinstance(t, int) for t in v)) else list(v)
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts; got {len(prompts)}")
+        for i, p in enumerate(prompts):
             if not p or len(p) > MAX_PROMPT_CHARS:
                 raise ValueError(f"prompt {i} must be non-empty and at most {MAX_PROMPT_CHARS} characters or tokens")
             if isinstance(p, str):
                 _unicode(p, f"prompt {i}")
-        return v
+        return prompts
 
 
 class ChatCompletionRequest(_Common):
@@ -323,7 +327,7 @@ class ChatCompletionRequest(_Common):
     @field_validator("messages")
     @classmethod
     def _total(cls, v: list[Message]) -> list[Message]:
-        total = sum(len(m.content) for m in v)
+        total = sum(len(m.content or "") for m in v)
         if total > MAX_PROMPT_CHARS:
             raise ValueError(f"the messages hold {total} characters together; at most {MAX_PROMPT_CHARS}")
         return v

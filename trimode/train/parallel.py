@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from trimode.distributed import join_torchrun, launched_by_torchrun
 from trimode.model.tensor_parallel import LAYER_PLAN, check_tp
@@ -93,7 +93,9 @@ def parallelize(model: Transformer, ranks: Ranks, bf16: bool, activation_checkpo
         check_tp(model.config, ranks.tp, replicate_kv=False)
         tp_mesh = ranks.mesh["tp"]
         for layer in model.encoder.layers:
-            plan = {path: ColwiseParallel() if dim == 0 else RowwiseParallel() for path, dim in LAYER_PLAN.items()}
+            plan: dict[str, ParallelStyle] = {
+                path: ColwiseParallel() if dim == 0 else RowwiseParallel() for path, dim in LAYER_PLAN.items()
+            }
             parallelize_module(layer, tp_mesh, plan)
         parallelize_module(
             model,
@@ -103,11 +105,14 @@ def parallelize(model: Transformer, ranks: Ranks, bf16: bool, activation_checkpo
                 "diffusion_head": ColwiseParallel(output_layouts=Replicate()),
             },
         )
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mesh": ranks.mesh["dp"], **({"mp_policy": policy} if policy else {})}
+    # Without bf16, the default policy: parameters and reductions in their own dtype.
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
+    dp = ranks.mesh["dp"]
     for layer in model.encoder.layers:
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+        fully_shard(layer, mesh=dp, mp_policy=policy)
+    fully_shard(model, mesh=dp, mp_policy=policy)
     # The logits are a view of the head's output; the objective only reads them.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from trimode.config import DTYPES, ModelConfig
+from trimode.model.transformer import Transformer
 from trimode.train.parallel import Ranks
 
 LATEST = "latest"
@@ -48,7 +49,8 @@ def full_state_dict(model: torch.nn.Module, ranks: Ranks) -> dict[str, torch.Ten
     """The whole model's tensors on the CPU, on rank 0 (empty elsewhere); every rank must call it."""
     if ranks.mesh is None:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return cast(dict[str, torch.Tensor], state)  # a model's state: tensors only
 
 
 def save_model_dir(
@@ -73,16 +75,17 @@ def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
     (the same tensors). The optimizer's state is created if it has not stepped yet, so a fresh run
     has the shapes to load into."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    flat = {f"model.{k}": v for k, v in model_state.items()}
-    for name, entries in optim_state["state"].items():
+    flat = {f"model.{k}": cast(torch.Tensor, v) for k, v in model_state.items()}
+    per_param = cast(dict[str, dict[str, Any]], optim_state["state"])
+    for name, entries in per_param.items():
         flat.update({f"optim.{name}.{key}": v for key, v in entries.items() if torch.is_tensor(v)})
-    return model_state, optim_state, flat
+    return dict(model_state), dict(optim_state), flat
 
 
 def save_checkpoint(
     out_dir: Path,
     step: int,
-    model: torch.nn.Module,
+    model: Transformer,
     tokenizer_dir: Path,
     optimizer: torch.optim.Optimizer,
     args: dict[str, Any],
