@@ -8,8 +8,8 @@ import httpx
 import pytest
 from live import MODEL, server_log
 
-from trimode.server.app import IGNORED_HEADER
 from trimode.server.protocol import REFUSED_FIELDS
+from trimode.server.service import IGNORED_HEADER
 
 CHAT = [{"role": "user", "content": "Sort: 3 1 2", "refusal": None}]
 

@@ -157,10 +157,10 @@ def test_a_large_answer_is_built_off_the_event_loop(served, monkeypatch, stream)
     """Pins: a scored prompt's answer (64 MB in the hostile run) was built and serialised on the
     event loop, and /health waited up to 1.4 s. Here building the logprobs takes 1.5 s; /health
     must not wait for it."""
-    import trimode.server.app as app_module
+    import trimode.server.answers as answers
 
     engine, app = served
-    real, threads = app_module.completion_logprobs, []
+    real, threads = answers.completion_logprobs, []
 
     def slow(*args, **kwargs):
         threads.append(threading.current_thread())
@@ -168,7 +168,7 @@ def test_a_large_answer_is_built_off_the_event_loop(served, monkeypatch, stream)
             time.sleep(1.5)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "completion_logprobs", slow)
+    monkeypatch.setattr(answers, "completion_logprobs", slow)
     body = {"model": MODEL, "prompt": "def add(a, b):", "echo": True, "logprobs": 5, "max_tokens": 4, "stream": stream}
 
     async def go(c):

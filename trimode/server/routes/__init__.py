@@ -1,0 +1,1 @@
+"""The server's endpoints, one router per family, each over the shared `Service`."""
