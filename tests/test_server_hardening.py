@@ -174,21 +174,22 @@ def test_api_key_from_the_environment_and_any_case_scheme(url):
 
 
 def test_api_key_file_and_conflicts(tmp_path, monkeypatch, capsys):
-    from trimode.cli import _api_key, build_parser
+    from trimode.cli import build_parser
+    from trimode.cli.serve import api_key
 
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")
     monkeypatch.setenv("TRIMODE_API_KEY", "from-env")
     parse = build_parser().parse_args
-    assert _api_key(parse(["serve", "--api-key-file", str(key_file)])) == "from-file"
-    assert _api_key(parse(["serve"])) == "from-env"
-    assert _api_key(parse(["serve", "--api-key", "typed"])) == "typed"
+    assert api_key(parse(["serve", "--api-key-file", str(key_file)])) == "from-file"
+    assert api_key(parse(["serve"])) == "from-env"
+    assert api_key(parse(["serve", "--api-key", "typed"])) == "typed"
     assert "readable by any local user" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not both"):
-        _api_key(parse(["serve", "--api-key", "a", "--api-key-file", str(key_file)]))
+        api_key(parse(["serve", "--api-key", "a", "--api-key-file", str(key_file)]))
     key_file.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
-        _api_key(parse(["serve", "--api-key-file", str(key_file)]))
+        api_key(parse(["serve", "--api-key-file", str(key_file)]))
 
 
 def test_a_non_loopback_address_without_a_key_warns(monkeypatch, capsys):

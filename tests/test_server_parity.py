@@ -12,7 +12,8 @@ import pytest
 from live import MODEL
 
 from trimode import LLM, SamplingParams, __version__
-from trimode.cli import _chat_template, _generation_defaults, main
+from trimode.cli import main
+from trimode.cli.serve import chat_template, generation_defaults
 from trimode.engine.inputs import chat_messages
 from trimode.llm import EMBEDDED_MODEL_DIR
 from trimode.server.app import build_app
@@ -103,20 +104,20 @@ def test_seed_and_generation_defaults(engine, offline):
 def test_serve_flags_read_templates_and_generation_configs(tmp_path):
     own = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     (tmp_path / "t.jinja").write_text(own)
-    assert _chat_template(str(tmp_path / "t.jinja")) == own == _chat_template(own)
+    assert chat_template(str(tmp_path / "t.jinja")) == own == chat_template(own)
     with pytest.raises(ValueError, match="no such file, and not a Jinja template"):
-        _chat_template("missing.jinja")
+        chat_template("missing.jinja")
     tok = Tokenizer.from_dir(EMBEDDED_MODEL_DIR)
     tok.set_chat_template(own)
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "max_new_tokens": 7}))
-    assert _generation_defaults(str(tmp_path), None) == {"temperature": 0.6, "max_tokens": 7}
-    assert _generation_defaults("auto", str(tmp_path)) == {"temperature": 0.6, "max_tokens": 7}
-    assert _generation_defaults("vllm", str(tmp_path)) is None
-    assert _generation_defaults("auto", None) == {}  # the embedded model's names no sampling field
+    assert generation_defaults(str(tmp_path), None) == {"temperature": 0.6, "max_tokens": 7}
+    assert generation_defaults("auto", str(tmp_path)) == {"temperature": 0.6, "max_tokens": 7}
+    assert generation_defaults("vllm", str(tmp_path)) is None
+    assert generation_defaults("auto", None) == {}  # the embedded model's names no sampling field
     (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 3}))
     with pytest.raises(ValueError, match="generation_config.json: SamplingParams.top_p"):
-        _generation_defaults(str(tmp_path), None)
+        generation_defaults(str(tmp_path), None)
 
 
 def test_serve_takes_the_model_once(capsys):

@@ -1,0 +1,178 @@
+"""What several commands share: how a model is loaded (its flags and `load_llm`), model shapes,
+and parsers of list-valued flags that fail with one line naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from trimode.sampling_params import REQUEST_MODES, SPECS
+
+if TYPE_CHECKING:
+    from trimode.llm import LLM
+
+
+THRESHOLD_HELP = "diffusion: reveal every position at least this confident (default 0.9); 'none': one per pass"
+
+
+SPEC_HELP = (
+    "selfspec: linear (a draft pass and a verify pass per cycle; the default) or quadratic (one pass of "
+    "b(b+1) tokens per row verifies and drafts)"
+)
+
+
+def load_llm(args: argparse.Namespace, **kwargs: Any) -> LLM:
+    """The model of a command's `add_model_flags`."""
+    from trimode.llm import LLM
+
+    return LLM(
+        model=args.model,
+        revision=args.revision,
+        dtype=args.dtype,
+        device=args.device,
+        compile=args.compile,
+        tensor_parallel_size=args.tensor_parallel_size,
+        **kwargs,
+    )
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device, --tensor-parallel-size, --compile / --enforce-eager: how every
+    command that runs a model loads it."""
+    p.add_argument("--model", help="checkpoint directory or Hugging Face hub id (default: the embedded model)")
+    p.add_argument("--revision", help="the hub id's branch, tag or commit (default: main)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="split the weights and KV heads over N processes: under torchrun, the N it launched; "
+        "otherwise N - 1 workers this command spawns (GPUs 0..N-1, or the CPU)",
+    )
+    # Default "auto": on a CPU, forwards whose compiled program is in the cache run it, the rest
+    # eager; on a GPU, decode passes run as CUDA graphs.
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="CPU: load every compiled forward program at start-up, compiling those not yet cached (about a "
+        "minute each on 2 cores, once: later runs load them by default). GPU: CUDA graphs, as by default",
+    )
+    speed.add_argument(
+        "--enforce-eager",
+        dest="compile",
+        action="store_const",
+        const=False,
+        help="never run compiled programs or CUDA graphs",
+    )
+
+
+def add_model_shape_flags(p: argparse.ArgumentParser, preset_required: bool) -> None:
+    p.add_argument(
+        "--preset",
+        required=preset_required,
+        default=None if preset_required else "tiny",
+        help="nld-3b, nld-8b, nld-14b or tiny",
+    )
+    shape = {
+        "--layers": "decoder layers",
+        "--hidden": "hidden size",
+        "--vocab": "vocabulary size",
+        "--intermediate": "MLP intermediate size",
+        "--heads": "attention heads",
+        "--kv-heads": "key/value heads (GQA)",
+        "--head-dim": "dimension of each head",
+    }
+    for flag, what in shape.items():
+        p.add_argument(flag, type=int, help=f"{what} (default: the preset's)")
+
+
+def model_config_from_args(args: argparse.Namespace, vocab: int | None):
+    from trimode.checkpoint import preset_config
+
+    overrides = {
+        k: v
+        for k, v in (
+            ("intermediate_size", args.intermediate),
+            ("head_dim", args.head_dim),
+            ("num_attention_heads", args.heads),
+            ("num_key_value_heads", args.kv_heads),
+        )
+        if v is not None
+    }
+    return preset_config(args.preset, layers=args.layers, hidden=args.hidden, vocab=args.vocab or vocab, **overrides)
+
+
+def int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"{flag} must be comma-separated integers; got {text!r}") from e
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} must list integers >= 1; got {text!r}")
+    return values
+
+
+def float_list(flag: str, text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"{flag} must be comma-separated numbers; got {text!r}") from e
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise ValueError(f"{flag} must list numbers in [0, 1]; got {text!r}")
+    return values
+
+
+def spec_list(text: str) -> list[str]:
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if not specs or any(s not in SPECS for s in specs):
+        raise ValueError(f"--spec must list some of {', '.join(SPECS)}; got {text!r}")
+    return specs
+
+
+def mode_list(text: str, allowed: Sequence[str] = REQUEST_MODES) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or any(m not in allowed for m in modes):
+        raise ValueError(f"--modes must list some of {', '.join(allowed)}; got {text!r}")
+    return modes
+
+
+def dtype_sweep(flag: str) -> list[str]:
+    """`--dtype float32,bfloat16` (the bench): the dtypes to sweep; [] for a single dtype."""
+    from trimode.config import DTYPES
+
+    if "," not in flag:
+        return []
+    dtypes = flag.split(",")
+    if len(set(dtypes)) != len(dtypes) or not set(dtypes) <= DTYPES.keys():
+        raise ValueError(f"--dtype lists distinct dtypes to sweep, of {', '.join(DTYPES)}; got {flag!r}")
+    return dtypes
+
+
+def threshold(text: str) -> float | None:
+    """A --threshold value: a number, or `none` for one position per pass."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'none'; got {text!r}") from e
+
+
+def structured_flag(value: str | None) -> str | None:
+    """--structured: SamplingParams.structured as JSON, checked here (bad input is one line, exit 2)."""
+    if value is None:
+        return None
+    from trimode.structured import check_spec
+
+    try:
+        check_spec(json.loads(value))
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--structured must be JSON such as \'{{"regex": "[0-9 ]+"}}\'; got {value!r}: {e}') from e
+    return value
