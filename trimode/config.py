@@ -1,4 +1,5 @@
-"""Model configuration parsed from a Hugging Face `config.json`, validated at construction."""
+"""Model configuration parsed from a Hugging Face `config.json`, and the engine's sizes (`EngineConfig`),
+validated at construction."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from trimode.kv_cache import PAGE_SIZE
 
 SUPPORTED_MODEL_TYPES = ("nemotron_labs_diffusion",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -202,3 +205,45 @@ class ModelConfig:
         kv = self.num_key_value_heads * self.head_dim
         layer = h * q * 2 + h * kv * 2 + 3 * h * self.intermediate_size + 2 * h
         return self.num_hidden_layers * layer + 2 * self.vocab_size * h + h
+
+
+DEFAULT_BATCHED_TOKENS = 512  # prompt tokens per prefill step, and tokens per decode pass
+
+
+def flag(text: str, *flags: str, type_: type | None = None, name: str | None = None) -> dict[str, Any]:
+    """A field's command-line flag: its help, other spellings, its type where the default (None)
+    does not say it, and its name where it is not the field's (`--kv-page-size` for page_size)."""
+    return {"help": text, "flags": flags, "type": type_, "name": name}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How big an engine is; all of its memory (the KV pool) is allocated when it starts."""
+
+    max_batch: int = field(default=32, metadata=flag("requests decoding at once"))
+    max_queue: int = field(default=256, metadata=flag("requests waiting; more are refused with 429"))
+    kv_cache_tokens: int = field(
+        default=65536,
+        metadata=flag(
+            "KV slots in the pool shared by all requests, allocated at start (its bytes are printed)",
+            "--max-kv-tokens",
+        ),
+    )
+    page_size: int = field(default=PAGE_SIZE, metadata=flag("KV slots per page of the pool", name="--kv-page-size"))
+    max_num_batched_tokens: int = field(
+        default=DEFAULT_BATCHED_TOKENS,
+        metadata=flag("prompt tokens one prefill step feeds; longer prompts are prefilled in chunks of this many"),
+    )
+    # The tokens one decode pass of a group may feed (rows x pass width; a group holds that many
+    # rows): by default max_num_batched_tokens. Offline generation sizes it to the call.
+    max_decode_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{f.name} must be an integer >= 1; got {value!r}")
+
+    @property
+    def decode_tokens(self) -> int:
+        return self.max_decode_tokens or self.max_num_batched_tokens

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from trimode.config import DTYPES
+from trimode.config import DEFAULT_BATCHED_TOKENS, DTYPES, EngineConfig
 from trimode.cpu import cpu_auto_dtype
 from trimode.distributed import launched_by_torchrun
 from trimode.engine.inputs import Message, PromptInput, chat_messages, tokenize_prompt
@@ -44,7 +44,6 @@ EMBEDDED_MODEL_DIR = Path(__file__).parent / "embedded"
 
 # Tokens one engine step may feed (prompt tokens of a prefill; rows x pass width of a decode group):
 # the engine's default, and the most offline generation raises it to so its rows decode together.
-DEFAULT_BATCHED_TOKENS = 512
 OFFLINE_BATCHED_TOKENS = 8192
 
 
@@ -224,30 +223,14 @@ class LLM:
         self._requests = 0  # prompts given so far: their request ids
         self.training_seq_len = training_seq_len  # what training_args.json says, where it does
 
-    def engine(
-        self,
-        max_batch: int = 32,
-        max_queue: int = 256,
-        kv_cache_tokens: int = 65536,
-        max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS,
-        page_size: int = PAGE_SIZE,
-        max_decode_tokens: int | None = None,
-    ) -> LLMEngine:
-        """A continuous-batching engine over this model (what `trimode serve` runs); its KV pool
-        of `kv_cache_tokens` slots is allocated now. `max_num_batched_tokens`: prompt tokens per
-        prefill step, and unless `max_decode_tokens` is given, tokens per decode pass."""
+    def engine(self, config: EngineConfig | None = None, **sizes: Any) -> LLMEngine:
+        """A continuous-batching engine over this model (what `trimode serve` runs), sized by
+        `config`, or by EngineConfig's fields given as keywords; its KV pool is allocated now."""
+        if config is not None and sizes:
+            raise TypeError("give an EngineConfig or its fields as keywords, not both")
+        config = config or EngineConfig(**sizes)
         return LLMEngine(
-            self.runner,
-            self.tokenizer,
-            self.eos_token_ids,
-            self.max_model_len,
-            max_batch,
-            max_queue,
-            kv_cache_tokens,
-            max_num_batched_tokens,
-            page_size,
-            max_decode_tokens,
-            self.training_seq_len,
+            self.runner, self.tokenizer, self.eos_token_ids, self.max_model_len, config, self.training_seq_len
         )
 
     def _tokenize(self, prompts: PromptInput | Sequence[PromptInput]) -> tuple[list[list[int]], list[str | None]]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from trimode.engine_args import EngineArgs
 from trimode.sampling_params import REQUEST_MODES, SPECS
 
 if TYPE_CHECKING:
@@ -23,54 +24,15 @@ SPEC_HELP = (
 )
 
 
-def load_llm(args: argparse.Namespace, **kwargs: Any) -> LLM:
+def load_llm(args: argparse.Namespace) -> LLM:
     """The model of a command's `add_model_flags`."""
-    from trimode.llm import LLM
-
-    return LLM(
-        model=args.model,
-        revision=args.revision,
-        dtype=args.dtype,
-        device=args.device,
-        compile=args.compile,
-        tensor_parallel_size=args.tensor_parallel_size,
-        **kwargs,
-    )
+    return EngineArgs.from_cli_args(args).create_llm()
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --device, --tensor-parallel-size, --compile / --enforce-eager: how every
-    command that runs a model loads it."""
-    p.add_argument("--model", help="checkpoint directory or Hugging Face hub id (default: the embedded model)")
-    p.add_argument("--revision", help="the hub id's branch, tag or commit (default: main)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument(
-        "--tensor-parallel-size",
-        "-tp",
-        type=int,
-        default=1,
-        help="split the weights and KV heads over N processes: under torchrun, the N it launched; "
-        "otherwise N - 1 workers this command spawns (GPUs 0..N-1, or the CPU)",
-    )
-    # Default "auto": on a CPU, forwards whose compiled program is in the cache run it, the rest
-    # eager; on a GPU, decode passes run as CUDA graphs.
-    speed = p.add_mutually_exclusive_group()
-    speed.add_argument(
-        "--compile",
-        action="store_const",
-        const=True,
-        default="auto",
-        help="CPU: load every compiled forward program at start-up, compiling those not yet cached (about a "
-        "minute each on 2 cores, once: later runs load them by default). GPU: CUDA graphs, as by default",
-    )
-    speed.add_argument(
-        "--enforce-eager",
-        dest="compile",
-        action="store_const",
-        const=False,
-        help="never run compiled programs or CUDA graphs",
-    )
+    """--model, --dtype, --device, --tensor-parallel-size, --compile / --enforce-eager, ...: how
+    every command that runs a model loads it (`EngineArgs`'s flags)."""
+    EngineArgs.add_cli_args(p)
 
 
 def add_model_shape_flags(p: argparse.ArgumentParser, preset_required: bool) -> None:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from trimode.cli.common import (
-    add_model_flags,
-    load_llm,
-)
-from trimode.kv_cache import PAGE_SIZE
+from trimode.engine_args import EngineArgs
 from trimode.sampling_params import REQUEST_MODES
 from trimode.server.logprobs import MAX_LOGPROB_ENTRIES
 
@@ -97,37 +94,27 @@ def run(args: argparse.Namespace) -> int:
         ("--read-timeout", args.read_timeout),
         ("--max-connections", args.max_connections),
         ("--max-logprob-entries", args.max_logprob_entries),
-        ("--kv-cache-tokens", args.kv_cache_tokens),
-        ("--kv-page-size", args.kv_page_size),
     ):
         if not value > 0:
             raise ValueError(f"{flag} must be > 0; got {value}")
-    key = api_key(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("trimode.access").disabled = not args.access_log
-    if args.max_model_len is not None and args.max_model_len < 1:
-        raise ValueError(f"--max-model-len must be >= 1; got {args.max_model_len}")
     if args.model_path is not None and args.model not in (None, args.model_path):
         raise ValueError(f"give the model once: as MODEL ({args.model_path}) or --model ({args.model}), not both")
     args.model = args.model or args.model_path
-    if args.model is not None and is_hub_id(args.model):  # served under the id, read from its snapshot
-        args.served_model_name = args.served_model_name or [args.model]
-        args.model, args.revision = str(resolve_model(args.model, args.revision)), None
-    defaults = generation_defaults(args.generation_config, args.model)
-    llm = load_llm(args, max_model_len=args.max_model_len)
+    engine_args = EngineArgs.from_cli_args(args)  # the model, and the engine's sizes, checked
+    key = api_key(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("trimode.access").disabled = not args.access_log
+    model = engine_args.model
+    if model is not None and is_hub_id(model):  # served under the id, read from its snapshot
+        args.served_model_name = args.served_model_name or [model]
+        model = str(resolve_model(model, engine_args.revision))
+        engine_args = dataclasses.replace(engine_args, model=model, revision=None)
+    defaults = generation_defaults(args.generation_config, model)
+    llm = engine_args.create_llm()
     if args.chat_template is not None:
         llm.tokenizer.set_chat_template(chat_template(args.chat_template))
-    names = args.served_model_name or [Path(args.model).name if args.model else "trimode-embedded"]
-    engine = AsyncEngine(
-        llm.engine(
-            max_batch=args.max_batch,
-            max_queue=args.max_queue,
-            kv_cache_tokens=args.kv_cache_tokens,
-            page_size=args.kv_page_size,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-        ),
-        max_queue=args.max_queue,
-    )
+    names = args.served_model_name or [Path(model).name if model else "trimode-embedded"]
+    engine = AsyncEngine(engine_args.create_engine(llm), max_queue=engine_args.engine.max_queue)
     engine.start()
     app = build_app(
         engine,
@@ -172,7 +159,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     v.add_argument(
         "model_path", nargs="?", metavar="MODEL", help="checkpoint directory or hub id (the same as --model)"
     )
-    add_model_flags(v)
+    EngineArgs.add_cli_args(v, serving=True)
     v.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument(
@@ -181,25 +168,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--api-key-file: a command-line key is visible to other local users)",
     )
     v.add_argument("--api-key-file", help="read the API key from this file")
-    v.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
-    v.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are refused with 429")
-    v.add_argument(
-        "--kv-cache-tokens",
-        "--max-kv-tokens",
-        type=int,
-        default=65536,
-        help="KV slots in the pool shared by all requests, allocated at start (its bytes are printed)",
-    )
-    v.add_argument("--kv-page-size", type=int, default=PAGE_SIZE, help="KV slots per page of the pool")
-    v.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=512,
-        help="prompt tokens one prefill step feeds; longer prompts are prefilled in chunks of this many",
-    )
-    v.add_argument(
-        "--max-model-len", type=int, help="longest prompt + max_tokens a request may ask for (default: the model's)"
-    )
     v.add_argument("--default-mode", default="ar", help=f"mode of requests that name none: {', '.join(REQUEST_MODES)}")
     v.add_argument(
         "--served-model-name",

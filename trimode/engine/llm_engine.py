@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from trimode.config import EngineConfig
 from trimode.decoding import (
     EXACT_DECODINGS,
     LOSSY_DECODINGS,
@@ -55,7 +56,7 @@ from trimode.engine.prefill import accept_chunk, accept_prefill, new_batch, plan
 from trimode.engine.request import Request, apply_step, record_prompt_logprobs, streamable_text
 from trimode.engine.scheduler import PoolPages, Prefilling, RunningGroup, Scheduler, StepPlan
 from trimode.engine.step import StepPart, run_parts
-from trimode.kv_cache import PAGE_SIZE, KVCache
+from trimode.kv_cache import KVCache
 from trimode.outputs import RequestOutput
 from trimode.sampling_params import SamplingParams, Spec
 from trimode.structured import Grammars
@@ -90,41 +91,35 @@ class LLMEngine:
         tokenizer: Tokenizer,
         eos_token_ids: set[int],
         max_model_len: int,
-        max_batch: int = 32,
-        max_queue: int = 256,
-        kv_cache_tokens: int = 65536,
-        max_num_batched_tokens: int = 512,
-        page_size: int = PAGE_SIZE,
-        max_decode_tokens: int | None = None,
+        config: EngineConfig = EngineConfig(),
         training_seq_len: int | None = None,
     ) -> None:
-        """`max_num_batched_tokens`: prompt tokens a prefill step feeds (longer prompts go in chunks),
-        and by default also `max_decode_tokens`: the tokens one decode pass of a group may feed
-        (rows x pass width; a group holds that many rows). `training_seq_len`: the longest
-        sequence the model was trained on, where its checkpoint says (a request that may run past
-        it is served, with one warning per engine: positions up to max_model_len work, but answers
-        there are the model's extrapolation)."""
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1; got {max_num_batched_tokens}")
-        if max_decode_tokens is not None and max_decode_tokens < 1:
-            raise ValueError(f"max_decode_tokens must be >= 1; got {max_decode_tokens}")
-        self.max_decode_tokens = max_decode_tokens or max_num_batched_tokens
+        """`config`: the engine's sizes (its queue, batch, KV pool and token budgets).
+        `training_seq_len`: the longest sequence the model was trained on, where its checkpoint says
+        (a request that may run past it is served, with one warning per engine: positions up to
+        max_model_len work, but answers there are the model's extrapolation)."""
+        self.config, self.max_decode_tokens = config, config.decode_tokens
         self.scheduler = Scheduler(
-            max_batch, max_queue, kv_cache_tokens, page_size, max_num_batched_tokens, self.max_decode_tokens
+            config.max_batch,
+            config.max_queue,
+            config.kv_cache_tokens,
+            config.page_size,
+            config.max_num_batched_tokens,
+            config.decode_tokens,
         )
-        self.pool = runner.new_pool(kv_cache_tokens, page_size)  # all the KV memory this engine will use
+        self.pool = runner.new_pool(config.kv_cache_tokens, config.page_size)  # all the KV memory it will use
         self.num_preemptions = 0
         logger.info(
             "KV cache: %d pages of %d slots (%d tokens), %.1f MiB",
             self.pool.num_pages,
-            page_size,
+            config.page_size,
             self.pool.num_tokens,
             self.pool.num_bytes / 2**20,
         )
-        runner.capture_graphs(max_batch, min(max_model_len, self.pool.num_tokens))
+        runner.capture_graphs(config.max_batch, min(max_model_len, self.pool.num_tokens))
         self._grammars = Grammars(tokenizer, runner.config.vocab_size, eos_token_ids)
         self.runner, self.tokenizer, self.eos_token_ids = runner, tokenizer, eos_token_ids
-        self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
+        self.max_model_len, self.max_num_batched_tokens = max_model_len, config.max_num_batched_tokens
         self.training_seq_len, self._warned_past_training = training_seq_len, False
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
         self.groups = Groups()
