@@ -14,6 +14,7 @@ from trimode.cli.common import (
     int_list,
     load_llm,
     mode_list,
+    sampling_default,
     spec_list,
     structured_flag,
 )
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         modes,
         int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
         int_list("--block-lengths", args.block_lengths or "8,32"),
-        float_list("--thresholds", args.thresholds or "0.9"),
+        float_list("--thresholds", args.thresholds or str(sampling_default("threshold"))),
         lengths,
         spec_list(args.spec) if args.spec else None,
         int_list("--logprobs", args.logprobs) if args.logprobs else None,
@@ -280,7 +281,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="offline: also run every configuration asking for this many logprobs per token (comma-separated), "
         "interleaved with the plain runs, to measure what reporting them costs",
     )
-    b.add_argument("--thresholds", help="default 0.9 offline; the server's default over HTTP")
+    b.add_argument(
+        "--thresholds", help=f"default {sampling_default('threshold')} offline; the server's default over HTTP"
+    )
     b.add_argument("--num-prompts", type=int, default=50)
     b.add_argument(
         "--warmup",

@@ -7,6 +7,7 @@ import itertools
 import sys
 
 from trimode.cli.common import (
+    add_mode_flags,
     add_model_flags,
     load_llm,
 )
@@ -28,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         block_length=args.block_length,
+        spec=args.spec,
+        threshold=args.threshold,
     )
     llm = load_llm(args)
     engine = llm.engine(max_batch=1, max_queue=1)
@@ -68,6 +71,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     c.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
     c.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
     c.add_argument("--seed", type=int, help="seed of sampled answers")
-    c.add_argument("--block-length", type=int, default=32, help="block length of diffusion and selfspec")
+    add_mode_flags(c)
     c.add_argument("--system", help="a system message to start the conversation with")
     c.set_defaults(func=run)

@@ -6,22 +6,39 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trimode.engine_args import EngineArgs
-from trimode.sampling_params import REQUEST_MODES, SPECS
+from trimode.sampling_params import REQUEST_MODES, SPECS, SamplingParams, Spec
 
 if TYPE_CHECKING:
     from trimode.llm import LLM
 
 
-THRESHOLD_HELP = "diffusion: reveal every position at least this confident (default 0.9); 'none': one per pass"
+def sampling_default(name: str) -> Any:
+    """SamplingParams' default for the field `name`: the one place a mode's knobs default."""
+    return SamplingParams.__dataclass_fields__[name].default
 
 
-SPEC_HELP = (
-    "selfspec: linear (a draft pass and a verify pass per cycle; the default) or quadratic (one pass of "
-    "b(b+1) tokens per row verifies and drafts)"
-)
+def add_mode_flags(p: argparse.ArgumentParser) -> None:
+    """--block-length, --spec and --threshold: the knobs of the block modes, with SamplingParams'
+    defaults."""
+    block, spec, reveal = (sampling_default(n) for n in ("block_length", "spec", "threshold"))
+    p.add_argument(
+        "--block-length", type=int, default=block, help=f"block length of diffusion and selfspec (default {block})"
+    )
+    p.add_argument(
+        "--spec",
+        default=Spec(spec).value,
+        help="selfspec: linear (a draft pass and a verify pass per cycle; the default) or quadratic (one pass "
+        "of b(b+1) tokens per row verifies and drafts)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=threshold,
+        default=reveal,
+        help=f"diffusion: reveal every position at least this confident (default {reveal}); 'none': one per pass",
+    )
 
 
 def load_llm(args: argparse.Namespace) -> LLM:

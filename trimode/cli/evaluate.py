@@ -6,12 +6,10 @@ import argparse
 import json
 
 from trimode.cli.common import (
-    SPEC_HELP,
-    THRESHOLD_HELP,
+    add_mode_flags,
     add_model_flags,
     load_llm,
     mode_list,
-    threshold,
 )
 
 
@@ -56,8 +54,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     e.add_argument("--modes", default="ar,diffusion,selfspec")
     e.add_argument("--suite", default="tasks")
     e.add_argument("--num-examples", type=int, default=100, help="held-out examples per task")
-    e.add_argument("--block-length", type=int, default=32)
-    e.add_argument("--spec", default="linear", help=SPEC_HELP)
-    e.add_argument("--threshold", type=threshold, default=0.9, help=THRESHOLD_HELP)
+    add_mode_flags(e)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=run)

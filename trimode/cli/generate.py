@@ -8,11 +8,9 @@ import sys
 import time
 
 from trimode.cli.common import (
-    SPEC_HELP,
-    THRESHOLD_HELP,
+    add_mode_flags,
     add_model_flags,
     load_llm,
-    threshold,
 )
 from trimode.sampling_params import REQUEST_MODES
 
@@ -71,9 +69,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.add_argument("--seed", type=int, help="seed of a sampled answer (default: a random one)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="generate max_tokens even past EOS (benchmarks)")
-    g.add_argument("--block-length", type=int, default=32, help="block length of diffusion and selfspec (default 32)")
-    g.add_argument("--spec", default="linear", help=SPEC_HELP)
-    g.add_argument("--threshold", type=threshold, default=0.9, help=THRESHOLD_HELP)
+    add_mode_flags(g)
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     g.set_defaults(func=run)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.export import Dim
 
 from trimode import kv_cache
-from trimode.decoding.base import Forward
+from trimode.forward import Forward
 from trimode.kv_cache import KVView
 from trimode.model import rope, transformer
 from trimode.model.transformer import ForwardContext, Part, Transformer

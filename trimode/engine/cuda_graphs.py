@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trimode.decoding.base import Forward
 from trimode.engine.compiled import PassFunction, flat_inputs, pass_kind
+from trimode.forward import Forward
 from trimode.kv_cache import KVCache, KVPool, num_pages
 from trimode.model.transformer import Part, Transformer
 

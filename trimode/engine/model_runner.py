@@ -8,13 +8,14 @@ import time
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Forward
 from trimode.engine.auto import AutoPolicy
 from trimode.engine.compiled import MAX_WEIGHT_BYTES, CompiledForward
 from trimode.engine.cuda_graphs import CudaGraphs
 from trimode.engine.tp_workers import TensorParallelDriver
+from trimode.forward import Forward
 from trimode.kv_cache import PAGE_SIZE, KVCache, KVPool, num_pages
 from trimode.model.transformer import ForwardContext, Part, Transformer
+from trimode.timing import ForwardTimes
 
 
 class ModelRunner:
@@ -129,23 +130,23 @@ class ModelRunner:
             return self.tp_driver.run(self.model, model_parts, [kv.pool for kv, _ in parts])
         return self.model.forward_parts(model_parts)
 
-    def execute(self, parts: list[tuple[DecodeBatch, Forward]]) -> tuple[list[torch.Tensor], float]:
-        """Run planned forwards of one or more batches as one model forward; count it for every row
-        and time it, under each batch's own kind, as the time its rows waited (on CUDA by events,
-        read later: nothing here waits for the device). Returns the logits and the host seconds."""
+    def execute(self, parts: list[tuple[KVCache, Forward, ForwardTimes]]) -> tuple[list[torch.Tensor], float]:
+        """Run planned forwards of one or more batches (each over its KV cache) as one model
+        forward, and time it in each batch's `ForwardTimes` under the batch's own kind, as the time
+        its rows waited (on CUDA by events, read later: nothing here waits for the device).
+        Returns the logits and the host seconds."""
         events = None
         if self.device.type == "cuda":
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
         began = time.perf_counter()
-        logits = self.forward_parts([(batch.kv, fwd) for batch, fwd in parts])
+        logits = self.forward_parts([(kv, fwd) for kv, fwd, _ in parts])
         if events is not None:
             events[1].record()
         seconds = time.perf_counter() - began
-        for batch, fwd in parts:
+        for _, fwd, timings in parts:
             if events is not None:
-                batch.timings.add_events(fwd.kind, *events)
+                timings.add_events(fwd.kind, *events)
             else:
-                batch.timings.add(fwd.kind, seconds)
-            batch.num_forwards = [n + 1 for n in batch.num_forwards]
+                timings.add(fwd.kind, seconds)
         return logits, seconds

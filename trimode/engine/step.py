@@ -34,7 +34,9 @@ def run_parts(runner: ModelRunner, parts: list[StepPart]) -> tuple[list[RequestO
     update that raises fails its own part; what the forward raises propagates, before any part has
     changed (each has only written its scratch KV slots). Parts are updated last to first, so a
     lead's newcomers join a group that rode with it only after that group took its own tokens."""
-    logits, seconds = runner.execute([(p.batch, p.forward) for p in parts])
+    logits, seconds = runner.execute([(p.batch.kv, p.forward, p.batch.timings) for p in parts])
+    for p in parts:  # every row took part in this forward
+        p.batch.num_forwards = [n + 1 for n in p.batch.num_forwards]
     outputs, accepted = [], []
     for p, part_logits in zip(parts, logits):
         try:

@@ -216,9 +216,7 @@ class _Common(BaseModel):
             seed=self.seed,
             stop=self.stop,
             ignore_eos=self.ignore_eos,
-            block_length=self.block_length or 32,
-            spec=self.spec or "linear",
-            threshold=0.9 if self.threshold is None else self.threshold,
+            **self._mode_knobs(),
             auto_lossy=self.auto_lossy,
             n=self.n,
             presence_penalty=self.presence_penalty,
@@ -232,6 +230,11 @@ class _Common(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             structured=self._structured(),
         )
+
+    def _mode_knobs(self) -> dict[str, Any]:
+        """The block modes' knobs the request sets; SamplingParams' defaults stand for the rest."""
+        knobs = {"block_length": self.block_length, "spec": self.spec, "threshold": self.threshold}
+        return {k: v for k, v in knobs.items() if v is not None}
 
     def _structured(self) -> dict[str, Any] | None:
         """SamplingParams.structured from whichever way the request asks (at most one)."""
