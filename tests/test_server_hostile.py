@@ -183,7 +183,9 @@ def test_a_large_answer_is_built_off_the_event_loop(served, monkeypatch, stream)
 
     answer, slowest = run(app, go)
     assert answer.status_code == 200
-    assert threads and slowest < 0.5, slowest
+    # Well under the 1.5 s the answer takes to build; not tighter, as a loaded 2-core machine can
+    # stall any round by half a second.
+    assert threads and slowest < 1.0, slowest
     assert threads[0] is not threading.main_thread()
     assert "data: [DONE]" in answer.text if stream else answer.json()["choices"][0]["logprobs"]["tokens"]
 
