@@ -9,11 +9,10 @@ import re
 
 import httpx
 import pytest
-from live import MODEL, start_server
+from live import MODEL
 
 from trimode import LLM, SamplingParams
 from trimode.engine.request import Request
-from trimode.llm import EMBEDDED_MODEL_DIR
 from trimode.structured import Grammars
 
 SELF_REQUIRED = {  # no finite JSON value matches: each node requires two more
@@ -135,22 +134,18 @@ def test_a_token_the_grammar_rejects_ends_the_request_with_an_error(embedded, gr
     assert req.error.startswith("structured output (regex): token ")
 
 
-def test_the_server_refuses_or_fails_such_grammars_instead_of_answering_200():
+def test_the_server_refuses_or_fails_such_grammars_instead_of_answering_200(tool_server):
     """Item 6 through HTTP: a grammar past the limits is a 400; one that fails at run time is a 400
     naming the grammar (streamed: an error event), never a 200 with finish_reason "stop" nor a 500
     that calls the request's own conflict an internal error."""
-    proc, url = start_server(str(EMBEDDED_MODEL_DIR), "--served-model-name", MODEL)
-    try:
-        body = {"model": MODEL, "prompt": "x", "max_tokens": 16}
-        r = httpx.post(url + "/v1/completions", json={**body, "guided_regex": "(a{700}){700}"}, timeout=60)
-        assert r.status_code == 400 and "structured output: lexer error" in r.text, r.text
-        failing = {**body, "guided_regex": "[0-9]{3}", "min_tokens": 8, "temperature": 1, "seed": 0}
-        r = httpx.post(url + "/v1/completions", json=failing, timeout=60)
-        assert r.status_code == 400 and "structured output (regex): it ended after" in r.text, r.text
-        assert r.json()["error"]["type"] == "invalid_request_error"  # not an "internal error" 500
-        r = httpx.post(url + "/v1/completions", json={**failing, "stream": True}, timeout=60)
-        assert "structured output (regex)" in r.text and '"finish_reason":"stop"' not in r.text.replace(" ", "")
-        assert '"code": 400' in r.text, r.text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    url = tool_server[1]  # the session's shared server of the embedded model
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 16}
+    r = httpx.post(url + "/v1/completions", json={**body, "guided_regex": "(a{700}){700}"}, timeout=60)
+    assert r.status_code == 400 and "structured output: lexer error" in r.text, r.text
+    failing = {**body, "guided_regex": "[0-9]{3}", "min_tokens": 8, "temperature": 1, "seed": 0}
+    r = httpx.post(url + "/v1/completions", json=failing, timeout=60)
+    assert r.status_code == 400 and "structured output (regex): it ended after" in r.text, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"  # not an "internal error" 500
+    r = httpx.post(url + "/v1/completions", json={**failing, "stream": True}, timeout=60)
+    assert "structured output (regex)" in r.text and '"finish_reason":"stop"' not in r.text.replace(" ", "")
+    assert '"code": 400' in r.text, r.text

@@ -11,7 +11,6 @@ import random
 
 import httpx
 import pytest
-from live import serving
 from soak import MODES, Alone, answer, body, same, stream_choices
 
 pytest.importorskip("fastapi")
@@ -24,9 +23,10 @@ PAIRS = [(mode, a, b) for mode in MODES if mode != "quadratic" for a in FAMILIES
 
 
 @pytest.fixture(scope="module")
-def url():
-    with serving("--max-batch", "32") as (_, url):
-        yield url
+def url(tool_server):
+    """The session's shared server (the default --max-batch 32; its tool-call flags touch no
+    request here, and every sampled request here is seeded)."""
+    return tool_server[1]
 
 
 def test_a_newcomer_joining_a_stream_changes_neither_answer(url):
