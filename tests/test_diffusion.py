@@ -113,9 +113,10 @@ def denoise(passes: list[list[list[float]]], threshold: float | None) -> tuple[l
         assert fwd.kind == "denoise"
         batch.kv.begin(fwd.tokens.shape[1])  # what the model runner does before each forward
         emission = decoder.accept(batch, torch.tensor([logits]))
-        emitted = emission.read(transfer([emission])[0].values)[0]
-        if emitted:
-            return emitted, batch.stats[0]
+        rows = emission.read(transfer([emission])[0].values)
+        batch.kv.commit(emission.keep(rows), emission.keep_scratch)  # and what the step does after
+        if rows[0]:
+            return rows[0], batch.stats[0]
     raise AssertionError("the block was not finished by the given passes")
 
 

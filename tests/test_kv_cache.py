@@ -16,7 +16,7 @@ def pool(pages: int = 8, page_size: int = 4) -> KVPool:
 def test_positions_and_mask_follow_per_row_lengths():
     kv = KVCache(pool(), rows=2)
     kv.begin(5)
-    kv.set_lengths([3, 5])
+    kv.commit([3, 5])
     positions, span = kv.begin(2)
     assert positions.tolist() == [[3, 4], [5, 6]] and span == 7
     causal = kv.attention_mask(2, span, causal=True)[:, 0]
@@ -44,12 +44,13 @@ def test_commit_crop_select_rows_and_pages_return():
     kv = KVCache(pool(pages=8, page_size=4), rows=3)
     kv.begin(6)
     assert kv.num_allocated_pages == 6 and kv.pool.num_free_pages == 2
-    kv.commit([1, 6, 2])  # a verify pass keeps a different prefix per row
-    assert kv.lengths == [1, 6, 2]
-    kv.set_lengths([1, 2, 2])  # crop: pages past each prefix go back
-    assert kv.num_allocated_pages == 3 and kv.pool.num_free_pages == 5
+    kv.commit([1, 6, 2])  # a verify pass keeps a different prefix per row, and scratch for the next
+    assert kv.lengths == [1, 6, 2] and kv.num_allocated_pages == 6  # nothing to return yet
+    kv.begin(2)
+    kv.commit([1, 0, 0], keep_scratch=False)  # a prefill's: pages past each prefix go back
+    assert kv.lengths == [2, 6, 2] and kv.num_allocated_pages == 1 + 2 + 1 and kv.pool.num_free_pages == 4
     kv.select_rows([2, 0])
-    assert kv.lengths == [2, 1] and kv.pool.num_free_pages == 6
+    assert kv.lengths == [2, 2] and kv.pool.num_free_pages == 6
     kv.release()
     assert kv.pool.num_free_pages == 8 and kv.pool.refs == [0] * 8
 
@@ -176,5 +177,5 @@ def test_a_right_padded_prefill_takes_only_each_rows_own_pages():
     assert [len(p) for p in kv.pages] == [3, 1] and kv.pool.num_free_pages == 0
     k = torch.randn(2, 1, 12, 4)
     kv.view.write(0, k, k)
-    kv.set_lengths([12, 2])
+    kv.commit([12, 2], keep_scratch=False)
     assert kv.pool.k[0][:16].abs().sum() > 0 and kv.pool.trash not in kv.pages[0] + kv.pages[1]

@@ -317,29 +317,19 @@ class KVCache:
             limit = lengths[:, None] + (steps if causal else num_tokens)
         return (keys[None, None, :] < limit[:, :, None])[:, None]
 
-    def commit(self, counts: list[int] | None = None) -> None:
-        """Make the last pass's first `counts[b]` tokens (all T when None) part of row b's prefix."""
+    def commit(self, counts: list[int] | None = None, keep_scratch: bool = True) -> None:
+        """Make the last pass's first `counts[b]` tokens (all T when None) part of row b's prefix.
+        `keep_scratch`: keep the pages a next pass of the same width will write (else they return)."""
         if self._pending is None:
             raise RuntimeError("commit() without a pending forward")
         t = self._pending
         added = [t] * self.batch_size if counts is None else counts
         self.lengths = [n + c for n, c in zip(self.lengths, added)]
-        self._trim(t)
+        self._trim(t if keep_scratch else 0)
 
     def discard(self) -> None:
         """Drop the pending pass, if one began (its forward failed): nothing of it joins the prefix."""
         self._trim(self._pending or 0)
-
-    def set_lengths(self, lengths: list[int]) -> None:
-        """Crop (or, after a padded prefill, set) each row's prefix length; pages past it return."""
-        if len(lengths) != self.batch_size:
-            raise ValueError(f"got {len(lengths)} lengths for {self.batch_size} rows")
-        p = self.pool.page_size
-        for n, pages in zip(lengths, self.pages):
-            if not 0 <= n <= len(pages) * p:
-                raise ValueError(f"length {n} is outside the row's {len(pages) * p} allocated slots")
-        self.lengths = list(lengths)
-        self._trim(0)
 
     def _trim(self, scratch: int) -> None:
         """Return pages past each row's prefix plus `scratch` slots (the next pass of this width)."""

@@ -14,6 +14,5 @@ class AutoregressiveDecoder(Decoder):
         return Forward("ar", batch.seeds[:, None], causal=True)
 
     def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
-        batch.kv.commit()
         batch.seeds = batch.sampler.pick(batch.controlled(logits))[:, 0]
         return Emission.seeds(batch.seeds, batch.logprobs_of(logits, batch.seeds[:, None]))

@@ -35,21 +35,41 @@ from trimode.timing import ForwardTimes
 class Emission:
     """What an accept leaves for the host: `values` (B, W) integers on the device, and `read`, which
     turns their host copy (one list of W per row) into the tokens each row emitted, finishing the
-    accept's host-side work (KV commits of data-dependent length, statistics, host phases).
+    accept's host-side work (statistics, host phases).
 
     With log-probabilities asked for, `logprobs` (B, L, E) holds `logprob_table` entries whose
     first n per row belong to the n tokens the row emitted, in order; `prompt_logprobs` (B, T, E)
-    those of a prefill's fed positions (position j predicts context token j + 1)."""
+    those of a prefill's fed positions (position j predicts context token j + 1).
+
+    `keep` says how the pass's K/V join each row's prefix; decoders never commit it themselves. The
+    engine step (`engine/step.py`, the one owner of a pass's KV transaction) begins the pass,
+    runs `read`, then commits `keep(emitted)`: per row, how many of the pass's first tokens join
+    (None: all of them; a count known only after the host read, such as a verify's accepted
+    drafts, comes from what the row emitted). `keep_scratch`: whether the row keeps the pages its
+    next pass of this width will write (decode passes repeat their width; a prefill does not)."""
 
     values: torch.Tensor
     read: Callable[[list[list[int]]], list[list[int]]]
     logprobs: torch.Tensor | None = None
     prompt_logprobs: torch.Tensor | None = None
+    keep: Callable[[list[list[int]]], list[int] | None] = lambda emitted: None
+    keep_scratch: bool = True
 
     @classmethod
     def seeds(cls, seeds: torch.Tensor, logprobs: torch.Tensor | None = None) -> Emission:
         """Each row emitted one token, its new seed (B,) (and its logprob entry (B, 1, E))."""
         return cls(seeds[:, None], lambda rows: rows, logprobs)
+
+
+def keep_emitted(emitted: list[list[int]]) -> list[int]:
+    """`Emission.keep` of a chain of verified tokens: each emitted token's predecessor joins the
+    prefix, so a row keeps as many of the pass's tokens as it emitted."""
+    return [len(e) for e in emitted]
+
+
+def keep_counts(counts: list[int]) -> Callable[[list[list[int]]], list[int]]:
+    """`Emission.keep` of counts known when the pass is accepted."""
+    return lambda emitted: counts
 
 
 @dataclass

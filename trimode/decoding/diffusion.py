@@ -21,7 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, logprob_table, mixed, rows_where
+from trimode.decoding.base import (
+    DecodeBatch,
+    Decoder,
+    Emission,
+    Forward,
+    keep_counts,
+    logprob_table,
+    mixed,
+    rows_where,
+)
 from trimode.rows import Rows
 from trimode.sampling_params import MAX_LOGPROBS
 
@@ -100,7 +109,7 @@ class DiffusionDecoder(Decoder):
         sampler = batch.sampler
         greedy = sampler.all_greedy
         # Committing rows: their block's KV joins the prefix; the last position gives the next seed.
-        batch.kv.commit([b if c else 0 for c in was_committing])
+        keep = keep_counts([b if c else 0 for c in was_committing])
         commit_rows = None if greedy else rows_where(was_committing)
         raw, logits = logits, self._controlled(batch, logits, committing)
         next_seed = sampler.pick(logits[:, -1:], rows=commit_rows)[:, 0]
@@ -150,7 +159,8 @@ class DiffusionDecoder(Decoder):
             s.committing = [bool(r[1]) or (c and b == 1) for r, c in zip(rows, was_committing)]
             return [r[5:] if r[0] else [r[3]] if c else [] for r, c in zip(rows, was_committing)]
 
-        return Emission(torch.cat([flags, s.block], 1), read, self._emitted_logprobs(batch, committing, seed_logprobs))
+        logprobs = self._emitted_logprobs(batch, committing, seed_logprobs)
+        return Emission(torch.cat([flags, s.block], 1), read, logprobs, keep=keep)
 
     def _controlled(self, batch: DecodeBatch, logits: torch.Tensor, committing: torch.Tensor) -> torch.Tensor:
         """The pass's logits under the rows' logit controls. A denoising row's position p predicts

@@ -35,7 +35,7 @@ from functools import cache
 import torch
 
 from trimode import logit_controls
-from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward
+from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, keep_emitted
 from trimode.decoding.selfspec import controlled, draw_drafts, verify
 from trimode.rows import Rows
 
@@ -137,9 +137,7 @@ class QuadraticSelfSpecDecoder(Decoder):
             if constrained:
                 s.host_drafts = [r[b + 1 :] for r in rows]  # after [accepted, bonus, drafts]
             emitted = [r[2 : 2 + r[0]] + [r[1]] for r in rows]
-            counts = [len(e) for e in emitted]
-            batch.kv.commit(counts)
-            batch.record(counts)
+            batch.record(keep_emitted(emitted))
             return emitted
 
-        return Emission(packed, read, logprobs)
+        return Emission(packed, read, logprobs, keep=keep_emitted)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, mixed, rows_where
+from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, keep_counts, keep_emitted, mixed, rows_where
 from trimode.rows import Rows
 
 
@@ -67,7 +67,6 @@ class SelfSpecDecoder(Decoder):
 
     def accept(self, batch: DecodeBatch, logits: torch.Tensor) -> Emission:
         if self.block_length == 1:
-            batch.kv.commit()
             batch.seeds = batch.sampler.pick(batch.controlled(logits))[:, 0]
             batch.record([1] * batch.size)
             return Emission.seeds(batch.seeds, batch.logprobs_of(logits, batch.seeds[:, None]))
@@ -77,17 +76,17 @@ class SelfSpecDecoder(Decoder):
         s.drafting = verifying
         raw, logits = logits, controlled(batch, logits, s.drafts, s.host_drafts, verifying)
         constrained = batch.constrained
-        if not any(verifying):
-            batch.kv.commit([0] * batch.size)
+        if not any(verifying):  # a draft pass: none of its K/V joins the prefix
             self._draft(batch, logits, was_drafting)
-            if not constrained:
-                return Emission(batch.seeds.new_zeros(batch.size, 0), lambda rows: [[] for _ in rows])  # no transfer
+            none = keep_counts([0] * batch.size)
+            if not constrained:  # no transfer
+                return Emission(batch.seeds.new_zeros(batch.size, 0), lambda rows: [[] for _ in rows], keep=none)
 
-            def keep(rows: list[list[int]]) -> list[list[int]]:
+            def file_drafts(rows: list[list[int]]) -> list[list[int]]:
                 s.host_drafts = rows
                 return [[] for _ in rows]
 
-            return Emission(s.drafts, keep)
+            return Emission(s.drafts, file_drafts, keep=none)
         packed, bonus = verify(batch, logits, s.drafts, s.q, verifying)  # first: the draft step edits the logits
         # The verifier's (AR) log-probability of each emitted token: the accepted drafts, then the
         # bonus at position `accepted` (packed[:, 0]). Drafting rows emit nothing.
@@ -105,12 +104,10 @@ class SelfSpecDecoder(Decoder):
                 width = self.block_length + 1  # the new drafts follow [accepted, bonus, drafts]
                 s.host_drafts = [r[width:] if d else o for r, d, o in zip(rows, was_drafting, s.host_drafts)]
             emitted = [r[2 : 2 + r[0]] + [r[1]] if v else [] for r, v in zip(rows, verifying)]
-            counts = [len(e) for e in emitted]
-            batch.kv.commit(counts)
-            batch.record(counts, rows=verifying)
+            batch.record(keep_emitted(emitted), rows=verifying)
             return emitted
 
-        return Emission(packed, read, logprobs)
+        return Emission(packed, read, logprobs, keep=keep_emitted)  # a drafting row emits none
 
     def _draft(self, batch: DecodeBatch, logits: torch.Tensor, rows: list[bool]) -> None:
         """Fill the masks of `rows` from their bidirectional pass over [seed, MASK...]."""

@@ -52,7 +52,7 @@ from trimode.engine.auto import AutoPolicy, PassCosts
 from trimode.engine.groups import Groups
 from trimode.engine.inputs import Message, PromptInput, check_fits, tokenize_prompt
 from trimode.engine.model_runner import ModelRunner
-from trimode.engine.prefill import accept_chunk, accept_prefill, new_batch, plan_chunk, plan_prefill
+from trimode.engine.prefill import accept_chunk, accept_prefill, new_batch, offer_prefixes, plan_chunk, plan_prefill
 from trimode.engine.request import Request, apply_step, record_prompt_logprobs, streamable_text
 from trimode.engine.scheduler import PoolPages, Prefilling, RunningGroup, Scheduler, StepPlan
 from trimode.engine.step import StepPart, run_parts
@@ -376,9 +376,7 @@ class LLMEngine:
                 self.runner.auto.costs.observe(sum(p.forward.tokens.numel() for p in lead + riders), seconds)
                 self.runner.auto.step(lead[0].group is None, seconds)
         except Exception as e:
-            if riders:
-                for p in riders:
-                    p.batch.kv.discard()
+            if riders:  # run_parts discarded every part's pass: try the lead alone
                 return self._run(lead, [])
             return [out for p in lead for out in p.fail(e)]
         self.groups.charge(sizes, seconds)
@@ -435,6 +433,7 @@ class LLMEngine:
                 record_prompt_logprobs([job.request], host.prompt_logprobs, [chunk_start], self.tokenizer)
             if not first:  # None, or no row: the context is not all in yet
                 return []
+            offer_prefixes(job.batch, [job.request])
             self._chunked.remove(job)
             return self._join([job.request], job.batch, first, host)
 
@@ -446,7 +445,7 @@ class LLMEngine:
 
         chunk_start = job.batch.kv.lengths[0]
         fwd = plan_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
-        accept = partial(accept_chunk, job.batch, job.request)
+        accept = partial(accept_chunk, job.batch, job.request, fwd)
         return StepPart(job.batch, fwd, accept, finish, fail)
 
     def _prefill_part(self, admitted: list[Request]) -> StepPart:
@@ -459,6 +458,7 @@ class LLMEngine:
         def finish(first: list[list[int]] | None, host: HostEmission | None) -> list[RequestOutput]:
             if host is not None and host.prompt_logprobs is not None:
                 record_prompt_logprobs(admitted, host.prompt_logprobs, starts, self.tokenizer)
+            offer_prefixes(batch, admitted)
             return self._join(admitted, batch, first, host) if first is not None else []
 
         def fail(error: Exception) -> list[RequestOutput]:

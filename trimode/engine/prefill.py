@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from trimode import logit_controls
-from trimode.decoding.base import DecodeBatch, Emission, Forward, logprob_table
+from trimode.decoding.base import DecodeBatch, Emission, Forward, keep_counts, logprob_table
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.request import Request, set_remaining
 from trimode.kv_cache import KVCache, KVPool
@@ -96,25 +96,37 @@ def tail_index(todo: list[int], tails: list[int]) -> torch.Tensor:
 
 
 def accept_prefill(batch: DecodeBatch, requests: list[Request], fwd: Forward, logits: torch.Tensor) -> Emission:
-    """The prefill's K/V become the rows' prefixes (offered to later requests); each row's first
-    token, and the logits its decoder drafts from (`DecodeBatch.prefill_drafts`)."""
+    """Each row's first token, and the logits its decoder drafts from (`DecodeBatch.prefill_drafts`);
+    the emission keeps each row's context past its cached prefix, and none of its drafting masks
+    or right padding (`offer_prefixes` then offers the prefixes to later requests)."""
     contexts = [r.context_ids for r in requests]
     starts = list(batch.kv.lengths)
     todo = [len(c) - n for c, n in zip(contexts, starts)]
-    batch.kv.set_lengths([len(c) for c in contexts])
-    for row, c in enumerate(contexts):
-        batch.kv.register_prefix(row, c)
     if fwd.logit_index is not None:
         if logits.shape[1] > 1:
             batch.prefill_drafts = logits[:, 1:]
-        return first_tokens(batch, requests, logits[:, :1])
+        return _keeping(first_tokens(batch, requests, logits[:, :1]), todo)
     wanted = tail_index(todo, [f - t for f, t in zip(fwd.num_fed or todo, todo)]).to(logits.device)
     rows = torch.arange(len(requests), device=logits.device)
     if wanted.dim() == 2:
         batch.prefill_drafts = logits[rows[:, None], wanted[:, 1:]]
         wanted = wanted[:, 0]
     targets = [c[n + 1 : n + 1 + t] for c, n, t in zip(contexts, starts, todo)]
-    return first_tokens(batch, requests, logits[rows, wanted][:, None], logits, targets)
+    return _keeping(first_tokens(batch, requests, logits[rows, wanted][:, None], logits, targets), todo)
+
+
+def _keeping(emission: Emission, todo: list[int]) -> Emission:
+    """A prefill's emission: each row keeps the `todo` context tokens it fed, and no scratch (its
+    next pass, a decoder's, has another width)."""
+    emission.keep, emission.keep_scratch = keep_counts(todo), False
+    return emission
+
+
+def offer_prefixes(batch: DecodeBatch, requests: list[Request]) -> None:
+    """After a prefill's (or its last chunk's) commit: each row's context, now its prefix, is
+    offered to later requests (prefix caching)."""
+    for row, r in enumerate(requests):
+        batch.kv.register_prefix(row, r.context_ids)
 
 
 def plan_chunk(runner: ModelRunner, batch: DecodeBatch, request: Request, max_tokens: int) -> Forward:
@@ -125,20 +137,18 @@ def plan_chunk(runner: ModelRunner, batch: DecodeBatch, request: Request, max_to
     return Forward("prefill", torch.tensor([chunk], device=runner.device), True, logit_index=logit_index)
 
 
-def accept_chunk(batch: DecodeBatch, request: Request, logits: torch.Tensor) -> Emission | None:
-    """The chunk joins the prefix; once the whole context is in, the row's first token (else None,
-    or only the chunk's prompt entries when the prompt is scored)."""
+def accept_chunk(batch: DecodeBatch, request: Request, fwd: Forward, logits: torch.Tensor) -> Emission | None:
+    """The chunk joins the prefix (the step commits all of it); once the whole context is in, the
+    row's first token (else None, or only the chunk's prompt entries when the prompt is scored)."""
     start = batch.kv.lengths[0]
-    batch.kv.commit()
     context = request.context_ids
     scored = request.wants_prompt_logprobs  # then `plan_chunk` asked for every position's logits
     targets = [context[start + 1 : start + 1 + logits.shape[1]]] if scored else None
-    if batch.kv.lengths[0] < len(context):
+    if start + fwd.tokens.shape[1] < len(context):
         if targets is None:
             return None
         table = prompt_table(logits, targets)
         return Emission(logits.new_zeros(1, 0, dtype=torch.long), lambda rows: [], prompt_logprobs=table)
-    batch.kv.register_prefix(0, context)
     return first_tokens(batch, [request], logits[:, -1:], logits if scored else None, targets)
 
 
