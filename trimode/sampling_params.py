@@ -131,12 +131,6 @@ class SamplingParams:
             "an integer >= 1",
             self.block_length,
         )
-        if self.spec == Spec.QUADRATIC:
-            if self.mode != Mode.SELFSPEC:
-                raise ValueError(
-                    f"SamplingParams.spec='quadratic' is a kind of mode 'selfspec'; got mode {self.mode.value!r}"
-                )
-            _check(self.block_length >= 2, "block_length", "an integer >= 2 with spec='quadratic'", self.block_length)
         _check(
             self.threshold is None or (_is_number(self.threshold) and 0 <= self.threshold <= 1),
             "threshold",
@@ -175,21 +169,16 @@ class SamplingParams:
             self.stop_token_ids,
         )
         _check(isinstance(self.auto_lossy, bool), "auto_lossy", "True or False", self.auto_lossy)
-        if self.auto_lossy and self.mode != Mode.AUTO:
-            raise ValueError(
-                f"auto_lossy lets mode auto pick diffusion too: give it with mode='auto'; got mode {self.mode.value!r}"
-            )
         if self.structured is not None:
             check_spec(self.structured)
-            if self.mode == Mode.DIFFUSION or self.auto_lossy:
-                raise ValueError(
-                    "structured output needs mode ar, selfspec or auto (without auto_lossy): diffusion reveals a "
-                    "block's positions in any order, which a left-to-right grammar cannot check"
-                )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
+        # The rules a mode sets on the other fields are its decoder's (`Decoder.check`).
+        from trimode.decoding import check_params
+
+        check_params(self)
 
     def samples(self) -> list[SamplingParams]:
         """The n one-sample params of the n samples: seeds seed, seed + 1, ... when seeded, so the

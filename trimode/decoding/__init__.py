@@ -37,6 +37,18 @@ def uses(mode: str, parameter: str) -> bool:
     return parameter in MODE_PARAMETERS[mode]
 
 
+def check_params(params: SamplingParams) -> None:
+    """The rules each mode sets on a request's other fields (`Decoder.check`), as SamplingParams
+    validates itself. An `auto_lossy` request may come to run diffusion, so it meets diffusion's."""
+    if params.auto_lossy and params.mode != Mode.AUTO:
+        mode = Mode(params.mode).value
+        raise ValueError(f"auto_lossy lets mode auto pick diffusion too: give it with mode='auto'; got mode {mode!r}")
+    if params.spec == Spec.QUADRATIC:
+        QuadraticSelfSpecDecoder.check(params)
+    if params.mode == Mode.DIFFUSION or params.auto_lossy:
+        DiffusionDecoder.check(params)
+
+
 def decoding(params: SamplingParams, choice: tuple[str, int, str]) -> SamplingParams:
     """`params` decoded as `choice`, one of EXACT_DECODINGS or LOSSY_DECODINGS (an `auto` request's
     current decoding)."""

@@ -27,7 +27,7 @@ from trimode.kv_cache import KVCache
 from trimode.logit_controls import LogitControls
 from trimode.rows import SHARED, Rows
 from trimode.sampler import Sampler
-from trimode.sampling_params import MAX_LOGPROBS
+from trimode.sampling_params import MAX_LOGPROBS, SamplingParams
 from trimode.timing import ForwardTimes
 
 
@@ -252,6 +252,11 @@ class Decoder(ABC):
     # Masks a row's prefill feeds after its context, bidirectional among themselves with the draft
     # LoRA on, so its first block is drafted in the prefill's forward (`DecodeBatch.prefill_drafts`).
     prefill_tail: int = 0
+
+    @classmethod  # noqa: B027 (optional: modes that set no rule)
+    def check(cls, params: SamplingParams) -> None:
+        """The rules this mode sets on a request's other fields (each field's own range is
+        SamplingParams'); a ValueError names the field and what it must be."""
 
     def start(self, batch: DecodeBatch) -> None:  # noqa: B027 (optional: modes without per-row state)
         """Set up the per-row state of freshly prefilled rows (every row of `batch`), before they

@@ -32,7 +32,7 @@ from trimode.decoding.base import (
     rows_where,
 )
 from trimode.rows import Rows
-from trimode.sampling_params import MAX_LOGPROBS
+from trimode.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 @dataclass
@@ -51,6 +51,15 @@ class DiffusionRows(Rows):
 class DiffusionDecoder(Decoder):
     mode = "diffusion"
     stat_name = "denoise_passes_per_block"
+
+    @classmethod
+    def check(cls, params: SamplingParams) -> None:
+        """No grammar: diffusion reveals a block's positions in any order."""
+        if params.structured is not None:
+            raise ValueError(
+                "structured output needs mode ar, selfspec or auto (without auto_lossy): diffusion reveals a "
+                "block's positions in any order, which a left-to-right grammar cannot check"
+            )
 
     def __init__(self, block_length: int, threshold: float | None) -> None:
         self.block_length = self.width = block_length

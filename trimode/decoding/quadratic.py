@@ -38,6 +38,7 @@ from trimode import logit_controls
 from trimode.decoding.base import DecodeBatch, Decoder, Emission, Forward, keep_emitted
 from trimode.decoding.selfspec import controlled, draw_drafts, verify
 from trimode.rows import Rows
+from trimode.sampling_params import Mode, SamplingParams
 
 
 @dataclass
@@ -71,6 +72,19 @@ def layout(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, to
 class QuadraticSelfSpecDecoder(Decoder):
     mode = "selfspec"
     stat_name = "tokens_per_cycle"
+
+    @classmethod
+    def check(cls, params: SamplingParams) -> None:
+        """A kind of self-spec (`spec`), which drafts at least one token: b >= 2."""
+        if params.mode != Mode.SELFSPEC:
+            raise ValueError(
+                f"SamplingParams.spec='quadratic' is a kind of mode 'selfspec'; got mode {Mode(params.mode).value!r}"
+            )
+        if params.block_length < 2:
+            raise ValueError(
+                "SamplingParams.block_length must be an integer >= 2 with spec='quadratic'; "
+                f"got {params.block_length!r}"
+            )
 
     def __init__(self, block_length: int) -> None:
         if block_length < 2:
