@@ -42,8 +42,8 @@ from trimode.tokenizer import Tokenizer
 # The tiny tri-mode model trained by `trimode train` and shipped inside the package.
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "embedded"
 
-# Tokens one engine step may feed (prompt tokens of a prefill; rows x pass width of a decode group):
-# the engine's default, and the most offline generation raises it to so its rows decode together.
+# The most tokens one decode pass may feed (rows x pass width) that offline generation raises the
+# engine's budget (DEFAULT_BATCHED_TOKENS) to, so a call's rows of one mode decode together.
 OFFLINE_BATCHED_TOKENS = 8192
 
 

@@ -10,6 +10,7 @@ from trimode.cli.common import (
     add_mode_flags,
     add_model_flags,
     load_llm,
+    mode_knobs,
 )
 from trimode.sampling_params import REQUEST_MODES
 
@@ -28,9 +29,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         seed=args.seed,
-        block_length=args.block_length,
-        spec=args.spec,
-        threshold=args.threshold,
+        **mode_knobs(args),
     )
     llm = load_llm(args)
     engine = llm.engine(max_batch=1, max_queue=1)

@@ -41,6 +41,11 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def mode_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """What `add_mode_flags` read, as SamplingParams' keywords."""
+    return {"block_length": args.block_length, "spec": args.spec, "threshold": args.threshold}
+
+
 def load_llm(args: argparse.Namespace) -> LLM:
     """The model of a command's `add_model_flags`."""
     return EngineArgs.from_cli_args(args).create_llm()

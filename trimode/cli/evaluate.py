@@ -9,6 +9,7 @@ from trimode.cli.common import (
     add_mode_flags,
     add_model_flags,
     load_llm,
+    mode_knobs,
     mode_list,
 )
 
@@ -22,9 +23,7 @@ def run(args: argparse.Namespace) -> int:
     if args.suite != "tasks":
         raise ValueError(f"--suite must be 'tasks' (the held-out synthetic tasks); got {args.suite!r}")
     llm = load_llm(args)
-    report = task_accuracy(
-        llm, modes, n=args.num_examples, block_length=args.block_length, spec=args.spec, threshold=args.threshold
-    )
+    report = task_accuracy(llm, modes, n=args.num_examples, **mode_knobs(args))
     docs = stdlib_texts(held_out=True)
     result = {
         "accuracy": report,

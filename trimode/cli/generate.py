@@ -11,6 +11,7 @@ from trimode.cli.common import (
     add_mode_flags,
     add_model_flags,
     load_llm,
+    mode_knobs,
 )
 from trimode.sampling_params import REQUEST_MODES
 
@@ -27,9 +28,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
-        block_length=args.block_length,
-        spec=args.spec,
-        threshold=args.threshold,
+        **mode_knobs(args),
     )
     llm = load_llm(args)
     start = time.perf_counter()

@@ -98,7 +98,7 @@ class LLMEngine:
         `training_seq_len`: the longest sequence the model was trained on, where its checkpoint says
         (a request that may run past it is served, with one warning per engine: positions up to
         max_model_len work, but answers there are the model's extrapolation)."""
-        self.config, self.max_decode_tokens = config, config.decode_tokens
+        self.config = config
         self.scheduler = Scheduler(
             config.max_batch,
             config.max_queue,
@@ -119,7 +119,7 @@ class LLMEngine:
         runner.capture_graphs(config.max_batch, min(max_model_len, self.pool.num_tokens))
         self._grammars = Grammars(tokenizer, runner.config.vocab_size, eos_token_ids)
         self.runner, self.tokenizer, self.eos_token_ids = runner, tokenizer, eos_token_ids
-        self.max_model_len, self.max_num_batched_tokens = max_model_len, config.max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.training_seq_len, self._warned_past_training = training_seq_len, False
         self._chunked: list[_Chunked] = []  # long prompts being prefilled a chunk per prefill step
         self.groups = Groups()
@@ -227,11 +227,11 @@ class LLMEngine:
         fit the KV pool even alone."""
         check_fits(ids, params, self.max_model_len, name)
         req = Request(None, ids, params)
-        if req.pass_width > self.max_decode_tokens:
+        if req.pass_width > self.config.decode_tokens:
             raise ValueError(
                 f"block_length {params.block_length} with spec {Spec(params.spec).value!r} feeds {req.pass_width} "
                 f"tokens per row per pass, more than the engine's max_num_batched_tokens of "
-                f"{self.max_decode_tokens}: lower block_length or raise max_num_batched_tokens"
+                f"{self.config.decode_tokens}: lower block_length or raise max_num_batched_tokens"
             )
         self.scheduler.check_fits(req)
 
@@ -337,7 +337,7 @@ class LLMEngine:
         decoder = make_decoder(movers[0].decode_params)
         part.decoding = part.prefill_drafts = None
         decoder.start(part)
-        cap = max(1, self.max_decode_tokens // decoder.width)
+        cap = max(1, self.config.decode_tokens // decoder.width)
         self.groups.add(batch_key(movers[0].decode_params), decoder, part, movers, cap)
 
     def _running_group(self, key: tuple) -> RunningGroup:
@@ -363,7 +363,7 @@ class LLMEngine:
 
     def _chunk_tokens(self, job: _Chunked) -> int:
         """Context tokens the next chunk of `job` feeds."""
-        return min(self.max_num_batched_tokens, len(job.request.context_ids) - job.batch.kv.lengths[0])
+        return min(self.config.max_num_batched_tokens, len(job.request.context_ids) - job.batch.kv.lengths[0])
 
     def _run(self, lead: list[StepPart], riders: list[StepPart]) -> list[RequestOutput]:
         """One model forward for `lead` and `riders`. A forward that fails with riders is run
@@ -444,7 +444,7 @@ class LLMEngine:
             return [self._fail(job.request, error)]
 
         chunk_start = job.batch.kv.lengths[0]
-        fwd = plan_chunk(self.runner, job.batch, job.request, self.max_num_batched_tokens)
+        fwd = plan_chunk(self.runner, job.batch, job.request, self.config.max_num_batched_tokens)
         accept = partial(accept_chunk, job.batch, job.request, fwd)
         return StepPart(job.batch, fwd, accept, finish, fail)
 
@@ -509,7 +509,7 @@ class LLMEngine:
                 joining.append((key, decoder, part, left))
         outputs = [self._output(r, d, b) for r, d, b in touched]
         for key, decoder, part, left in joining:
-            self.groups.add(key, decoder, part, left, max(1, self.max_decode_tokens // decoder.width))
+            self.groups.add(key, decoder, part, left, max(1, self.config.decode_tokens // decoder.width))
         return outputs
 
     def _fail(self, req: Request, error: Exception) -> RequestOutput:

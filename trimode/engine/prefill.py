@@ -21,11 +21,12 @@ def new_batch(runner: ModelRunner, pool: KVPool, requests: list[Request], eos_id
     device = runner.device
     params = [r.params for r in requests]
     kv = KVCache(pool)
+    streams = []  # each row's random numbers, kept by its request across preemption
     for r in requests:
         # A prompt to score is fed whole: cached prefix pages would skip its positions.
         kv.add_row([] if r.wants_prompt_logprobs else r.context_ids)
-        r.stream = r.stream or new_stream(r.params)
-    streams = [r.stream for r in requests if r.stream is not None]  # every row's, given just above
+        r.stream = stream = r.stream or new_stream(r.params)
+        streams.append(stream)
     batch = DecodeBatch(
         kv=kv,
         sampler=Sampler.of(params, device, streams),

@@ -63,7 +63,6 @@ def build_app(
         docs_url="/docs" if docs else None,
         redoc_url=None,
     )
-    app.state.engine = engine
 
     app.add_middleware(
         Guard, max_body_bytes=max_body_bytes, api_key=api_key, metrics=engine.metrics, access_log=access_log
