@@ -23,13 +23,16 @@ run: $(BIN)/.installed
 	@$(BIN)/trimode generate --mode selfspec --spec quadratic --block-length 8 --chat --max-tokens 48 \
 		"Sort: 42 7 19 3 88 15" "Add: 457 + 268"
 
-# mypy (about 30 s of CPU from a cold cache) runs beside pytest at the lowest priority, on what the
-# tests leave idle of the cores (their timing checks must not feel it); both must pass.
+# pytest runs in two workers (pytest-xdist) of one torch thread each: the tiny models' matmuls gain
+# little from a second thread, and half the suite waits on servers and subprocesses, so two
+# single-threaded workers take some 70% of one two-threaded run's time on 2 cores. mypy (about
+# 30 s of CPU from a cold cache) runs beside them at the lowest priority, on what they leave idle
+# (their timing checks must not feel it); both must pass.
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@nice -n 19 $(BIN)/mypy > $(VENV)/mypy.log 2>&1 & types=$$!; \
-	$(BIN)/python -m pytest -q -m "not slow"; tests=$$?; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist worksteal; tests=$$?; \
 	wait $$types; typed=$$?; echo "mypy: $$(tail -1 $(VENV)/mypy.log)"; \
 	if [ $$typed -ne 0 ]; then cat $(VENV)/mypy.log; fi; \
 	[ $$tests -eq 0 ] && [ $$typed -eq 0 ]
