@@ -64,13 +64,14 @@ def serving(*flags: str, env: dict[str, str] | None = None) -> Iterator[tuple[su
 
 
 @contextlib.contextmanager
-def in_process(engine: Any, model: str, max_queue: int, **app_args: Any) -> Iterator[tuple[Any, Any]]:
-    """An `LLMEngine` served in this process: (its AsyncEngine, started, and the app over it);
-    shut down at the end of the `with` block. `app_args`: build_app's keywords."""
+def in_process(engine: Any, model: str, **app_args: Any) -> Iterator[tuple[Any, Any]]:
+    """An `LLMEngine` served in this process (its queue bound is its config's max_queue): (its
+    AsyncEngine, started, and the app over it); shut down at the end of the `with` block.
+    `app_args`: build_app's keywords."""
     from trimode.server.app import build_app
     from trimode.server.async_engine import AsyncEngine
 
-    served = AsyncEngine(engine, max_queue=max_queue)
+    served = AsyncEngine(engine)
     served.start()
     try:
         yield served, build_app(served, model, **app_args)

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from trimode import LLM
-from trimode.decoding.base import Forward
 from trimode.engine import compiled as compiled_module
 from trimode.engine import model_runner
 from trimode.engine.compiled import CompiledForward, _model_key, pass_kind
 from trimode.engine.model_runner import ModelRunner
+from trimode.forward import Forward
 from trimode.model.transformer import ForwardContext, Part
 from trimode.sampling_params import SamplingParams
 

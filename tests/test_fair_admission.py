@@ -11,6 +11,7 @@ import pytest
 from live import in_process, run_client
 
 from trimode import SamplingParams
+from trimode.config import EngineConfig
 from trimode.engine.request import Request
 from trimode.engine.scheduler import QueueFull, Scheduler
 
@@ -25,7 +26,7 @@ def request(request_id: str, parent: str, prompt: list[int], max_tokens: int = 8
 
 
 def scheduler(max_batch: int = 4, max_queue: int = 8) -> Scheduler:
-    return Scheduler(max_batch, max_queue, kv_cache_tokens=4096, page_size=16)
+    return Scheduler(EngineConfig(max_batch, max_queue, kv_cache_tokens=4096, page_size=16))
 
 
 def test_the_samples_of_one_request_take_turns_with_other_requests():
@@ -133,7 +134,7 @@ def test_the_server_admits_a_short_request_beside_a_large_n_request(llm):
         unfinished = engine.status.running + engine.status.waiting
         return short, unfinished, await big
 
-    with in_process(llm.engine(max_batch=4), "tiny", max_queue=2) as (engine, app):
+    with in_process(llm.engine(max_batch=4, max_queue=2), "tiny") as (engine, app):
         short, unfinished, big = run_client(app, go, timeout=120)
     assert short.status_code == 200, short.text
     assert unfinished == 8

@@ -6,6 +6,7 @@ moves and first decodings."""
 from __future__ import annotations
 
 from trimode import SamplingParams
+from trimode.config import EngineConfig
 from trimode.decoding import EXACT_DECODINGS, LOSSY_DECODINGS
 from trimode.engine.auto import AutoPolicy, PassCosts
 from trimode.engine.request import Request
@@ -39,7 +40,7 @@ def pool(free: int, held: list[tuple[int, ...]], size: int = 64) -> PoolPages:
 
 
 def scheduler(max_batch: int = 8, budget: int = 64) -> Scheduler:
-    return Scheduler(max_batch, 16, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=budget)
+    return Scheduler(EngineConfig(max_batch, 16, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=budget))
 
 
 def test_newcomers_share_a_prefill_within_the_budget_and_a_long_one_is_chunked_alone():
@@ -133,7 +134,9 @@ def test_block_groups_ride_together_while_their_tokens_fit_the_step_budget():
     ]
     plan = s.schedule(groups, [], pool(40, [(i,) for i in range(11)]), fuses_parts=True)
     assert plan.lead == shard0 and plan.riders == (diffusion, AR)  # 32 + 16 tokens; shard1's 32 would not fit
-    wide = Scheduler(8, 16, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=64, max_decode_tokens=96)
+    wide = Scheduler(
+        EngineConfig(8, 16, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=64, max_decode_tokens=96)
+    )
     assert wide.schedule(groups, [], pool(40, []), fuses_parts=True).riders == (diffusion, shard1, AR)
 
 
@@ -180,7 +183,7 @@ def test_auto_newcomers_get_the_decoding_picked_for_the_whole_auto_load():
     plan = s.schedule([], [], pool(40, []), fuses_parts=True, policy=auto_policy(1e-7))
     assert [r.request_id for r in plan.prefill] == ["new"] and [r.request_id for r, _ in plan.first] == ["new"]
     assert plan.first[0][1][0] == "selfspec"
-    s = Scheduler(1, 128, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=512)
+    s = Scheduler(EngineConfig(1, 128, kv_cache_tokens=64 * 16, page_size=16, max_num_batched_tokens=512))
     for i in range(64):
         s.add(request(f"w{i}", mode="auto"))
     plan = s.schedule([], [], pool(40, []), fuses_parts=True, policy=auto_policy(2e-4))

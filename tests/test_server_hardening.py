@@ -372,7 +372,7 @@ def test_a_second_signal_exits_at_once():
 
 @pytest.fixture()
 def inproc(offline):
-    with in_process(offline.engine(max_batch=16), MODEL, max_queue=64, stall_s=0.5) as served:
+    with in_process(offline.engine(max_batch=16, max_queue=64), MODEL, stall_s=0.5) as served:
         yield served
 
 

@@ -30,7 +30,7 @@ def offline():
 
 @pytest.fixture(scope="module")
 def served(offline):
-    with in_process(offline.engine(max_batch=16), MODEL, max_queue=64) as served:
+    with in_process(offline.engine(max_batch=16, max_queue=64), MODEL) as served:
         yield served
 
 

@@ -30,7 +30,7 @@ def offline():
 
 @pytest.fixture(scope="module")
 def engine(offline):
-    engine = AsyncEngine(offline.engine(max_batch=8), max_queue=32)
+    engine = AsyncEngine(offline.engine(max_batch=8, max_queue=32))
     engine.start()
     yield engine
     engine.shutdown()

@@ -56,7 +56,7 @@ def test_a_dead_worker_turns_health_and_new_requests_into_503(llm, monkeypatch):
         refused = await c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
         return healthy, events, refused, await c.get("/health")
 
-    with in_process(engine, "tiny", max_queue=8) as (_, app):
+    with in_process(engine, "tiny") as (_, app):
         healthy, events, refused, dead = run_client(app, go)
     assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
     assert events[-1] == "[DONE]"

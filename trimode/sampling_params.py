@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from trimode.structured import check_spec
 
@@ -91,75 +93,14 @@ class SamplingParams:
         if not isinstance(self.spec, Spec):
             _check(self.spec in SPECS, "spec", f"one of {', '.join(SPECS)}", self.spec)
             self.spec = Spec(self.spec)
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            _check(
-                value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
-                name,
-                f"None or an integer in [0, {MAX_LOGPROBS}]",
-                value,
-            )
+        for name, (valid, allowed) in _RANGES.items():
+            _check(valid(getattr(self, name)), name, allowed, getattr(self, name))
         least = 0 if self.prompt_logprobs is not None else 1  # scoring a prompt needs no new token
         _check(
             _is_int(self.max_tokens) and self.max_tokens >= least,
             "max_tokens",
             f"an integer >= {least}" + (" (0 only with prompt_logprobs)" if least else ""),
             self.max_tokens,
-        )
-        _check(
-            _is_number(self.temperature) and self.temperature >= 0,
-            "temperature",
-            "a number >= 0 (0 = greedy)",
-            self.temperature,
-        )
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _check(
-            _is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K,
-            "top_k",
-            f"an integer in [0, {MAX_TOP_K}] (0 = off)",
-            self.top_k,
-        )
-        _check(
-            self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
-            "seed",
-            f"None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
-            self.seed,
-        )
-        _check(
-            isinstance(self.block_length, int) and self.block_length >= 1,
-            "block_length",
-            "an integer >= 1",
-            self.block_length,
-        )
-        _check(
-            self.threshold is None or (_is_number(self.threshold) and 0 <= self.threshold <= 1),
-            "threshold",
-            "None (one position per pass) or a number in [0, 1]",
-            self.threshold,
-        )
-        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"an integer in [1, {MAX_N}]", self.n)
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check(_is_number(value) and -2 <= value <= 2, name, "a number in [-2, 2] (0 = off)", value)
-        _check(
-            _is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
-            "repetition_penalty",
-            "a number in (0, 10] (1 = off)",
-            self.repetition_penalty,
-        )
-        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1] (0 = off)", self.min_p)
-        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0", self.min_tokens)
-        _check(
-            self.logit_bias is None
-            or (
-                isinstance(self.logit_bias, dict)
-                and all(
-                    _is_int(k) and k >= 0 and _is_number(v) and -100 <= v <= 100 for k, v in self.logit_bias.items()
-                )
-            ),
-            "logit_bias",
-            "None or a dict of token id -> bias in [-100, 100]",
-            self.logit_bias,
         )
         self.stop_token_ids = list(self.stop_token_ids or [])
         _check(
@@ -168,7 +109,6 @@ class SamplingParams:
             "token ids (integers >= 0)",
             self.stop_token_ids,
         )
-        _check(isinstance(self.auto_lossy, bool), "auto_lossy", "True or False", self.auto_lossy)
         if self.structured is not None:
             check_spec(self.structured)
         if isinstance(self.stop, str):
@@ -210,6 +150,46 @@ def _is_int(x: object) -> bool:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _logit_bias(v: object) -> bool:
+    return v is None or (
+        isinstance(v, dict) and all(_is_int(k) and k >= 0 and _is_number(b) and -100 <= b <= 100 for k, b in v.items())
+    )
+
+
+_LOGPROBS = (
+    lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_LOGPROBS),
+    f"None or an integer in [0, {MAX_LOGPROBS}]",
+)
+_PENALTY = (lambda v: _is_number(v) and -2 <= v <= 2, "a number in [-2, 2] (0 = off)")
+# Each field's own range: (whether a value is in it, what the error says the field must be). Rules
+# that tie fields together are the modes' (`Decoder.check`), and max_tokens' floor depends on
+# prompt_logprobs (`SamplingParams.__post_init__`).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "logprobs": _LOGPROBS,
+    "prompt_logprobs": _LOGPROBS,
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: _is_int(v) and 0 <= v <= MAX_TOP_K, f"an integer in [0, {MAX_TOP_K}] (0 = off)"),
+    "seed": (
+        lambda v: v is None or (_is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1]),
+        f"None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
+    ),
+    "block_length": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "threshold": (
+        lambda v: v is None or (_is_number(v) and 0 <= v <= 1),
+        "None (one position per pass) or a number in [0, 1]",
+    ),
+    "n": (lambda v: _is_int(v) and 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]"),
+    "presence_penalty": _PENALTY,
+    "frequency_penalty": _PENALTY,
+    "repetition_penalty": (lambda v: _is_number(v) and 0 < v <= 10, "a number in (0, 10] (1 = off)"),
+    "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "in [0, 1] (0 = off)"),
+    "min_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "logit_bias": (_logit_bias, "None or a dict of token id -> bias in [-100, 100]"),
+    "auto_lossy": (lambda v: isinstance(v, bool), "True or False"),
+}
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from trimode.cli.common import (
     add_model_flags,
@@ -18,6 +19,11 @@ from trimode.cli.common import (
     spec_list,
     structured_flag,
 )
+
+if TYPE_CHECKING:
+    from trimode.bench.runner import BenchConfig, Generator
+    from trimode.bench.suites import BenchPrompt
+    from trimode.llm import LLM
 
 MIN_SECONDS = 3.0  # `trimode bench` offline, --repeats 0: timed seconds per configuration by default
 
@@ -37,94 +43,59 @@ def run(args: argparse.Namespace) -> int:
         return run_endpoint(args)
     if args.concurrency or args.duration is not None or args.served_model or args.api_key:
         raise ValueError("--concurrency, --duration, --served-model and --api-key need --endpoint URL")
-
-    import torch
-
-    from trimode import __version__
-    from trimode.bench.hf_baseline import baseline_summary
-    from trimode.bench.machine import dtype_card, machine_card
-    from trimode.bench.report import crossover, table, write
-    from trimode.bench.runner import BenchConfig, Generator, expand_configs, sweep, with_control
-    from trimode.bench.suites import load_suite, long_suite, parse_length
-
-    modes = mode_list(args.modes)
     if args.baseline is not None and args.baseline != "hf" and not args.baseline.startswith("hf:"):
         raise ValueError(
             f"--baseline must be 'hf' or 'hf:PATH' (a Hugging Face model directory); got {args.baseline!r}"
         )
-    long = args.suite == "long"
-    context_lengths = [parse_length(x) for x in (args.context_lengths or "1k,4k,16k,32k").split(",")] if long else []
-    lengths: list[int | None] = list(context_lengths) if long else [None]
-    dtypes = dtype_sweep(args.dtype)
-    configs = expand_configs(
-        modes,
-        int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
-        int_list("--block-lengths", args.block_lengths or "8,32"),
-        float_list("--thresholds", args.thresholds or str(sampling_default("threshold"))),
-        lengths,
-        spec_list(args.spec) if args.spec else None,
-        int_list("--logprobs", args.logprobs) if args.logprobs else None,
-        structured_flag(args.structured),
-        dtypes,
-    )
-    # The generators by name (`BenchConfig.generator`): the model in each swept dtype (the first is
-    # `llm`, whose card leads the report), and the baseline beside it.
-    llms = {f"trimode@{d}": load_llm(argparse.Namespace(**{**vars(args), "dtype": d})) for d in dtypes}
-    llm = next(iter(llms.values())) if llms else load_llm(args)
-    if long:
-        longest = max(context_lengths) + args.max_tokens
-        if longest > llm.max_model_len:
-            raise ValueError(
-                f"--context-lengths {max(context_lengths)} plus --max-tokens {args.max_tokens} exceeds the model's "
-                f"{llm.max_model_len} positions; give shorter context lengths"
-            )
-        prompts = long_suite(llm.tokenizer, context_lengths, args.num_prompts, args.depth, args.seed)
-    else:
-        prompts = load_suite(args.suite, args.num_prompts)
-    versions = {"trimode": __version__, "torch": torch.__version__}
-    configs, others = with_control(configs), dict[str, Generator](llms)
-    # The baseline runs beside trimode AR at batch 1 (and the shortest context, where there are
-    # several), in each dtype.
-    pairs = []  # (baseline, trimode AR) configurations
-    swept: list[str | None] = list(dtypes) if dtypes else [None]
-    for d in swept:
-        ar1 = BenchConfig("ar", 1, context_length=min(context_lengths) if long else None, dtype=d)
-        pairs.append((dataclasses.replace(ar1, engine=args.baseline or "hf"), ar1))
+    return run_offline(args)
+
+
+@dataclasses.dataclass
+class _Offline:
+    """What an offline bench sweeps: `configs` over `prompts`, run by generators by name
+    (`BenchConfig.generator`): the model in each swept dtype (`llms`; `llm`, the first, leads the
+    report) and, in `others` beside them, the baselines of `pairs` (baseline, trimode AR at batch 1)."""
+
+    llm: LLM
+    llms: dict[str, LLM]
+    others: dict[str, Generator]
+    prompts: list[BenchPrompt]
+    configs: list[BenchConfig]
+    context_lengths: list[int]
+    pairs: list[tuple[BenchConfig, BenchConfig]]
+    versions: dict[str, str]
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    from trimode.bench.hf_baseline import baseline_summary
+    from trimode.bench.machine import dtype_card, machine_card
+    from trimode.bench.report import crossover
+    from trimode.bench.runner import sweep
+
+    plan = _plan(args)
     if args.baseline:
-        import transformers
-
-        from trimode.bench.hf_baseline import HFGenerator
-
-        versions["transformers"] = transformers.__version__
-        path = args.baseline.removeprefix("hf").removeprefix(":")
-        for hf1, ar1 in pairs:
-            mine = llms.get(ar1.generator, llm)
-            others[hf1.generator] = (
-                HFGenerator.from_path(path, mine.device, mine.model.diffusion_head.weight.dtype)
-                if path
-                else HFGenerator.same_weights(mine)
-            )
-            configs += [ar1] * (ar1 not in configs) + [hf1]  # the baseline beside trimode AR on the same batches
+        _add_baselines(plan, args.baseline)
     run = sweep(
-        llm,
-        prompts,
-        configs,
+        plan.llm,
+        plan.prompts,
+        plan.configs,
         args.max_tokens,
         args.warmup,
         repeats=args.repeats,
         min_seconds=args.min_seconds,
         seed=args.seed,
-        others=others,
+        others=plan.others,
     )
-    results, outputs = run.results, run.outputs
+    results, outputs, long = run.results, run.outputs, args.suite == "long"
+    dtypes = dtype_sweep(args.dtype)
     doc = {
         "command": "trimode " + " ".join(sys.argv[1:]),
-        "versions": versions,
-        "machine": machine_card(llm),
-        **({"dtypes": {d: dtype_card(llms[f"trimode@{d}"]) for d in dtypes}} if dtypes else {}),
+        "versions": plan.versions,
+        "machine": machine_card(plan.llm),
+        **({"dtypes": {d: dtype_card(plan.llms[f"trimode@{d}"]) for d in dtypes}} if dtypes else {}),
         "suite": args.suite,
-        **({"context_lengths": lengths, "depth": args.depth} if long else {}),
-        "num_prompts": len(prompts),
+        **({"context_lengths": plan.context_lengths, "depth": args.depth} if long else {}),
+        "num_prompts": len(plan.prompts),
         "max_tokens": args.max_tokens,
         "warmup": args.warmup,
         "repeats": run.repeats,
@@ -137,8 +108,81 @@ def run(args: argparse.Namespace) -> int:
         by_config = dict(zip(run.units, results))
         doc["baselines"] = [
             baseline_summary(by_config[hf1], by_config[ar1], outputs[hf1], outputs[ar1], hf1.engine, hf1.dtype)
-            for hf1, ar1 in pairs
+            for hf1, ar1 in plan.pairs
         ]
+    _print_offline(doc)
+    _finish(args, doc, run.warnings)
+    return 1 if args.strict and run.warnings else 0
+
+
+def _plan(args: argparse.Namespace) -> _Offline:
+    """The models, prompts and configurations `args` ask for (the baselines are `_add_baselines`')."""
+    import torch
+
+    from trimode import __version__
+    from trimode.bench.runner import BenchConfig, expand_configs, with_control
+    from trimode.bench.suites import load_suite, long_suite, parse_length
+
+    long = args.suite == "long"
+    context_lengths = [parse_length(x) for x in (args.context_lengths or "1k,4k,16k,32k").split(",")] if long else []
+    dtypes = dtype_sweep(args.dtype)
+    configs = expand_configs(
+        mode_list(args.modes),
+        int_list("--batch-sizes", args.batch_sizes or "1,4,16"),
+        int_list("--block-lengths", args.block_lengths or "8,32"),
+        float_list("--thresholds", args.thresholds or str(sampling_default("threshold"))),
+        list(context_lengths) if long else [None],
+        spec_list(args.spec) if args.spec else None,
+        int_list("--logprobs", args.logprobs) if args.logprobs else None,
+        structured_flag(args.structured),
+        dtypes,
+    )
+    llms = {f"trimode@{d}": load_llm(argparse.Namespace(**{**vars(args), "dtype": d})) for d in dtypes}
+    llm = next(iter(llms.values())) if llms else load_llm(args)
+    if long:
+        longest = max(context_lengths) + args.max_tokens
+        if longest > llm.max_model_len:
+            raise ValueError(
+                f"--context-lengths {max(context_lengths)} plus --max-tokens {args.max_tokens} exceeds the model's "
+                f"{llm.max_model_len} positions; give shorter context lengths"
+            )
+        prompts = long_suite(llm.tokenizer, context_lengths, args.num_prompts, args.depth, args.seed)
+    else:
+        prompts = load_suite(args.suite, args.num_prompts)
+    # The baseline runs beside trimode AR at batch 1 (and the shortest context, where there are
+    # several), in each dtype.
+    pairs = []
+    swept: list[str | None] = list(dtypes) or [None]
+    for d in swept:
+        ar1 = BenchConfig("ar", 1, context_length=min(context_lengths) if long else None, dtype=d)
+        pairs.append((dataclasses.replace(ar1, engine=args.baseline or "hf"), ar1))
+    versions = {"trimode": __version__, "torch": torch.__version__}
+    return _Offline(llm, llms, dict(llms), prompts, with_control(configs), context_lengths, pairs, versions)
+
+
+def _add_baselines(plan: _Offline, baseline: str) -> None:
+    """`--baseline hf[:PATH]`: transformers' generate() on the same weights (or PATH's), as a
+    generator beside each of `plan.pairs`' trimode AR configurations, on the same batches."""
+    import transformers
+
+    from trimode.bench.hf_baseline import HFGenerator
+
+    plan.versions["transformers"] = transformers.__version__
+    path = baseline.removeprefix("hf").removeprefix(":")
+    for hf1, ar1 in plan.pairs:
+        mine = plan.llms.get(ar1.generator, plan.llm)
+        plan.others[hf1.generator] = (
+            HFGenerator.from_path(path, mine.device, mine.model.diffusion_head.weight.dtype)
+            if path
+            else HFGenerator.same_weights(mine)
+        )
+        plan.configs += [ar1] * (ar1 not in plan.configs) + [hf1]
+
+
+def _print_offline(doc: dict[str, Any]) -> None:
+    from trimode.bench.report import table
+
+    results = doc["results"]
     print(table(results))
     if doc["crossover"]:
         print(doc["crossover"])
@@ -152,15 +196,20 @@ def run(args: argparse.Namespace) -> int:
         )
     total = sum(r["num_generated_tokens"] for r in results)
     print(
-        f"{len(prompts)} prompts x {len(results)} configurations x {run.repeats} repeats, interleaved: "
+        f"{doc['num_prompts']} prompts x {len(results)} configurations x {doc['repeats']} repeats, interleaved: "
         f"{total} generated tokens measured"
     )
-    for w in run.warnings:
+
+
+def _finish(args: argparse.Namespace, doc: dict[str, Any], warnings: list[str]) -> None:
+    """Both benches' end: the warnings on stderr, and the report written where --out says."""
+    from trimode.bench.report import write
+
+    for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if args.out:
         write(doc, Path(args.out))
         print(f"wrote {args.out}/results.json, report.md and plots")
-    return 1 if args.strict and run.warnings else 0
 
 
 def run_endpoint(args: argparse.Namespace) -> int:
@@ -169,7 +218,7 @@ def run_endpoint(args: argparse.Namespace) -> int:
     from trimode import __version__
     from trimode.bench.endpoint import ENDPOINT_MODES, bench_endpoint, endpoint_configs
     from trimode.bench.machine import client_card
-    from trimode.bench.report import table, write
+    from trimode.bench.report import table
     from trimode.bench.runner import with_control
     from trimode.bench.suites import load_suite
 
@@ -232,11 +281,7 @@ def run_endpoint(args: argparse.Namespace) -> int:
     print(table(results))
     failed = sum(r["num_failed"] for r in results)
     print(f"{sum(r['num_requests'] for r in results)} requests measured, {failed} failed")
-    for w in run.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    if args.out:
-        write(doc, Path(args.out))
-        print(f"wrote {args.out}/results.json, report.md and plots")
+    _finish(args, doc, run.warnings)
     return 1 if failed or (args.strict and run.warnings) else 0
 
 

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if args.chat_template is not None:
         llm.tokenizer.set_chat_template(chat_template(args.chat_template))
     names = args.served_model_name or [Path(model).name if model else "trimode-embedded"]
-    engine = AsyncEngine(engine_args.create_engine(llm), max_queue=engine_args.engine.max_queue)
+    engine = AsyncEngine(engine_args.create_engine(llm))
     engine.start()
     app = build_app(
         engine,

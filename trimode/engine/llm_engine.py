@@ -99,14 +99,7 @@ class LLMEngine:
         (a request that may run past it is served, with one warning per engine: positions up to
         max_model_len work, but answers there are the model's extrapolation)."""
         self.config = config
-        self.scheduler = Scheduler(
-            config.max_batch,
-            config.max_queue,
-            config.kv_cache_tokens,
-            config.page_size,
-            config.max_num_batched_tokens,
-            config.decode_tokens,
-        )
+        self.scheduler = Scheduler(config)
         self.pool = runner.new_pool(config.kv_cache_tokens, config.page_size)  # all the KV memory it will use
         self.num_preemptions = 0
         logger.info(

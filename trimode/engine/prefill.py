@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from trimode import logit_controls
-from trimode.decoding.base import DecodeBatch, Emission, Forward, keep_counts, logprob_table
+from trimode.decoding.base import DecodeBatch, Emission, keep_counts, logprob_table
 from trimode.engine.model_runner import ModelRunner
 from trimode.engine.request import Request, set_remaining
+from trimode.forward import Forward
 from trimode.kv_cache import KVCache, KVPool
 from trimode.sampler import Sampler, new_stream
 from trimode.sampling_params import MAX_LOGPROBS
@@ -106,21 +107,14 @@ def accept_prefill(batch: DecodeBatch, requests: list[Request], fwd: Forward, lo
     if fwd.logit_index is not None:
         if logits.shape[1] > 1:
             batch.prefill_drafts = logits[:, 1:]
-        return _keeping(first_tokens(batch, requests, logits[:, :1]), todo)
+        return first_tokens(batch, requests, todo, logits[:, :1])
     wanted = tail_index(todo, [f - t for f, t in zip(fwd.num_fed or todo, todo)]).to(logits.device)
     rows = torch.arange(len(requests), device=logits.device)
     if wanted.dim() == 2:
         batch.prefill_drafts = logits[rows[:, None], wanted[:, 1:]]
         wanted = wanted[:, 0]
     targets = [c[n + 1 : n + 1 + t] for c, n, t in zip(contexts, starts, todo)]
-    return _keeping(first_tokens(batch, requests, logits[rows, wanted][:, None], logits, targets), todo)
-
-
-def _keeping(emission: Emission, todo: list[int]) -> Emission:
-    """A prefill's emission: each row keeps the `todo` context tokens it fed, and no scratch (its
-    next pass, a decoder's, has another width)."""
-    emission.keep, emission.keep_scratch = keep_counts(todo), False
-    return emission
+    return first_tokens(batch, requests, todo, logits[rows, wanted][:, None], logits, targets)
 
 
 def offer_prefixes(batch: DecodeBatch, requests: list[Request]) -> None:
@@ -150,7 +144,7 @@ def accept_chunk(batch: DecodeBatch, request: Request, fwd: Forward, logits: tor
             return None
         table = prompt_table(logits, targets)
         return Emission(logits.new_zeros(1, 0, dtype=torch.long), lambda rows: [], prompt_logprobs=table)
-    return first_tokens(batch, [request], logits[:, -1:], logits if scored else None, targets)
+    return first_tokens(batch, [request], [fwd.tokens.shape[1]], logits[:, -1:], logits if scored else None, targets)
 
 
 def prompt_table(logits: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
@@ -166,14 +160,16 @@ def prompt_table(logits: torch.Tensor, targets: list[list[int]]) -> torch.Tensor
 def first_tokens(
     batch: DecodeBatch,
     requests: list[Request],
+    fed: list[int],
     logits: torch.Tensor,
     every: torch.Tensor | None = None,
     targets: list[list[int]] | None = None,
 ) -> Emission:
     """After a prefill: each row's seed is what it picked from its last position's `logits`
     (B, 1, V), emitted as its first token, or for a resumed request the seed it had (already emitted
-    before its preemption). `every` (B, T, V): the logits of every fed position, when a prompt is
-    scored against `targets`."""
+    before its preemption). The emission keeps each row's `fed` context tokens (not its drafting
+    masks or right padding) and no scratch: its next pass, a decoder's, has another width. `every`
+    (B, T, V): the logits of every fed position, when a prompt is scored against `targets`."""
     known = [r.resume_seed for r in requests]
     # A resumed row knows its seed and draws nothing: its random stream stays where its preemption
     # left it, so a sampled request resumes with the numbers it would have drawn anyway.
@@ -188,4 +184,6 @@ def first_tokens(
         lambda rows: [row if s is None else [] for row, s in zip(rows, known)],
         batch.logprobs_of(logits, picked[:, None]),
         None if every is None or targets is None else prompt_table(every, targets),
+        keep=keep_counts(fed),
+        keep_scratch=False,
     )

@@ -24,6 +24,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from trimode.config import EngineConfig
 from trimode.engine.auto import AutoPolicy, Choice
 from trimode.engine.request import Request
 from trimode.kv_cache import KVPoolExhausted, num_pages
@@ -183,29 +184,14 @@ def parent_of(req: Request) -> str:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        max_batch: int,
-        max_queue: int,
-        kv_cache_tokens: int,
-        page_size: int,
-        max_num_batched_tokens: int | None = None,
-        max_decode_tokens: int | None = None,
-    ) -> None:
-        """`max_num_batched_tokens`: prompt tokens per prefill step; `max_decode_tokens` (by default
-        the same): the tokens a step's block-mode passes feed together (AR rows ride beyond it)."""
-        for name, value in (
-            ("max_batch", max_batch),
-            ("max_queue", max_queue),
-            ("kv_cache_tokens", kv_cache_tokens),
-            ("page_size", page_size),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1; got {value}")
-        self.max_batch, self.max_queue, self.page_size = max_batch, max_queue, page_size
-        self.kv_cache_tokens = num_pages(kv_cache_tokens, page_size) * page_size  # what the pool holds: whole pages
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_decode_tokens = max_decode_tokens or max_num_batched_tokens
+    def __init__(self, config: EngineConfig) -> None:
+        """`config` (validated there): the batch and queue bounds, the KV pool's size in whole pages,
+        `max_num_batched_tokens` (prompt tokens per prefill step) and `decode_tokens` (the tokens a
+        step's block-mode passes feed together; AR rows ride beyond it)."""
+        self.max_batch, self.max_queue, self.page_size = config.max_batch, config.max_queue, config.page_size
+        self.kv_cache_tokens = num_pages(config.kv_cache_tokens, config.page_size) * config.page_size
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_decode_tokens = config.decode_tokens
         self.waiting: deque[Request] = deque()
         self._places: Counter[str] = Counter()  # parent -> its waiting requests; a parent takes one place
         # Turns: a step after a prefill step runs a group's pass (TTFT without starving decode),
@@ -257,7 +243,7 @@ class Scheduler:
         group = sim.group(lead)
         if group is None:  # it gave its own rows up
             return StepPlan(preempt=tuple(sim.preempt))
-        room = (self.max_decode_tokens or 0) - (0 if group.rides else group.tokens)
+        room = self.max_decode_tokens - (0 if group.rides else group.tokens)
         riders = self._riders(sim, {lead}, need(), fuses_parts, room)
         return StepPlan(preempt=tuple(sim.preempt), lead=lead, riders=riders)
 
@@ -328,7 +314,7 @@ class Scheduler:
                 first += [(r, choice) for r in new if auto_class(r) == lossy]
         preempt, prefill = tuple(sim.preempt), tuple(admitted)
         budget = self.max_num_batched_tokens
-        if budget is not None and len(admitted[0].context_ids) > budget:  # admitted alone: chunk it
+        if len(admitted[0].context_ids) > budget:  # admitted alone: chunk it
             return StepPlan(preempt=preempt, prefill=prefill, first=tuple(first), chunked=True)
         pages = sum(num_pages(len(r.context_ids) + r.prefill_tail, self.page_size) for r in admitted)
         riders = self._riders(sim, set(), pages, fuses_parts, 0)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decoding.base import DecodeBatch, Emission, Forward, HostEmission, transfer
+from trimode.decoding.base import DecodeBatch, Emission, HostEmission, transfer
 from trimode.engine.model_runner import ModelRunner
+from trimode.forward import Forward
 from trimode.outputs import RequestOutput
 
 

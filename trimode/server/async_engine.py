@@ -60,9 +60,9 @@ class EngineStatus:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queue: int) -> None:
+    def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.max_queue = max_queue
+        self.max_queue = engine.config.max_queue
         self.metrics = Metrics()
         self.metrics.kv_budget.set(engine.pool.num_tokens)
         self.metrics.kv_bytes.set(engine.pool.num_bytes)
