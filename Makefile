@@ -25,7 +25,7 @@ run: $(BIN)/.installed
 
 # pytest runs in two workers (pytest-xdist) of one torch thread each: the tiny models' matmuls gain
 # little from a second thread, and half the suite waits on servers and subprocesses, so two
-# single-threaded workers take some 70% of one two-threaded run's time on 2 cores. mypy (about
+# single-threaded workers take some two thirds of one two-threaded run's time on 2 cores. mypy (about
 # 30 s of CPU from a cold cache) runs beside them at the lowest priority, on what they leave idle
 # (their timing checks must not feel it); both must pass.
 test: $(BIN)/.installed

@@ -1,4 +1,5 @@
-"""What a finished request returns."""
+"""What requests return: a finished request's GenerationOutput (vLLM's shape), and the
+RequestOutput the engine gives each request per step (its new text and tokens, streamed)."""
 
 from __future__ import annotations
 
@@ -119,6 +120,9 @@ class GenerationOutput:
 
 @dataclass
 class RequestOutput:
+    """What one engine step gave one request: its new text and tokens, its whole result once it
+    finished, or the error that ended it."""
+
     request_id: str
     delta_text: str  # newly committed text, safe to stream (no split UTF-8, no partial stop string)
     new_token_ids: list[int]
