@@ -203,13 +203,7 @@ def train(
     parallelize(model, ranks, bf16, cfg.activation_checkpointing)
     model.to(device).train()
     autocast = bf16 and ranks.mesh is None
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
+    optimizer = _optimizer(model, cfg)
     start = 0
     if resume:
         ckpt = latest_checkpoint(out)
@@ -219,8 +213,7 @@ def train(
     args = {**dataclasses.asdict(cfg), **(extra_args or {}), "model": model_cfg.to_hf(), "world_size": ranks.world}
     held_out = TextSource(stdlib_texts(held_out=True), tokenizer, model_cfg.eos_token_id[0])
     log: list[dict[str, Any]] = []
-    per_micro = cfg.batch_size * ranks.dp_world  # rows of one micro-batch over all ranks
-    tokens_per_step = per_micro * cfg.grad_accum * cfg.seq_len
+    tokens_per_step = cfg.batch_size * ranks.dp_world * cfg.grad_accum * cfg.seq_len  # over all ranks
     bar = tqdm(
         total=cfg.steps,
         initial=start,
@@ -233,12 +226,7 @@ def train(
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
-        micro = []
-        for m in range(cfg.grad_accum):
-            first = m * per_micro + ranks.dp_rank * cfg.batch_size
-            rows = range(first, first + cfg.batch_size)
-            micro.append((rows, *batcher.get(step, rows)))
-        ar, diff = _step_losses(model, cfg, micro, step, ranks, autocast)
+        ar, diff = _step_losses(model, cfg, _micro_batches(batcher, cfg, ranks, step), step, ranks, autocast)
         grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip, ranks)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -271,6 +259,33 @@ def train(
             break
     bar.close()
     return log
+
+
+def _optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices only; embeddings, norm gains and biases are
+    not decayed (the usual split in GPT-style training)."""
+    decayed = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    others = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def _micro_batches(
+    batcher: Batcher, cfg: TrainConfig, ranks: Ranks, step: int
+) -> list[tuple[range, torch.Tensor, torch.Tensor]]:
+    """This rank's `grad_accum` micro-batches of `step`: (rows, x0, eligible) each (`Batcher.get`).
+    A step's rows are numbered over all data-parallel ranks, micro-batch by micro-batch, so any
+    number of ranks reads the same global batch (and a resumed run the same rows)."""
+    per_micro = cfg.batch_size * ranks.dp_world
+    micro = []
+    for m in range(cfg.grad_accum):
+        first = m * per_micro + ranks.dp_rank * cfg.batch_size
+        rows = range(first, first + cfg.batch_size)
+        micro.append((rows, *batcher.get(step, rows)))
+    return micro
 
 
 def _eval_on_main(
