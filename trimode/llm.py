@@ -199,9 +199,7 @@ class LLM:
         """Wrap an in-memory model (e.g. during training) without reading a checkpoint."""
         llm = cls.__new__(cls)
         llm.device = model.diffusion_head.weight.device
-        llm._attach(
-            model, tokenizer, ModelRunner(model), set(eos_token_ids or model.config.eos_token_id), None, None, None
-        )
+        llm._attach(model, tokenizer, ModelRunner(model), set(eos_token_ids or model.config.eos_token_id))
         return llm
 
     def _attach(
@@ -210,9 +208,9 @@ class LLM:
         tokenizer: Tokenizer,
         runner: ModelRunner,
         eos_token_ids: set[int],
-        max_model_len: int | None,
-        seed: int | None,
-        training_seq_len: int | None,
+        max_model_len: int | None = None,
+        seed: int | None = None,
+        training_seq_len: int | None = None,
     ) -> None:
         """The state every LLM holds, however it was made (a checkpoint or `from_parts`): one place,
         so a new field cannot be missing from one of them."""

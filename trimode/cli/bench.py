@@ -53,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
 @dataclasses.dataclass
 class _Offline:
     """What an offline bench sweeps: `configs` over `prompts`, run by generators by name
-    (`BenchConfig.generator`): the model in each swept dtype (`llms`; `llm`, the first, leads the
-    report) and, in `others` beside them, the baselines of `pairs` (baseline, trimode AR at batch 1)."""
+    (`BenchConfig.generator`): the model in each of the `dtypes` swept (`llms`; `llm`, the first,
+    leads the report) and, in `others` beside them, the baselines of `pairs` (baseline, trimode AR
+    at batch 1)."""
 
     llm: LLM
+    dtypes: list[str]  # [] when one dtype runs
     llms: dict[str, LLM]
     others: dict[str, Generator]
     prompts: list[BenchPrompt]
@@ -87,12 +89,11 @@ def run_offline(args: argparse.Namespace) -> int:
         others=plan.others,
     )
     results, outputs, long = run.results, run.outputs, args.suite == "long"
-    dtypes = dtype_sweep(args.dtype)
     doc = {
         "command": "trimode " + " ".join(sys.argv[1:]),
         "versions": plan.versions,
         "machine": machine_card(plan.llm),
-        **({"dtypes": {d: dtype_card(plan.llms[f"trimode@{d}"]) for d in dtypes}} if dtypes else {}),
+        **({"dtypes": {d: dtype_card(plan.llms[f"trimode@{d}"]) for d in plan.dtypes}} if plan.dtypes else {}),
         "suite": args.suite,
         **({"context_lengths": plan.context_lengths, "depth": args.depth} if long else {}),
         "num_prompts": len(plan.prompts),
@@ -157,7 +158,7 @@ def _plan(args: argparse.Namespace) -> _Offline:
         ar1 = BenchConfig("ar", 1, context_length=min(context_lengths) if long else None, dtype=d)
         pairs.append((dataclasses.replace(ar1, engine=args.baseline or "hf"), ar1))
     versions = {"trimode": __version__, "torch": torch.__version__}
-    return _Offline(llm, llms, dict(llms), prompts, with_control(configs), context_lengths, pairs, versions)
+    return _Offline(llm, dtypes, llms, dict(llms), prompts, with_control(configs), context_lengths, pairs, versions)
 
 
 def _add_baselines(plan: _Offline, baseline: str) -> None:

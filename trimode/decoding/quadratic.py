@@ -151,7 +151,7 @@ class QuadraticSelfSpecDecoder(Decoder):
             if constrained:
                 s.host_drafts = [r[b + 1 :] for r in rows]  # after [accepted, bonus, drafts]
             emitted = [r[2 : 2 + r[0]] + [r[1]] for r in rows]
-            batch.record(keep_emitted(emitted))
+            batch.record([len(e) for e in emitted])
             return emitted
 
         return Emission(packed, read, logprobs, keep=keep_emitted)
